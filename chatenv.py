@@ -1,0 +1,2130 @@
+"""chatenv: OpenEnv's chat environment as one module.
+
+A chat environment for reinforcement learning with language models: an episode
+is a conversation, each step appends one message given as token ids. chatenv
+speaks OpenEnv's ``chat_env`` wire protocol (a JSON WebSocket at ``/ws``), so
+OpenEnv clients work against a chatenv server and chatenv's client works against
+an OpenEnv server, with no flag on either side. Its one runtime dependency is
+``websockets``; it ships a byte-level tokenizer so it runs with nothing
+downloaded.
+
+    $ chatenv serve --port 8000            # or: python chatenv.py serve
+
+    >>> from chatenv import ChatEnv, ChatAction
+    >>> with ChatEnv("http://127.0.0.1:8000") as env:
+    ...     env.reset()
+    ...     result = env.step(ChatAction(tokens=[72, 105]))   # "Hi"
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+__all__ = [
+    # Models
+    "ChatAction",
+    "ChatObservation",
+    "ChatState",
+    "StepResult",
+    # Tokenizers
+    "ByteTokenizer",
+    "load_tokenizer",
+    "tokens_to_list",
+    # Environment
+    "ChatEnvironment",
+    # Protocol
+    "Session",
+    "Reply",
+    "handle_frame",
+    # Server
+    "ChatServer",
+    "serve",
+    "serve_in_thread",
+    # Clients
+    "ChatEnv",
+    "AsyncChatEnv",
+    "ChatEnvError",
+    "EpisodeLostError",
+    # Docker
+    "DockerError",
+    # Command line
+    "main",
+]
+
+logger = logging.getLogger("chatenv")
+
+
+# ------------------------------------------------------------------------------
+# Models: the wire's dataclasses, each converting to and from its JSON dict
+# ------------------------------------------------------------------------------
+
+_MAX_NESTING = 32  # deepest token nesting accepted: [[..]] batches, never trees
+
+
+def _preview(value: Any, limit: int = 64) -> str:
+    """Return a bounded repr of client input, so errors never echo megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
+    """Flatten token ids (list, tuple, nested, tensor-like, dict with input_ids) to ints.
+
+    Strict where OpenEnv coerces: bools, floats, strings and negative numbers
+    are rejected with a ValueError (TypeError for a wrong container type).
+    """
+    value = _unwrap_tokens(value)
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{what} must be a sequence of token ids, not {type(value).__name__}"
+        )
+    flat: list[int] = []
+    stack = [iter(value)]  # iterative, so deep nesting cannot overflow the stack
+    while stack:
+        for item in stack[-1]:
+            if type(item) is int:
+                if item < 0:
+                    raise ValueError(f"{what} must be non-negative, got {item}")
+                flat.append(item)
+            elif isinstance(item, (list, tuple)):
+                if len(stack) >= _MAX_NESTING:
+                    raise ValueError(f"{what} are nested deeper than {_MAX_NESTING} levels")
+                stack.append(iter(item))
+                break
+            else:
+                flat.append(_token_id(item, what))
+        else:
+            stack.pop()
+    if not flat:
+        raise ValueError(f"{what} must hold at least one token id")
+    return flat
+
+
+def _unwrap_tokens(value: Any) -> Any:
+    """Reduce tokenizer results (BatchEncoding, Encoding, tensors) to lists."""
+    if isinstance(value, Mapping) or (
+        hasattr(value, "keys") and hasattr(value, "__getitem__") and not isinstance(value, (list, tuple))
+    ):
+        if "input_ids" not in value:
+            raise TypeError("a mapping of token ids must hold 'input_ids'")
+        value = value["input_ids"]
+    if hasattr(value, "ids") and not isinstance(value, (list, tuple)):
+        value = value.ids  # tokenizers.Encoding
+    if hasattr(value, "tolist"):
+        value = value.tolist()  # torch, numpy
+    return value
+
+
+def _token_id(item: Any, what: str) -> int:
+    """Accept one integer-like token id (numpy/torch scalars); reject the rest."""
+    if isinstance(item, bool) or isinstance(item, float) or isinstance(item, (str, bytes)):
+        raise ValueError(
+            f"{what} must be integers, got {type(item).__name__} {_preview(item)}"
+        )
+    if hasattr(item, "tolist") and not hasattr(item, "__index__"):
+        item = item.tolist()
+    try:
+        number = item.__index__()
+    except (AttributeError, TypeError):
+        raise ValueError(
+            f"{what} must be integers, got {type(item).__name__} {_preview(item)}"
+        ) from None
+    if type(item).__name__ in ("bool_", "bool"):
+        raise ValueError(f"{what} must be integers, got a boolean")
+    if number < 0:
+        raise ValueError(f"{what} must be non-negative, got {number}")
+    return number
+
+
+@dataclass
+class ChatAction:
+    """One message for the environment, as token ids."""
+
+    tokens: list[int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tokens = tokens_to_list(self.tokens)
+        if not isinstance(self.metadata, dict):
+            raise TypeError("metadata must be a dict")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChatAction:
+        return cls(tokens=data["tokens"], metadata=data.get("metadata") or {})
+
+
+@dataclass
+class ChatObservation:
+    """The whole conversation so far: chat messages and their flattened tokens."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    reward: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire's ``data`` of an observation frame (OpenEnv sends no metadata)."""
+        return {
+            "observation": {"messages": self.messages, "tokens": self.tokens},
+            "reward": self.reward,
+            "done": self.done,
+        }
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> ChatObservation:
+        obs = payload.get("observation") or {}
+        tokens = obs.get("tokens", [])
+        return cls(
+            messages=list(obs.get("messages", [])),
+            tokens=tokens if isinstance(tokens, list) else [],
+            done=bool(payload.get("done", False)),
+            reward=payload.get("reward"),
+            metadata=dict(obs.get("metadata") or {}),
+        )
+
+
+@dataclass
+class ChatState:
+    """A session's episode: its id, steps taken, and per-message history."""
+
+    episode_id: str | None = None
+    step_count: int = 0
+    history_messages: list[dict[str, str]] = field(default_factory=list)
+    history_tokens: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> ChatState:
+        return cls(
+            episode_id=payload.get("episode_id"),
+            step_count=payload.get("step_count", 0) or 0,
+            history_messages=list(payload.get("history_messages", [])),
+            history_tokens=[
+                t if isinstance(t, list) else [] for t in payload.get("history_tokens", [])
+            ],
+        )
+
+
+@dataclass
+class StepResult:
+    """What reset() and step() return: the observation, with reward and done beside it."""
+
+    observation: ChatObservation
+    reward: float | None = None
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.observation.to_dict()
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> StepResult:
+        observation = ChatObservation.from_dict(payload)
+        return cls(observation, observation.reward, observation.done)
+
+
+# ------------------------------------------------------------------------------
+# Tokenizers: an embedded byte-level default, duck typing, optional HF loaders
+# ------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """The embedded default: UTF-8 bytes are ids 0-255, then a few special tokens.
+
+    Its chat template is ChatML-like: ``<|im_start|>role\\ncontent<|im_end|>\\n``.
+    """
+
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    eos_token_id = 256
+    im_start_id = 257
+    im_end_id = 258
+    vocab_size = 256 + len(special_tokens)
+    name = "chatenv/bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        ids = tokens_to_list(ids) if not isinstance(ids, list) else ids
+        out = bytearray()
+        for token in ids:
+            if 0 <= token < 256:
+                out.append(token)
+            elif 256 <= token < self.vocab_size:
+                if not skip_special_tokens:
+                    out += self.special_tokens[token - 256].encode()
+            else:
+                raise ValueError(
+                    f"token id {_preview(token)} is out of range for the embedded "
+                    f"tokenizer (vocabulary size {self.vocab_size})"
+                )
+        return out.decode("utf-8", errors="replace")
+
+    def apply_chat_template(
+        self,
+        conversation: list[Mapping[str, Any]],
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+        **_: Any,
+    ) -> list[int] | str:
+        ids: list[int] = []
+        for message in conversation:
+            ids.append(self.im_start_id)
+            ids += f"{message['role']}\n{message['content']}".encode("utf-8")
+            ids.append(self.im_end_id)
+            ids.append(10)
+        if add_generation_prompt:
+            ids.append(self.im_start_id)
+            ids += b"assistant\n"
+        return ids if tokenize else self.decode(ids)
+
+
+_DEFAULT_TOKENIZER_NAMES = {"", "default", "embedded", "bytes", ByteTokenizer.name}
+
+
+def load_tokenizer(spec: Any = None) -> Any:
+    """Return a tokenizer: the embedded default, a tokenizer object, or one loaded by name.
+
+    ``spec`` is None or "default" (embedded), a path to a ``tokenizer.json``
+    (via ``tokenizers``), or a local directory or model name (via
+    ``transformers.AutoTokenizer``). Those libraries are imported only here.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip() in _DEFAULT_TOKENIZER_NAMES):
+        return ByteTokenizer()
+    if not isinstance(spec, (str, os.PathLike)):
+        _check_tokenizer(spec)
+        return spec
+    path = os.fspath(spec)
+    if path.endswith(".json") or os.path.isfile(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(
+                f"loading {path} needs the 'tokenizers' package: pip install 'chatenv[hf]'"
+            ) from None
+        return Tokenizer.from_file(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError(
+            f"loading tokenizer {path!r} needs the 'transformers' package: "
+            "pip install 'chatenv[hf]'"
+        ) from None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types; say which spec failed
+        raise ValueError(f"cannot load tokenizer {path!r}: {exc}") from exc
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    """Raise TypeError unless the object quacks like a tokenizer."""
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no decode()")
+    if not (
+        callable(getattr(tokenizer, "apply_chat_template", None))
+        or callable(getattr(tokenizer, "encode", None))
+    ):
+        raise TypeError(
+            f"tokenizer {type(tokenizer).__name__} has neither apply_chat_template() nor encode()"
+        )
+
+
+def _tokenize_message(tokenizer: Any, message: Mapping[str, Any]) -> list[int]:
+    """Tokenize one chat message: the chat template, else ``encode("role: content\\n")``."""
+    if not isinstance(message, Mapping):
+        raise ValueError("message must be a dict with 'role' and 'content'")
+    if "role" not in message:
+        raise ValueError("message must contain a 'role' key")
+    if "content" not in message:
+        raise ValueError("message must contain a 'content' key")
+    if message["content"] is None:
+        raise ValueError("message content cannot be None")
+    template = getattr(tokenizer, "apply_chat_template", None)
+    if callable(template) and getattr(tokenizer, "chat_template", True) is not None:
+        try:
+            result = template(conversation=[dict(message)], tokenize=True)
+        except ValueError as exc:
+            # transformers raises ValueError when the tokenizer has no chat template
+            if "chat_template" not in str(exc) and "chat template" not in str(exc):
+                raise
+        else:
+            return tokens_to_list(result)
+    return tokens_to_list(tokenizer.encode(f"{message['role']}: {message['content']}\n"))
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    """Decode ids with special tokens skipped, as OpenEnv does."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not isinstance(text, str):
+        raise TypeError(f"tokenizer.decode returned {type(text).__name__}, not str")
+    return text
+
+
+# ------------------------------------------------------------------------------
+# Environment: the conversation, kept alongside its pre-serialised JSON
+# ------------------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like OpenEnv
+
+
+class ChatEnvironment:
+    """One episode of chat: reset() starts it, step() appends a message.
+
+    Besides the Python history it keeps the JSON of the history, appended to at
+    each step, so the server's O(history) replies are joins, never re-dumps.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        system_prompt: str | None = None,
+        system_role: str = "system",
+    ) -> None:
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.system_prompt = system_prompt
+        self.system_role = system_role
+        self._system_message: dict[str, str] | None = None
+        self._system_tokens: list[int] = []
+        if system_prompt:
+            self._system_message = {"role": system_role, "content": system_prompt}
+            self._system_tokens = _tokenize_message(self.tokenizer, self._system_message)
+        self._clear(None)
+
+    def _clear(self, episode_id: str | None) -> None:
+        self.episode_id = episode_id
+        self.step_count = 0
+        self.history_messages: list[dict[str, str]] = []
+        self.history_tokens: list[list[int]] = []
+        self._flat_tokens: list[int] = []
+        # JSON of the history, items comma-joined without brackets
+        self.messages_json = bytearray()
+        self.tokens_json = bytearray()
+        self.history_tokens_json = bytearray()
+        if self._system_message is not None:
+            self._append(dict(self._system_message), list(self._system_tokens))
+
+    def _append(self, message: dict[str, str], ids: list[int]) -> None:
+        sep = b"," if self.history_messages else b""
+        self.history_messages.append(message)
+        self.history_tokens.append(ids)
+        token_text = ",".join(map(str, ids)).encode()
+        self.messages_json += sep + _dumps(message).encode()
+        self.tokens_json += (b"," if self._flat_tokens else b"") + token_text
+        self.history_tokens_json += sep + b"[" + token_text + b"]"
+        self._flat_tokens += ids
+
+    def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
+        """Start a new episode; the history holds only the system prompt, if any."""
+        import uuid
+
+        self._clear(episode_id if episode_id is not None else str(uuid.uuid4()))
+        return self.observation()
+
+    def step(self, action: ChatAction | Any) -> ChatObservation:
+        """Append the action's tokens, decoded, as an assistant message."""
+        self.append_tokens(action.tokens if isinstance(action, ChatAction) else action)
+        return self.observation()
+
+    def append_tokens(self, tokens: Any) -> dict[str, str]:
+        """Decode and append one message; on failure the history is unchanged."""
+        ids = tokens_to_list(tokens)
+        message = {"role": "assistant", "content": _decode(self.tokenizer, ids)}
+        self._append(message, ids)
+        self.step_count += 1
+        return message
+
+    def observation(self) -> ChatObservation:
+        return ChatObservation(
+            messages=[dict(m) for m in self.history_messages],
+            tokens=list(self._flat_tokens),
+        )
+
+    @property
+    def state(self) -> ChatState:
+        return ChatState(
+            episode_id=self.episode_id,
+            step_count=self.step_count,
+            history_messages=[dict(m) for m in self.history_messages],
+            history_tokens=[list(t) for t in self.history_tokens],
+        )
+
+    @property
+    def token_count(self) -> int:
+        return len(self._flat_tokens)
+
+    def message_to_action(self, message: Mapping[str, Any]) -> ChatAction:
+        """Tokenize a chat message into an action with this environment's tokenizer."""
+        return ChatAction(tokens=_tokenize_message(self.tokenizer, message))
+
+
+# ------------------------------------------------------------------------------
+# Protocol: one frame in, one reply out; pure, no sockets
+# ------------------------------------------------------------------------------
+
+# The error codes of the wire protocol (PROTOCOL.md)
+INVALID_JSON = "INVALID_JSON"
+UNKNOWN_TYPE = "UNKNOWN_TYPE"
+VALIDATION_ERROR = "VALIDATION_ERROR"
+EXECUTION_ERROR = "EXECUTION_ERROR"
+CAPACITY_REACHED = "CAPACITY_REACHED"
+SESSION_ERROR = "SESSION_ERROR"
+
+_MESSAGE_TYPES = ("reset", "step", "state", "close")
+_STEP_KEYS = frozenset(("tokens", "metadata"))
+_TOP_KEYS = frozenset(("type", "data"))
+DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
+
+_OBS_HEAD = b'{"type":"observation","data":{"observation":{"messages":['
+_OBS_MID = b'],"tokens":['
+_OBS_TAIL = b']},"reward":null,"done":false}}'
+_DELTA_MID = b'],"delta":{"messages":'
+_DELTA_TAIL = b'}},"reward":null,"done":false}}'
+
+
+class Reply:
+    """A reply frame as byte pieces (joined once, by the socket writer) and whether to close."""
+
+    __slots__ = ("parts", "close")
+
+    def __init__(self, parts: list[bytes] | None, close: bool = False) -> None:
+        self.parts = parts
+        self.close = close
+
+    @property
+    def data(self) -> bytes | None:
+        return None if self.parts is None else b"".join(self.parts)
+
+    def json(self) -> Any:
+        return None if self.parts is None else json.loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"Reply({self.data!r}, close={self.close})"
+
+
+class Session:
+    """One connection's state: its environment (made on first use) and delta mode."""
+
+    __slots__ = ("_make_env", "_env", "delta")
+
+    def __init__(self, make_env: Any) -> None:
+        self._make_env = make_env
+        self._env: ChatEnvironment | None = None
+        self.delta = False
+
+    @property
+    def env(self) -> ChatEnvironment:
+        if self._env is None:
+            self._env = self._make_env()
+        return self._env
+
+
+class _RequestError(Exception):
+    """A request the protocol refuses: becomes an error frame, session kept."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_reply(code: str, message: str, close: bool = False, **extra: Any) -> Reply:
+    """An error frame, as OpenEnv shapes it: {"type":"error","data":{message, code}}."""
+    data = {"message": message, "code": code, **extra}
+    return Reply([_dumps({"type": "error", "data": data}).encode()], close)
+
+
+def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
+    """Handle one incoming frame for a session and return the reply.
+
+    A text frame arrives as ``str``, a binary frame as ``bytes``. Every
+    malformed frame gets an error reply and leaves the session usable; only an
+    internal fault (never the client's input) ends it with SESSION_ERROR.
+    """
+    try:
+        message = _parse_request(frame)
+        kind = message.get("type")
+        if kind == "step":
+            return _step_reply(session, _step_tokens(message))
+        if kind == "reset":
+            return _reset_reply(session, _reset_args(message))
+        if kind == "state":
+            _check_data(message)
+            return _state_reply(session.env)
+        if kind == "close":
+            return Reply(None, close=True)
+        raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
+    except _RequestError as exc:
+        return error_reply(exc.code, exc.message)
+    except Exception:
+        logger.exception("internal error while handling a frame; closing the session")
+        return error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True)
+
+
+def capacity_reply(active: int, limit: int) -> Reply:
+    """The frame a newcomer gets when the server is full, before the socket closes."""
+    return error_reply(
+        CAPACITY_REACHED,
+        f"Server at capacity: {active}/{limit} sessions active. Cannot accept new connections.",
+        close=True, active_sessions=active, max_sessions=limit,
+    )
+
+
+def _type_text(kind: Any) -> str:
+    if kind is None:
+        return ""
+    return kind[:64] if isinstance(kind, str) else _preview(kind)
+
+
+def _parse_request(frame: str | bytes | bytearray) -> dict[str, Any]:
+    if not isinstance(frame, str):
+        raise _RequestError(INVALID_JSON, "Binary frames are not supported: send JSON as a text frame")
+    try:
+        message = json.loads(frame)
+    except RecursionError:
+        raise _RequestError(INVALID_JSON, "Invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise _RequestError(INVALID_JSON, f"Invalid JSON: {str(exc)[:120]}") from None
+    if not isinstance(message, dict):
+        raise _RequestError(
+            VALIDATION_ERROR, f"Invalid message: expected a JSON object, got {type(message).__name__}"
+        )
+    extra = message.keys() - _TOP_KEYS
+    if extra and message.get("type") in _MESSAGE_TYPES:
+        raise _RequestError(
+            VALIDATION_ERROR, f"Invalid message: unknown field(s) {_preview(sorted(extra))}"
+        )
+    return message
+
+
+def _check_data(message: dict[str, Any]) -> dict[str, Any]:
+    data = message.get("data")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _RequestError(
+            VALIDATION_ERROR, f"Invalid message: 'data' must be an object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _step_tokens(message: dict[str, Any]) -> list[int]:
+    data = _check_data(message)
+    if "tokens" not in data:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'tokens' is required")
+    extra = data.keys() - _STEP_KEYS
+    if extra:
+        raise _RequestError(
+            VALIDATION_ERROR, f"Invalid message: unknown action field(s) {_preview(sorted(extra))}"
+        )
+    if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'metadata' must be an object")
+    tokens = data["tokens"]
+    if type(tokens) is list and tokens and all(type(t) is int and t >= 0 for t in tokens):
+        return tokens  # the common case, checked without the general normaliser
+    try:
+        return tokens_to_list(tokens)
+    except (TypeError, ValueError) as exc:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {exc}") from None
+
+
+def _reset_args(message: dict[str, Any]) -> dict[str, Any]:
+    data = _check_data(message)
+    seed, episode_id = data.get("seed"), data.get("episode_id")
+    if seed is not None and type(seed) is not int:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'seed' must be an integer")
+    if episode_id is not None and not isinstance(episode_id, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' must be a string")
+    if episode_id is not None and len(episode_id) > 256:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' is longer than 256")
+    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True}
+
+
+def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
+    env = session.env
+    env.reset(seed=args["seed"], episode_id=args["episode_id"])
+    session.delta = args["delta"]
+    return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
+
+
+def _step_reply(session: Session, tokens: list[int]) -> Reply:
+    env = session.env
+    try:
+        message = env.append_tokens(tokens)
+    except Exception as exc:  # the tokenizer's own failure: the client's ids, not our fault
+        return error_reply(EXECUTION_ERROR, f"Cannot decode tokens: {str(exc)[:200]}")
+    if not session.delta:
+        return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
+    totals = b'%d,"tokens":%d' % (len(env.history_messages), env.token_count)
+    return Reply([
+        _OBS_HEAD, _dumps(message).encode(), _OBS_MID,
+        ",".join(map(str, tokens)).encode(), _DELTA_MID, totals, _DELTA_TAIL,
+    ])
+
+
+def _state_reply(env: ChatEnvironment) -> Reply:
+    head = b'{"type":"state","data":{"episode_id":%s,"step_count":%d,"history_messages":[' % (
+        _dumps(env.episode_id).encode(), env.step_count)
+    return Reply([head, env.messages_json, b'],"history_tokens":[', env.history_tokens_json, b"]}}"])
+
+
+# ------------------------------------------------------------------------------
+# Server: asyncio transports driving websockets' Sans-I/O protocol
+# ------------------------------------------------------------------------------
+
+# WebSocket opcodes and Sans-I/O connection states, as plain ints: websockets'
+# enums are IntEnums, so the hot path compares them without importing it early
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+_CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
+_wire_logger = logging.getLogger("chatenv.wire")
+_wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
+
+_ACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "metadata": {"type": "object"},
+    },
+    "required": ["tokens"],
+    "additionalProperties": False,
+}
+_MESSAGE_SCHEMA = {
+    "type": "object",
+    "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+    "required": ["role", "content"],
+}
+_OBSERVATION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "done": {"type": "boolean"},
+        "reward": {"type": ["number", "null"]},
+        "metadata": {"type": "object"},
+    },
+}
+_STATE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "episode_id": {"type": ["string", "null"]},
+        "step_count": {"type": "integer"},
+        "history_messages": {"type": "array", "items": _MESSAGE_SCHEMA},
+        "history_tokens": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    },
+}
+
+
+def _frame_header(length: int) -> bytes:
+    """The header of one unmasked, final text frame (RFC 6455 section 5.2)."""
+    import struct
+
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length)
+    return struct.pack("!BBQ", 0x81, 127, length)
+
+
+def _authorized(headers: Any, token: str) -> bool:
+    """Check ``Authorization: Bearer <token>`` in constant time."""
+    import hmac
+
+    given = headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+class ChatServer:
+    """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
+
+    It drives websockets' Sans-I/O protocol from asyncio transports directly:
+    no task or thread per connection, replies written as one frame each.
+    Embedded-tokenizer steps run inline; any other tokenizer runs in a thread
+    pool, so a slow tokenizer never stalls other sessions or keepalive pings.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        system_prompt: str | None = None,
+        system_role: str = "system",
+        auth_token: str | None = None,
+        compression: str | None = None,
+        # Limits
+        max_sessions: int = 256,
+        max_message_bytes: int | None = 2**20,
+        # Timeouts (seconds; None disables)
+        open_timeout_s: float | None = 10.0,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
+        idle_timeout_s: float | None = None,
+        send_timeout_s: float | None = 30.0,
+        close_timeout_s: float = 2.0,
+        offload: bool | None = None,
+    ) -> None:
+        if compression not in (None, "none", "deflate"):
+            raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self.tokenizer = load_tokenizer(tokenizer)
+        self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role)
+        self.host, self.port = host, port
+        self.auth_token = auth_token or None
+        self.compression = None if compression == "none" else compression
+        self.max_sessions = max_sessions
+        self.max_message_bytes = max_message_bytes
+        self.open_timeout_s = open_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.close_timeout_s = close_timeout_s
+        # Inline steps are safe only for a tokenizer known to be fast
+        self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
+        self.active_sessions = 0
+        self._connections: set[_Connection] = set()
+        self._listener: Any = None
+        self._loop: Any = None
+        self._executor: Any = None
+        self._housekeeper: Any = None
+        self._stopped: Any = None
+
+    # Lifecycle
+
+    @property
+    def url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start accepting; ``port`` then holds the bound port."""
+        import asyncio
+
+        from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._extensions = [ServerPerMessageDeflateFactory()] if self.compression else None
+        self._listener = await self._loop.create_server(
+            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
+        logger.info(
+            "listening on %s (WebSocket at /ws; max %d sessions; tokenizer %s)",
+            self.url, self.max_sessions, _tokenizer_name(self.tokenizer),
+        )
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def close(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        """Stop listening, close every session with ``code``, abort stragglers."""
+        import asyncio
+
+        if self._listener is None:
+            return
+        self._listener.close()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for conn in list(self._connections):
+            conn.shut(code, reason)
+        deadline = self._loop.time() + min(self.close_timeout_s, 0.5)
+        while self._connections and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.transport.abort()
+        await asyncio.sleep(0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._listener = None
+        self._stopped.set()
+        logger.info("server stopped")
+
+    # Sessions
+
+    def _new_session(self) -> Session | None:
+        if self.active_sessions >= self.max_sessions:
+            return None
+        self.active_sessions += 1
+        return Session(self._new_environment)
+
+    def _new_environment(self) -> ChatEnvironment:
+        import copy
+
+        env = copy.copy(self._prototype)  # shares the tokenizer and system tokens
+        env._clear(None)
+        return env
+
+    def _run_offloaded(self, session: Session, frame: Any) -> Any:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
+        return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
+
+    # HTTP routes beside /ws
+
+    def _http_route(self, method: str, path: str) -> tuple[int, Any]:
+        if method not in ("GET", "HEAD"):
+            return 405, {"detail": f"Method {method[:16]} not allowed: chatenv serves only the WebSocket /ws"}
+        if path == "/health":
+            return 200, {"status": "healthy"}
+        if path == "/schema":
+            return 200, {"action": _ACTION_SCHEMA, "observation": _OBSERVATION_SCHEMA, "state": _STATE_SCHEMA}
+        if path == "/metadata":
+            return 200, {
+                "name": "chat_env",
+                "description": "Chat environment: each step appends one message given as token ids",
+                "version": __version__,
+                "server": "chatenv",
+                "tokenizer": _tokenizer_name(self.tokenizer),
+                "active_sessions": self.active_sessions,
+                "max_sessions": self.max_sessions,
+            }
+        return 404, {"detail": "Not Found"}
+
+    # Keepalive and timeouts: one timer for the whole server, not one per session
+
+    @property
+    def _tick_s(self) -> float:
+        timeouts = [
+            t for t in (self.open_timeout_s, self.ping_interval_s, self.ping_timeout_s,
+                        self.idle_timeout_s, self.send_timeout_s, self.close_timeout_s)
+            if t
+        ]
+        return max(0.02, min([1.0] + [t / 4 for t in timeouts]))
+
+    def _housekeeping(self) -> None:
+        now = self._loop.time()
+        for conn in list(self._connections):
+            try:
+                conn.check_timeouts(now)
+            except Exception:  # one broken connection must not stop the others' keepalive
+                logger.exception("keepalive check failed for %s", conn.peer)
+                conn.transport.abort()
+        self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None) or type(tokenizer).__name__
+
+
+class _Connection:
+    """One TCP connection: feeds bytes to the Sans-I/O protocol, runs the session."""
+
+    def __init__(self, server: ChatServer) -> None:
+        from websockets.server import ServerProtocol
+
+        self.server = server
+        self.proto = ServerProtocol(
+            max_size=server.max_message_bytes,
+            extensions=server._extensions,
+            logger=_wire_logger,
+        )
+        self.transport: Any = None
+        self.peer = "?"
+        self.session: Session | None = None
+        self.steps = 0
+        self.fragments: list[bytes] | None = None
+        self.fragment_opcode = _OP_TEXT
+        self.inbox: Any = None
+        self.busy = False
+        self.drain_scheduled = False
+        self.reading_paused = False
+        self.write_paused_at: float | None = None
+        self.fast_frames = False
+        now = server._loop.time()
+        self.opened_at = self.last_rx = self.last_message = now
+        self.ping_sent_at: float | None = None
+        self.close_deadline: float | None = None
+
+    # asyncio protocol callbacks
+
+    def connection_made(self, transport: Any) -> None:
+        import collections
+
+        self.transport = transport
+        self.inbox = collections.deque()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        self.last_rx = self.server._loop.time()
+        proto.receive_data(data)
+        for event in proto.events_received():
+            opcode = getattr(event, "opcode", None)
+            if opcode is None:
+                self._on_request(event)
+            elif opcode == _OP_TEXT or opcode == _OP_BINARY:
+                if event.fin:
+                    self._enqueue(opcode, event.data)
+                else:
+                    self.fragments, self.fragment_opcode = [event.data], opcode
+            elif opcode == _OP_CONT:
+                if self.fragments is not None:
+                    self.fragments.append(event.data)
+                    if event.fin:
+                        self._enqueue(self.fragment_opcode, b"".join(self.fragments))
+                        self.fragments = None
+            elif opcode == _OP_PONG:
+                self.ping_sent_at = None
+        self._flush()
+        if self.inbox and not self.busy and not self.drain_scheduled:
+            self._drain()
+
+    def eof_received(self) -> None:
+        self.proto.receive_eof()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server._connections.discard(self)
+        if self.session is not None:
+            self.session = None
+            server.active_sessions -= 1
+            code = self.proto.close_rcvd.code if self.proto.close_rcvd else 1006
+            if self.proto.close_sent is not None and self.proto.close_rcvd is None:
+                code = self.proto.close_sent.code
+            logger.info(
+                "session closed: %s, code %d, %d steps, %.1f s, %d/%d active",
+                self.peer, code, self.steps, server._loop.time() - self.opened_at,
+                server.active_sessions, server.max_sessions,
+            )
+        if self.inbox:
+            self.inbox.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.server._loop.time()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = None
+        self._update_reading()
+        self._schedule_drain()
+
+    # Handshake and HTTP
+
+    def _on_request(self, request: Any) -> None:
+        server, proto = self.server, self.proto
+        path = request.path.split("?", 1)[0]
+        if path != "/ws":
+            status, body = server._http_route(request.method, path)
+            proto.send_response(_http_response(status, body, head=request.method == "HEAD"))
+            return
+        if server.auth_token is not None and not _authorized(request.headers, server.auth_token):
+            response = proto.reject(401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            proto.send_response(response)
+            logger.warning("refused an unauthenticated WebSocket upgrade from %s", self.peer)
+            return
+        response = proto.accept(request)
+        response.headers["Server"] = f"chatenv/{__version__}"
+        proto.send_response(response)
+        if response.status_code != 101:
+            return
+        self.fast_frames = not proto.extensions
+        self.opened_at = self.last_message = server._loop.time()
+        self.session = server._new_session()
+        if self.session is None:
+            logger.warning(
+                "refused a session from %s: at capacity (%d/%d)",
+                self.peer, server.active_sessions, server.max_sessions,
+            )
+            self._send(capacity_reply(server.active_sessions, server.max_sessions))
+            return
+        logger.info(
+            "session opened: %s, %d/%d active", self.peer, server.active_sessions, server.max_sessions
+        )
+
+    # Requests and replies
+
+    def _enqueue(self, opcode: int, data: bytes) -> None:
+        if self.session is None:
+            return  # refused at capacity: its close is under way
+        self.inbox.append((opcode, data))
+        self.last_message = self.last_rx
+        if len(self.inbox) >= _INBOX_LIMIT:
+            self._update_reading()
+
+    def _drain(self) -> None:
+        """Handle one queued request; schedule the next so others get the loop too."""
+        self.drain_scheduled = False
+        if self.busy or self.write_paused_at is not None or not self.inbox:
+            return
+        session = self.session
+        if session is None or self.proto.state != _OPEN:
+            self.inbox.clear()
+            return
+        opcode, data = self.inbox.popleft()
+        if opcode == _OP_TEXT:
+            try:
+                frame: Any = data.decode()
+            except UnicodeDecodeError:
+                self._reply(error_reply(INVALID_JSON, "Invalid JSON: the text frame is not valid UTF-8"))
+                return
+        else:
+            frame = bytes(data)
+        if self.server.offload:
+            self.busy = True
+            self.server._run_offloaded(session, frame).add_done_callback(self._on_offloaded)
+            return
+        self._reply(handle_frame(session, frame))
+
+    def _on_offloaded(self, future: Any) -> None:
+        self.busy = False
+        if future.cancelled() or self.transport.is_closing():
+            return
+        exc = future.exception()
+        if exc is not None:  # handle_frame catches everything it should; this is a bug
+            logger.error("step failed outside the protocol", exc_info=exc)
+            self._reply(error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True))
+        else:
+            self._reply(future.result())
+
+    def _reply(self, reply: Reply) -> None:
+        self.steps += 1
+        self._send(reply)
+        if self.inbox:
+            self._update_reading()
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        if self.inbox and not self.drain_scheduled:
+            self.drain_scheduled = True
+            self.server._loop.call_soon(self._drain)
+
+    def _send(self, reply: Reply) -> None:
+        proto = self.proto
+        if proto.state != _OPEN:
+            return
+        parts = reply.parts
+        if parts is not None:
+            if self.fast_frames:  # header and payload in one write, one copy
+                self._flush()  # whatever the protocol queued (the handshake) goes first
+                self.transport.write(b"".join([_frame_header(sum(map(len, parts))), *parts]))
+            else:
+                proto.send_text(b"".join(parts))
+        if reply.close:
+            proto.send_close(1000)
+            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
+        self._flush()
+
+    def _flush(self) -> None:
+        for data in self.proto.data_to_send():
+            if data:
+                self.transport.write(data)
+            else:  # the protocol's end of stream: a server closes the TCP connection
+                self.transport.close()
+
+    def _update_reading(self) -> None:
+        pause = self.write_paused_at is not None or len(self.inbox) >= _INBOX_LIMIT
+        if pause != self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # Timeouts, called by the server's housekeeping timer
+
+    def check_timeouts(self, now: float) -> None:
+        server, proto = self.server, self.proto
+        state = proto.state
+        if state == _CONNECTING:
+            if server.open_timeout_s and now - self.opened_at > server.open_timeout_s:
+                self.transport.abort()
+        elif state == _OPEN:
+            if self.ping_sent_at is not None:
+                if server.ping_timeout_s and now - self.ping_sent_at > server.ping_timeout_s:
+                    logger.info("keepalive ping timeout: dropping %s", self.peer)
+                    self.transport.abort()
+                    return
+            elif server.ping_interval_s and now - self.last_rx >= server.ping_interval_s:
+                proto.send_ping(os.urandom(4))
+                self.ping_sent_at = now
+                self._flush()
+            if self.write_paused_at is not None and server.send_timeout_s:
+                if now - self.write_paused_at > server.send_timeout_s:
+                    logger.info("client stopped reading for %.0f s: dropping %s", server.send_timeout_s, self.peer)
+                    self.transport.abort()
+                    return
+            if server.idle_timeout_s and not self.busy and now - self.last_message > server.idle_timeout_s:
+                self.shut(1001, "idle timeout")
+        elif self.close_deadline is None:
+            self.close_deadline = now + server.close_timeout_s
+        elif now > self.close_deadline:
+            self.transport.abort()
+
+    def shut(self, code: int, reason: str) -> None:
+        """Start the closing handshake (or drop a connection still in its handshake)."""
+        if self.proto.state == _OPEN:
+            self.proto.send_close(code, reason)
+            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
+            self._flush()
+        elif self.proto.state == _CONNECTING:
+            self.transport.abort()
+
+
+def _http_response(status: int, body: Any, head: bool = False) -> Any:
+    import email.utils
+    import http
+
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    payload = _dumps(body).encode()
+    headers = Headers([
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Server", f"chatenv/{__version__}"),
+        ("Connection", "close"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(payload))),
+    ])
+    return Response(status, http.HTTPStatus(status).phrase, headers, b"" if head else payload)
+
+
+async def _serve_until_signalled(server: ChatServer) -> None:
+    import asyncio
+    import signal
+
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, lambda s=signum: _on_signal(server, s))
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    await server.wait_stopped()
+
+
+def _on_signal(server: ChatServer, signum: int) -> None:
+    import asyncio
+    import signal
+
+    logger.info("received %s: closing every session", signal.Signals(signum).name)
+    asyncio.ensure_future(server.close(1001, "server shutting down"))
+
+
+def serve(tokenizer: Any = None, **options: Any) -> None:
+    """Run a server until SIGTERM or SIGINT; each session is then closed with 1001."""
+    import asyncio
+
+    asyncio.run(_serve_until_signalled(ChatServer(tokenizer, **options)))
+
+
+class ServerURL(str):
+    """The base URL of an in-process server; ``.server`` is the ChatServer itself."""
+
+    server: ChatServer
+
+
+class serve_in_thread:
+    """Run a server on a free loopback port in a background thread.
+
+    ``with serve_in_thread() as url: ...`` yields its base URL
+    (``http://127.0.0.1:PORT``); leaving the block stops it and its sessions.
+    """
+
+    def __init__(self, tokenizer: Any = None, **options: Any) -> None:
+        options.setdefault("host", "127.0.0.1")
+        options.setdefault("port", 0)
+        self.server = ChatServer(tokenizer, **options)
+        self._thread: Any = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> ServerURL:
+        started = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(started,), name="chatenv-server", daemon=True
+        )
+        self._thread.start()
+        started.wait()
+        if self._error is not None:
+            raise self._error
+        url = ServerURL(self.server.url)
+        url.server = self.server
+        return url
+
+    def _run(self, started: Any) -> None:
+        import asyncio
+
+        async def main() -> None:
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                started.set()
+            await self.server.wait_stopped()
+
+        try:
+            asyncio.run(main())
+        except BaseException:
+            if self._error is None:
+                logger.exception("in-process server crashed")
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the server's loop and return its result."""
+        import asyncio
+
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.server._loop).result(5)
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._thread is None or not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.server._loop).result(5)
+        self._thread.join(5)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------------
+# Clients: ChatEnv (websockets' threading client) and AsyncChatEnv (asyncio)
+# ------------------------------------------------------------------------------
+
+
+class ChatEnvError(RuntimeError):
+    """The server answered with an error frame; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class EpisodeLostError(ConnectionError):
+    """The session's connection ended mid-episode; call reset() to start a new one."""
+
+
+_CLOSING_CODES = (CAPACITY_REACHED, SESSION_ERROR)  # error frames the server closes after
+
+
+def _ws_url(base_url: str) -> str:
+    """Map http(s)://, ws(s):// or bare host:port to the session's ws(s)://.../ws URL."""
+    url = base_url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "ws", url
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme.lower())
+    if scheme is None or not rest:
+        raise ValueError(f"not an http(s):// or ws(s):// URL: {base_url!r}")
+    rest = rest.rstrip("/")
+    if not rest.endswith("/ws"):
+        rest += "/ws"
+    return f"{scheme}://{rest}"
+
+
+def _websockets_major() -> int:
+    from websockets.version import version
+
+    return int(version.split(".")[0])
+
+
+def _is_loopback(ws_url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(ws_url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _ClientCore:
+    """What both clients share: URL, connect options, request frames, reply parsing.
+
+    With ``delta`` it asks a chatenv server for delta observations and rebuilds
+    full ones; an OpenEnv server ignores the request and sends full ones.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float | None,
+        message_timeout_s: float | None,
+        max_message_bytes: int | None,
+        ping_interval_s: float | None,
+        ping_timeout_s: float | None,
+        compression: str | None,
+        auth_token: str | None,
+        delta: bool,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.ws_url = _ws_url(base_url)
+        self.message_timeout_s = message_timeout_s
+        self.delta = delta
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
+        self.connect_options = dict(
+            open_timeout=connect_timeout_s,
+            ping_interval=ping_interval_s,
+            ping_timeout=ping_timeout_s,
+            max_size=max_message_bytes,
+            compression=None if compression == "none" else compression,
+            additional_headers=headers,
+            user_agent_header=f"chatenv/{__version__}",
+        )
+        if _is_loopback(self.ws_url):
+            self.connect_options["proxy"] = None  # never send loopback through a proxy
+        self.lost = False  # the connection died mid-episode
+        self._messages: list[dict[str, str]] = []
+        self._tokens: list[int] = []
+
+    # Frames
+
+    def reset_frame(self, kwargs: dict[str, Any]) -> str:
+        data = dict(kwargs)
+        if self.delta:
+            data[DELTA_KEY] = True
+        return _dumps({"type": "reset", "data": data})
+
+    def step_frame(self, action: ChatAction | Any) -> str:
+        if not isinstance(action, ChatAction):
+            action = ChatAction(tokens=action)
+        return _dumps({"type": "step", "data": {"tokens": action.tokens, "metadata": action.metadata}})
+
+    state_frame = _dumps({"type": "state"})
+
+    # Replies
+
+    def _payload(self, text: str | bytes, expected: str) -> dict[str, Any]:
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            raise ChatEnvError("PROTOCOL_ERROR", f"the server sent invalid JSON: {exc}") from None
+        if not isinstance(frame, dict):
+            raise ChatEnvError("PROTOCOL_ERROR", "the server sent a frame that is not an object")
+        data = frame.get("data")
+        if frame.get("type") == "error":
+            data = data if isinstance(data, dict) else {}
+            raise ChatEnvError(str(data.get("code", "ERROR")), str(data.get("message", "")))
+        if frame.get("type") != expected or not isinstance(data, dict):
+            raise ChatEnvError(
+                "PROTOCOL_ERROR", f"expected a {expected!r} frame, got {_preview(frame.get('type'))}"
+            )
+        return data
+
+    def parse_result(self, text: str | bytes) -> StepResult:
+        payload = self._payload(text, "observation")
+        result = StepResult.from_dict(payload)
+        if not self.delta:
+            return result
+        obs = result.observation
+        totals = (payload.get("observation") or {}).get("delta")
+        if isinstance(totals, dict):  # a delta: append, then check we are in sync
+            self._messages += obs.messages
+            self._tokens += obs.tokens
+            if totals.get("messages") != len(self._messages) or totals.get("tokens") != len(self._tokens):
+                raise ChatEnvError(
+                    "DELTA_DESYNC",
+                    f"rebuilt {len(self._messages)} messages / {len(self._tokens)} tokens, "
+                    f"server has {totals.get('messages')} / {totals.get('tokens')}",
+                )
+            obs.messages, obs.tokens = list(self._messages), list(self._tokens)
+        else:
+            self._messages, self._tokens = list(obs.messages), list(obs.tokens)
+        return result
+
+    def parse_state(self, text: str | bytes) -> ChatState:
+        return ChatState.from_dict(self._payload(text, "state"))
+
+    # Errors
+
+    def lost_error(self) -> EpisodeLostError:
+        return EpisodeLostError(
+            f"the connection to {self.base_url} was lost and the episode with it; "
+            "call reset() to start a new one"
+        )
+
+    def timeout_error(self) -> TimeoutError:
+        return TimeoutError(
+            f"no reply from {self.base_url} within {self.message_timeout_s} s; the connection "
+            "was closed so a late reply cannot answer a later call; call reset() to start again"
+        )
+
+    def connect_error(self, exc: BaseException) -> ConnectionError:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None:
+            reason = " (missing or wrong auth token)" if status == 401 else ""
+            return ConnectionError(f"{self.ws_url} refused the WebSocket upgrade: HTTP {status}{reason}")
+        if isinstance(exc, TimeoutError):
+            return ConnectionError(f"cannot connect to {self.ws_url}: no handshake within the connect timeout")
+        return ConnectionError(f"cannot connect to {self.ws_url}: {exc}")
+
+
+def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
+    """Tokenize a chat message (``role``, ``content``) into a ChatAction."""
+    return ChatAction(tokens=_tokenize_message(tokenizer, message))
+
+
+class _ClientBase:
+    """Constructor, docker ownership and helpers common to ChatEnv and AsyncChatEnv."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth_token: str | None = None,
+        delta: bool = False,
+        compression: str | None = None,
+        # Timeouts (seconds; None disables)
+        connect_timeout_s: float | None = 10.0,
+        message_timeout_s: float | None = 60.0,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
+        # Limits
+        max_message_bytes: int | None = 64 * 2**20,
+    ) -> None:
+        self._core = _ClientCore(
+            base_url,
+            connect_timeout_s=connect_timeout_s,
+            message_timeout_s=message_timeout_s,
+            max_message_bytes=max_message_bytes,
+            ping_interval_s=ping_interval_s,
+            ping_timeout_s=ping_timeout_s,
+            compression=compression,
+            auth_token=auth_token,
+            delta=delta,
+        )
+        self._ws: Any = None
+        self._container: Any = None
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    message_to_action = staticmethod(message_to_action)
+
+    @classmethod
+    def _launch(
+        cls,
+        image: str,
+        *,
+        port: int | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        ready_timeout_s: float = 60.0,
+        docker: str = "docker",
+        **client_options: Any,
+    ) -> Any:
+        """Start ``image`` (see the Docker section) and return a client that owns it."""
+        container = _start_container(
+            image, port=port, env_vars=env_vars, ready_timeout_s=ready_timeout_s, docker=docker
+        )
+        try:
+            client = cls(container.base_url, **client_options)
+        except BaseException:
+            container.stop()
+            raise
+        client._container = container
+        return client
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
+
+
+class ChatEnv(_ClientBase):
+    """Synchronous client: one WebSocket session with a chat environment server."""
+
+    @classmethod
+    def from_docker_image(cls, image: str, **options: Any) -> ChatEnv:
+        """Run ``image`` with ``docker run``, wait for /health, return a client owning it.
+
+        Options: ``port``, ``env_vars``, ``ready_timeout_s``, ``docker``, and any
+        client option. close() stops and removes the container.
+        """
+        return cls._launch(image, **options)
+
+    def _connect(self) -> None:
+        from websockets.sync.client import connect
+
+        options = self._core.connect_options
+        if _websockets_major() >= 17:  # 17 deprecates connect() outside `with` unless told
+            options = dict(options, legacy=True)
+        try:
+            self._ws = connect(self._core.ws_url, **options)
+        except Exception as exc:
+            raise self._core.connect_error(exc) from exc
+
+    def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close_timeout = 0.1
+            try:
+                ws.close()
+            except Exception:
+                pass
+
+    def _roundtrip(self, frame: str, new_episode: bool) -> str:
+        from websockets.exceptions import ConnectionClosed
+
+        core = self._core
+        for attempt in (1, 2):
+            if self._ws is None:
+                if core.lost and not new_episode:
+                    raise core.lost_error()
+                self._connect()
+            try:
+                self._ws.send(frame)
+                return self._ws.recv(timeout=core.message_timeout_s)
+            except TimeoutError:
+                self._drop()
+                core.lost = True
+                raise core.timeout_error() from None
+            except ConnectionClosed as exc:
+                self._drop()
+                core.lost = True
+                if not new_episode or attempt == 2:
+                    raise core.lost_error() from exc
+        raise AssertionError("unreachable")
+
+    def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
+        text = self._roundtrip(frame, new_episode)
+        try:
+            return parse(text)
+        except ChatEnvError as exc:
+            if exc.code in _CLOSING_CODES:  # the server closes after these
+                self._drop()
+                self._core.lost = True
+            raise
+
+    def reset(self, **kwargs: Any) -> StepResult:
+        """Start a new episode (reconnecting if the connection was lost)."""
+        core = self._core
+        result = self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
+        core.lost = False
+        return result
+
+    def step(self, action: ChatAction | Any) -> StepResult:
+        """Append one message; raises EpisodeLostError if the session is gone."""
+        return self._call(self._core.step_frame(action), self._core.parse_result)
+
+    def state(self) -> ChatState:
+        return self._call(self._core.state_frame, self._core.parse_state)
+
+    def close(self) -> None:
+        """Close the session (and stop the container this client started, if any)."""
+        self._drop()
+        container, self._container = self._container, None
+        if container is not None:
+            container.stop()
+
+    def __enter__(self) -> ChatEnv:
+        if self._ws is None:
+            self._connect()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ws", None) is not None:
+            self._drop()
+
+
+class AsyncChatEnv(_ClientBase):
+    """Asynchronous client: the same API as ChatEnv with ``await`` and ``async with``."""
+
+    @classmethod
+    async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
+        """The async twin of ChatEnv.from_docker_image (docker runs in a worker thread)."""
+        import asyncio
+        import functools
+
+        launch = functools.partial(cls._launch, image, **options)
+        return await asyncio.get_running_loop().run_in_executor(None, launch)
+
+    async def _connect(self) -> None:
+        from websockets.asyncio.client import connect
+
+        try:
+            self._ws = await connect(self._core.ws_url, **self._core.connect_options)
+        except Exception as exc:
+            raise self._core.connect_error(exc) from exc
+
+    async def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.close_timeout = 0.1
+            try:
+                await ws.close()
+            except Exception:
+                pass
+
+    async def _roundtrip(self, frame: str, new_episode: bool) -> str:
+        import asyncio
+
+        from websockets.exceptions import ConnectionClosed
+
+        core = self._core
+        for attempt in (1, 2):
+            if self._ws is None:
+                if core.lost and not new_episode:
+                    raise core.lost_error()
+                await self._connect()
+            try:
+                await self._ws.send(frame)
+                async with asyncio.timeout(core.message_timeout_s):
+                    return await self._ws.recv()
+            except TimeoutError:
+                await self._drop()
+                core.lost = True
+                raise core.timeout_error() from None
+            except ConnectionClosed as exc:
+                await self._drop()
+                core.lost = True
+                if not new_episode or attempt == 2:
+                    raise core.lost_error() from exc
+        raise AssertionError("unreachable")
+
+    async def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
+        text = await self._roundtrip(frame, new_episode)
+        try:
+            return parse(text)
+        except ChatEnvError as exc:
+            if exc.code in _CLOSING_CODES:  # the server closes after these
+                await self._drop()
+                self._core.lost = True
+            raise
+
+    async def reset(self, **kwargs: Any) -> StepResult:
+        core = self._core
+        result = await self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
+        core.lost = False
+        return result
+
+    async def step(self, action: ChatAction | Any) -> StepResult:
+        return await self._call(self._core.step_frame(action), self._core.parse_result)
+
+    async def state(self) -> ChatState:
+        return await self._call(self._core.state_frame, self._core.parse_state)
+
+    async def close(self) -> None:
+        await self._drop()
+        container, self._container = self._container, None
+        if container is not None:
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, container.stop)
+
+    async def __aenter__(self) -> AsyncChatEnv:
+        if self._ws is None:
+            await self._connect()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+
+# ------------------------------------------------------------------------------
+# Docker: launch a server image with `docker run`, own it, remove it
+# ------------------------------------------------------------------------------
+
+_CONTAINER_PORT = 8000
+_STOP_TIMEOUT_S = 2          # `docker stop -t`: grace before SIGKILL; chatenv exits in < 1 s
+_LOG_TAIL_LINES = 20
+_DOCKER_CALL_TIMEOUT_S = 30.0
+
+_DAEMON_DOWN_MARKERS = (
+    "cannot connect to the docker daemon",
+    "is the docker daemon running",
+    "error during connect",
+    "permission denied while trying to connect",
+)
+_IMAGE_MISSING_MARKERS = (
+    "unable to find image",
+    "no such image",
+    "pull access denied",
+    "repository does not exist",
+    "manifest unknown",
+    "invalid reference format",
+)
+_GONE_MARKERS = ("no such container", "no such object", "is not running")
+
+
+class DockerError(RuntimeError):
+    """A Docker operation failed; the message says what and why."""
+
+
+def _docker_exe(docker):
+    """The docker CLI's full path, or DockerError if it is not installed."""
+    import shutil
+
+    exe = shutil.which(docker)
+    if exe is None:
+        raise DockerError(
+            f"the docker command line is not installed (no {docker!r} on PATH); "
+            "install Docker to use from_docker_image()")
+    return exe
+
+
+def _docker(exe, *args, timeout=_DOCKER_CALL_TIMEOUT_S, check=True):
+    """Run `docker ARGS`; return the CompletedProcess (text). With check, a non-zero
+    exit raises DockerError; a daemon that cannot be reached is always named as such."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([exe, *args], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DockerError(f"`docker {' '.join(args[:2])}` did not finish within {timeout:g} s "
+                          "(is the Docker daemon responsive?)") from None
+    except OSError as exc:
+        raise DockerError(f"cannot run the docker command line {exe!r}: {exc}") from None
+    if proc.returncode != 0:
+        err = proc.stderr.lower()
+        if any(m in err for m in _DAEMON_DOWN_MARKERS):
+            raise DockerError("the Docker daemon is not reachable (is dockerd running, and may "
+                              f"this user use it?): {_last_line(proc.stderr)}")
+        if check:
+            raise DockerError(f"`docker {' '.join(args[:2])}` failed (exit {proc.returncode}): "
+                              f"{_last_line(proc.stderr)}")
+    return proc
+
+
+def _last_line(text):
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # The docker CLI ends some errors with a "Run/See 'docker run --help'" hint: skip it.
+    lines = [ln for ln in lines if not ln.startswith(("Run '", "See '"))]
+    return lines[-1] if lines else "(no output)"
+
+
+def _logs_tail(exe, name, lines=_LOG_TAIL_LINES):
+    """The last lines the container wrote (stdout and stderr interleaved), best effort."""
+    import subprocess
+
+    try:
+        proc = subprocess.run([exe, "logs", "--tail", str(lines), name],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=10)
+        return proc.stdout.rstrip() or "(no output)"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(could not read the container's logs: {exc})"
+
+
+def _remove(exe, name):
+    """`docker rm -f NAME`, ignoring a container that is already gone. Raises
+    DockerError for any other failure."""
+    proc = _docker(exe, "rm", "-f", name, check=False)
+    if proc.returncode != 0 and not any(m in proc.stderr.lower() for m in _GONE_MARKERS):
+        raise DockerError(f"could not remove container {name}: {_last_line(proc.stderr)}")
+
+
+# Containers started by this process and not yet stopped: removed at interpreter exit.
+_live_containers = {}
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_live_containers():
+    """Remove every container this process started and did not stop (one `docker rm
+    -f` call: at exit, speed beats a graceful shutdown). Never raises."""
+    if not _live_containers:
+        return
+    import subprocess
+
+    with _live_lock:
+        by_exe = {}
+        for c in _live_containers.values():
+            by_exe.setdefault(c._docker, []).append(c.name)
+        _live_containers.clear()
+    for exe, names in by_exe.items():
+        try:
+            subprocess.run([exe, "rm", "-f", *names], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class _Container:
+    """Handle to one running server container: where it listens and how to stop it."""
+
+    def __init__(self, name, host_port, image, docker_exe):
+        self.name = name
+        self.image = image
+        self.host_port = host_port
+        self.base_url = f"http://127.0.0.1:{host_port}"
+        self._docker = docker_exe
+        self._stopped = False
+        self._lock = threading.Lock()
+        with _live_lock:
+            _live_containers[name] = self
+
+    def stop(self):
+        """`docker stop` (short grace: the server exits on SIGTERM) then `docker rm -f`.
+        Idempotent; a container that is already gone is not an error."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            with _live_lock:
+                _live_containers.pop(self.name, None)
+            try:
+                _docker(self._docker, "stop", "-t", str(_STOP_TIMEOUT_S), self.name,
+                        timeout=_STOP_TIMEOUT_S + 30, check=False)
+            except DockerError:
+                pass  # rm -f below kills it anyway, and reports a real failure
+            _remove(self._docker, self.name)
+
+    def logs(self, lines=_LOG_TAIL_LINES):
+        """The last `lines` lines of the container's output (for diagnostics)."""
+        return _logs_tail(self._docker, self.name, lines)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def __repr__(self):
+        state = "stopped" if self._stopped else "running"
+        return f"<_Container {self.name} {self.image} at {self.base_url} ({state})>"
+
+
+def _health_ok(base_url, timeout):
+    """True if GET /health answers 200 within `timeout` seconds (never via a proxy)."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(base_url + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        # Refused, reset (docker-proxy accepts before the server listens), timed out,
+        # HTTP error status: not ready yet.
+        return False
+
+
+def _container_state(exe, name):
+    """(status, exit_code) of the container, e.g. ("running", 0) or ("exited", 2)."""
+    proc = _docker(exe, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name,
+                   check=False)
+    if proc.returncode != 0:
+        return "gone", None
+    status, _, code = proc.stdout.strip().partition(" ")
+    return status, int(code) if code.lstrip("-").isdigit() else None
+
+
+def _published_port(exe, name):
+    """The loopback host port Docker mapped to the container's port 8000."""
+    out = _docker(exe, "port", name, f"{_CONTAINER_PORT}/tcp").stdout
+    for line in out.splitlines():           # e.g. "127.0.0.1:49153"
+        host, _, port = line.strip().rpartition(":")
+        if port.isdigit() and host in ("127.0.0.1", "0.0.0.0"):
+            return int(port)
+    raise DockerError(f"container {name} has no published port for {_CONTAINER_PORT}/tcp: "
+                      f"{out.strip()!r}")
+
+
+def _start_container(image, *, port=None, env_vars=None, ready_timeout_s=60.0,
+                     docker="docker", name_prefix="chatenv"):
+    """Start IMAGE detached with its port 8000 published on 127.0.0.1:PORT (a free port,
+    chosen by Docker, when port is None), passing env_vars as -e K=V, and wait until
+    GET /health answers 200. Returns a _Container. On any failure (docker missing,
+    daemon unreachable, unknown image, container exits, not healthy in time, interrupt)
+    raises DockerError with the reason and the container's last log lines, and the
+    container is removed: nothing is left behind."""
+    import uuid
+
+    exe = _docker_exe(docker)
+    if not image or not isinstance(image, str):
+        raise DockerError(f"image must be a non-empty string, not {image!r}")
+    name = f"{name_prefix}-{uuid.uuid4().hex[:12]}"
+    publish = f"127.0.0.1:{'' if port is None else int(port)}:{_CONTAINER_PORT}"
+    args = ["run", "-d", "--name", name, "-p", publish, "--label", "chatenv.launcher=1"]
+    for key, value in (env_vars or {}).items():
+        key = str(key)
+        if not key or "=" in key:
+            raise DockerError(f"invalid environment variable name {key!r}")
+        args += ["-e", f"{key}={value}"]
+    args.append(image)
+
+    try:
+        # `docker run` pulls a missing image; allow it more time than other calls.
+        proc = _docker(exe, *args, timeout=max(ready_timeout_s, 120.0), check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.lower()
+            if any(m in err for m in _IMAGE_MISSING_MARKERS):
+                raise DockerError(f"Docker image {image!r} was not found locally and could not "
+                                  f"be pulled: {_last_line(proc.stderr)}")
+            raise DockerError(f"`docker run` of image {image!r} failed (exit "
+                              f"{proc.returncode}): {_last_line(proc.stderr)}")
+        host_port = _published_port(exe, name) if port is None else int(port)
+        container = _Container(name, host_port, image, exe)
+        _wait_healthy(exe, container, ready_timeout_s)
+        return container
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave a container behind. `docker run` may
+        # have created it even when it failed (e.g. port already allocated).
+        with _live_lock:
+            _live_containers.pop(name, None)
+        try:
+            _remove(exe, name)
+        except DockerError:
+            pass  # the original error matters more (e.g. the daemon just went away)
+        raise
+
+
+def _wait_healthy(exe, container, ready_timeout_s):
+    """Poll /health (short timeouts, small backoff) until 200; raise DockerError with
+    the log tail if the container exits first or the deadline passes."""
+    import time
+
+    deadline = time.monotonic() + ready_timeout_s
+    delay = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        if _health_ok(container.base_url, timeout=max(0.05, min(1.0, remaining))):
+            return
+        status, code = _container_state(exe, container.name)
+        if status not in ("running", "created", "restarting"):
+            raise DockerError(
+                f"container {container.name} (image {container.image!r}) stopped before its "
+                f"server became healthy (status {status}, exit code {code}); last "
+                f"{_LOG_TAIL_LINES} log lines:\n{_logs_tail(exe, container.name)}")
+        if time.monotonic() >= deadline:
+            raise DockerError(
+                f"container {container.name} (image {container.image!r}) did not answer "
+                f"GET {container.base_url}/health within {ready_timeout_s:g} s; last "
+                f"{_LOG_TAIL_LINES} log lines:\n{_logs_tail(exe, container.name)}")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.25)
+
+
+# ------------------------------------------------------------------------------
+# Command line: chatenv serve
+# ------------------------------------------------------------------------------
+
+# Environment variables read by `chatenv serve` when a flag is not given; the
+# second name in each pair is OpenEnv's, so chatenv drops into its deployments
+_ENV_FALLBACKS = {
+    "host": ("CHATENV_HOST",),
+    "port": ("CHATENV_PORT",),
+    "tokenizer": ("CHATENV_TOKENIZER", "TOKENIZER_NAME"),
+    "system_prompt": ("CHATENV_SYSTEM_PROMPT", "SYSTEM_PROMPT"),
+    "max_sessions": ("CHATENV_MAX_SESSIONS",),
+    "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
+    "compression": ("CHATENV_COMPRESSION",),
+    "idle_timeout_s": ("CHATENV_IDLE_TIMEOUT_S",),
+    "auth_token": ("CHATENV_AUTH_TOKEN",),
+    "log_level": ("CHATENV_LOG_LEVEL",),
+}
+
+
+def _from_env(name: str, default: Any) -> Any:
+    for variable in _ENV_FALLBACKS[name]:
+        value = os.environ.get(variable)
+        if value not in (None, ""):
+            return value
+    return default
+
+
+def _parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="chatenv",
+        description="Serve OpenEnv's chat environment over its WebSocket protocol "
+        "(ws://HOST:PORT/ws, GET /health), with an embedded byte-level tokenizer by default.",
+        epilog="Each flag falls back to an environment variable (CHATENV_PORT, CHATENV_TOKENIZER "
+        "or OpenEnv's TOKENIZER_NAME, CHATENV_SYSTEM_PROMPT or OpenEnv's SYSTEM_PROMPT, "
+        "CHATENV_AUTH_TOKEN, ...). Example: chatenv serve --port 8000",
+    )
+    parser.add_argument("--version", action="version", version=f"chatenv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_cmd = commands.add_parser(
+        "serve", help="run the server until SIGTERM or Ctrl-C",
+        description="Run a chat environment server until SIGTERM or Ctrl-C (sessions then "
+        "close with 1001). Flags fall back to environment variables, shown in brackets.",
+    )
+    serve_cmd.add_argument("--host", default=_from_env("host", "127.0.0.1"),
+                           help="interface to bind; 0.0.0.0 opens it to the network [CHATENV_HOST] (default: %(default)s)")
+    serve_cmd.add_argument("--port", type=int, default=int(_from_env("port", 8000)),
+                           help="TCP port, 0 for a free one [CHATENV_PORT] (default: %(default)s)")
+    serve_cmd.add_argument("--tokenizer", default=_from_env("tokenizer", None),
+                           help="'default' (embedded, byte-level), a tokenizer.json, a local directory "
+                           "or a model name for transformers [CHATENV_TOKENIZER, TOKENIZER_NAME]")
+    serve_cmd.add_argument("--system-prompt", default=_from_env("system_prompt", None),
+                           help="first message of every episode [CHATENV_SYSTEM_PROMPT, SYSTEM_PROMPT]")
+    serve_cmd.add_argument("--max-sessions", type=int, default=int(_from_env("max_sessions", 256)),
+                           help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
+                           "(default: %(default)s)")
+    serve_cmd.add_argument("--max-message-bytes", type=int,
+                           default=int(_from_env("max_message_bytes", 2**20)),
+                           help="largest incoming message; larger ones close the session with 1009 "
+                           "[CHATENV_MAX_MESSAGE_BYTES] (default: %(default)s)")
+    serve_cmd.add_argument("--compression", choices=("none", "deflate"),
+                           default=_from_env("compression", "none"),
+                           help="permessage-deflate negotiation [CHATENV_COMPRESSION] (default: %(default)s)")
+    serve_cmd.add_argument("--idle-timeout-s", type=float, default=_from_env("idle_timeout_s", None),
+                           help="close sessions silent this long; off by default [CHATENV_IDLE_TIMEOUT_S]")
+    serve_cmd.add_argument("--auth-token", default=_from_env("auth_token", None),
+                           help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
+                           "[CHATENV_AUTH_TOKEN], which process listings do not show")
+    serve_cmd.add_argument("--log-level", default=_from_env("log_level", "INFO"),
+                           choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                           help="[CHATENV_LOG_LEVEL] (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``chatenv`` and ``python -m chatenv``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        options = dict(
+            host=args.host, port=args.port, system_prompt=args.system_prompt,
+            max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+            compression=args.compression, auth_token=args.auth_token,
+            idle_timeout_s=float(args.idle_timeout_s) if args.idle_timeout_s else None,
+        )
+        serve(tokenizer, **options)
+    except (ImportError, ValueError, TypeError, OSError) as exc:
+        print(f"chatenv: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

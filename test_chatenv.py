@@ -1,0 +1,718 @@
+"""Tests for chatenv, grouped in the module's order: models, tokenizers,
+environment, protocol (pure), server (real sockets), clients, docker, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+import chatenv
+from chatenv import (
+    ByteTokenizer,
+    ChatAction,
+    ChatEnv,
+    ChatEnvironment,
+    ChatEnvError,
+    ChatObservation,
+    ChatState,
+    Session,
+    StepResult,
+    handle_frame,
+    serve_in_thread,
+    tokens_to_list,
+)
+
+HERE = Path(__file__).resolve().parent
+TRANSCRIPTS = HERE.parent / "shared" / "reference" / "openenv-wire-transcripts.jsonl"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ------------------------------------------------------------------------------
+# Helpers shared by the groups below
+# ------------------------------------------------------------------------------
+
+
+def ws_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/ws"
+
+
+def raw(url: str, **kwargs):
+    """A raw websockets client on a server's /ws: the server proven without chatenv's client."""
+    kwargs.setdefault("open_timeout", 5)
+    kwargs.setdefault("proxy", None)
+    if chatenv._websockets_major() >= 17:
+        kwargs.setdefault("legacy", True)
+    return connect(ws_url(url), **kwargs)
+
+
+def ask(ws, message, timeout: float = 5):
+    ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def http_get(url: str, timeout: float = 5):
+    """GET without any proxy; returns (status, JSON body, or text when not JSON)."""
+    try:
+        with NO_PROXY.open(url, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:
+        return status, body.decode()
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def new_session(**env_options) -> Session:
+    return Session(lambda: ChatEnvironment(**env_options))
+
+
+def reply(session: Session, message):
+    frame = message if isinstance(message, (str, bytes)) else json.dumps(message)
+    return handle_frame(session, frame).json()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    with serve_in_thread() as url:
+        yield url
+
+
+# ------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------
+
+
+def test_exported_names_exist():
+    for name in chatenv.__all__:
+        assert hasattr(chatenv, name), name
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ([1, 2, 3], [1, 2, 3]),
+        ((4, 5), [4, 5]),
+        ([[1, 2], [3]], [1, 2, 3]),
+        ({"input_ids": [[7, 8]]}, [7, 8]),
+        ([0], [0]),
+    ],
+)
+def test_tokens_are_flattened_to_ints(value, expected):
+    assert tokens_to_list(value) == expected
+    assert ChatAction(tokens=value).tokens == expected
+
+
+def test_tensor_like_tokens_are_flattened():
+    numpy = pytest.importorskip("numpy")
+    assert ChatAction(tokens=numpy.array([[1, 2], [3, 4]])).tokens == [1, 2, 3, 4]
+    assert tokens_to_list([numpy.int64(5), numpy.int32(6)]) == [5, 6]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([], "at least one"),
+        ([True], "integers"),
+        ([72.9], "integers"),
+        (["105"], "integers"),
+        ([-1], "non-negative"),
+        ([[]], "at least one"),
+    ],
+)
+def test_bad_tokens_are_rejected_not_coerced(value, message):
+    with pytest.raises(ValueError, match=message):
+        ChatAction(tokens=value)
+
+
+@pytest.mark.parametrize("value", ["Hi", b"Hi", 7, None, {"ids": [1]}])
+def test_tokens_of_the_wrong_type_are_rejected(value):
+    with pytest.raises(TypeError):
+        tokens_to_list(value)
+
+
+def test_deep_nesting_is_refused_without_recursion_error():
+    value: list = [1]
+    for _ in range(10_000):
+        value = [value]
+    with pytest.raises(ValueError, match="nested deeper"):
+        tokens_to_list(value)
+
+
+def test_models_round_trip_their_wire_dicts():
+    obs = ChatObservation(messages=[{"role": "assistant", "content": "Hi"}], tokens=[72, 105])
+    assert ChatObservation.from_dict(obs.to_dict()) == obs
+    state = ChatState("ep", 2, [{"role": "assistant", "content": "Hi"}], [[72, 105]])
+    assert ChatState.from_dict(state.to_dict()) == state
+    action = ChatAction([1, 2], {"k": "v"})
+    assert ChatAction.from_dict(action.to_dict()) == action
+    result = StepResult.from_dict({"observation": {"messages": [], "tokens": []}, "reward": 1.5, "done": True})
+    assert (result.reward, result.done, result.observation.reward) == (1.5, True, 1.5)
+
+
+# ------------------------------------------------------------------------------
+# Tokenizers
+# ------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trips_utf8_and_skips_specials():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids) == "héllo ✓"
+    templated = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    assert templated[0] == tok.im_start_id and tok.im_end_id in templated
+    assert tok.decode(templated, skip_special_tokens=True) == "user\nHi\n"
+    assert tok.decode(templated).startswith("<|im_start|>user\nHi<|im_end|>")
+
+
+def test_byte_tokenizer_out_of_range_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="out of range"):
+        ByteTokenizer().decode([72, 99999])
+
+
+class ShapeTokenizer:
+    """A test double whose chat template returns whichever shape it is given."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def apply_chat_template(self, conversation, tokenize=True):
+        return self.result
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+class FakeTensor:
+    def __init__(self, data):
+        self.data = data
+
+    def tolist(self):
+        return self.data
+
+
+class FakeBatchEncoding(dict):
+    """Like transformers v5's BatchEncoding: a mapping, not a list."""
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        [72, 105],
+        (72, 105),
+        [[72, 105]],
+        FakeTensor([[72, 105]]),
+        FakeBatchEncoding(input_ids=[72, 105], attention_mask=[1, 1]),
+        FakeBatchEncoding(input_ids=FakeTensor([[72, 105]])),
+    ],
+)
+def test_message_to_action_normalises_every_result_shape(result):
+    env = ChatEnvironment(ShapeTokenizer(result))
+    assert env.message_to_action({"role": "user", "content": "Hi"}).tokens == [72, 105]
+    assert chatenv.message_to_action({"role": "user", "content": "Hi"}, ShapeTokenizer(result)).tokens == [72, 105]
+
+
+class EncodeOnlyTokenizer:
+    """A tokenizer without a chat template, like gpt2."""
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode()
+
+
+def test_message_to_action_falls_back_to_encode():
+    env = ChatEnvironment(EncodeOnlyTokenizer())
+    action = env.message_to_action({"role": "user", "content": "Hi"})
+    assert bytes(action.tokens) == b"user: Hi\n"
+
+
+@pytest.mark.parametrize(
+    "message", [{"content": "x"}, {"role": "user"}, {"role": "user", "content": None}]
+)
+def test_message_to_action_rejects_incomplete_messages(message):
+    with pytest.raises(ValueError):
+        ChatEnvironment().message_to_action(message)
+
+
+def test_load_tokenizer_default_and_objects_and_errors(tmp_path):
+    assert isinstance(chatenv.load_tokenizer(None), ByteTokenizer)
+    assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)
+    tok = EncodeOnlyTokenizer()
+    assert chatenv.load_tokenizer(tok) is tok
+    with pytest.raises(TypeError, match="decode"):
+        chatenv.load_tokenizer(object())
+    with pytest.raises(FileNotFoundError):
+        chatenv.load_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_optional_libraries_are_not_imported_by_the_module():
+    code = "import sys, chatenv; print(sorted(m for m in ('transformers','tokenizers','websockets','asyncio') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------
+# Environment
+# ------------------------------------------------------------------------------
+
+
+def test_environment_reset_step_state():
+    env = ChatEnvironment(system_prompt="Be brief.")
+    obs = env.reset(episode_id="ep-1")
+    assert obs.messages == [{"role": "system", "content": "Be brief."}]
+    system_tokens = list(obs.tokens)
+    obs = env.step(ChatAction([72, 105]))
+    assert obs.messages[-1] == {"role": "assistant", "content": "Hi"}
+    assert obs.tokens == system_tokens + [72, 105]
+    state = env.state
+    assert (state.episode_id, state.step_count) == ("ep-1", 1)
+    assert state.history_tokens == [system_tokens, [72, 105]]
+    assert env.reset().messages == [{"role": "system", "content": "Be brief."}]
+    assert env.state.episode_id not in (None, "ep-1")
+    assert env.state.step_count == 0
+
+
+def test_environment_failed_step_leaves_history_unchanged():
+    env = ChatEnvironment()
+    env.reset()
+    env.step(ChatAction([72, 105]))
+    before = env.state
+    with pytest.raises(ValueError):
+        env.step(ChatAction([72, 4000]))
+    assert env.state == before
+
+
+def test_environment_json_matches_its_python_history():
+    env = ChatEnvironment(system_prompt='quote " and \\ and \n')
+    env.reset()
+    for ids in ([72, 105], [0xE2, 0x9C, 0x93], [0xFF, 1, 31]):
+        env.step(ChatAction(ids))
+    assert json.loads(b"[" + env.messages_json + b"]") == env.state.history_messages
+    assert json.loads(b"[" + env.history_tokens_json + b"]") == env.state.history_tokens
+    assert json.loads(b"[" + env.tokens_json + b"]") == env.observation().tokens
+
+
+# ------------------------------------------------------------------------------
+# Protocol (pure: frames in, frames out, no sockets)
+# ------------------------------------------------------------------------------
+
+
+def _transcripts():
+    with open(TRANSCRIPTS) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_protocol_matches_openenv_transcripts_for_a_normal_session():
+    """Replay the recorded OpenEnv session: same frames, plus episode_id/step_count."""
+    cases = {c["case"]: c for c in _transcripts()}
+    session = new_session()
+    for name in ("reset", "step tokens [72,105]", "step tokens [33] (second step)"):
+        case = cases[name]
+        assert handle_frame(session, case["sent"]).data.decode() == case["received"]
+    state = reply(session, cases["state after two steps"]["sent"])
+    expected = json.loads(cases["state after two steps"]["received"])
+    assert state["data"]["history_messages"] == expected["data"]["history_messages"]
+    assert state["data"]["history_tokens"] == expected["data"]["history_tokens"]
+    assert state["data"]["step_count"] == 2 and state["data"]["episode_id"]
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        ('{"type": "step", "data": ', "INVALID_JSON"),
+        (b'{"type":"state"}', "INVALID_JSON"),
+        ("[1,2]", "VALIDATION_ERROR"),
+        ("42", "VALIDATION_ERROR"),
+        ('{"type":"bogus"}', "UNKNOWN_TYPE"),
+        ('{"data":{}}', "UNKNOWN_TYPE"),
+        ('{"type":7}', "UNKNOWN_TYPE"),
+        ('{"type":"step","data":{"metadata":{}}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":[72]}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":"Hi"}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":[]}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":["a"]}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":[72.9,true,"105"]}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":[72],"extra":1}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":[72],"metadata":[]}}', "VALIDATION_ERROR"),
+        ('{"type":"state","x":1}', "VALIDATION_ERROR"),
+        ('{"type":"reset","data":{"seed":"x"}}', "VALIDATION_ERROR"),
+        ('{"type":"reset","data":{"episode_id":5}}', "VALIDATION_ERROR"),
+        ('{"type":"step","data":{"tokens":[300]}}', "EXECUTION_ERROR"),
+        ("[" * 100_000, "INVALID_JSON"),
+    ],
+)
+def test_protocol_malformed_frames_get_an_error_and_the_session_survives(frame, code):
+    session = new_session()
+    reply(session, {"type": "reset", "data": {"episode_id": "e"}})
+    reply(session, {"type": "step", "data": {"tokens": [72, 105]}})
+    result = handle_frame(session, frame)
+    assert not result.close
+    error = result.json()
+    assert error["type"] == "error" and error["data"]["code"] == code, error
+    assert len(error["data"]["message"]) < 300
+    state = reply(session, {"type": "state"})["data"]
+    assert state["history_tokens"] == [[72, 105]] and state["step_count"] == 1
+    assert reply(session, {"type": "step", "data": {"tokens": [33]}})["data"]["observation"]["tokens"] == [72, 105, 33]
+
+
+def test_protocol_reset_ignores_unknown_keys_and_close_closes():
+    session = new_session()
+    assert reply(session, {"type": "reset", "data": {"foo": 1}})["type"] == "observation"
+    result = handle_frame(session, '{"type":"close"}')
+    assert result.close and result.parts is None
+
+
+def test_protocol_error_replies_echo_only_a_bounded_slice():
+    session = new_session()
+    huge = "x" * 100_000
+    for frame in (json.dumps({"type": huge}), json.dumps({"type": "step", "data": {"tokens": [huge]}})):
+        assert len(handle_frame(session, frame).data) < 400
+
+
+def test_protocol_internal_fault_is_a_session_error_that_closes():
+    def broken():
+        raise RuntimeError("boom")
+
+    result = handle_frame(Session(broken), '{"type":"state"}')
+    assert result.close and result.json()["data"]["code"] == "SESSION_ERROR"
+    assert "boom" not in result.json()["data"]["message"]
+
+
+def test_protocol_capacity_reply_matches_openenv():
+    cases = {c["case"]: c for c in _transcripts()}
+    expected = json.loads(next(c for n, c in cases.items() if n.startswith("second concurrent"))["received"])
+    result = chatenv.capacity_reply(1, 1)
+    assert result.close and result.json() == expected
+
+
+def test_protocol_delta_observations_rebuild_the_full_ones():
+    full, delta = new_session(system_prompt="S"), new_session(system_prompt="S")
+    first = reply(delta, {"type": "reset", "data": {"chatenv_delta": True}})
+    assert first == reply(full, {"type": "reset", "data": {}})
+    messages = first["data"]["observation"]["messages"]
+    tokens = first["data"]["observation"]["tokens"]
+    for i in range(20):
+        step = {"type": "step", "data": {"tokens": [97 + i, 98]}}
+        expected = reply(full, step)["data"]["observation"]
+        got = reply(delta, step)["data"]["observation"]
+        messages += got["messages"]
+        tokens += got["tokens"]
+        assert got["delta"] == {"messages": len(messages), "tokens": len(tokens)}
+        assert (messages, tokens) == (expected["messages"], expected["tokens"])
+
+
+# ------------------------------------------------------------------------------
+# Server (a real server on a loopback port, raw websockets frames)
+# ------------------------------------------------------------------------------
+
+
+def test_server_openenv_session_over_raw_frames(server):
+    with raw(server) as ws:
+        assert ask(ws, {"type": "reset", "data": {}}) == {
+            "type": "observation",
+            "data": {"observation": {"messages": [], "tokens": []}, "reward": None, "done": False},
+        }
+        assert ask(ws, {"type": "step", "data": {"tokens": [72, 105], "metadata": {}}})["data"]["observation"] == {
+            "messages": [{"role": "assistant", "content": "Hi"}],
+            "tokens": [72, 105],
+        }
+        ask(ws, {"type": "step", "data": {"tokens": [33], "metadata": {}}})
+        state = ask(ws, {"type": "state"})
+        assert state["type"] == "state"
+        assert state["data"]["step_count"] == 2
+        assert state["data"]["history_tokens"] == [[72, 105], [33]]
+        ws.send('{"type":"close"}')
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+        assert ws.close_code == 1000
+
+
+def test_server_every_error_code_over_a_socket_keeps_the_session(server):
+    with raw(server) as ws:
+        ask(ws, {"type": "reset"})
+        ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})
+        for frame, code in [
+            ("not json", "INVALID_JSON"),
+            (b"\x00\x01binary", "INVALID_JSON"),
+            ("[1,2]", "VALIDATION_ERROR"),
+            ('{"type":"nope"}', "UNKNOWN_TYPE"),
+            ('{"type":"step","data":{"tokens":["a"]}}', "VALIDATION_ERROR"),
+            ('{"type":"step","data":{"tokens":[999]}}', "EXECUTION_ERROR"),
+        ]:
+            assert ask(ws, frame)["data"]["code"] == code
+        assert ask(ws, {"type": "state"})["data"]["history_tokens"] == [[72, 105]]
+
+
+def test_server_rejects_invalid_utf8_text_frames_and_fragmented_messages_work(server):
+    with raw(server) as ws:
+        ask(ws, {"type": "reset"})
+        ws.send(iter(['{"type":"step",', '"data":{"tokens":[72,105]}}']))  # fragmented
+        assert json.loads(ws.recv(timeout=5))["data"]["observation"]["tokens"] == [72, 105]
+
+
+def test_server_http_routes(server):
+    assert http_get(server + "/health") == (200, {"status": "healthy"})
+    status, schema = http_get(server + "/schema")
+    assert status == 200 and {"action", "observation", "state"} <= schema.keys()
+    assert schema["action"]["required"] == ["tokens"]
+    status, meta = http_get(server + "/metadata")
+    assert status == 200 and meta["name"] and meta["description"]
+    assert http_get(server + "/nope")[0] == 404
+    assert http_get(server + "/ws")[0] == 426  # a plain GET on the WebSocket path
+
+
+def test_server_capacity_refuses_newcomers_and_frees_slots():
+    with serve_in_thread(max_sessions=2) as url:
+        first, second = raw(url), raw(url)
+        ask(first, {"type": "reset"})
+        ask(second, {"type": "reset"})
+        with raw(url) as third:
+            error = json.loads(third.recv(timeout=5))
+            assert error["data"]["code"] == "CAPACITY_REACHED"
+            assert error["data"]["max_sessions"] == 2
+            with pytest.raises(ConnectionClosed):
+                third.recv(timeout=5)
+        assert url.server.active_sessions == 2
+        first.close()
+        # a client that vanishes without a close frame frees its slot too
+        second.socket.shutdown(socket.SHUT_RDWR)
+        second.socket.close()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        with raw(url) as again, raw(url) as again2:
+            assert ask(again, {"type": "reset"})["type"] == "observation"
+            assert ask(again2, {"type": "reset"})["type"] == "observation"
+
+
+def test_server_oversize_message_closes_1009_and_server_is_unaffected():
+    with serve_in_thread(max_message_bytes=1000) as url:
+        with raw(url) as ws:
+            ask(ws, {"type": "reset"})
+            ws.send(json.dumps({"type": "step", "data": {"tokens": [65] * 2000}}))
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1009
+        with raw(url) as ws:
+            assert ask(ws, {"type": "step", "data": {"tokens": [65] * 100}})["type"] == "observation"
+            assert url.server.active_sessions == 1
+        assert wait_until(lambda: url.server.active_sessions == 0)
+
+
+def test_server_slow_tokenizer_does_not_stall_other_sessions():
+    class SlowTokenizer(EncodeOnlyTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            if ids[0] == 0:
+                time.sleep(1.5)
+            return bytes(ids).decode("latin-1")
+
+    with serve_in_thread(SlowTokenizer(), ping_interval_s=0.2, ping_timeout_s=0.5) as url:
+        with raw(url) as slow, raw(url) as fast:
+            slow.send(json.dumps({"type": "step", "data": {"tokens": [0]}}))
+            started = time.monotonic()
+            for _ in range(5):
+                assert ask(fast, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
+            assert time.monotonic() - started < 1.0  # answered while the slow step runs
+            assert json.loads(slow.recv(timeout=5))["type"] == "observation"
+
+
+def test_server_logs_one_line_per_session_and_no_traceback(server, caplog):
+    caplog.set_level("INFO", logger="chatenv")
+    ws = raw(server)
+    ask(ws, {"type": "reset"})
+    ws.socket.close()  # vanish without a close frame
+    assert wait_until(lambda: server.server.active_sessions == 0)
+    time.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatenv"]
+    assert sum("session opened" in line for line in lines) == 1
+    assert sum("session closed" in line for line in lines) == 1
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_server_keepalive_drops_a_client_that_stops_answering():
+    with serve_in_thread(ping_interval_s=0.2, ping_timeout_s=0.3) as url:
+        sock = socket.create_connection(("127.0.0.1", url.server.port))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b"101" in sock.recv(4096)
+        assert wait_until(lambda: url.server.active_sessions == 1)
+        sock.sendall(b"\x81\xfe")  # half a frame header, then silence
+        assert wait_until(lambda: url.server.active_sessions == 0, timeout=5)
+        sock.close()
+
+
+def test_server_auth_token_guards_ws_but_not_health():
+    with serve_in_thread(auth_token="s3cret") as url:
+        assert http_get(url + "/health")[0] == 200
+        from websockets.exceptions import InvalidStatus
+
+        with pytest.raises(InvalidStatus) as info:
+            raw(url)
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            raw(url, additional_headers={"Authorization": "Bearer wrong"})
+        assert url.server.active_sessions == 0
+        with raw(url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+            assert ask(ws, {"type": "reset"})["type"] == "observation"
+        with ChatEnv(url, auth_token="s3cret") as env:
+            assert env.reset().observation.messages == []
+        with pytest.raises(ConnectionError, match="401") as info:
+            ChatEnv(url, auth_token="not-the-token-42").reset()
+        assert "not-the-token-42" not in str(info.value)
+
+
+def _start_cli(*args, env=None):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    if not wait_until(lambda: _healthy(url), timeout=10):
+        proc.kill()
+        raise AssertionError(proc.communicate()[0])
+    return proc, url
+
+
+def _healthy(url):
+    try:
+        return http_get(url + "/health", timeout=0.5)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_signal_closes_sessions_with_1001_and_exits_fast(signum):
+    proc, url = _start_cli()
+    try:
+        sessions = [raw(url) for _ in range(3)]
+        for ws in sessions:
+            ask(ws, {"type": "reset"})
+            ask(ws, {"type": "step", "data": {"tokens": [72]}})
+        started = time.monotonic()
+        proc.send_signal(signum)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        for ws in sessions:
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=2)
+            assert ws.close_code == 1001
+        output = proc.stdout.read()
+        assert "Traceback" not in output and "session closed" in output
+    finally:
+        proc.kill()
+
+
+def test_cli_environment_fallbacks_openenv_names():
+    env = dict(os.environ, SYSTEM_PROMPT="From OpenEnv", TOKENIZER_NAME="default")
+    proc, url = _start_cli(env=env)
+    try:
+        with ChatEnv(url) as client:
+            assert client.reset().observation.messages == [{"role": "system", "content": "From OpenEnv"}]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_cli_help_and_bad_tokenizer():
+    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", "--help"], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0 and "--max-sessions" in out.stdout and "TOKENIZER_NAME" in out.stdout
+    out = subprocess.run(
+        [sys.executable, str(HERE / "chatenv.py"), "serve", "--tokenizer", "/nonexistent/tokenizer.json"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode != 0 and "tokenizer" in out.stderr and "Traceback" not in out.stderr
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------
+# Clients
+# ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base, expected",
+    [
+        ("http://h:1", "ws://h:1/ws"),
+        ("https://h:1/", "wss://h:1/ws"),
+        ("ws://h:1/ws", "ws://h:1/ws"),
+        ("wss://h", "wss://h/ws"),
+        ("h:8000", "ws://h:8000/ws"),
+    ],
+)
+def test_client_url_forms(base, expected):
+    assert chatenv._ws_url(base) == expected
+
+
+def test_client_sync_session(server):
+    with ChatEnv(server) as env:
+        assert env.base_url == server
+        result = env.reset(episode_id="mine")
+        assert result.observation.messages == [] and result.done is False and result.reward is None
+        result = env.step(ChatAction([72, 105]))
+        assert result.observation.messages == [{"role": "assistant", "content": "Hi"}]
+        state = env.state()
+        assert (state.episode_id, state.step_count, state.history_tokens) == ("mine", 1, [[72, 105]])
+        with pytest.raises(ChatEnvError) as info:
+            env.step(ChatAction([4000]))
+        assert info.value.code == "EXECUTION_ERROR" and isinstance(info.value, RuntimeError)
+        assert env.step([33]).observation.tokens == [72, 105, 33]
+
+
+def test_client_async_session(server):
+    async def main():
+        async with chatenv.AsyncChatEnv(server, delta=True) as env:
+            await env.reset()
+            result = await env.step(ChatAction([72, 105]))
+            assert result.observation.messages == [{"role": "assistant", "content": "Hi"}]
+            assert (await env.state()).step_count == 1
+            with pytest.raises(ChatEnvError):
+                await env.step([4000])
+
+    asyncio.run(main())
+
+
+def test_client_delta_observations_equal_full_ones(server):
+    with ChatEnv(server, delta=True) as delta, ChatEnv(server) as full:
+        assert delta.reset(episode_id="e") == full.reset(episode_id="e")
+        for i in range(30):
+            action = ChatAction([97 + i % 26] * (i + 1))
+            assert delta.step(action) == full.step(action)
+        assert delta.state() == full.state()
