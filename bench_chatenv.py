@@ -703,7 +703,7 @@ def _min_start_s(kind, args, runs):
 
 _COUNTS = {
     "full": dict(single_steps=1000, single_tokens=16, conc_sessions=32, conc_steps=100, long_steps=2000,
-                 long_tokens=64, window=100, idle_sessions=256, import_runs=9, start_runs=3, repeats=5, long_repeats=2),
+                 long_tokens=64, window=100, idle_sessions=256, import_runs=15, start_runs=3, repeats=5, long_repeats=2),
     "quick": dict(single_steps=200, single_tokens=16, conc_sessions=32, conc_steps=20, long_steps=300,
                   long_tokens=64, window=50, idle_sessions=64, import_runs=3, start_runs=1, repeats=1, long_repeats=1),
 }
@@ -724,14 +724,12 @@ def _import_times(runs):
     With bytecode cached (in a temporary PYTHONPYCACHEPREFIX, as an installed
     module would have it) and with no bytecode written at all.
     """
-    def timed(code, env):
-        samples = []
-        subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, env=env)  # fills the cache
-        for _ in range(runs):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, env=env)
-            samples.append(time.perf_counter() - start)
-        return min(samples) * 1e3, statistics.median(samples) * 1e3
+    codes = {"chatenv": "import chatenv", "baseline": "import dataclasses, json, logging"}
+
+    def once(code, env):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, env=env)
+        return (time.perf_counter() - start) * 1e3
 
     results = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -739,8 +737,13 @@ def _import_times(runs):
         cached["PYTHONPYCACHEPREFIX"] = cache
         uncached = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         for label, env in (("cached", cached), ("uncached", uncached)):
-            results[label] = {"chatenv": timed("import chatenv", env),
-                              "baseline": timed("import dataclasses, json, logging", env)}
+            samples = {name: [] for name in codes}
+            for name, code in codes.items():
+                once(code, env)  # fills the bytecode cache (when there is one)
+            for _ in range(runs):  # alternated, so drifting load hits both alike
+                for name, code in codes.items():
+                    samples[name].append(once(code, env))
+            results[label] = {name: (min(v), statistics.median(v)) for name, v in samples.items()}
     return results
 
 

@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 __all__ = [
     # Models
@@ -84,15 +84,15 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
     are rejected with a ValueError (TypeError for a wrong container type).
     """
     value = _unwrap_tokens(value)
-    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, (list, tuple)):
-        raise TypeError(
-            f"{what} must be a sequence of token ids, not {type(value).__name__}"
-        )
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a sequence of token ids, not {type(value).__name__}")
     flat: list[int] = []
     stack = [iter(value)]  # iterative, so deep nesting cannot overflow the stack
     while stack:
         for item in stack[-1]:
-            if type(item) is int:
+            if type(item) is not int and hasattr(item, "tolist"):
+                item = item.tolist()  # a numpy/torch scalar or array inside a list
+            if type(item) is int:  # not bool, which is an int subclass
                 if item < 0:
                     raise ValueError(f"{what} must be non-negative, got {item}")
                 flat.append(item)
@@ -102,7 +102,7 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
                 stack.append(iter(item))
                 break
             else:
-                flat.append(_token_id(item, what))
+                raise ValueError(f"{what} must be integers, got {type(item).__name__} {_preview(item)}")
         else:
             stack.pop()
     if not flat:
@@ -112,9 +112,7 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
 
 def _unwrap_tokens(value: Any) -> Any:
     """Reduce tokenizer results (BatchEncoding, Encoding, tensors) to lists."""
-    if isinstance(value, Mapping) or (
-        hasattr(value, "keys") and hasattr(value, "__getitem__") and not isinstance(value, (list, tuple))
-    ):
+    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
         if "input_ids" not in value:
             raise TypeError("a mapping of token ids must hold 'input_ids'")
         value = value["input_ids"]
@@ -123,27 +121,6 @@ def _unwrap_tokens(value: Any) -> Any:
     if hasattr(value, "tolist"):
         value = value.tolist()  # torch, numpy
     return value
-
-
-def _token_id(item: Any, what: str) -> int:
-    """Accept one integer-like token id (numpy/torch scalars); reject the rest."""
-    if isinstance(item, bool) or isinstance(item, float) or isinstance(item, (str, bytes)):
-        raise ValueError(
-            f"{what} must be integers, got {type(item).__name__} {_preview(item)}"
-        )
-    if hasattr(item, "tolist") and not hasattr(item, "__index__"):
-        item = item.tolist()
-    try:
-        number = item.__index__()
-    except (AttributeError, TypeError):
-        raise ValueError(
-            f"{what} must be integers, got {type(item).__name__} {_preview(item)}"
-        ) from None
-    if type(item).__name__ in ("bool_", "bool"):
-        raise ValueError(f"{what} must be integers, got a boolean")
-    if number < 0:
-        raise ValueError(f"{what} must be non-negative, got {number}")
-    return number
 
 
 @dataclass
@@ -319,7 +296,10 @@ def load_tokenizer(spec: Any = None) -> Any:
             raise ImportError(
                 f"loading {path} needs the 'tokenizers' package: pip install 'chatenv[hf]'"
             ) from None
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
+        tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
+        tokenizer.no_truncation()  # fixed length; a chat message is its own length
+        return tokenizer
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -1462,6 +1442,16 @@ class _ClientCore:
 
     # Errors
 
+    def refusal(self, text: str | bytes | None) -> ChatEnvError | None:
+        """The error frame a server sent just before closing (CAPACITY_REACHED, SESSION_ERROR)."""
+        if text is None:
+            return None
+        try:
+            self._payload(text, "error")
+        except ChatEnvError as exc:
+            return exc if exc.code in _CLOSING_CODES else None
+        return None
+
     def lost_error(self) -> EpisodeLostError:
         return EpisodeLostError(
             f"the connection to {self.base_url} was lost and the episode with it; "
@@ -1586,6 +1576,13 @@ class ChatEnv(_ClientBase):
             except Exception:
                 pass
 
+    def _leftover(self) -> str | bytes | None:
+        """A frame that arrived before the close (recv still returns buffered frames)."""
+        try:
+            return self._ws.recv(timeout=0)
+        except Exception:
+            return None
+
     def _roundtrip(self, frame: str, new_episode: bool) -> str:
         from websockets.exceptions import ConnectionClosed
 
@@ -1603,8 +1600,11 @@ class ChatEnv(_ClientBase):
                 core.lost = True
                 raise core.timeout_error() from None
             except ConnectionClosed as exc:
+                refusal = core.refusal(self._leftover())
                 self._drop()
                 core.lost = True
+                if refusal is not None:  # the server said why it closed: say it too
+                    raise refusal from exc
                 if not new_episode or attempt == 2:
                     raise core.lost_error() from exc
         raise AssertionError("unreachable")
@@ -1682,6 +1682,16 @@ class AsyncChatEnv(_ClientBase):
             except Exception:
                 pass
 
+    async def _leftover(self) -> str | bytes | None:
+        """A frame that arrived before the close (recv still returns buffered frames)."""
+        import asyncio
+
+        try:
+            async with asyncio.timeout(0.1):
+                return await self._ws.recv()
+        except Exception:
+            return None
+
     async def _roundtrip(self, frame: str, new_episode: bool) -> str:
         import asyncio
 
@@ -1702,8 +1712,11 @@ class AsyncChatEnv(_ClientBase):
                 core.lost = True
                 raise core.timeout_error() from None
             except ConnectionClosed as exc:
+                refusal = core.refusal(await self._leftover())
                 await self._drop()
                 core.lost = True
+                if refusal is not None:  # the server said why it closed: say it too
+                    raise refusal from exc
                 if not new_episode or attempt == 2:
                     raise core.lost_error() from exc
         raise AssertionError("unreachable")

