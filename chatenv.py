@@ -238,6 +238,10 @@ class ByteTokenizer:
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         ids = tokens_to_list(ids) if not isinstance(ids, list) else ids
+        try:
+            return bytes(ids).decode("utf-8", errors="replace")  # the common case, in C
+        except ValueError:  # special tokens, or ids out of range: the slow path says which
+            pass
         out = bytearray()
         for token in ids:
             if 0 <= token < 256:
@@ -362,6 +366,12 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 # ------------------------------------------------------------------------------
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like OpenEnv
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
+
+
+def _message_json(message: Mapping[str, str]) -> bytes:
+    """``{"role":..,"content":..}`` exactly as json.dumps would write it, faster."""
+    return ('{"role":%s,"content":%s}' % (_json_string(message["role"]), _json_string(message["content"]))).encode()
 
 
 class ChatEnvironment:
@@ -405,10 +415,12 @@ class ChatEnvironment:
         self.history_messages.append(message)
         self.history_tokens.append(ids)
         token_text = ",".join(map(str, ids)).encode()
-        self.messages_json += sep + _dumps(message).encode()
+        message_json = _message_json(message)
+        self.messages_json += sep + message_json
         self.tokens_json += (b"," if self._flat_tokens else b"") + token_text
         self.history_tokens_json += sep + b"[" + token_text + b"]"
         self._flat_tokens += ids
+        self.last_json = (message_json, token_text)  # what a delta reply sends
 
     def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
         """Start a new episode; the history holds only the system prompt, if any."""
@@ -424,7 +436,10 @@ class ChatEnvironment:
 
     def append_tokens(self, tokens: Any) -> dict[str, str]:
         """Decode and append one message; on failure the history is unchanged."""
-        ids = tokens_to_list(tokens)
+        return self._append_step(tokens_to_list(tokens))
+
+    def _append_step(self, ids: list[int]) -> dict[str, str]:
+        """append_tokens() for ids the protocol has already validated."""
         message = {"role": "assistant", "content": _decode(self.tokenizer, ids)}
         self._append(message, ids)
         self.step_count += 1
@@ -469,6 +484,7 @@ SESSION_ERROR = "SESSION_ERROR"
 _MESSAGE_TYPES = ("reset", "step", "state", "close")
 _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
+_INT_ONLY = {int}
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
 _OBS_HEAD = b'{"type":"observation","data":{"observation":{"messages":['
@@ -616,8 +632,8 @@ def _step_tokens(message: dict[str, Any]) -> list[int]:
     if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'metadata' must be an object")
     tokens = data["tokens"]
-    if type(tokens) is list and tokens and all(type(t) is int and t >= 0 for t in tokens):
-        return tokens  # the common case, checked without the general normaliser
+    if type(tokens) is list and tokens and set(map(type, tokens)) == _INT_ONLY and min(tokens) >= 0:
+        return tokens  # the common case, checked in C without the general normaliser
     try:
         return tokens_to_list(tokens)
     except (TypeError, ValueError) as exc:
@@ -646,16 +662,14 @@ def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
     env = session.env
     try:
-        message = env.append_tokens(tokens)
+        env._append_step(tokens)
     except Exception as exc:  # the tokenizer's own failure: the client's ids, not our fault
         return error_reply(EXECUTION_ERROR, f"Cannot decode tokens: {str(exc)[:200]}")
     if not session.delta:
         return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
     totals = b'%d,"tokens":%d' % (len(env.history_messages), env.token_count)
-    return Reply([
-        _OBS_HEAD, _dumps(message).encode(), _OBS_MID,
-        ",".join(map(str, tokens)).encode(), _DELTA_MID, totals, _DELTA_TAIL,
-    ])
+    message_json, token_text = env.last_json
+    return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
 
 
 def _state_reply(env: ChatEnvironment) -> Reply:
@@ -782,6 +796,7 @@ class ChatServer:
         self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
+        self._unflushed: list[_Connection] = []  # connections with writes queued this loop turn
         self._listener: Any = None
         self._loop: Any = None
         self._executor: Any = None
@@ -883,6 +898,20 @@ class ChatServer:
             }
         return 404, {"detail": "Not Found"}
 
+    # Writes: queued during a loop turn, sent together at the start of the next, so
+    # replies leave in bursts, as from a server whose handlers are tasks, and peers
+    # handling many sessions wake once per burst rather than once per reply
+
+    def _queue_flush(self, conn: _Connection) -> None:
+        if not self._unflushed:
+            self._loop.call_soon(self._flush_writes)
+        self._unflushed.append(conn)
+
+    def _flush_writes(self) -> None:
+        unflushed, self._unflushed = self._unflushed, []
+        for conn in unflushed:
+            conn.write_out()
+
     # Keepalive and timeouts: one timer for the whole server, not one per session
 
     @property
@@ -932,6 +961,8 @@ class _Connection:
         self.drain_scheduled = False
         self.reading_paused = False
         self.write_paused_at: float | None = None
+        self.outgoing: list[bytes] = []
+        self.eof_queued = False
         self.fast_frames = False
         now = server._loop.time()
         self.opened_at = self.last_rx = self.last_message = now
@@ -1101,9 +1132,9 @@ class _Connection:
             return
         parts = reply.parts
         if parts is not None:
-            if self.fast_frames:  # header and payload in one write, one copy
+            if self.fast_frames:  # header and payload in one piece, one copy
                 self._flush()  # whatever the protocol queued (the handshake) goes first
-                self.transport.write(b"".join([_frame_header(sum(map(len, parts))), *parts]))
+                self._write(b"".join([_frame_header(sum(map(len, parts))), *parts]))
             else:
                 proto.send_text(b"".join(parts))
         if reply.close:
@@ -1112,11 +1143,28 @@ class _Connection:
         self._flush()
 
     def _flush(self) -> None:
+        """Move what the protocol has to send into this turn's writes."""
         for data in self.proto.data_to_send():
             if data:
-                self.transport.write(data)
+                self._write(data)
             else:  # the protocol's end of stream: a server closes the TCP connection
-                self.transport.close()
+                self.eof_queued = True
+                self._write(b"")
+
+    def _write(self, data: bytes) -> None:
+        if not self.outgoing:
+            self.server._queue_flush(self)
+        self.outgoing.append(data)
+
+    def write_out(self) -> None:
+        outgoing, self.outgoing = self.outgoing, []
+        if self.transport.is_closing():
+            return
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        if data:
+            self.transport.write(data)
+        if self.eof_queued:
+            self.transport.close()
 
     def _update_reading(self) -> None:
         pause = self.write_paused_at is not None or len(self.inbox) >= _INBOX_LIMIT
