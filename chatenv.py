@@ -814,11 +814,12 @@ class ChatServer:
         """Bind and start accepting; ``port`` then holds the bound port."""
         import asyncio
 
-        from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+        from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._extensions = [ServerPerMessageDeflateFactory()] if self.compression else None
+        # websockets' memory-saving deflate settings (smaller windows) when compressing
+        self._extensions = enable_server_permessage_deflate(None) if self.compression else None
         self._listener = await self._loop.create_server(
             lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
         )
