@@ -954,7 +954,7 @@ class _Connection:
         self.transport: Any = None
         self.peer = "?"
         self.session: Session | None = None
-        self.steps = 0
+        self.requests = 0
         self.fragments: list[bytes] | None = None
         self.fragment_opcode = _OP_TEXT
         self.inbox: Any = None
@@ -1020,8 +1020,8 @@ class _Connection:
             if self.proto.close_sent is not None and self.proto.close_rcvd is None:
                 code = self.proto.close_sent.code
             logger.info(
-                "session closed: %s, code %d, %d steps, %.1f s, %d/%d active",
-                self.peer, code, self.steps, server._loop.time() - self.opened_at,
+                "session closed: %s, code %d, %d requests, %.1f s, %d/%d active",
+                self.peer, code, self.requests, server._loop.time() - self.opened_at,
                 server.active_sessions, server.max_sessions,
             )
         if self.inbox:
@@ -1116,7 +1116,7 @@ class _Connection:
             self._reply(future.result())
 
     def _reply(self, reply: Reply) -> None:
-        self.steps += 1
+        self.requests += 1
         self._send(reply)
         if self.inbox:
             self._update_reading()
@@ -1428,8 +1428,10 @@ class _ClientCore:
         if _is_loopback(self.ws_url):
             self.connect_options["proxy"] = None  # never send loopback through a proxy
         self.lost = False  # the connection died mid-episode
+        # The episode as last parsed, to rebuild deltas and to parse only what is new
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
+        self._seen: tuple[str, str] | None = None  # its messages' and tokens' JSON text
 
     # Frames
 
@@ -1466,10 +1468,17 @@ class _ClientCore:
         return data
 
     def parse_result(self, text: str | bytes) -> StepResult:
+        """Parse an observation frame: a delta, an extension of the last one, or anew.
+
+        A full observation repeats the whole conversation each step. When its JSON
+        starts with the previous one's messages and tokens, byte for byte, only the
+        new tail is parsed: a long episode costs O(new) per step, not O(history).
+        """
+        result = self._parse_extension(text)
+        if result is not None:
+            return result
         payload = self._payload(text, "observation")
         result = StepResult.from_dict(payload)
-        if not self.delta:
-            return result
         obs = result.observation
         totals = (payload.get("observation") or {}).get("delta")
         if isinstance(totals, dict):  # a delta: append, then check we are in sync
@@ -1482,9 +1491,53 @@ class _ClientCore:
                     f"server has {totals.get('messages')} / {totals.get('tokens')}",
                 )
             obs.messages, obs.tokens = list(self._messages), list(self._tokens)
+            self._seen = None
         else:
             self._messages, self._tokens = list(obs.messages), list(obs.tokens)
+            self._seen = self._item_texts(text) if isinstance(text, str) else None
         return result
+
+    @staticmethod
+    def _item_texts(text: str) -> tuple[str, str] | None:
+        """The messages' and tokens' JSON items of a compact full observation frame."""
+        head = len(_OBS_HEAD_TEXT)
+        end = text.find(_OBS_MID_TEXT, head)  # cannot occur inside a JSON string
+        tokens_end = text.find("]", end + len(_OBS_MID_TEXT))
+        if not text.startswith(_OBS_HEAD_TEXT) or end < 0 or tokens_end < 0:
+            return None
+        return text[head:end], text[end + len(_OBS_MID_TEXT):tokens_end]
+
+    def _parse_extension(self, text: str | bytes) -> StepResult | None:
+        """Parse only what a frame adds to the previous one; None when it does not extend it."""
+        if self._seen is None or not isinstance(text, str) or not text.startswith(_OBS_HEAD_TEXT):
+            return None
+        messages_text, tokens_text = self._seen
+        pos = len(_OBS_HEAD_TEXT)
+        if not text.startswith(messages_text, pos):
+            return None
+        pos += len(messages_text)
+        end = text.find(_OBS_MID_TEXT, pos)
+        tokens_at = end + len(_OBS_MID_TEXT)
+        if end < 0 or not text.startswith(tokens_text, tokens_at):
+            return None
+        tokens_pos = tokens_at + len(tokens_text)
+        tokens_end = text.find("]", tokens_pos)
+        if tokens_end < 0:
+            return None
+        try:
+            new_messages = _json_items(text, pos, end, bool(messages_text))
+            new_tokens = _json_items(text, tokens_pos, tokens_end, bool(tokens_text))
+            outer = json.loads('{"o":{' + text[tokens_end + 1:-1])  # reward and done
+        except ValueError:
+            return None
+        if not isinstance(outer, dict):
+            return None
+        self._messages += new_messages
+        self._tokens += new_tokens
+        self._seen = (text[len(_OBS_HEAD_TEXT):end], text[tokens_at:tokens_end])
+        reward, done = outer.get("reward"), bool(outer.get("done", False))
+        observation = ChatObservation(list(self._messages), list(self._tokens), done, reward)
+        return StepResult(observation, reward, done)
 
     def parse_state(self, text: str | bytes) -> ChatState:
         return ChatState.from_dict(self._payload(text, "state"))
@@ -1521,6 +1574,21 @@ class _ClientCore:
         if isinstance(exc, TimeoutError):
             return ConnectionError(f"cannot connect to {self.ws_url}: no handshake within the connect timeout")
         return ConnectionError(f"cannot connect to {self.ws_url}: {exc}")
+
+
+_OBS_HEAD_TEXT = _OBS_HEAD.decode()
+_OBS_MID_TEXT = _OBS_MID.decode()
+
+
+def _json_items(text: str, start: int, end: int, after_items: bool) -> list[Any]:
+    """Parse ``text[start:end]``, JSON array items (after earlier ones: with a leading comma)."""
+    if end <= start:
+        return []
+    if after_items:
+        if text[start] != ",":
+            raise ValueError("not a continuation of the previous items")
+        start += 1
+    return json.loads("[" + text[start:end] + "]")
 
 
 def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:

@@ -719,6 +719,43 @@ def test_client_async_session(server):
     asyncio.run(main())
 
 
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+_texts = st.text(alphabet=st.sampled_from('ab "\\]}[{,:\u00e9\u2713\U0001f600\n\x00'), max_size=12) | st.sampled_from(
+    ['],"tokens":[', '"}]', "\\", '{"role":"x"}']
+)
+
+
+def _frame(messages, tokens, reward=None, done=False) -> str:
+    data = {"observation": {"messages": messages, "tokens": tokens}, "reward": reward, "done": done}
+    return json.dumps({"type": "observation", "data": data}, separators=(",", ":"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_texts, st.lists(st.integers(0, 2**31), max_size=4)), max_size=8),
+       st.integers(0, 7), st.booleans())
+def test_client_parses_growing_observations_like_json_loads(steps, restart_at, done):
+    """The client parses only what a full observation adds; the result must equal a full parse."""
+    core = chatenv._ClientCore(
+        "http://h:1", connect_timeout_s=1, message_timeout_s=1, max_message_bytes=None,
+        ping_interval_s=None, ping_timeout_s=None, compression=None, auth_token=None, delta=False,
+    )
+    messages, tokens = [], []
+    previous = None
+    for i, (content, ids) in enumerate(steps):
+        if i == restart_at:  # a reset: the history no longer extends the previous one
+            messages, tokens = [], []
+        messages = messages + [{"role": "assistant", "content": content}]
+        tokens = tokens + ids
+        frame = _frame(messages, tokens, reward=float(i) if done else None, done=done and i == len(steps) - 1)
+        got = core.parse_result(frame)
+        assert got == StepResult.from_dict(json.loads(frame)["data"])
+        if previous is not None:  # observations handed out never change afterwards
+            previous.observation.messages.append({"role": "x", "content": "mutated"})
+            previous.observation.tokens.append(99)
+        previous = got
+
+
 def test_client_delta_observations_equal_full_ones(server):
     with ChatEnv(server, delta=True) as delta, ChatEnv(server) as full:
         assert delta.reset(episode_id="e") == full.reset(episode_id="e")
