@@ -740,7 +740,8 @@ def _authorized(headers: Any, token: str) -> bool:
     """Check ``Authorization: Bearer <token>`` in constant time."""
     import hmac
 
-    given = headers.get("Authorization", "")
+    values = headers.get_all("Authorization")  # .get() raises when the header is repeated
+    given = values[0] if len(values) == 1 else ""
     return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
 
@@ -969,6 +970,7 @@ class _Connection:
         self.opened_at = self.last_rx = self.last_message = now
         self.ping_sent_at: float | None = None
         self.close_deadline: float | None = None
+        self.head_tail = b""  # last bytes of the handshake so far, to find its end across reads
 
     # asyncio protocol callbacks
 
@@ -982,6 +984,22 @@ class _Connection:
         self.server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.proto.state == _CONNECTING and not self.proto.eof_sent:
+            # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
+            # pipelines them still gets the 101 first: feed the request alone, then the rest
+            window = self.head_tail + data
+            end = window.find(b"\r\n\r\n")
+            if end < 0:
+                self.head_tail = window[-3:]
+            elif end + 4 - len(self.head_tail) < len(data):
+                split = end + 4 - len(self.head_tail)
+                self._receive(data[:split])
+                if not self.transport.is_closing():
+                    self._receive(data[split:])
+                return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         proto = self.proto
         self.last_rx = self.server._loop.time()
         proto.receive_data(data)
@@ -1053,6 +1071,11 @@ class _Connection:
             return
         response = proto.accept(request)
         response.headers["Server"] = f"chatenv/{__version__}"
+        if response.status_code != 101 and len(response.body) > 200:
+            # websockets' reason quotes the offending header whole: echo a bounded slice
+            response.body = response.body[:160] + b"...\n"
+            del response.headers["Content-Length"]
+            response.headers["Content-Length"] = str(len(response.body))
         proto.send_response(response)
         if response.status_code != 101:
             return
@@ -1355,6 +1378,7 @@ class EpisodeLostError(ConnectionError):
 
 
 _CLOSING_CODES = (CAPACITY_REACHED, SESSION_ERROR)  # error frames the server closes after
+_SEND_TIMER_BYTES = 2**16  # frames this large may wait on the socket: their send is timed
 
 
 def _ws_url(base_url: str) -> str:
@@ -1710,7 +1734,7 @@ class ChatEnv(_ClientBase):
                     raise core.lost_error()
                 self._connect()
             try:
-                self._ws.send(frame)
+                self._send(frame)
                 return self._ws.recv(timeout=core.message_timeout_s)
             except TimeoutError:
                 self._drop()
@@ -1725,6 +1749,41 @@ class ChatEnv(_ClientBase):
                 if not new_episode or attempt == 2:
                     raise core.lost_error() from exc
         raise AssertionError("unreachable")
+
+    def _send(self, frame: str) -> None:
+        """Send within message_timeout_s: a server that stopped reading cannot hold a big
+        frame's send forever (past the deadline the socket is shut, TimeoutError raised).
+
+        Only a frame larger than the socket buffers can block; smaller ones skip the timer.
+        """
+        ws, timeout = self._ws, self._core.message_timeout_s
+        if timeout is None or len(frame) < _SEND_TIMER_BYTES:
+            ws.send(frame)
+            return
+        import socket
+
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            try:
+                ws.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            ws.send(frame)
+        except Exception:
+            if expired.is_set():
+                raise TimeoutError("send timed out") from None
+            raise
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            raise TimeoutError("send timed out")
 
     def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
         text = self._roundtrip(frame, new_episode)
@@ -1791,13 +1850,17 @@ class AsyncChatEnv(_ClientBase):
             raise self._core.connect_error(exc) from exc
 
     async def _drop(self) -> None:
+        import asyncio
+
         ws, self._ws = self._ws, None
         if ws is not None:
             ws.close_timeout = 0.1
             try:
-                await ws.close()
+                # close() first drains the write buffer, which a stuck server never empties
+                async with asyncio.timeout(0.5):
+                    await ws.close()
             except Exception:
-                pass
+                ws.transport.abort()
 
     async def _leftover(self) -> str | bytes | None:
         """A frame that arrived before the close (recv still returns buffered frames)."""
@@ -1821,8 +1884,8 @@ class AsyncChatEnv(_ClientBase):
                     raise core.lost_error()
                 await self._connect()
             try:
-                await self._ws.send(frame)
                 async with asyncio.timeout(core.message_timeout_s):
+                    await self._ws.send(frame)
                     return await self._ws.recv()
             except TimeoutError:
                 await self._drop()

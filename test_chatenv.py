@@ -4,6 +4,7 @@ environment, protocol (pure), server (real sockets), clients, docker, CLI."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import importlib.util
 import inspect
 import json
@@ -12,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +23,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import bench_chatenv
@@ -719,8 +723,6 @@ def test_client_async_session(server):
     asyncio.run(main())
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 _texts = st.text(alphabet=st.sampled_from('ab "\\]}[{,:\u00e9\u2713\U0001f600\n\x00'), max_size=12) | st.sampled_from(
     ['],"tokens":[', '"}]', "\\", '{"role":"x"}']
 )
@@ -975,9 +977,8 @@ def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
 
 
 def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
-    # a sentence-transformers tokenizer.json pads every encoding to 128 ids (id 0)
-    # and truncation (at 128) settings, so actions and system-prompt tokens get [PAD]
-    # ids and long messages are silently cut (see CLIENTS_NOTES.md, bug 3)
+    # a sentence-transformers tokenizer.json pads every encoding to 128 ids and cuts at
+    # 128: load_tokenizer turns both off, so an action holds the message's own ids
     tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
     pad_id = tk.token_to_id("[PAD]")
     action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
@@ -1333,6 +1334,1268 @@ def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_serv
         result = env.step(hello_ids + [len(tok)])
         assert result.observation.messages[-1]["content"] == "hello world"
         assert env.state().history_tokens[-1] == hello_ids + [len(tok)]
+
+
+# ------------------------------------------------------------------------------
+# Reliability (issue 6): bad input, faults, load, and who gets in. Real servers on
+# loopback port 0 (in this process via serve_in_thread, or in a subprocess when
+# RSS, file descriptors, logs or signals are measured). No timing is asserted
+# except "dropped/raised within its configured time", with generous slack.
+# ------------------------------------------------------------------------------
+
+
+_REL_DIR = Path(chatenv.__file__).resolve().parent
+_REL_TYPES = ("reset", "step", "state", "close")
+_REL_RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
+_REL_MAX_ERROR_MESSAGE = 300  # characters of an error message: a bounded slice, never the input
+_REL_UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+_REL_SERVE_SCRIPT = (
+    "import json, logging, sys, chatenv\n"
+    "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+    "chatenv.serve(**json.loads(sys.argv[1]))\n"
+)
+
+
+# --- helpers: frames, raw sockets, server subprocesses ---------------------------
+
+
+def _rel_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
+    """One client frame (RFC 6455 5.2), masked with a random key unless told otherwise."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    bit = 0x80 if mask else 0
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    stream = (key * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big") if n else b""
+    return head + key + body
+
+
+def _rel_text(message) -> bytes:
+    return _rel_frame(json.dumps(message).encode())
+
+
+def _rel_connect(port: int, timeout: float = 5) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def _rel_open_session(port: int, headers: bytes = b"") -> tuple[socket.socket, bytes]:
+    """A raw socket past its 101 (frames sent only after it, as RFC 6455 4.1 asks)."""
+    sock = _rel_connect(port)
+    sock.sendall(_REL_UPGRADE + headers + b"\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed during the handshake: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock, rest
+
+
+def _rel_read_all(sock: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            chunk = sock.recv(262144)
+            if not chunk:
+                break
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def _rel_server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Parse a server's byte stream into (opcode, payload); fail on anything malformed."""
+    frames, i = [], 0
+    while i < len(data):
+        assert len(data) - i >= 2, f"truncated frame header at {i}: {data[i:]!r}"
+        first, second = data[i], data[i + 1]
+        assert first & 0x70 == 0 and not second & 0x80, f"server frame with RSV or mask bits: {data[i:i + 2]!r}"
+        n, i = second & 0x7F, i + 2
+        if n == 126:
+            (n,), i = struct.unpack("!H", data[i:i + 2]), i + 2
+        elif n == 127:
+            (n,), i = struct.unpack("!Q", data[i:i + 8]), i + 8
+        assert len(data) - i >= n, "truncated frame payload"
+        frames.append((first & 0x0F, data[i:i + n]))
+        i += n
+    return frames
+
+
+def _rel_recv_frame(sock: socket.socket) -> tuple[int, bytes]:
+    def exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            assert chunk, "connection closed mid-frame"
+            buf += chunk
+        return buf
+
+    first, second = exact(2)
+    n = second & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", exact(2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", exact(8))
+    return first & 0x0F, exact(n)
+
+
+def _rel_free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _RelServerProcess:
+    """A chatenv server in its own process: its own RSS, file descriptors and log.
+
+    ``cli`` runs ``python chatenv.py serve ARGS``; otherwise ``options`` are
+    ChatServer keyword arguments given to ``chatenv.serve``. Port 0: the port is
+    read from the "listening on" line. Always stopped (SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, log_path, cli=None, env=None, log_level="INFO", **options):
+        if cli is not None:
+            argv = [sys.executable, str(_REL_DIR / "chatenv.py"), "serve", *cli]
+        else:
+            options.setdefault("port", 0)
+            argv = [sys.executable, "-c", _REL_SERVE_SCRIPT, json.dumps(options), log_level]
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=_REL_DIR,
+                                     env=env, stdin=subprocess.DEVNULL)
+        self.host = self.port = None
+        if not wait_until(self._listening, timeout=20, interval=0.02):
+            self.stop()
+            raise AssertionError(f"server did not start:\n{self.output()}")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listening(self):
+        match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
+        if match:
+            self.host, self.port = match.group(1), int(match.group(2))
+            return True
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+        return False
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def active(self) -> int:
+        return http_get(self.url + "/metadata")[1]["active_sessions"]
+
+    def stop(self, signum=signal.SIGTERM, timeout=5.0):
+        """Signal it and wait; returns seconds from signal to exit (None if it had to be killed)."""
+        started = time.monotonic()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+                self.proc.wait(timeout)
+            return time.monotonic() - started
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def _rel_assert_clean_log(text: str) -> None:
+    assert "Traceback" not in text, text[-3000:]
+    assert " ERROR " not in text and " CRITICAL " not in text, text[-3000:]
+
+
+# --- hypothesis strategies: frames of every shape ---------------------------------
+
+_rel_any_chars = st.characters(exclude_categories=())  # lone surrogates included (pure level only)
+_rel_scalars = (
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63, max_value=2**300)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(_rel_any_chars, max_size=12)
+)
+_rel_json = st.recursive(
+    _rel_scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=10,
+)
+_rel_bad_token = (
+    st.integers(max_value=-1) | st.integers(min_value=259) | st.floats() | st.booleans() | st.none()
+    | st.text(max_size=6) | st.dictionaries(st.text(max_size=4), _rel_scalars, max_size=2)
+)
+_rel_token_lists = st.one_of(
+    st.lists(st.integers(0, 258), min_size=1, max_size=40),  # valid, the control group
+    st.lists(st.integers(0, 258) | _rel_bad_token, max_size=20),
+    st.lists(st.lists(st.integers(0, 258) | _rel_bad_token, max_size=4), max_size=5),  # nested
+    st.integers(1, 200).map(lambda depth: _rel_nest([72, 105], depth)),  # legal up to 32, refused deeper
+    st.just([]), st.just([[]]), st.just({"input_ids": [72]}), st.just({"ids": [72]}),
+    _rel_json,
+)
+
+
+def _rel_nest(value, depth):
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _rel_deep(kind: str, depth: int) -> str:
+    """Deeply nested JSON: unterminated, or valid and placed where the protocol reads."""
+    opening, closing = {"list": ("[", "]"), "dict": ('{"a":', "}")}[kind[:4]]
+    inner = opening * depth + "1" + closing * depth
+    return {
+        "list-open": "[" * depth, "dict-open": '{"a":' * depth,
+        "list-type": '{"type":%s}' % inner, "dict-type": '{"type":%s}' % inner,
+        "list-data": '{"type":"state","data":{"x":%s}}' % inner,
+        "dict-meta": '{"type":"step","data":{"tokens":[1],"metadata":{"m":%s}}}' % inner,
+        "list-tokens": '{"type":"step","data":{"tokens":%s}}' % ("[" * depth + "72" + "]" * depth),
+        "dict-tokens": '{"type":"step","data":{"tokens":[%s]}}' % inner,
+        "dict-reset": '{"type":"reset","data":{"episode_id":%s}}' % inner,
+    }[kind]
+
+
+_rel_deep_kinds = ["list-open", "dict-open", "list-type", "dict-type", "list-data", "dict-meta",
+                   "list-tokens", "dict-tokens", "dict-reset"]
+
+
+@st.composite
+def _rel_request(draw):
+    """A JSON object shaped like a request, most fields wrong in some way."""
+    kind = draw(st.sampled_from(_REL_TYPES) | st.text(max_size=10) | _rel_json)
+    message = {"type": kind} if draw(st.booleans()) or kind in _REL_TYPES else {}
+    if kind == "step" and draw(st.integers(0, 4)):
+        data = {"tokens": draw(_rel_token_lists)}
+        if draw(st.booleans()):
+            data["metadata"] = draw(_rel_json)
+        if not draw(st.integers(0, 5)):
+            data[draw(st.text(min_size=1, max_size=300))] = 1
+        message["data"] = data
+    elif kind == "reset" and draw(st.integers(0, 3)):
+        message["data"] = draw(st.fixed_dictionaries({}, optional={
+            "seed": st.integers() | _rel_json, "episode_id": st.text(_rel_any_chars, max_size=300) | _rel_json,
+            "chatenv_delta": st.booleans() | _rel_json, "other": _rel_json,
+        }))
+    elif draw(st.booleans()):
+        message["data"] = draw(_rel_json)
+    if not draw(st.integers(0, 9)):
+        message[draw(st.text(max_size=5))] = draw(_rel_json)
+    return json.dumps(message)
+
+
+@st.composite
+def _rel_mutated(draw):
+    """A valid frame with one character replaced, inserted or deleted."""
+    frame = draw(st.sampled_from([
+        '{"type":"step","data":{"tokens":[72,105],"metadata":{}}}', '{"type":"reset","data":{}}',
+        '{"type":"state"}', '{"type":"reset","data":{"seed":1,"episode_id":"e","chatenv_delta":true}}',
+    ]))
+    i = draw(st.integers(0, len(frame)))
+    char = draw(st.characters())
+    how = draw(st.sampled_from(["replace", "insert", "delete"]))
+    if how == "insert":
+        return frame[:i] + char + frame[i:]
+    return frame[:i] + (char if how == "replace" else "") + frame[i + 1:]
+
+
+_rel_shallow_frames = st.one_of(
+    st.text(max_size=200),
+    st.binary(max_size=200),
+    _rel_json.map(json.dumps),
+    _rel_request(),
+    _rel_mutated(),
+)
+# Over a socket, depths near the recursion limit parse or not depending on each thread's
+# stack (and hypothesis raises the limit while it runs): the server and the mirror could
+# then disagree, so the socket fuzz stays clear of it (the pure fuzz covers it).
+_rel_socket_frames = _rel_shallow_frames | st.tuples(
+    st.sampled_from(_rel_deep_kinds), st.integers(1, 900) | st.sampled_from([5000, 20_000, 100_000]),
+).map(lambda a: _rel_deep(*a))
+_rel_pure_frames = _rel_shallow_frames | st.text(_rel_any_chars, max_size=100) | st.tuples(
+    st.sampled_from(_rel_deep_kinds), st.integers(1, 3000)).map(lambda a: _rel_deep(*a))
+
+
+def _rel_outcomes(frame) -> set[str]:
+    """What PROTOCOL.md allows for a frame, worked out independently of chatenv."""
+    if not isinstance(frame, str):
+        return {"INVALID_JSON"}
+    try:
+        message = json.loads(frame)
+    except RecursionError:
+        return _REL_RECOVERABLE | {"observation", "state"}  # too deep for this stack
+    except ValueError:
+        return {"INVALID_JSON"}
+    outcomes = _rel_parsed_outcomes(message)
+    if frame.count("[") + frame.count("{") >= 900:  # near the recursion limit: the server's
+        outcomes |= {"INVALID_JSON"}                 # stack may be a frame or two deeper
+    return outcomes
+
+
+def _rel_parsed_outcomes(message) -> set[str]:
+    if not isinstance(message, dict):
+        return {"VALIDATION_ERROR"}
+    kind = message.get("type")
+    if not isinstance(kind, str) or kind not in _REL_TYPES:
+        return {"UNKNOWN_TYPE"}
+    if set(message) - {"type", "data"}:
+        return {"VALIDATION_ERROR"}
+    data = message.get("data")
+    if kind == "close":
+        return {"close"}
+    if data is not None and not isinstance(data, dict):
+        return {"VALIDATION_ERROR"}
+    data = data or {}
+    if kind == "state":
+        return {"state"}
+    if kind == "reset":
+        seed, episode_id = data.get("seed"), data.get("episode_id")
+        if seed is not None and type(seed) is not int:
+            return {"VALIDATION_ERROR"}
+        if episode_id is not None and (not isinstance(episode_id, str) or len(episode_id) > 256):
+            return {"VALIDATION_ERROR"}
+        return {"observation"}
+    tokens = data.get("tokens")
+    if "tokens" not in data or set(data) - {"tokens", "metadata"}:
+        return {"VALIDATION_ERROR"}
+    if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+        return {"VALIDATION_ERROR"}
+    if isinstance(tokens, dict):  # the env's normaliser unwraps {"input_ids": ...}: lenient, not wrong
+        return {"VALIDATION_ERROR", "observation", "EXECUTION_ERROR"}
+    flat, stack = [], [(tokens, 0)]
+    if not isinstance(tokens, list):
+        return {"VALIDATION_ERROR"}
+    while stack:
+        value, depth = stack.pop()
+        if type(value) is list:
+            if depth >= 32:  # 32 levels of lists are legal, the 33rd is refused
+                return {"VALIDATION_ERROR"}
+            stack.extend((item, depth + 1) for item in value)
+        elif type(value) is int and value >= 0:
+            flat.append(value)
+        else:
+            return {"VALIDATION_ERROR"}
+    if not flat:
+        return {"VALIDATION_ERROR"}
+    return {"EXECUTION_ERROR"} if max(flat) > 258 else {"observation"}  # embedded vocabulary: 259 ids
+
+
+def _rel_state(session: Session) -> dict:
+    return handle_frame(session, '{"type":"state"}').json()["data"]
+
+
+def _rel_check_reply(frame, result, before: dict, after: dict) -> str:
+    """Check one reply against the contract; returns the outcome name."""
+    allowed = _rel_outcomes(frame)
+    if result.parts is None:
+        assert result.close and "close" in allowed, (frame, allowed)
+        return "close"
+    reply = result.json()
+    assert set(reply) == {"type", "data"}, reply
+    kind = reply["type"]
+    if kind == "error":
+        assert set(reply["data"]) == {"message", "code"}, reply
+        code, message = reply["data"]["code"], reply["data"]["message"]
+        assert code in allowed, (frame[:300], code, message, allowed)
+        assert not result.close, reply
+        assert isinstance(message, str) and 0 < len(message) <= _REL_MAX_ERROR_MESSAGE, reply
+        assert after == before  # a refused request changes nothing
+        return code
+    assert kind in allowed and not result.close, (frame[:300], reply, allowed)
+    if kind == "state":
+        assert reply["data"] == after == before
+    else:
+        assert reply["data"]["reward"] is None and reply["data"]["done"] is False
+        observation = reply["data"]["observation"]
+        totals = observation.get("delta")
+        if totals is None:
+            assert observation["messages"] == after["history_messages"]
+            assert observation["tokens"] == [t for ids in after["history_tokens"] for t in ids]
+        else:
+            assert totals == {"messages": len(after["history_messages"]),
+                              "tokens": sum(map(len, after["history_tokens"]))}
+            assert [observation["messages"]] == [after["history_messages"][-1:]]
+    return kind
+
+
+# --- 1. frame fuzzing -------------------------------------------------------------
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=st.lists(_rel_pure_frames, min_size=1, max_size=3))
+def test_fuzz_pure_protocol_every_frame_gets_a_contract_reply_and_the_session_survives(frames):
+    """Thousands of frames at the protocol level: each gets the outcome PROTOCOL.md allows
+    (worked out independently), errors are bounded and change nothing, and afterwards a
+    valid step appends exactly its message."""
+    session = Session(chatenv.ChatEnvironment)
+    handle_frame(session, '{"type":"reset","data":{"episode_id":"fuzz"}}')
+    handle_frame(session, '{"type":"step","data":{"tokens":[72,105]}}')
+    for frame in frames:
+        before = _rel_state(session)
+        result = handle_frame(session, frame)
+        if _rel_check_reply(frame, result, before, _rel_state(session)) == "close":
+            return
+    before = _rel_state(session)
+    result = handle_frame(session, '{"type":"step","data":{"tokens":[33,72]}}').json()
+    after = _rel_state(session)
+    assert result["type"] == "observation"
+    assert after["step_count"] == before["step_count"] + 1
+    assert after["history_tokens"] == before["history_tokens"] + [[33, 72]]
+    assert after["history_messages"] == before["history_messages"] + [{"role": "assistant", "content": "!H"}]
+    assert after["episode_id"] == before["episode_id"]
+
+
+@pytest.mark.parametrize("kind", _rel_deep_kinds)
+def test_deeply_nested_json_never_escapes_as_recursion_error(kind, caplog):
+    """Depths around and far past the recursion limit, in every place a frame is read."""
+    session = Session(chatenv.ChatEnvironment)
+    handle_frame(session, '{"type":"step","data":{"tokens":[72]}}')
+    for depth in (31, 32, 33, 500, 900, 950, 990, 995, 1000, 1005, 1100, 5000, 100_000):
+        frame = _rel_deep(kind, depth)
+        before = _rel_state(session)
+        result = handle_frame(session, frame)
+        outcome = _rel_check_reply(frame, result, before, _rel_state(session))
+        assert outcome != "SESSION_ERROR"
+    assert handle_frame(session, '{"type":"step","data":{"tokens":[33]}}').json()["type"] == "observation"
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("steps", ["inline", "offloaded"])
+def test_fuzz_over_a_socket_matches_the_pure_protocol(steps):
+    """Hundreds of frames (text, binary, JSON of every shape, wrong tokens, deep nesting)
+    over one real session: every reply equals the pure protocol's for the same history,
+    garbage never costs the session, and the server never logs a traceback. Both step
+    paths: inline (embedded tokenizer) and offloaded to the thread pool (any other)."""
+    records = []
+    handler = _RelRecorder(records)
+    tokenizer = EncodeOnlyTokenizer() if steps == "offloaded" else None
+
+    def new_mirror():
+        return Session(lambda: chatenv.ChatEnvironment(tokenizer))
+
+    with serve_in_thread(tokenizer) as url:
+        assert url.server.offload == (steps == "offloaded")
+        handler.attach()
+        state = {"ws": raw(url, max_size=None), "mirror": new_mirror(), "frames": 0}
+        try:
+            @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(frame=_rel_socket_frames)
+            def check(frame):
+                ws, mirror = state["ws"], state["mirror"]
+                expected = handle_frame(mirror, frame)
+                ws.send(frame)
+                state["frames"] += 1
+                if expected.close:
+                    with pytest.raises(ConnectionClosed):
+                        ws.recv(timeout=5)
+                    assert ws.close_code == 1000
+                    state["ws"], state["mirror"] = raw(url, max_size=None), new_mirror()
+                    return
+                got = json.loads(ws.recv(timeout=5))
+                want = expected.json()
+                if got["type"] == "state":  # a reset without episode_id draws a fresh uuid on each side
+                    got["data"]["episode_id"] = want["data"]["episode_id"] = None
+                assert got == want, frame[:300]
+                ask(ws, {"type": "step", "data": {"tokens": [72]}})
+                handle_frame(mirror, '{"type":"step","data":{"tokens":[72]}}')
+
+            check()
+            assert state["frames"] >= 250
+            assert ask(state["ws"], {"type": "state"})["type"] == "state"
+        finally:
+            state["ws"].close()
+            handler.detach()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+    assert not [r for r in records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], records[:3]
+
+
+class _RelRecorder:
+    """Collects log records of every logger (asyncio's "Fatal error" included)."""
+
+    def __init__(self, records):
+        import logging
+
+        self.records = records
+        self.handler = logging.Handler(level=logging.WARNING)
+        self.handler.emit = records.append
+
+    def attach(self):
+        import logging
+
+        logging.getLogger().addHandler(self.handler)
+
+    def detach(self):
+        import logging
+
+        logging.getLogger().removeHandler(self.handler)
+
+
+_rel_wire_bytes = st.one_of(
+    st.binary(max_size=64),
+    st.builds(  # one frame with arbitrary header bits, opcode, mask and payload
+        lambda payload, opcode, fin, rsv, mask: _rel_frame(payload, opcode, fin, rsv, mask),
+        st.binary(max_size=200) | _rel_request().map(str.encode),
+        st.integers(0, 15), st.booleans(), st.integers(0, 7), st.booleans(),
+    ),
+    st.builds(  # a fragmented message, maybe interrupted by a control frame
+        lambda parts, ping: b"".join(
+            _rel_frame(p, 1 if i == 0 else 0, fin=i == len(parts) - 1) + (ping if i == 0 else b"")
+            for i, p in enumerate(parts)),
+        st.lists(st.binary(max_size=30), min_size=1, max_size=4),
+        st.sampled_from([b"", _rel_frame(b"p", 9), _rel_frame(b"", 10), _rel_frame(b"x" * 126, 9)]),
+    ),
+    st.builds(  # a close frame with any code and reason
+        lambda code, reason: _rel_frame(struct.pack("!H", code) + reason, 8),
+        st.integers(0, 65535), st.binary(max_size=20),
+    ),
+)
+
+
+def test_fuzz_raw_wire_bytes_after_the_handshake():
+    """Hundreds of sessions each get arbitrary bytes: bad opcodes, RSV bits, unmasked
+    frames, broken fragments, control frames, close codes. The server sends only
+    well-formed frames (JSON replies with documented codes, pongs, a close with a
+    documented code), frees every session and logs no traceback."""
+    records = []
+    recorder = _RelRecorder(records)
+    close_codes = {}
+    with serve_in_thread(max_message_bytes=4096) as url:
+        recorder.attach()
+        port = url.server.port
+        try:
+            @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+            @given(chunks=st.lists(_rel_wire_bytes, min_size=1, max_size=4))
+            def check(chunks):
+                sock, early = _rel_open_session(port)
+                try:
+                    sock.sendall(_rel_text({"type": "reset"}) + b"".join(chunks))
+                    sock.shutdown(socket.SHUT_WR)  # then EOF: the server must finish the session
+                    frames = _rel_server_frames(early + _rel_read_all(sock))
+                finally:
+                    sock.close()
+                assert frames  # a reply, a close, or both: never silence
+                texts = [json.loads(payload) for opcode, payload in frames if opcode == 1]
+                # the reset's reply comes first (unless a protocol error in the same read ended it)
+                assert not texts or texts[0]["type"] == "observation", texts[0]
+                for opcode, payload in frames:
+                    assert opcode in (1, 8, 10), opcode
+                    if opcode == 1:
+                        reply = json.loads(payload)
+                        assert reply["type"] in ("observation", "state", "error")
+                        if reply["type"] == "error":
+                            assert reply["data"]["code"] in _REL_RECOVERABLE
+                            assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
+                    elif opcode == 8:
+                        code = struct.unpack("!H", payload[:2])[0] if payload else None
+                        close_codes[code] = close_codes.get(code, 0) + 1
+                        assert code in (None, 1000, 1001, 1002, 1003, 1007, 1009) or 3000 <= code < 5000, code
+                assert [op for op, _ in frames].count(8) <= 1 and all(op != 8 for op, _ in frames[:-1])
+
+            check()
+        finally:
+            recorder.detach()
+        assert wait_until(lambda: url.server.active_sessions == 0 and not url.server._connections)
+        with raw(url) as ws:  # alive and with capacity
+            assert ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})["data"]["observation"]["tokens"] == [72, 105]
+    assert {1002} <= set(close_codes), close_codes  # the fuzz reached protocol errors
+    assert not [r for r in records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], records[:3]
+
+
+def test_invalid_utf8_text_frames_are_an_invalid_json_reply_not_a_lost_session():
+    with serve_in_thread() as url:
+        sock, _ = _rel_open_session(url.server.port)
+        with sock:
+            for payload in (b'{"type":"state"}\xff', b"\xed\xa0\x80", b'{"type":"st\xc3'):
+                sock.sendall(_rel_frame(payload))
+                opcode, reply = _rel_recv_frame(sock)
+                assert opcode == 1 and json.loads(reply)["data"]["code"] == "INVALID_JSON"
+            # split across fragments, a multi-byte character is still valid
+            sock.sendall(_rel_frame(b'{"type":"reset","data":{"episode_id":"\xe2', fin=False)
+                         + _rel_frame(b'\x9c\x93"}}', opcode=0))
+            assert json.loads(_rel_recv_frame(sock)[1])["type"] == "observation"
+            sock.sendall(_rel_text({"type": "state"}))
+            assert json.loads(_rel_recv_frame(sock)[1])["data"]["episode_id"] == "\u2713"
+
+
+def test_pipelined_frames_with_the_upgrade_get_the_101_first():
+    # frames pipelined with the upgrade request are parsed only after the 101 is queued:
+    # a pong, a close or a protocol error never precedes "HTTP/1.1 101"
+    with serve_in_thread() as url:
+        port = url.server.port
+        for pipelined, expect_opcodes in [
+            (_rel_frame(b"abc", 9) + _rel_text({"type": "state"}), [10, 1]),   # ping, then a request
+            (_rel_frame(struct.pack("!H", 1000), 8), [8]),                     # an immediate close
+            (_rel_frame(b'{"type":"state"}', rsv=2), [8]),                       # a protocol error
+        ]:
+            sock = _rel_connect(port)
+            with sock:
+                sock.sendall(_REL_UPGRADE + b"\r\n" + pipelined)
+                sock.shutdown(socket.SHUT_WR)
+                data = _rel_read_all(sock)
+            assert data.startswith(b"HTTP/1.1 101"), data[:60]
+            frames = _rel_server_frames(data.partition(b"\r\n\r\n")[2])
+            assert [op for op, _ in frames][:len(expect_opcodes)] == expect_opcodes, frames
+        assert wait_until(lambda: url.server.active_sessions == 0)
+
+
+# --- 2. churn -------------------------------------------------------------------------
+
+
+def _rel_churn_batch(port: int, mode: str, count: int, held: list) -> None:
+    """Open ``count`` sessions (each answers a reset), then make each vanish by ``mode``.
+    Sockets the server must let go of by itself are appended to ``held``."""
+    socks = []
+    reset = _rel_text({"type": "reset"})
+    try:
+        for _ in range(count):
+            sock = _rel_connect(port)
+            socks.append(sock)
+            sock.sendall(_REL_UPGRADE[:40] if mode == "mid-handshake" else _REL_UPGRADE + b"\r\n")
+        if mode == "mid-handshake":
+            return
+        for sock in socks:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101"), head
+            sock.sendall(reset)
+            while b'"done":false}}' not in rest:
+                chunk = sock.recv(65536)
+                assert chunk and b"CAPACITY_REACHED" not in rest, rest
+                rest += chunk
+        for sock in socks:
+            if mode == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif mode == "half-open":
+                sock.shutdown(socket.SHUT_WR)  # EOF without a close frame; we keep reading
+            elif mode == "mid-frame":
+                sock.sendall(_rel_text({"type": "state"})[:5])
+            elif mode == "not-reading":  # pipeline steps whose replies grow, never read them
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                step = _rel_text({"type": "step", "data": {"tokens": [65] * 4000}})
+                sock.setblocking(False)
+                try:
+                    for _ in range(200):
+                        sock.send(step)
+                except BlockingIOError:
+                    pass
+    finally:
+        if mode in ("half-open", "silent", "not-reading"):
+            held.extend(socks)
+        else:
+            for sock in socks:
+                sock.close()
+
+
+_REL_CHURN_MODES = {  # mode: (count per round, batch size)
+    "rst": (750, 50), "fin": (750, 50), "half-open": (300, 50), "mid-frame": (200, 50),
+    "mid-handshake": (200, 50), "silent": (60, 60), "not-reading": (24, 24),
+}
+
+
+def _rel_churn_round(server, scale: float, modes=tuple(_REL_CHURN_MODES)) -> int:
+    total = 0
+    for mode in modes:
+        count, batch = _REL_CHURN_MODES[mode]
+        count = max(min(count, batch), int(count * scale))  # a full batch: the same peak every round
+        held = []
+        try:
+            for done in range(0, count, batch):
+                _rel_churn_batch(server.port, mode, min(batch, count - done), held)
+                if mode in ("silent", "not-reading"):  # the server must drop each batch itself
+                    if not wait_until(lambda: server.active() == 0, timeout=20):
+                        break
+                    while held:
+                        held.pop().close()
+            # the server lets go of these by itself: EOF, keepalive, send timeout
+            assert wait_until(lambda: server.active() == 0, timeout=15), (mode, server.active())
+        finally:
+            for sock in held:
+                sock.close()
+        if mode != "mid-handshake":
+            total += count
+    return total
+
+
+_REL_CHEAP_MODES = ("rst", "fin", "half-open", "mid-frame", "mid-handshake", "silent")
+
+
+def test_churn_thousands_of_vanishing_sessions_leave_nothing_behind(tmp_path):
+    """About 2,100 sessions vanish without a close frame: reset (RST), FIN, half-open
+    (write side shut), mid-frame, mid-handshake, silent (no pong), and clients that stop
+    reading with full buffers. Afterwards: zero sessions, every file descriptor back, RSS
+    within a few MB, full capacity, one "opened" and one "closed" line per session, no
+    traceback. (RSS is measured across the modes whose peak memory is small: a client
+    that stops reading makes the server buffer megabytes, which glibc returns unevenly.)"""
+    options = dict(max_sessions=128, ping_interval_s=0.3, ping_timeout_s=0.3, send_timeout_s=0.5,
+                   open_timeout_s=0.5)
+    with _RelServerProcess(tmp_path / "server.log", **options) as server:
+        warm = _rel_churn_round(server, 0.5, _REL_CHEAP_MODES)  # the allocator's working size
+        assert wait_until(lambda: server.active() == 0, timeout=10)
+        fds_before = server.fds()
+        rss_before = server.rss_kb()
+        churned = _rel_churn_round(server, 1.0, _REL_CHEAP_MODES)
+        assert wait_until(lambda: server.active() == 0, timeout=10), server.active()
+        rss_after = server.rss_kb()
+        churned += _rel_churn_round(server, 1.0, ("not-reading",))
+        assert churned >= 2000
+        assert wait_until(lambda: server.active() == 0, timeout=10), server.active()
+        assert wait_until(lambda: server.fds() <= fds_before, timeout=10), (server.fds(), fds_before)
+        print(f"churned {churned} sessions (+{warm} warm-up); RSS {rss_before} -> {rss_after} kB; "
+              f"fds {fds_before} -> {server.fds()}")
+        assert rss_after - rss_before < 4 * 1024, (rss_before, rss_after)
+        # full capacity: every slot opens, and the next one is refused
+        clients = [raw(server.url) for _ in range(128)]
+        try:
+            for ws in clients:
+                assert ask(ws, {"type": "reset"})["type"] == "observation"
+            with raw(server.url) as extra:
+                assert json.loads(extra.recv(timeout=5))["data"]["code"] == "CAPACITY_REACHED"
+            assert server.active() == 128
+        finally:
+            for ws in clients:
+                ws.close()
+        assert wait_until(lambda: server.active() == 0)
+        log = server.output()
+    _rel_assert_clean_log(log)
+    opened, closed = log.count("session opened"), log.count("session closed")
+    assert opened == closed == warm + churned + 128, (opened, closed, warm, churned)
+    dropped = log.count("keepalive ping timeout") + log.count("stopped reading")
+    assert dropped >= 60 + 24  # silent and not-reading clients were dropped by the server
+
+
+def test_capacity_under_a_connection_race_counts_every_slot_once():
+    """60 clients connect at once to 10 slots: exactly 10 sessions, 50 CAPACITY_REACHED
+    then close 1000; the count returns to 0 and all 10 slots are usable again."""
+    with serve_in_thread(max_sessions=10) as url:
+        results, barrier = [], threading.Barrier(60)
+
+        def one():
+            barrier.wait()
+            ws = raw(url)
+            try:
+                ws.send('{"type":"reset"}')
+            except ConnectionClosed:
+                pass  # refused: CAPACITY_REACHED came first and the server closed; still readable
+            results.append((json.loads(ws.recv(timeout=5)), ws))
+
+        threads = [threading.Thread(target=one) for _ in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert len(results) == 60
+        granted = [ws for reply, ws in results if reply["type"] == "observation"]
+        refused = [ws for reply, ws in results if reply["type"] == "error"]
+        assert all(r["data"]["code"] == "CAPACITY_REACHED" for r, _ in results if r["type"] == "error")
+        assert (len(granted), len(refused)) == (10, 50)
+        assert url.server.active_sessions == 10
+        for ws in refused:
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1000
+        assert url.server.active_sessions == 10
+        for ws in granted:
+            ws.close()
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        again = [raw(url) for _ in range(10)]
+        assert all(ask(ws, {"type": "reset"})["type"] == "observation" for ws in again)
+        for ws in again:
+            ws.close()
+
+
+# --- 3. slow and stuck clients ------------------------------------------------------
+
+
+def _rel_stuck_reader(port: int) -> socket.socket:
+    """A session that pipelines steps with growing replies and never reads one."""
+    sock, _ = _rel_open_session(port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    step = _rel_text({"type": "step", "data": {"tokens": [65] * 4000}})
+    sock.setblocking(False)
+    try:
+        for _ in range(300):
+            sock.send(step)
+    except BlockingIOError:
+        pass
+    return sock
+
+
+def _rel_write_paused(server) -> bool:
+    return any(c.write_paused_at is not None for c in list(server._connections))
+
+
+def test_client_that_never_reads_is_dropped_after_send_timeout_and_blocks_nobody():
+    with serve_in_thread(send_timeout_s=0.5, ping_interval_s=None) as url:
+        stuck = _rel_stuck_reader(url.server.port)
+        with stuck:
+            assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
+            with raw(url) as other:  # a new handshake and a session, served meanwhile
+                for i in range(20):
+                    assert ask(other, {"type": "step", "data": {"tokens": [72]}})["data"]["observation"]["tokens"] == [72] * (i + 1)
+                paused_since = time.monotonic()
+                assert wait_until(lambda: url.server.active_sessions == 1, timeout=5)  # 0.5 s + slack
+                assert time.monotonic() - paused_since < 5
+                assert ask(other, {"type": "state"})["data"]["step_count"] == 20
+            stuck.setblocking(True)
+            stuck.settimeout(5)
+            with pytest.raises((ConnectionResetError, AssertionError, socket.timeout)):
+                while stuck.recv(1 << 20):  # drained, then reset or EOF: the server let go
+                    pass
+                raise AssertionError("EOF")
+    # the same client is kept while send_timeout_s is off: the drop above is the option's doing
+    with serve_in_thread(send_timeout_s=None, ping_interval_s=None) as url:
+        with _rel_stuck_reader(url.server.port):
+            assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
+            time.sleep(1.0)
+            assert url.server.active_sessions == 1
+
+
+def test_half_handshakes_are_dropped_after_open_timeout_and_block_nobody():
+    with serve_in_thread(open_timeout_s=0.4, ping_interval_s=None) as url:
+        port = url.server.port
+        loris = [_rel_connect(port) for _ in range(30)]
+        for i, sock in enumerate(loris):
+            if i % 3:
+                sock.sendall(_REL_UPGRADE[: 10 + i])  # half a request line or headers; nothing for 1 in 3
+        started = time.monotonic()
+        with raw(url) as ws:
+            assert ask(ws, {"type": "reset"})["type"] == "observation"
+            assert url.server.active_sessions == 1
+            for sock in loris:
+                sock.settimeout(5)
+                assert _rel_read_all(sock) == b""  # closed by the server, no response
+            assert time.monotonic() - started < 5  # 0.4 s each, in parallel, plus slack
+            assert ask(ws, {"type": "state"})["type"] == "state"  # a session is not a handshake
+        for sock in loris:
+            sock.close()
+        assert wait_until(lambda: not url.server._connections and url.server.active_sessions == 0)
+
+
+def test_idle_timeout_frees_silent_sessions_only_and_is_off_by_default():
+    with serve_in_thread(idle_timeout_s=0.6, ping_interval_s=0.1, ping_timeout_s=1) as url:
+        with raw(url) as silent, raw(url) as chatty:
+            ask(silent, {"type": "reset"})
+            started = time.monotonic()
+            while time.monotonic() - started < 1.2:  # pings flow both ways; only chatty sends requests
+                assert ask(chatty, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
+                time.sleep(0.1)
+            with pytest.raises(ConnectionClosed):
+                silent.recv(timeout=5)
+            assert (silent.close_code, silent.close_reason) == (1001, "idle timeout")
+            assert ask(chatty, {"type": "state"})["data"]["step_count"] >= 5
+            assert url.server.active_sessions == 1
+    with serve_in_thread(ping_interval_s=0.1) as url:  # the default: no idle timeout
+        assert url.server.idle_timeout_s is None
+        with raw(url) as ws:
+            ask(ws, {"type": "reset"})
+            time.sleep(1.2)  # twice the idle timeout above
+            assert ask(ws, {"type": "step", "data": {"tokens": [72]}})["data"]["observation"]["tokens"] == [72]
+
+
+def test_compression_flood_of_pipelined_requests_does_not_starve_others(tmp_path):
+    """With permessage-deflate, 20,000 pipelined state requests get tiny replies, so write
+    backpressure never engages; the server still completes new handshakes and serves
+    another session while the flood is in progress."""
+    from websockets.client import ClientProtocol
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+    from websockets.uri import parse_uri
+
+    flood_n = 20_000
+    with _RelServerProcess(tmp_path / "server.log", cli=["--port", "0", "--compression", "deflate"]) as server:
+        proto = ClientProtocol(parse_uri(server.url.replace("http", "ws") + "/ws"),
+                               extensions=[ClientPerMessageDeflateFactory()], max_size=None)
+        sock = _rel_connect(server.port, timeout=30)
+        proto.send_request(proto.connect())
+        sock.sendall(b"".join(proto.data_to_send()))
+        while proto.handshake_exc is None and proto.state.name == "CONNECTING":
+            proto.receive_data(sock.recv(65536))
+        assert proto.handshake_exc is None and proto.extensions, "deflate not negotiated"
+        proto.events_received()
+        for _ in range(flood_n):
+            proto.send_text(b'{"type":"state"}')
+        blob = b"".join(proto.data_to_send())
+        received = {"bytes": 0, "frames": 0}
+
+        def read():
+            while received["frames"] < flood_n:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    return
+                received["bytes"] += len(chunk)
+                proto.receive_data(chunk)
+                received["frames"] += sum(1 for e in proto.events_received() if e.opcode.name == "TEXT")
+
+        reader = threading.Thread(target=read, daemon=True)
+        sender = threading.Thread(target=sock.sendall, args=(blob,), daemon=True)
+        reader.start()
+        sender.start()
+        try:
+            assert wait_until(lambda: received["frames"] > 0, timeout=10)
+            with raw(server.url) as other:  # a new handshake and a whole episode, mid-flood
+                ask(other, {"type": "reset"})
+                for i in range(5):
+                    step = ask(other, {"type": "step", "data": {"tokens": [72 + i]}})
+                    assert step["data"]["observation"]["tokens"] == list(range(72, 73 + i))
+                served_at = dict(received)
+            reader.join(60)
+            assert received["frames"] == flood_n, received
+            assert served_at["frames"] < flood_n, served_at  # served while the flood was in progress
+            assert received["bytes"] / flood_n < 20, received  # tiny compressed replies (~100 bytes raw)
+        finally:
+            sock.close()
+        log = server.output()
+    _rel_assert_clean_log(log)
+
+
+# --- 4. limits --------------------------------------------------------------------------
+
+
+def test_huge_but_legal_token_lists_round_trip_and_fragmented_oversize_closes_1009():
+    with serve_in_thread(max_message_bytes=4 * 2**20) as url:
+        with raw(url, max_size=None) as ws:
+            ask(ws, {"type": "reset"})
+            tokens = [65] * 1_000_000  # 3 MB of JSON, under the 4 MiB limit
+            reply = ask(ws, {"type": "step", "data": {"tokens": tokens}}, timeout=30)
+            assert reply["data"]["observation"]["tokens"] == tokens
+            assert reply["data"]["observation"]["messages"] == [{"role": "assistant", "content": "A" * 1_000_000}]
+            state = ask(ws, {"type": "state"}, timeout=30)["data"]
+            assert state["step_count"] == 1 and len(state["history_tokens"][0]) == 1_000_000
+            text = json.dumps({"type": "step", "data": {"tokens": [66] * 500_000}})
+            ws.send(iter([text[i:i + 65536] for i in range(0, len(text), 65536)]))  # fragmented, legal
+            assert len(json.loads(ws.recv(timeout=30))["data"]["observation"]["tokens"]) == 1_500_000
+            # over the limit in fragments: each fragment is small, the message is not
+            text = json.dumps({"type": "step", "data": {"tokens": [67] * 1_500_000}})
+            with pytest.raises(ConnectionClosed):
+                ws.send(iter([text[i:i + 65536] for i in range(0, len(text), 65536)]))
+                ws.recv(timeout=10)
+            assert ws.close_code == 1009
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        with raw(url) as ws:
+            assert ask(ws, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
+
+
+@pytest.mark.parametrize("kind", ["list-open", "dict-open", "list-type", "dict-tokens", "dict-meta"])
+def test_deeply_nested_json_over_a_socket_keeps_the_session(kind):
+    with serve_in_thread() as url, raw(url) as ws:
+        ask(ws, {"type": "step", "data": {"tokens": [72]}})
+        for depth in (1000, 5000, 100_000):  # past the recursion limit; up to 600 kB, under 1 MiB
+            reply = ask(ws, _rel_deep(kind, depth))
+            assert reply["type"] == "error" and reply["data"]["code"] in _REL_RECOVERABLE, reply
+            assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
+        assert ask(ws, {"type": "state"})["data"]["history_tokens"] == [[72]]
+
+
+# --- 5. shutdown ------------------------------------------------------------------------
+
+
+def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connection_errors(tmp_path):
+    """50 sessions mid-episode (chatenv clients, sync and async), a client whose buffers
+    are full and a half-done handshake: SIGTERM closes them all with 1001, the process
+    exits within a second, and chatenv's clients raise EpisodeLostError (a ConnectionError)
+    until reset() reaches a server again."""
+    server = _RelServerProcess(tmp_path / "server.log", cli=["--port", "0"])
+    port = server.port
+    try:
+        envs = [ChatEnv(server.url, connect_timeout_s=2) for _ in range(40)]
+        for env in envs:
+            env.reset()
+            env.step([72, 105])
+        raws = [raw(server.url) for _ in range(9)]
+        for ws in raws:
+            ask(ws, {"type": "step", "data": {"tokens": [72]}})
+        stuck = _rel_stuck_reader(port)
+        loris = _rel_connect(port)
+        loris.sendall(_REL_UPGRADE[:30])
+        aenv = chatenv.AsyncChatEnv(server.url, connect_timeout_s=2)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(aenv.reset())
+        loop.run_until_complete(aenv.step([72]))
+        assert wait_until(lambda: server.active() == 51)
+        elapsed = server.stop(signal.SIGTERM)
+        assert server.proc.returncode == 0
+        assert elapsed is not None and elapsed < 1.0, elapsed
+        for ws in raws:
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=2)
+            assert ws.close_code == 1001
+        started = time.monotonic()
+        for env in envs:
+            with pytest.raises(EpisodeLostError, match="reset") as info:
+                env.step([33])
+            assert isinstance(info.value, ConnectionError)
+            with pytest.raises(EpisodeLostError):
+                env.state()
+        with pytest.raises(EpisodeLostError):
+            loop.run_until_complete(aenv.step([33]))
+        with pytest.raises(ConnectionError, match="cannot connect"):
+            envs[0].reset()  # nothing listens now
+        assert time.monotonic() - started < 5
+        log = server.output()
+        _rel_assert_clean_log(log)
+        assert log.count("session closed") == 51
+        assert len(re.findall(r"session closed: \S+, code 1001", log)) >= 49  # all but the stuck one
+        with serve_in_thread(port=port):  # back: reset() starts a new episode
+            assert envs[0].reset().observation.messages == []
+            assert envs[0].step([72, 105]).observation.tokens == [72, 105]
+            assert loop.run_until_complete(aenv.reset()).observation.messages == []
+            loop.run_until_complete(aenv.close())
+    finally:
+        server.stop(signal.SIGKILL)
+        for env in envs:
+            env.close()
+        for sock in (stuck, loris):
+            sock.close()
+        loop.close()
+
+
+# --- 6. client under faults (restart/refused/never-handshakes: see the clients section) ---
+
+
+def _rel_frozen_server(tmp_path):
+    return _RelServerProcess(tmp_path / "server.log", cli=["--port", "0", "--max-message-bytes", "100000000"])
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_client_against_a_frozen_server_times_out_then_resets_when_it_thaws(tmp_path, flavour):
+    """The server process is stopped (SIGSTOP) mid-episode: the kernel still accepts bytes
+    and connections, nothing answers. step() raises TimeoutError within message_timeout_s,
+    later calls EpisodeLostError, reset() a ConnectionError within connect_timeout_s; after
+    SIGCONT, reset() works."""
+    with _rel_frozen_server(tmp_path) as server:
+        env = (ChatEnv if flavour == "sync" else chatenv.AsyncChatEnv)(
+            server.url, message_timeout_s=0.5, connect_timeout_s=0.5)
+        run = (lambda x: x) if flavour == "sync" else asyncio.new_event_loop().run_until_complete
+        run(env.reset())
+        run(env.step([72, 105]))
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match="0.5"):
+                run(env.step([33]))
+            assert time.monotonic() - started < 3
+            with pytest.raises(EpisodeLostError):
+                run(env.step([33]))
+            started = time.monotonic()
+            with pytest.raises(ConnectionError, match="handshake"):
+                run(env.reset())
+            assert time.monotonic() - started < 3
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert run(env.reset()).observation.messages == []
+        assert run(env.step([72])).observation.tokens == [72]
+        run(env.close())
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_client_big_step_to_a_frozen_server_still_times_out(tmp_path, flavour):
+    # message_timeout_s covers the send too: a frame bigger than the socket buffers
+    # cannot block forever against a server that stopped reading
+    with _rel_frozen_server(tmp_path) as server:
+        env = (ChatEnv if flavour == "sync" else chatenv.AsyncChatEnv)(
+            server.url, message_timeout_s=0.5, connect_timeout_s=0.5)
+        loop = asyncio.new_event_loop()
+        run = (lambda x: x) if flavour == "sync" else loop.run_until_complete
+        run(env.reset())
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        outcome = {}
+
+        def big_step():
+            try:
+                run(env.step([1234567] * 1_500_000))  # 12 MB: more than the kernel buffers hold
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=big_step, daemon=True)
+        worker.start()
+        try:
+            worker.join(4)
+            blocked = worker.is_alive()
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+            server.stop(signal.SIGKILL)
+            worker.join(10)
+        assert not blocked, "step() still blocked 4 s after its 0.5 s message timeout"
+        assert isinstance(outcome.get("error"), TimeoutError), outcome
+
+
+# --- 7. security --------------------------------------------------------------------------
+
+
+def _rel_listening_addresses(port: int) -> set[str]:
+    """Local addresses LISTENing on the port, from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if int(port_hex, 16) == port and fields[3] == "0A":
+                found.add(address)
+    return found
+
+
+def test_cli_binds_loopback_unless_told_otherwise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CHATENV_HOST"}
+    with _RelServerProcess(tmp_path / "a.log", cli=["--port", "0"], env=env) as server:
+        assert server.host == "127.0.0.1"
+        assert _rel_listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1, nothing else
+    with _RelServerProcess(tmp_path / "b.log", cli=["--port", "0", "--host", "0.0.0.0"], env=env) as server:
+        assert _rel_listening_addresses(server.port) == {"00000000"}  # the check can tell
+
+
+_REL_TOKEN = "tok-8f3a0c51e2d94b7f"
+
+
+def _rel_upgrade_status(port: int, headers: bytes, path: bytes = b"/ws") -> tuple[int, bytes]:
+    sock = _rel_connect(port)
+    with sock:
+        sock.sendall(_REL_UPGRADE.replace(b"/ws", path, 1) + headers + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if not data.startswith(b"HTTP/1.1 101"):
+            data += _rel_read_all(sock)
+    status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
+    return status, data
+
+
+_REL_BAD_AUTH = [
+    b"",
+    b"Authorization: Bearer wrong\r\n",
+    b"Authorization: Bearer " + _REL_TOKEN[:-1].encode() + b"\r\n",
+    b"Authorization: Bearer " + _REL_TOKEN.encode() + b"x\r\n",
+    b"Authorization: " + _REL_TOKEN.encode() + b"\r\n",
+    b"Authorization: Basic " + _REL_TOKEN.encode() + b"\r\n",
+    b"Authorization: Bearer\r\n",
+    b"Authorization: Bearer \xff\xfe" + _REL_TOKEN.encode() + b"\r\n",
+    b"Authorization: Bearer " + _REL_TOKEN.upper().encode() + b"\r\n",
+    b"X-Auth-Token: " + _REL_TOKEN.encode() + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_auth_token_every_upgrade_needs_it_and_it_never_leaks(tmp_path, how):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
+    cli = ["--port", "0", "--log-level", "DEBUG"]
+    if how == "env":
+        env["CHATENV_AUTH_TOKEN"] = _REL_TOKEN
+    else:
+        cli += ["--auth-token", _REL_TOKEN]
+    with _RelServerProcess(tmp_path / "server.log", cli=cli, env=env) as server:
+        assert http_get(server.url + "/health") == (200, {"status": "healthy"})
+        bodies = []
+        for headers in _REL_BAD_AUTH:
+            for path in (b"/ws", b"/ws?token=" + _REL_TOKEN.encode()):
+                status, data = _rel_upgrade_status(server.port, headers, path)
+                assert status == 401, (headers, path, data[:200])
+                assert b"WWW-Authenticate: Bearer" in data
+                bodies.append(data)
+        assert server.active() == 0
+        good = b"Authorization: Bearer " + _REL_TOKEN.encode() + b"\r\n"
+        assert _rel_upgrade_status(server.port, good)[0] == 101
+        with ChatEnv(server.url, auth_token=_REL_TOKEN) as client:
+            assert client.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
+        errors = []
+        for token in ("wrong-" + _REL_TOKEN, None):
+            with pytest.raises(ConnectionError, match="401") as info:
+                ChatEnv(server.url, auth_token=token).reset()
+            errors.append(f"{info.value!r} {info.value.__cause__!r}")
+        assert wait_until(lambda: server.active() == 0)
+        log = server.output()
+    assert _REL_TOKEN not in log and "DEBUG" in log
+    assert log.count("refused an unauthenticated WebSocket upgrade") == 2 * len(_REL_BAD_AUTH) + 2
+    for text in bodies + [e.encode() for e in errors]:
+        assert _REL_TOKEN.encode() not in text
+    _rel_assert_clean_log(log)
+
+
+def test_auth_duplicate_authorization_headers_get_401_not_a_traceback():
+    # two Authorization headers: a 401, not a MultipleValuesError traceback in the log
+    records = []
+    recorder = _RelRecorder(records)
+    with serve_in_thread(auth_token=_REL_TOKEN) as url:
+        recorder.attach()
+        try:
+            good = b"Authorization: Bearer " + _REL_TOKEN.encode() + b"\r\n"
+            for headers in (good + good, b"Authorization: Bearer wrong\r\n" + good):
+                status, data = _rel_upgrade_status(url.server.port, headers)
+                assert status == 401, data[:200]
+        finally:
+            recorder.detach()
+        assert url.server.active_sessions == 0
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+
+
+def test_auth_comparison_is_constant_time(monkeypatch):
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((type(a), type(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    with serve_in_thread(auth_token=_REL_TOKEN) as url:
+        with pytest.raises(InvalidStatus):
+            raw(url, additional_headers={"Authorization": "Bearer nope"})
+        with raw(url, additional_headers={"Authorization": f"Bearer {_REL_TOKEN}"}) as ws:
+            assert ask(ws, {"type": "reset"})["type"] == "observation"
+    assert len(calls) == 2 and all(c == (bytes, bytes) for c in calls), calls
+
+
+def test_handshake_errors_echo_only_a_bounded_slice_of_the_request():
+    # websockets' 400 body for a bad handshake header quotes the header whole: chatenv
+    # sends only a bounded slice
+    marker = b"Q" * 6000
+    with serve_in_thread() as url:
+        port = url.server.port
+        for headers in (
+            _REL_UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", marker),
+            _REL_UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: " + marker),
+            _REL_UPGRADE.replace(b"Version: 13", b"Version: " + marker),
+        ):
+            sock = _rel_connect(port)
+            with sock:
+                sock.sendall(headers + b"\r\n")
+                data = _rel_read_all(sock)
+            assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 426")), data[:100]
+            assert data.count(b"Q") <= 256, f"the reply echoes {data.count(b'Q')} bytes of the request"
+        assert http_get(url + "/health")[0] == 200
 
 
 # ------------------------------------------------------------------------------
