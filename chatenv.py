@@ -687,6 +687,7 @@ def _state_reply(env: ChatEnvironment) -> Reply:
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 _INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
+_READ_BYTES = 2**16  # most bytes taken from a socket per read
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
 
@@ -816,9 +817,11 @@ class ChatServer:
         import asyncio
 
         from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+        from websockets.frames import apply_mask  # in C when websockets' speedups are built
 
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self._unmask = apply_mask
         # websockets' memory-saving deflate settings (smaller windows) when compressing
         self._extensions = enable_server_permessage_deflate(None) if self.compression else None
         self._listener = await self._loop.create_server(
@@ -978,13 +981,24 @@ class _Connection:
         import collections
 
         self.transport = transport
+        # asyncio's selector transport receives into a fresh 256 KiB bytes per read,
+        # which glibc maps and unmaps each time (3 syscalls a request); 64 KiB stays
+        # on the heap. An attribute of that transport only; others ignore it.
+        transport.max_size = _READ_BYTES
         self.inbox = collections.deque()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.proto.state == _CONNECTING and not self.proto.eof_sent:
+        proto = self.proto
+        self.last_rx = self.server._loop.time()
+        if proto.state == _OPEN:
+            if self.fast_frames and proto.current_size is None and not proto.reader.buffer:
+                data = self._take_data_frames(data)
+            if data:
+                self._receive(data)
+        elif proto.state == _CONNECTING and not proto.eof_sent:
             # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
             # pipelines them still gets the 101 first: feed the request alone, then the rest
             window = self.head_tail + data
@@ -995,13 +1009,43 @@ class _Connection:
                 split = end + 4 - len(self.head_tail)
                 self._receive(data[:split])
                 if not self.transport.is_closing():
-                    self._receive(data[split:])
+                    self.data_received(data[split:])
                 return
-        self._receive(data)
+            self._receive(data)
+        else:
+            self._receive(data)
+        if self.inbox and not self.busy and not self.drain_scheduled:
+            self._drain()
+
+    def _take_data_frames(self, data: bytes) -> bytes:
+        """Read the whole, masked data frames at the head of ``data`` directly; return the rest.
+
+        The hot path: a request is one such frame. Anything else (control frames,
+        fragments, oversize or malformed frames, a partial frame) is left to the
+        Sans-I/O parser, which is at a frame boundary whenever this runs.
+        """
+        pos, size, limit = 0, len(data), self.server.max_message_bytes
+        while size - pos >= 6:
+            first, second = data[pos], data[pos + 1]
+            opcode, length, head = first & 0x0F, second & 0x7F, pos + 2
+            if first & 0xF0 != 0x80 or not second & 0x80 or (opcode != _OP_TEXT and opcode != _OP_BINARY):
+                break  # fragmented, reserved bits, unmasked, or a control frame
+            if length >= 126:
+                width = 2 if length == 126 else 8
+                if size - head < width:
+                    break
+                length = int.from_bytes(data[head:head + width], "big")
+                head += width
+            end = head + 4 + length
+            if end > size or (limit is not None and length > limit):
+                break
+            self._enqueue(opcode, self.server._unmask(data[head + 4:end], data[head:head + 4]))
+            pos = end
+        return data[pos:] if pos else data
 
     def _receive(self, data: bytes) -> None:
+        """Feed bytes to the Sans-I/O protocol and act on what it parsed."""
         proto = self.proto
-        self.last_rx = self.server._loop.time()
         proto.receive_data(data)
         for event in proto.events_received():
             opcode = getattr(event, "opcode", None)
@@ -1021,8 +1065,6 @@ class _Connection:
             elif opcode == _OP_PONG:
                 self.ping_sent_at = None
         self._flush()
-        if self.inbox and not self.busy and not self.drain_scheduled:
-            self._drain()
 
     def eof_received(self) -> None:
         self.proto.receive_eof()
