@@ -999,6 +999,14 @@ class _Connection:
             if data:
                 self._receive(data)
         elif proto.state == _CONNECTING and not proto.eof_sent:
+            if not self.head_tail and len(data) >= 5 and not data.startswith((b"GET ", b"HEAD ")):
+                # OpenEnv's stateless POST /reset and /step, which carry a body the
+                # WebSocket handshake parser refuses with no answer at all: say 405
+                method = data.split(b" ", 1)[0][:16].decode("ascii", "replace")
+                status, body = self.server._http_route(method, "")
+                self.transport.write(_http_response(status, body).serialize())
+                self.transport.close()
+                return
             # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
             # pipelines them still gets the 101 first: feed the request alone, then the rest
             window = self.head_tail + data

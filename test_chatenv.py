@@ -502,6 +502,11 @@ def test_server_http_routes(server):
     assert status == 200 and meta["name"] and meta["description"]
     assert http_get(server + "/nope")[0] == 404
     assert http_get(server + "/ws")[0] == 426  # a plain GET on the WebSocket path
+    # OpenEnv's stateless HTTP endpoints are left out, and say so
+    request = urllib.request.Request(server + "/reset", data=b'{"seed": 1}', headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        NO_PROXY.open(request, timeout=5)
+    assert info.value.code == 405 and "WebSocket" in json.loads(info.value.read())["detail"]
 
 
 def test_server_capacity_refuses_newcomers_and_frees_slots():
