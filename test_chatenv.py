@@ -664,6 +664,15 @@ def test_cli_environment_fallbacks_openenv_names():
         proc.wait(5)
 
 
+def test_cli_console_script_and_module_forms():
+    script = shutil.which("chatenv")  # installed by `pip install -e .`
+    assert script, "the chatenv console script is not installed"
+    for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
+                 [sys.executable, str(HERE / "chatenv.py"), "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
+
+
 def test_cli_help_and_bad_tokenizer():
     out = subprocess.run([sys.executable, "-m", "chatenv", "serve", "--help"], capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0 and "--max-sessions" in out.stdout and "TOKENIZER_NAME" in out.stdout
