@@ -1518,7 +1518,8 @@ class _ClientCore:
     def step_frame(self, action: ChatAction | Any) -> str:
         if not isinstance(action, ChatAction):
             action = ChatAction(tokens=action)
-        return _dumps({"type": "step", "data": {"tokens": action.tokens, "metadata": action.metadata}})
+        metadata = _dumps(action.metadata) if action.metadata else "{}"
+        return '{"type":"step","data":{"tokens":[%s],"metadata":%s}}' % (",".join(map(str, action.tokens)), metadata)
 
     state_frame = _dumps({"type": "state"})
 
