@@ -738,21 +738,23 @@ def _frame_header(length: int) -> bytes:
 
 
 def _authorized(headers: Any, token: str) -> bool:
-    """Check ``Authorization: Bearer <token>`` in constant time."""
+    """Check ``Authorization: Bearer <token>`` (scheme in any case) in constant time."""
     import hmac
 
     values = headers.get_all("Authorization")  # .get() raises when the header is repeated
-    given = values[0] if len(values) == 1 else ""
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return matches and scheme.lower() == "bearer"
 
 
 class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
     It drives websockets' Sans-I/O protocol from asyncio transports directly:
-    no task or thread per connection, replies written as one frame each.
-    Embedded-tokenizer steps run inline; any other tokenizer runs in a thread
-    pool, so a slow tokenizer never stalls other sessions or keepalive pings.
+    no task or thread per connection; whole request frames are read without the
+    protocol's parser, and each loop turn's replies are written together, one
+    frame each. Embedded-tokenizer steps run inline; any other tokenizer runs in
+    a thread pool, so a slow tokenizer never stalls other sessions or pings.
     """
 
     def __init__(
@@ -781,10 +783,12 @@ class ChatServer:
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if auth_token is not None and not auth_token.strip():
+            raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
         self.tokenizer = load_tokenizer(tokenizer)
         self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role)
         self.host, self.port = host, port
-        self.auth_token = auth_token or None
+        self.auth_token = auth_token
         self.compression = None if compression == "none" else compression
         self.max_sessions = max_sessions
         self.max_message_bytes = max_message_bytes
@@ -2282,7 +2286,6 @@ _ENV_FALLBACKS = {
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
     "compression": ("CHATENV_COMPRESSION",),
     "idle_timeout_s": ("CHATENV_IDLE_TIMEOUT_S",),
-    "auth_token": ("CHATENV_AUTH_TOKEN",),
     "log_level": ("CHATENV_LOG_LEVEL",),
 }
 
@@ -2334,7 +2337,7 @@ def _parser() -> Any:
                            help="permessage-deflate negotiation [CHATENV_COMPRESSION] (default: %(default)s)")
     serve_cmd.add_argument("--idle-timeout-s", type=float, default=_from_env("idle_timeout_s", None),
                            help="close sessions silent this long; off by default [CHATENV_IDLE_TIMEOUT_S]")
-    serve_cmd.add_argument("--auth-token", default=_from_env("auth_token", None),
+    serve_cmd.add_argument("--auth-token", default=os.environ.get("CHATENV_AUTH_TOKEN"),  # set but empty: refused
                            help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
     serve_cmd.add_argument("--log-level", default=_from_env("log_level", "INFO"),

@@ -43,13 +43,20 @@ import chatenv
 from chatenv import Session, handle_frame
 
 HERE = Path(chatenv.__file__).resolve().parent
-UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-SERVE_SCRIPT = (
+
+
+def upgrade_request(headers: bytes = b"", path: bytes = b"/ws") -> bytes:
+    """A WebSocket upgrade request for ``path``, with extra header lines (each ending in CRLF)."""
+    return (
+        b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
+    )
+
+
+UPGRADE = upgrade_request()
+SERVE_SCRIPT = (  # argv: the serve() options as JSON, the log level
     "import json, logging, sys, chatenv\n"
-    "logging.basicConfig(level='INFO', format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+    "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
     "chatenv.serve(**json.loads(sys.argv[1]))\n"
 )
 RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
@@ -68,21 +75,30 @@ def check(condition: bool, what: str) -> bool:
 
 
 class ServerProcess:
-    """``chatenv.serve(**options)`` in a subprocess on a free loopback port."""
+    """A chatenv server in its own process (its own RSS, file descriptors and log
+    ``logdir/name.log``) on a free port, read from its "listening on" line.
 
-    def __init__(self, logdir: str, name: str, **options):
-        options.setdefault("host", "127.0.0.1")
-        options.setdefault("port", 0)
+    ``chatenv.serve(**options)`` (host 127.0.0.1 unless given), or with ``cli`` the
+    command line ``python chatenv.py serve *cli`` (pass "--port", "0"). Stopped with
+    ``stop()`` or as a context manager: SIGTERM, then SIGKILL.
+    """
+
+    def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", **options):
+        if cli is not None:
+            argv = [sys.executable, str(HERE / "chatenv.py"), "serve", *cli]
+        else:
+            options.setdefault("host", "127.0.0.1")
+            options.setdefault("port", 0)
+            argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
         self.log_path = Path(logdir) / f"{name}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options)], cwd=HERE,
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", self.output())
+            match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
             if match:
-                self.port = int(match.group(1))
+                self.host, self.port = match.group(1), int(match.group(2))
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -107,12 +123,13 @@ class ServerProcess:
         with opener.open(self.url + "/metadata", timeout=5) as response:
             return json.loads(response.read())["active_sessions"]
 
-    def stop(self, signum=signal.SIGTERM) -> float | None:
+    def stop(self, signum=signal.SIGTERM, timeout=5.0) -> float | None:
+        """Signal it and wait; seconds from signal to exit (None if it had to be killed)."""
         started = time.monotonic()
         try:
             if self.proc.poll() is None:
                 self.proc.send_signal(signum)
-                self.proc.wait(5)
+                self.proc.wait(timeout)
             return time.monotonic() - started
         except subprocess.TimeoutExpired:
             return None
@@ -121,6 +138,12 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
             self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
@@ -133,6 +156,7 @@ def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
 
 
 def frame(payload: bytes, opcode=1, fin=True, rsv=0, mask=True, rng=random) -> bytes:
+    """One client frame (RFC 6455 5.2), any bits, masked with a key from ``rng`` unless told otherwise."""
     first, bit, n = (0x80 if fin else 0) | (rsv << 4) | opcode, 0x80 if mask else 0, len(payload)
     if n < 126:
         head = bytes((first, bit | n))
@@ -153,13 +177,15 @@ def text(message) -> bytes:
 
 
 def connect(port: int, timeout=10) -> socket.socket:
+    """A TCP connection to the loopback port; ``timeout`` for every blocking call."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.settimeout(timeout)
     return sock
 
 
-def open_session(port: int) -> tuple[socket.socket, bytes]:
-    sock = connect(port)
+def open_session(port: int, timeout=10) -> tuple[socket.socket, bytes]:
+    """A raw socket past its 101, and any bytes read after it (frames follow the 101, RFC 6455 4.1)."""
+    sock = connect(port, timeout)
     sock.sendall(UPGRADE)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -174,6 +200,7 @@ def open_session(port: int) -> tuple[socket.socket, bytes]:
 
 
 def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
+    """The next server frame (opcode, payload); ``buffer`` keeps bytes read past it."""
     def need(n):
         while len(buffer) < n:
             chunk = sock.recv(1 << 20)
@@ -196,6 +223,7 @@ def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
 
 
 def read_all(sock: socket.socket, timeout=10) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
     sock.settimeout(timeout)
     out = b""
     try:
@@ -208,18 +236,27 @@ def read_all(sock: socket.socket, timeout=10) -> bytes:
         return out
 
 
-def parse_server_frames(data: bytes) -> list[tuple[int, bytes]] | None:
+def parse_server_frames(data: bytes, strict=False) -> list[tuple[int, bytes]] | None:
+    """A server's byte stream as (opcode, payload) pairs; None if anything is malformed
+    (``strict``: an AssertionError saying what)."""
+
+    def malformed(why: str) -> None:
+        if strict:
+            raise AssertionError(why)
+
     frames, i = [], 0
     while i < len(data):
-        if len(data) - i < 2 or data[i] & 0x70 or data[i + 1] & 0x80:
-            return None
+        if len(data) - i < 2:
+            return malformed(f"truncated frame header at {i}: {data[i:]!r}")
+        if data[i] & 0x70 or data[i + 1] & 0x80:
+            return malformed(f"server frame with RSV or mask bits: {data[i:i + 2]!r}")
         n, i, opcode = data[i + 1] & 0x7F, i + 2, data[i] & 0x0F
         if n == 126:
             n, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
         elif n == 127:
             n, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
         if len(data) - i < n:
-            return None
+            return malformed("truncated frame payload")
         frames.append((opcode, data[i:i + n]))
         i += n
     return frames
@@ -315,6 +352,7 @@ def rand_frame(rng: random.Random, surrogates=True):
 
 
 def state_of(session: Session) -> dict:
+    """The session's state, as a "state" request answers it."""
     return handle_frame(session, '{"type":"state"}').json()["data"]
 
 
@@ -426,11 +464,13 @@ CHURN_MODES = {  # share of the sessions, batch size
 }
 
 
-def churn_batch(port: int, mode: str, count: int, held: list) -> None:
+def churn_batch(port: int, mode: str, count: int, held: list, timeout=10) -> None:
+    """Open ``count`` sessions (each answers a reset), then make each vanish by ``mode``.
+    Sockets the server must let go of by itself are appended to ``held``."""
     socks = []
     try:
         for _ in range(count):
-            sock = connect(port)
+            sock = connect(port, timeout)
             socks.append(sock)
             sock.sendall(UPGRADE[:40] if mode == "mid-handshake" else UPGRADE)
         if mode == "mid-handshake":
@@ -456,10 +496,10 @@ def churn_batch(port: int, mode: str, count: int, held: list) -> None:
             if mode == "rst":
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif mode == "half-open":
-                sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)  # EOF without a close frame; we keep reading
             elif mode == "mid-frame":
                 sock.sendall(text({"type": "state"})[:5])
-            elif mode == "not-reading":
+            elif mode == "not-reading":  # pipeline steps whose replies grow, never read them
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 step = text({"type": "step", "data": {"tokens": [65] * 4000}})
                 sock.setblocking(False)
@@ -476,24 +516,31 @@ def churn_batch(port: int, mode: str, count: int, held: list) -> None:
                 sock.close()
 
 
+def churn_mode(server: ServerProcess, mode: str, count: int, batch: int, timeout=20, sock_timeout=10) -> bool:
+    """Churn ``count`` sessions by ``mode``, ``batch`` at a time; True once the server
+    holds no session (waiting up to ``timeout`` s) while the held sockets are still open."""
+    held: list = []
+    try:
+        for done in range(0, count, batch):
+            churn_batch(server.port, mode, min(batch, count - done), held, timeout=sock_timeout)
+            if mode in ("silent", "not-reading"):  # the server must drop each batch itself
+                if not wait_until(lambda: server.active() == 0, timeout=20):
+                    break
+                while held:
+                    held.pop().close()
+        # the server lets go of these by itself: EOF, keepalive, send timeout
+        return wait_until(lambda: server.active() == 0, timeout=timeout)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def churn_round(server: ServerProcess, total: int, modes) -> int:
     churned = 0
     for mode in modes:
         share, batch = CHURN_MODES[mode]
         count = max(batch, int(total * share))
-        held: list = []
-        try:
-            for done in range(0, count, batch):
-                churn_batch(server.port, mode, min(batch, count - done), held)
-                if mode in ("silent", "not-reading"):  # the server must drop each batch itself
-                    if not wait_until(lambda: server.active() == 0, timeout=20):
-                        break
-                    while held:
-                        held.pop().close()
-            check(wait_until(lambda: server.active() == 0, timeout=20), f"churn: {mode} sessions not freed")
-        finally:
-            for sock in held:
-                sock.close()
+        check(churn_mode(server, mode, count, batch), f"churn: {mode} sessions not freed")
         if mode != "mid-handshake":
             churned += count
     return churned
@@ -548,6 +595,20 @@ def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
 # --- shutdown -------------------------------------------------------------------------------------
 
 
+def stuck_reader(port: int, sends=300, timeout=10) -> socket.socket:
+    """A session that pipelines steps with growing replies and never reads one: buffers full."""
+    sock, _ = open_session(port, timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    step = text({"type": "step", "data": {"tokens": [65] * 4000}})
+    sock.setblocking(False)
+    try:
+        for _ in range(sends):
+            sock.send(step)
+    except BlockingIOError:
+        pass
+    return sock
+
+
 def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
     times, closes = [], {}
     for r in range(rounds):
@@ -561,17 +622,8 @@ def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
                 recv_frame(sock, buffer)
                 recv_frame(sock, buffer)
                 socks.append((sock, buffer))
-            stuck_socks = []
-            for _ in range(stuck):  # buffers full: the close frame cannot even be written
-                sock, _ = open_session(server.port)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                sock.setblocking(False)
-                try:
-                    for _ in range(300):
-                        sock.send(text({"type": "step", "data": {"tokens": [65] * 4000}}))
-                except BlockingIOError:
-                    pass
-                stuck_socks.append(sock)
+            # buffers full: the close frame cannot even be written
+            stuck_socks = [stuck_reader(server.port) for _ in range(stuck)]
             check(wait_until(lambda: server.active() == sessions + stuck), "shutdown: sessions not open")
             elapsed = server.stop(signal.SIGTERM)
             check(elapsed is not None and elapsed < 1.0, f"shutdown: exit took {elapsed}")

@@ -30,6 +30,23 @@ from websockets.sync.client import connect
 
 import bench_chatenv
 import chatenv
+from soak_chatenv import (
+    RECOVERABLE,
+    TYPES,
+    UPGRADE,
+    ServerProcess,
+    churn_mode,
+    open_session,
+    parse_server_frames,
+    read_all,
+    recv_frame,
+    state_of,
+    stuck_reader,
+    upgrade_request,
+)
+from soak_chatenv import connect as tcp_connect
+from soak_chatenv import frame as ws_frame
+from soak_chatenv import text as ws_text
 from chatenv import (
     ByteTokenizer,
     ChatAction,
@@ -1354,195 +1371,13 @@ def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_serv
 # Reliability (issue 6): bad input, faults, load, and who gets in. Real servers on
 # loopback port 0 (in this process via serve_in_thread, or in a subprocess when
 # RSS, file descriptors, logs or signals are measured). No timing is asserted
-# except "dropped/raised within its configured time", with generous slack.
+# except "dropped/raised within its configured time", with generous slack. Raw frames,
+# sockets, server subprocesses and churn come from soak_chatenv (imported at the top).
 # ------------------------------------------------------------------------------
 
 
-_REL_DIR = Path(chatenv.__file__).resolve().parent
-_REL_TYPES = ("reset", "step", "state", "close")
-_REL_RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
 _REL_MAX_ERROR_MESSAGE = 300  # characters of an error message: a bounded slice, never the input
-_REL_UPGRADE = (
-    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-)
-_REL_SERVE_SCRIPT = (
-    "import json, logging, sys, chatenv\n"
-    "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
-    "chatenv.serve(**json.loads(sys.argv[1]))\n"
-)
-
-
-# --- helpers: frames, raw sockets, server subprocesses ---------------------------
-
-
-def _rel_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
-    """One client frame (RFC 6455 5.2), masked with a random key unless told otherwise."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    bit = 0x80 if mask else 0
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, bit | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, bit | 127, n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    stream = (key * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big") if n else b""
-    return head + key + body
-
-
-def _rel_text(message) -> bytes:
-    return _rel_frame(json.dumps(message).encode())
-
-
-def _rel_connect(port: int, timeout: float = 5) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.settimeout(timeout)
-    return sock
-
-
-def _rel_open_session(port: int, headers: bytes = b"") -> tuple[socket.socket, bytes]:
-    """A raw socket past its 101 (frames sent only after it, as RFC 6455 4.1 asks)."""
-    sock = _rel_connect(port)
-    sock.sendall(_REL_UPGRADE + headers + b"\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed during the handshake: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock, rest
-
-
-def _rel_read_all(sock: socket.socket, timeout: float = 5) -> bytes:
-    """Everything the peer sends until it closes (or resets) the connection."""
-    sock.settimeout(timeout)
-    out = b""
-    try:
-        while True:
-            chunk = sock.recv(262144)
-            if not chunk:
-                break
-            out += chunk
-    except ConnectionResetError:
-        pass
-    return out
-
-
-def _rel_server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """Parse a server's byte stream into (opcode, payload); fail on anything malformed."""
-    frames, i = [], 0
-    while i < len(data):
-        assert len(data) - i >= 2, f"truncated frame header at {i}: {data[i:]!r}"
-        first, second = data[i], data[i + 1]
-        assert first & 0x70 == 0 and not second & 0x80, f"server frame with RSV or mask bits: {data[i:i + 2]!r}"
-        n, i = second & 0x7F, i + 2
-        if n == 126:
-            (n,), i = struct.unpack("!H", data[i:i + 2]), i + 2
-        elif n == 127:
-            (n,), i = struct.unpack("!Q", data[i:i + 8]), i + 8
-        assert len(data) - i >= n, "truncated frame payload"
-        frames.append((first & 0x0F, data[i:i + n]))
-        i += n
-    return frames
-
-
-def _rel_recv_frame(sock: socket.socket) -> tuple[int, bytes]:
-    def exact(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            assert chunk, "connection closed mid-frame"
-            buf += chunk
-        return buf
-
-    first, second = exact(2)
-    n = second & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", exact(2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", exact(8))
-    return first & 0x0F, exact(n)
-
-
-def _rel_free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _RelServerProcess:
-    """A chatenv server in its own process: its own RSS, file descriptors and log.
-
-    ``cli`` runs ``python chatenv.py serve ARGS``; otherwise ``options`` are
-    ChatServer keyword arguments given to ``chatenv.serve``. Port 0: the port is
-    read from the "listening on" line. Always stopped (SIGTERM, then SIGKILL).
-    """
-
-    def __init__(self, log_path, cli=None, env=None, log_level="INFO", **options):
-        if cli is not None:
-            argv = [sys.executable, str(_REL_DIR / "chatenv.py"), "serve", *cli]
-        else:
-            options.setdefault("port", 0)
-            argv = [sys.executable, "-c", _REL_SERVE_SCRIPT, json.dumps(options), log_level]
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=_REL_DIR,
-                                     env=env, stdin=subprocess.DEVNULL)
-        self.host = self.port = None
-        if not wait_until(self._listening, timeout=20, interval=0.02):
-            self.stop()
-            raise AssertionError(f"server did not start:\n{self.output()}")
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _listening(self):
-        match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
-        if match:
-            self.host, self.port = match.group(1), int(match.group(2))
-            return True
-        if self.proc.poll() is not None:
-            raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
-        return False
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def rss_kb(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def active(self) -> int:
-        return http_get(self.url + "/metadata")[1]["active_sessions"]
-
-    def stop(self, signum=signal.SIGTERM, timeout=5.0):
-        """Signal it and wait; returns seconds from signal to exit (None if it had to be killed)."""
-        started = time.monotonic()
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signum)
-                self.proc.wait(timeout)
-            return time.monotonic() - started
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
+_REL_TIMEOUT = 5  # seconds a raw socket waits here (the soak's helpers default to 10)
 
 
 def _rel_assert_clean_log(text: str) -> None:
@@ -1604,8 +1439,8 @@ _rel_deep_kinds = ["list-open", "dict-open", "list-type", "dict-type", "list-dat
 @st.composite
 def _rel_request(draw):
     """A JSON object shaped like a request, most fields wrong in some way."""
-    kind = draw(st.sampled_from(_REL_TYPES) | st.text(max_size=10) | _rel_json)
-    message = {"type": kind} if draw(st.booleans()) or kind in _REL_TYPES else {}
+    kind = draw(st.sampled_from(TYPES) | st.text(max_size=10) | _rel_json)
+    message = {"type": kind} if draw(st.booleans()) or kind in TYPES else {}
     if kind == "step" and draw(st.integers(0, 4)):
         data = {"tokens": draw(_rel_token_lists)}
         if draw(st.booleans()):
@@ -1664,7 +1499,7 @@ def _rel_outcomes(frame) -> set[str]:
     try:
         message = json.loads(frame)
     except RecursionError:
-        return _REL_RECOVERABLE | {"observation", "state"}  # too deep for this stack
+        return RECOVERABLE | {"observation", "state"}  # too deep for this stack
     except ValueError:
         return {"INVALID_JSON"}
     outcomes = _rel_parsed_outcomes(message)
@@ -1677,7 +1512,7 @@ def _rel_parsed_outcomes(message) -> set[str]:
     if not isinstance(message, dict):
         return {"VALIDATION_ERROR"}
     kind = message.get("type")
-    if not isinstance(kind, str) or kind not in _REL_TYPES:
+    if not isinstance(kind, str) or kind not in TYPES:
         return {"UNKNOWN_TYPE"}
     if set(message) - {"type", "data"}:
         return {"VALIDATION_ERROR"}
@@ -1719,10 +1554,6 @@ def _rel_parsed_outcomes(message) -> set[str]:
     if not flat:
         return {"VALIDATION_ERROR"}
     return {"EXECUTION_ERROR"} if max(flat) > 258 else {"observation"}  # embedded vocabulary: 259 ids
-
-
-def _rel_state(session: Session) -> dict:
-    return handle_frame(session, '{"type":"state"}').json()["data"]
 
 
 def _rel_check_reply(frame, result, before: dict, after: dict) -> str:
@@ -1772,13 +1603,13 @@ def test_fuzz_pure_protocol_every_frame_gets_a_contract_reply_and_the_session_su
     handle_frame(session, '{"type":"reset","data":{"episode_id":"fuzz"}}')
     handle_frame(session, '{"type":"step","data":{"tokens":[72,105]}}')
     for frame in frames:
-        before = _rel_state(session)
+        before = state_of(session)
         result = handle_frame(session, frame)
-        if _rel_check_reply(frame, result, before, _rel_state(session)) == "close":
+        if _rel_check_reply(frame, result, before, state_of(session)) == "close":
             return
-    before = _rel_state(session)
+    before = state_of(session)
     result = handle_frame(session, '{"type":"step","data":{"tokens":[33,72]}}').json()
-    after = _rel_state(session)
+    after = state_of(session)
     assert result["type"] == "observation"
     assert after["step_count"] == before["step_count"] + 1
     assert after["history_tokens"] == before["history_tokens"] + [[33, 72]]
@@ -1793,9 +1624,9 @@ def test_deeply_nested_json_never_escapes_as_recursion_error(kind, caplog):
     handle_frame(session, '{"type":"step","data":{"tokens":[72]}}')
     for depth in (31, 32, 33, 500, 900, 950, 990, 995, 1000, 1005, 1100, 5000, 100_000):
         frame = _rel_deep(kind, depth)
-        before = _rel_state(session)
+        before = state_of(session)
         result = handle_frame(session, frame)
-        outcome = _rel_check_reply(frame, result, before, _rel_state(session))
+        outcome = _rel_check_reply(frame, result, before, state_of(session))
         assert outcome != "SESSION_ERROR"
     assert handle_frame(session, '{"type":"step","data":{"tokens":[33]}}').json()["type"] == "observation"
     assert not any(r.exc_info for r in caplog.records)
@@ -1874,19 +1705,19 @@ class _RelRecorder:
 _rel_wire_bytes = st.one_of(
     st.binary(max_size=64),
     st.builds(  # one frame with arbitrary header bits, opcode, mask and payload
-        lambda payload, opcode, fin, rsv, mask: _rel_frame(payload, opcode, fin, rsv, mask),
+        lambda payload, opcode, fin, rsv, mask: ws_frame(payload, opcode, fin, rsv, mask),
         st.binary(max_size=200) | _rel_request().map(str.encode),
         st.integers(0, 15), st.booleans(), st.integers(0, 7), st.booleans(),
     ),
     st.builds(  # a fragmented message, maybe interrupted by a control frame
         lambda parts, ping: b"".join(
-            _rel_frame(p, 1 if i == 0 else 0, fin=i == len(parts) - 1) + (ping if i == 0 else b"")
+            ws_frame(p, 1 if i == 0 else 0, fin=i == len(parts) - 1) + (ping if i == 0 else b"")
             for i, p in enumerate(parts)),
         st.lists(st.binary(max_size=30), min_size=1, max_size=4),
-        st.sampled_from([b"", _rel_frame(b"p", 9), _rel_frame(b"", 10), _rel_frame(b"x" * 126, 9)]),
+        st.sampled_from([b"", ws_frame(b"p", 9), ws_frame(b"", 10), ws_frame(b"x" * 126, 9)]),
     ),
     st.builds(  # a close frame with any code and reason
-        lambda code, reason: _rel_frame(struct.pack("!H", code) + reason, 8),
+        lambda code, reason: ws_frame(struct.pack("!H", code) + reason, 8),
         st.integers(0, 65535), st.binary(max_size=20),
     ),
 )
@@ -1907,11 +1738,11 @@ def test_fuzz_raw_wire_bytes_after_the_handshake():
             @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
             @given(chunks=st.lists(_rel_wire_bytes, min_size=1, max_size=4))
             def check(chunks):
-                sock, early = _rel_open_session(port)
+                sock, early = open_session(port, _REL_TIMEOUT)
                 try:
-                    sock.sendall(_rel_text({"type": "reset"}) + b"".join(chunks))
+                    sock.sendall(ws_text({"type": "reset"}) + b"".join(chunks))
                     sock.shutdown(socket.SHUT_WR)  # then EOF: the server must finish the session
-                    frames = _rel_server_frames(early + _rel_read_all(sock))
+                    frames = parse_server_frames(early + read_all(sock, _REL_TIMEOUT), strict=True)
                 finally:
                     sock.close()
                 assert frames  # a reply, a close, or both: never silence
@@ -1924,7 +1755,7 @@ def test_fuzz_raw_wire_bytes_after_the_handshake():
                         reply = json.loads(payload)
                         assert reply["type"] in ("observation", "state", "error")
                         if reply["type"] == "error":
-                            assert reply["data"]["code"] in _REL_RECOVERABLE
+                            assert reply["data"]["code"] in RECOVERABLE
                             assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
                     elif opcode == 8:
                         code = struct.unpack("!H", payload[:2])[0] if payload else None
@@ -1944,18 +1775,19 @@ def test_fuzz_raw_wire_bytes_after_the_handshake():
 
 def test_invalid_utf8_text_frames_are_an_invalid_json_reply_not_a_lost_session():
     with serve_in_thread() as url:
-        sock, _ = _rel_open_session(url.server.port)
+        sock, early = open_session(url.server.port, _REL_TIMEOUT)
+        buffer = bytearray(early)
         with sock:
             for payload in (b'{"type":"state"}\xff', b"\xed\xa0\x80", b'{"type":"st\xc3'):
-                sock.sendall(_rel_frame(payload))
-                opcode, reply = _rel_recv_frame(sock)
+                sock.sendall(ws_frame(payload))
+                opcode, reply = recv_frame(sock, buffer)
                 assert opcode == 1 and json.loads(reply)["data"]["code"] == "INVALID_JSON"
             # split across fragments, a multi-byte character is still valid
-            sock.sendall(_rel_frame(b'{"type":"reset","data":{"episode_id":"\xe2', fin=False)
-                         + _rel_frame(b'\x9c\x93"}}', opcode=0))
-            assert json.loads(_rel_recv_frame(sock)[1])["type"] == "observation"
-            sock.sendall(_rel_text({"type": "state"}))
-            assert json.loads(_rel_recv_frame(sock)[1])["data"]["episode_id"] == "\u2713"
+            sock.sendall(ws_frame(b'{"type":"reset","data":{"episode_id":"\xe2', fin=False)
+                         + ws_frame(b'\x9c\x93"}}', opcode=0))
+            assert json.loads(recv_frame(sock, buffer)[1])["type"] == "observation"
+            sock.sendall(ws_text({"type": "state"}))
+            assert json.loads(recv_frame(sock, buffer)[1])["data"]["episode_id"] == "\u2713"
 
 
 def test_pipelined_frames_with_the_upgrade_get_the_101_first():
@@ -1964,71 +1796,22 @@ def test_pipelined_frames_with_the_upgrade_get_the_101_first():
     with serve_in_thread() as url:
         port = url.server.port
         for pipelined, expect_opcodes in [
-            (_rel_frame(b"abc", 9) + _rel_text({"type": "state"}), [10, 1]),   # ping, then a request
-            (_rel_frame(struct.pack("!H", 1000), 8), [8]),                     # an immediate close
-            (_rel_frame(b'{"type":"state"}', rsv=2), [8]),                       # a protocol error
+            (ws_frame(b"abc", 9) + ws_text({"type": "state"}), [10, 1]),   # ping, then a request
+            (ws_frame(struct.pack("!H", 1000), 8), [8]),                     # an immediate close
+            (ws_frame(b'{"type":"state"}', rsv=2), [8]),                       # a protocol error
         ]:
-            sock = _rel_connect(port)
+            sock = tcp_connect(port, _REL_TIMEOUT)
             with sock:
-                sock.sendall(_REL_UPGRADE + b"\r\n" + pipelined)
+                sock.sendall(UPGRADE + pipelined)
                 sock.shutdown(socket.SHUT_WR)
-                data = _rel_read_all(sock)
+                data = read_all(sock, _REL_TIMEOUT)
             assert data.startswith(b"HTTP/1.1 101"), data[:60]
-            frames = _rel_server_frames(data.partition(b"\r\n\r\n")[2])
+            frames = parse_server_frames(data.partition(b"\r\n\r\n")[2], strict=True)
             assert [op for op, _ in frames][:len(expect_opcodes)] == expect_opcodes, frames
         assert wait_until(lambda: url.server.active_sessions == 0)
 
 
 # --- 2. churn -------------------------------------------------------------------------
-
-
-def _rel_churn_batch(port: int, mode: str, count: int, held: list) -> None:
-    """Open ``count`` sessions (each answers a reset), then make each vanish by ``mode``.
-    Sockets the server must let go of by itself are appended to ``held``."""
-    socks = []
-    reset = _rel_text({"type": "reset"})
-    try:
-        for _ in range(count):
-            sock = _rel_connect(port)
-            socks.append(sock)
-            sock.sendall(_REL_UPGRADE[:40] if mode == "mid-handshake" else _REL_UPGRADE + b"\r\n")
-        if mode == "mid-handshake":
-            return
-        for sock in socks:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(65536)
-                assert chunk, data
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 101"), head
-            sock.sendall(reset)
-            while b'"done":false}}' not in rest:
-                chunk = sock.recv(65536)
-                assert chunk and b"CAPACITY_REACHED" not in rest, rest
-                rest += chunk
-        for sock in socks:
-            if mode == "rst":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif mode == "half-open":
-                sock.shutdown(socket.SHUT_WR)  # EOF without a close frame; we keep reading
-            elif mode == "mid-frame":
-                sock.sendall(_rel_text({"type": "state"})[:5])
-            elif mode == "not-reading":  # pipeline steps whose replies grow, never read them
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                step = _rel_text({"type": "step", "data": {"tokens": [65] * 4000}})
-                sock.setblocking(False)
-                try:
-                    for _ in range(200):
-                        sock.send(step)
-                except BlockingIOError:
-                    pass
-    finally:
-        if mode in ("half-open", "silent", "not-reading"):
-            held.extend(socks)
-        else:
-            for sock in socks:
-                sock.close()
 
 
 _REL_CHURN_MODES = {  # mode: (count per round, batch size)
@@ -2042,20 +1825,8 @@ def _rel_churn_round(server, scale: float, modes=tuple(_REL_CHURN_MODES)) -> int
     for mode in modes:
         count, batch = _REL_CHURN_MODES[mode]
         count = max(min(count, batch), int(count * scale))  # a full batch: the same peak every round
-        held = []
-        try:
-            for done in range(0, count, batch):
-                _rel_churn_batch(server.port, mode, min(batch, count - done), held)
-                if mode in ("silent", "not-reading"):  # the server must drop each batch itself
-                    if not wait_until(lambda: server.active() == 0, timeout=20):
-                        break
-                    while held:
-                        held.pop().close()
-            # the server lets go of these by itself: EOF, keepalive, send timeout
-            assert wait_until(lambda: server.active() == 0, timeout=15), (mode, server.active())
-        finally:
-            for sock in held:
-                sock.close()
+        freed = churn_mode(server, mode, count, batch, timeout=15, sock_timeout=_REL_TIMEOUT)
+        assert freed, (mode, server.active())
         if mode != "mid-handshake":
             total += count
     return total
@@ -2073,7 +1844,7 @@ def test_churn_thousands_of_vanishing_sessions_leave_nothing_behind(tmp_path):
     that stops reading makes the server buffer megabytes, which glibc returns unevenly.)"""
     options = dict(max_sessions=128, ping_interval_s=0.3, ping_timeout_s=0.3, send_timeout_s=0.5,
                    open_timeout_s=0.5)
-    with _RelServerProcess(tmp_path / "server.log", **options) as server:
+    with ServerProcess(tmp_path, "server", **options) as server:
         warm = _rel_churn_round(server, 0.5, _REL_CHEAP_MODES)  # the allocator's working size
         assert wait_until(lambda: server.active() == 0, timeout=10)
         fds_before = server.fds()
@@ -2151,27 +1922,13 @@ def test_capacity_under_a_connection_race_counts_every_slot_once():
 # --- 3. slow and stuck clients ------------------------------------------------------
 
 
-def _rel_stuck_reader(port: int) -> socket.socket:
-    """A session that pipelines steps with growing replies and never reads one."""
-    sock, _ = _rel_open_session(port)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    step = _rel_text({"type": "step", "data": {"tokens": [65] * 4000}})
-    sock.setblocking(False)
-    try:
-        for _ in range(300):
-            sock.send(step)
-    except BlockingIOError:
-        pass
-    return sock
-
-
 def _rel_write_paused(server) -> bool:
     return any(c.write_paused_at is not None for c in list(server._connections))
 
 
 def test_client_that_never_reads_is_dropped_after_send_timeout_and_blocks_nobody():
     with serve_in_thread(send_timeout_s=0.5, ping_interval_s=None) as url:
-        stuck = _rel_stuck_reader(url.server.port)
+        stuck = stuck_reader(url.server.port, timeout=_REL_TIMEOUT)
         with stuck:
             assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
             with raw(url) as other:  # a new handshake and a session, served meanwhile
@@ -2189,7 +1946,7 @@ def test_client_that_never_reads_is_dropped_after_send_timeout_and_blocks_nobody
                 raise AssertionError("EOF")
     # the same client is kept while send_timeout_s is off: the drop above is the option's doing
     with serve_in_thread(send_timeout_s=None, ping_interval_s=None) as url:
-        with _rel_stuck_reader(url.server.port):
+        with stuck_reader(url.server.port, timeout=_REL_TIMEOUT):
             assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
             time.sleep(1.0)
             assert url.server.active_sessions == 1
@@ -2198,17 +1955,17 @@ def test_client_that_never_reads_is_dropped_after_send_timeout_and_blocks_nobody
 def test_half_handshakes_are_dropped_after_open_timeout_and_block_nobody():
     with serve_in_thread(open_timeout_s=0.4, ping_interval_s=None) as url:
         port = url.server.port
-        loris = [_rel_connect(port) for _ in range(30)]
+        loris = [tcp_connect(port, _REL_TIMEOUT) for _ in range(30)]
         for i, sock in enumerate(loris):
             if i % 3:
-                sock.sendall(_REL_UPGRADE[: 10 + i])  # half a request line or headers; nothing for 1 in 3
+                sock.sendall(UPGRADE[: 10 + i])  # half a request line or headers; nothing for 1 in 3
         started = time.monotonic()
         with raw(url) as ws:
             assert ask(ws, {"type": "reset"})["type"] == "observation"
             assert url.server.active_sessions == 1
             for sock in loris:
                 sock.settimeout(5)
-                assert _rel_read_all(sock) == b""  # closed by the server, no response
+                assert read_all(sock, _REL_TIMEOUT) == b""  # closed by the server, no response
             assert time.monotonic() - started < 5  # 0.4 s each, in parallel, plus slack
             assert ask(ws, {"type": "state"})["type"] == "state"  # a session is not a handshake
         for sock in loris:
@@ -2246,10 +2003,10 @@ def test_compression_flood_of_pipelined_requests_does_not_starve_others(tmp_path
     from websockets.uri import parse_uri
 
     flood_n = 20_000
-    with _RelServerProcess(tmp_path / "server.log", cli=["--port", "0", "--compression", "deflate"]) as server:
+    with ServerProcess(tmp_path, "server", cli=["--port", "0", "--compression", "deflate"]) as server:
         proto = ClientProtocol(parse_uri(server.url.replace("http", "ws") + "/ws"),
                                extensions=[ClientPerMessageDeflateFactory()], max_size=None)
-        sock = _rel_connect(server.port, timeout=30)
+        sock = tcp_connect(server.port, timeout=30)
         proto.send_request(proto.connect())
         sock.sendall(b"".join(proto.data_to_send()))
         while proto.handshake_exc is None and proto.state.name == "CONNECTING":
@@ -2325,7 +2082,7 @@ def test_deeply_nested_json_over_a_socket_keeps_the_session(kind):
         ask(ws, {"type": "step", "data": {"tokens": [72]}})
         for depth in (1000, 5000, 100_000):  # past the recursion limit; up to 600 kB, under 1 MiB
             reply = ask(ws, _rel_deep(kind, depth))
-            assert reply["type"] == "error" and reply["data"]["code"] in _REL_RECOVERABLE, reply
+            assert reply["type"] == "error" and reply["data"]["code"] in RECOVERABLE, reply
             assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
         assert ask(ws, {"type": "state"})["data"]["history_tokens"] == [[72]]
 
@@ -2338,7 +2095,7 @@ def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connec
     are full and a half-done handshake: SIGTERM closes them all with 1001, the process
     exits within a second, and chatenv's clients raise EpisodeLostError (a ConnectionError)
     until reset() reaches a server again."""
-    server = _RelServerProcess(tmp_path / "server.log", cli=["--port", "0"])
+    server = ServerProcess(tmp_path, "server", cli=["--port", "0"])
     port = server.port
     try:
         envs = [ChatEnv(server.url, connect_timeout_s=2) for _ in range(40)]
@@ -2348,9 +2105,9 @@ def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connec
         raws = [raw(server.url) for _ in range(9)]
         for ws in raws:
             ask(ws, {"type": "step", "data": {"tokens": [72]}})
-        stuck = _rel_stuck_reader(port)
-        loris = _rel_connect(port)
-        loris.sendall(_REL_UPGRADE[:30])
+        stuck = stuck_reader(port, timeout=_REL_TIMEOUT)
+        loris = tcp_connect(port, _REL_TIMEOUT)
+        loris.sendall(UPGRADE[:30])
         aenv = chatenv.AsyncChatEnv(server.url, connect_timeout_s=2)
         loop = asyncio.new_event_loop()
         loop.run_until_complete(aenv.reset())
@@ -2397,7 +2154,7 @@ def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connec
 
 
 def _rel_frozen_server(tmp_path):
-    return _RelServerProcess(tmp_path / "server.log", cli=["--port", "0", "--max-message-bytes", "100000000"])
+    return ServerProcess(tmp_path, "server", cli=["--port", "0", "--max-message-bytes", "100000000"])
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -2482,10 +2239,10 @@ def _rel_listening_addresses(port: int) -> set[str]:
 
 def test_cli_binds_loopback_unless_told_otherwise(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CHATENV_HOST"}
-    with _RelServerProcess(tmp_path / "a.log", cli=["--port", "0"], env=env) as server:
+    with ServerProcess(tmp_path, "a", cli=["--port", "0"], env=env) as server:
         assert server.host == "127.0.0.1"
         assert _rel_listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1, nothing else
-    with _RelServerProcess(tmp_path / "b.log", cli=["--port", "0", "--host", "0.0.0.0"], env=env) as server:
+    with ServerProcess(tmp_path, "b", cli=["--port", "0", "--host", "0.0.0.0"], env=env) as server:
         assert _rel_listening_addresses(server.port) == {"00000000"}  # the check can tell
 
 
@@ -2493,9 +2250,9 @@ _REL_TOKEN = "tok-8f3a0c51e2d94b7f"
 
 
 def _rel_upgrade_status(port: int, headers: bytes, path: bytes = b"/ws") -> tuple[int, bytes]:
-    sock = _rel_connect(port)
+    sock = tcp_connect(port, _REL_TIMEOUT)
     with sock:
-        sock.sendall(_REL_UPGRADE.replace(b"/ws", path, 1) + headers + b"\r\n")
+        sock.sendall(upgrade_request(headers, path))
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = sock.recv(65536)
@@ -2503,7 +2260,7 @@ def _rel_upgrade_status(port: int, headers: bytes, path: bytes = b"/ws") -> tupl
                 break
             data += chunk
         if not data.startswith(b"HTTP/1.1 101"):
-            data += _rel_read_all(sock)
+            data += read_all(sock, _REL_TIMEOUT)
     status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
     return status, data
 
@@ -2530,7 +2287,7 @@ def test_auth_token_every_upgrade_needs_it_and_it_never_leaks(tmp_path, how):
         env["CHATENV_AUTH_TOKEN"] = _REL_TOKEN
     else:
         cli += ["--auth-token", _REL_TOKEN]
-    with _RelServerProcess(tmp_path / "server.log", cli=cli, env=env) as server:
+    with ServerProcess(tmp_path, "server", cli=cli, env=env) as server:
         assert http_get(server.url + "/health") == (200, {"status": "healthy"})
         bodies = []
         for headers in _REL_BAD_AUTH:
@@ -2592,6 +2349,29 @@ def test_auth_comparison_is_constant_time(monkeypatch):
     assert len(calls) == 2 and all(c == (bytes, bytes) for c in calls), calls
 
 
+def test_auth_scheme_is_case_insensitive_and_the_token_is_not():
+    with serve_in_thread(auth_token=_REL_TOKEN) as url:
+        for header in (f"bearer {_REL_TOKEN}", f"BEARER  {_REL_TOKEN}"):
+            with raw(url, additional_headers={"Authorization": header}) as ws:
+                assert ask(ws, {"type": "reset"})["type"] == "observation"
+        for header in (f"Bearer {_REL_TOKEN.upper()}", f"Basic {_REL_TOKEN}", "Bearer", f"Bearer {_REL_TOKEN}x"):
+            with pytest.raises(InvalidStatus) as info:
+                raw(url, additional_headers={"Authorization": header})
+            assert info.value.response.status_code == 401
+
+
+def test_auth_empty_token_is_refused_not_treated_as_off():
+    with pytest.raises(ValueError, match="empty auth token"):
+        chatenv.ChatServer(auth_token="  ")
+    for argv, env in (
+        (["--auth-token", ""], dict(os.environ)),
+        ([], dict(os.environ, CHATENV_AUTH_TOKEN="")),  # a secret that was never filled in
+    ):
+        out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", "0", *argv],
+                             capture_output=True, text=True, timeout=20, env=env)
+        assert out.returncode != 0 and "empty auth token" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_handshake_errors_echo_only_a_bounded_slice_of_the_request():
     # websockets' 400 body for a bad handshake header quotes the header whole: chatenv
     # sends only a bounded slice
@@ -2599,14 +2379,14 @@ def test_handshake_errors_echo_only_a_bounded_slice_of_the_request():
     with serve_in_thread() as url:
         port = url.server.port
         for headers in (
-            _REL_UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", marker),
-            _REL_UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: " + marker),
-            _REL_UPGRADE.replace(b"Version: 13", b"Version: " + marker),
+            UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", marker),
+            UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: " + marker),
+            UPGRADE.replace(b"Version: 13", b"Version: " + marker),
         ):
-            sock = _rel_connect(port)
+            sock = tcp_connect(port, _REL_TIMEOUT)
             with sock:
-                sock.sendall(headers + b"\r\n")
-                data = _rel_read_all(sock)
+                sock.sendall(headers)
+                data = read_all(sock, _REL_TIMEOUT)
             assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 426")), data[:100]
             assert data.count(b"Q") <= 256, f"the reply echoes {data.count(b'Q')} bytes of the request"
         assert http_get(url + "/health")[0] == 200
