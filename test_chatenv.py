@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -45,8 +46,7 @@ from soak_chatenv import (
     upgrade_request,
 )
 from soak_chatenv import connect as tcp_connect
-from soak_chatenv import frame as ws_frame
-from soak_chatenv import text as ws_text
+from soak_chatenv import frame as _soak_frame
 from chatenv import (
     ByteTokenizer,
     ChatAction,
@@ -63,6 +63,18 @@ from chatenv import (
     serve_in_thread,
     tokens_to_list,
 )
+
+_MASKS = random.Random(0)  # frame masks drawn inside hypothesis strategies: never the global random
+
+
+def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
+    """A raw client frame (soak_chatenv.frame) whose mask never touches the global random."""
+    return _soak_frame(payload, opcode, fin, rsv, mask, rng=_MASKS)
+
+
+def ws_text(message) -> bytes:
+    return ws_frame(json.dumps(message).encode())
+
 
 HERE = Path(__file__).resolve().parent
 TRANSCRIPTS = HERE.parent / "shared" / "reference" / "openenv-wire-transcripts.jsonl"
