@@ -401,7 +401,7 @@ class ChatEnvironment:
         self.episode_id = episode_id
         self.step_count = 0
         self.history_messages: list[dict[str, str]] = []
-        self.history_tokens: list[list[int]] = []
+        self.history_tokens: list[tuple[int, ...]] = []
         self._flat_tokens: list[int] = []
         # JSON of the history, items comma-joined without brackets
         self.messages_json = bytearray()
@@ -413,7 +413,7 @@ class ChatEnvironment:
     def _append(self, message: dict[str, str], ids: list[int]) -> None:
         sep = b"," if self.history_messages else b""
         self.history_messages.append(message)
-        self.history_tokens.append(ids)
+        self.history_tokens.append(tuple(ids))  # a tuple of ints leaves the GC's care
         token_text = ",".join(map(str, ids)).encode()
         message_json = _message_json(message)
         self.messages_json += sep + message_json
