@@ -386,10 +386,12 @@ class ChatEnvironment:
         tokenizer: Any = None,
         system_prompt: str | None = None,
         system_role: str = "system",
+        max_episode_tokens: int | None = None,
     ) -> None:
         self.tokenizer = load_tokenizer(tokenizer)
         self.system_prompt = system_prompt
         self.system_role = system_role
+        self.max_episode_tokens = max_episode_tokens  # None: episodes grow without bound
         self._system_message: dict[str, str] | None = None
         self._system_tokens: list[int] = []
         if system_prompt:
@@ -440,6 +442,12 @@ class ChatEnvironment:
 
     def _append_step(self, ids: list[int]) -> dict[str, str]:
         """append_tokens() for ids the protocol has already validated."""
+        limit = self.max_episode_tokens
+        if limit is not None and len(self._flat_tokens) + len(ids) > limit:
+            raise ValueError(
+                f"the episode would hold {len(self._flat_tokens) + len(ids)} tokens, over this "
+                f"environment's limit of {limit}: reset() to start a new one"
+            )
         message = {"role": "assistant", "content": _decode(self.tokenizer, ids)}
         self._append(message, ids)
         self.step_count += 1
@@ -664,7 +672,7 @@ def _step_reply(session: Session, tokens: list[int]) -> Reply:
     try:
         env._append_step(tokens)
     except Exception as exc:  # the tokenizer's own failure: the client's ids, not our fault
-        return error_reply(EXECUTION_ERROR, f"Cannot decode tokens: {str(exc)[:200]}")
+        return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     if not session.delta:
         return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
     totals = b'%d,"tokens":%d' % (len(env.history_messages), env.token_count)
@@ -770,6 +778,7 @@ class ChatServer:
         # Limits
         max_sessions: int = 256,
         max_message_bytes: int | None = 2**20,
+        max_episode_tokens: int | None = 2**20,
         # Timeouts (seconds; None disables)
         open_timeout_s: float | None = 10.0,
         ping_interval_s: float | None = 20.0,
@@ -786,7 +795,7 @@ class ChatServer:
         if auth_token is not None and not auth_token.strip():
             raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
         self.tokenizer = load_tokenizer(tokenizer)
-        self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role)
+        self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role, max_episode_tokens)
         self.host, self.port = host, port
         self.auth_token = auth_token
         self.compression = None if compression == "none" else compression
@@ -2284,6 +2293,7 @@ _ENV_FALLBACKS = {
     "system_prompt": ("CHATENV_SYSTEM_PROMPT", "SYSTEM_PROMPT"),
     "max_sessions": ("CHATENV_MAX_SESSIONS",),
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
+    "max_episode_tokens": ("CHATENV_MAX_EPISODE_TOKENS",),
     "compression": ("CHATENV_COMPRESSION",),
     "idle_timeout_s": ("CHATENV_IDLE_TIMEOUT_S",),
     "log_level": ("CHATENV_LOG_LEVEL",),
@@ -2332,6 +2342,11 @@ def _parser() -> Any:
                            default=int(_from_env("max_message_bytes", 2**20)),
                            help="largest incoming message; larger ones close the session with 1009 "
                            "[CHATENV_MAX_MESSAGE_BYTES] (default: %(default)s)")
+    serve_cmd.add_argument("--max-episode-tokens", type=int,
+                           default=int(_from_env("max_episode_tokens", 2**20)),
+                           help="tokens one episode may hold; a step past it is an EXECUTION_ERROR, so one "
+                           "session cannot grow the server's memory forever; 0 for no limit "
+                           "[CHATENV_MAX_EPISODE_TOKENS] (default: %(default)s)")
     serve_cmd.add_argument("--compression", choices=("none", "deflate"),
                            default=_from_env("compression", "none"),
                            help="permessage-deflate negotiation [CHATENV_COMPRESSION] (default: %(default)s)")
@@ -2361,6 +2376,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(
             host=args.host, port=args.port, system_prompt=args.system_prompt,
             max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+            max_episode_tokens=args.max_episode_tokens or None,
             compression=args.compression, auth_token=args.auth_token,
             idle_timeout_s=float(args.idle_timeout_s) if args.idle_timeout_s else None,
         )

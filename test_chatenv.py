@@ -574,6 +574,22 @@ def test_server_oversize_message_closes_1009_and_server_is_unaffected():
         assert wait_until(lambda: url.server.active_sessions == 0)
 
 
+def test_server_episode_token_limit_refuses_the_step_and_keeps_the_session():
+    with serve_in_thread(max_episode_tokens=10) as url:
+        with raw(url) as ws:
+            ask(ws, {"type": "reset"})
+            ask(ws, {"type": "step", "data": {"tokens": [72] * 8}})
+            error = ask(ws, {"type": "step", "data": {"tokens": [72] * 3}})
+            assert error["data"]["code"] == "EXECUTION_ERROR" and "limit of 10" in error["data"]["message"]
+            state = ask(ws, {"type": "state"})["data"]
+            assert state["step_count"] == 1 and state["history_tokens"] == [[72] * 8]
+            assert len(ask(ws, {"type": "step", "data": {"tokens": [72, 72]}})["data"]["observation"]["tokens"]) == 10
+            ask(ws, {"type": "reset"})  # a new episode starts from zero
+            assert ask(ws, {"type": "step", "data": {"tokens": [72] * 10}})["type"] == "observation"
+    assert chatenv.ChatServer().max_sessions == 256
+    assert chatenv.ChatServer()._prototype.max_episode_tokens == 2**20  # bounded by default
+
+
 def test_server_slow_tokenizer_does_not_stall_other_sessions():
     class SlowTokenizer(EncodeOnlyTokenizer):
         def decode(self, ids, skip_special_tokens=False):
@@ -2065,7 +2081,7 @@ def test_compression_flood_of_pipelined_requests_does_not_starve_others(tmp_path
 
 
 def test_huge_but_legal_token_lists_round_trip_and_fragmented_oversize_closes_1009():
-    with serve_in_thread(max_message_bytes=4 * 2**20) as url:
+    with serve_in_thread(max_message_bytes=4 * 2**20, max_episode_tokens=None) as url:
         with raw(url, max_size=None) as ws:
             ask(ws, {"type": "reset"})
             tokens = [65] * 1_000_000  # 3 MB of JSON, under the 4 MiB limit
