@@ -763,14 +763,31 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats):
                 env.step(actions[i % len(actions)])
             return steps / (time.perf_counter() - start)
 
-    sync_rates, delta_rates, raw_rates, parse_rates = [], [], [], []
+    def threading_raw_rate():
+        """The same steps on websockets' threading client, parsing nothing: the
+        ceiling of any client built on it, as the raw generator is for asyncio."""
+        from websockets.sync.client import connect
+
+        frames, _ = _step_frames(n_tokens)
+        with connect(_ws_url(url), compression=None, max_size=None, proxy=None) as ws:
+            ws.send(_reset_frame())
+            ws.recv()
+            start = time.perf_counter()
+            for i in range(steps):
+                ws.send(frames[i % len(frames)])
+                ws.recv()
+            return steps / (time.perf_counter() - start)
+
+    sync_rates, delta_rates, raw_rates, parse_rates, thread_rates = [], [], [], [], []
     for _ in range(repeats):
         sync_rates.append(sync_rate(False))
         raw_rates.append(asyncio.run(_mode_single(url, steps, n_tokens))["steps_per_s"])
         parse_rates.append(asyncio.run(_raw_with_parse(url, steps, n_tokens)))
         delta_rates.append(sync_rate(True))
+        thread_rates.append(threading_raw_rate())
     return {"sync_steps_per_s": max(sync_rates), "raw_steps_per_s": max(raw_rates),
-            "raw_parse_steps_per_s": max(parse_rates), "sync_delta_steps_per_s": max(delta_rates)}
+            "raw_parse_steps_per_s": max(parse_rates), "sync_delta_steps_per_s": max(delta_rates),
+            "threading_raw_steps_per_s": max(thread_rates)}
 
 
 async def _raw_with_parse(url, steps, n_tokens):
@@ -1011,6 +1028,9 @@ def render_table(results):
                  f"{_fmt(sc['raw_parse_steps_per_s'])} / {_fmt(sc['sync_delta_steps_per_s'])}", "-", "-", "-", "-",
                  f"sync/raw+loads = {_fmt(_ratio(sc['sync_steps_per_s'], sc['raw_parse_steps_per_s']), 2)}, "
                  f"delta/raw = {_fmt(_ratio(sc['sync_delta_steps_per_s'], sc['raw_steps_per_s']), 2)}"])
+    rows.append(["  same steps on websockets' threading client, parsing nothing",
+                 _fmt(sc["threading_raw_steps_per_s"]), "-", "-", "-", "-",
+                 f"threading raw/raw = {_fmt(_ratio(sc['threading_raw_steps_per_s'], sc['raw_steps_per_s']), 2)}"])
     for label, imp in m["import_ms"].items():
         rows.append([f"cold import ms, bytecode {label} (min / median): chatenv vs `import dataclasses, json, logging`",
                      f"{_fmt(imp['chatenv'][0], 1)} / {_fmt(imp['chatenv'][1], 1)}", "-",

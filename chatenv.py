@@ -671,7 +671,7 @@ def _step_reply(session: Session, tokens: list[int]) -> Reply:
     env = session.env
     try:
         env._append_step(tokens)
-    except Exception as exc:  # the tokenizer's own failure: the client's ids, not our fault
+    except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
         return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     if not session.delta:
         return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
