@@ -1251,7 +1251,13 @@ class _Connection:
         if data:
             self.transport.write(data)
         if self.eof_queued:
-            self.transport.close()
+            # Half-close and keep reading until the client closes (or close_timeout_s):
+            # closing outright would answer a client still sending with a TCP reset,
+            # which can destroy our close frame before the client reads it
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.transport.close()
 
     def _update_reading(self) -> None:
         pause = self.write_paused_at is not None or len(self.inbox) >= _INBOX_LIMIT
