@@ -695,7 +695,7 @@ def test_server_signal_closes_sessions_with_1001_and_exits_fast(signum):
         output = proc.stdout.read()
         assert "Traceback" not in output and "session closed" in output
     finally:
-        proc.kill()
+        _stop_cli(proc)
 
 
 def test_cli_environment_fallbacks_openenv_names():
@@ -705,8 +705,7 @@ def test_cli_environment_fallbacks_openenv_names():
         with ChatEnv(url) as client:
             assert client.reset().observation.messages == [{"role": "system", "content": "From OpenEnv"}]
     finally:
-        proc.terminate()
-        proc.wait(5)
+        _stop_cli(proc)
 
 
 def test_cli_console_script_and_module_forms():
