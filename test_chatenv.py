@@ -47,6 +47,7 @@ from soak_chatenv import (
 )
 from soak_chatenv import connect as tcp_connect
 from soak_chatenv import frame as _soak_frame
+from soak_chatenv import wait_until as _soak_wait_until
 from chatenv import (
     ByteTokenizer,
     ChatAction,
@@ -118,12 +119,8 @@ def http_get(url: str, timeout: float = 5):
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    """soak_chatenv.wait_until with the tighter defaults of a test."""
+    return _soak_wait_until(predicate, timeout, interval)
 
 
 def new_session(**env_options) -> Session:
