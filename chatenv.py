@@ -1006,6 +1006,8 @@ class _Connection:
     def data_received(self, data: bytes) -> None:
         proto = self.proto
         self.last_rx = self.server._loop.time()
+        if self.eof_queued:
+            return  # we have said our last word; the rest is discarded until the client closes
         if proto.state == _OPEN:
             if self.fast_frames and proto.current_size is None and not proto.reader.buffer:
                 data = self._take_data_frames(data)
@@ -1017,8 +1019,8 @@ class _Connection:
                 # WebSocket handshake parser refuses with no answer at all: say 405
                 method = data.split(b" ", 1)[0][:16].decode("ascii", "replace")
                 status, body = self.server._http_route(method, "")
-                self.transport.write(_http_response(status, body).serialize())
-                self.transport.close()
+                self._write(_http_response(status, body).serialize())
+                self._write_eof()
                 return
             # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
             # pipelines them still gets the 101 first: feed the request alone, then the rest
@@ -1235,8 +1237,11 @@ class _Connection:
             if data:
                 self._write(data)
             else:  # the protocol's end of stream: a server closes the TCP connection
-                self.eof_queued = True
-                self._write(b"")
+                self._write_eof()
+
+    def _write_eof(self) -> None:
+        self.eof_queued = True
+        self._write(b"")
 
     def _write(self, data: bytes) -> None:
         if not self.outgoing:
