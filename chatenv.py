@@ -153,6 +153,33 @@ class ChatObservation:
     reward: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def _sharing(
+        cls, messages: list[Any], tokens: list[int], done: bool, reward: float | None
+    ) -> ChatObservation:
+        """An observation of the current prefix of an episode's append-only lists.
+
+        A client's observations share their episode's history and copy their own
+        prefix on first read, so a step costs O(new), not O(history).
+        """
+        obs = cls.__new__(cls)
+        obs.__dict__.update(
+            done=done, reward=reward, metadata={},
+            _shared={"messages": (messages, len(messages)), "tokens": (tokens, len(tokens))},
+        )
+        return obs
+
+    def __getattr__(self, name: str) -> Any:  # only for fields not read yet
+        shared = self.__dict__.get("_shared")
+        if shared is None or name not in shared:
+            raise AttributeError(f"'ChatObservation' object has no attribute {name!r}")
+        source, length = shared[name]
+        value = self.__dict__[name] = source[:length]
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         """The wire's ``data`` of an observation frame (OpenEnv sends no metadata)."""
         return {
@@ -1476,6 +1503,13 @@ def _websockets_major() -> int:
     return int(version.split(".")[0])
 
 
+def _closed(exc: BaseException) -> bool:
+    """Whether ``exc`` is websockets' ConnectionClosed (imported on this error path only)."""
+    from websockets.exceptions import ConnectionClosed
+
+    return isinstance(exc, ConnectionClosed)
+
+
 def _is_loopback(ws_url: str) -> bool:
     import ipaddress
     from urllib.parse import urlsplit
@@ -1526,10 +1560,11 @@ class _ClientCore:
         if _is_loopback(self.ws_url):
             self.connect_options["proxy"] = None  # never send loopback through a proxy
         self.lost = False  # the connection died mid-episode
-        # The episode as last parsed, to rebuild deltas and to parse only what is new
+        # The episode as parsed so far, to rebuild deltas and to parse only what is new.
+        # Append-only: observations share prefixes of these lists (a new episode gets new ones).
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
-        self._seen: tuple[str, str] | None = None  # its messages' and tokens' JSON text
+        self._seen: tuple[bytes, int, int, int] | None = None  # the last full frame, its layout
 
     # Frames
 
@@ -1549,9 +1584,9 @@ class _ClientCore:
 
     # Replies
 
-    def _payload(self, text: str | bytes, expected: str) -> dict[str, Any]:
+    def _payload(self, data: bytes | str, expected: str) -> dict[str, Any]:
         try:
-            frame = json.loads(text)
+            frame = json.loads(data.decode() if isinstance(data, bytes) else data)
         except ValueError as exc:
             raise ChatEnvError("PROTOCOL_ERROR", f"the server sent invalid JSON: {exc}") from None
         if not isinstance(frame, dict):
@@ -1562,81 +1597,76 @@ class _ClientCore:
             raise ChatEnvError(str(data.get("code", "ERROR")), str(data.get("message", "")))
         if frame.get("type") != expected or not isinstance(data, dict):
             raise ChatEnvError(
-                "PROTOCOL_ERROR", f"expected a {expected!r} frame, got {_preview(frame.get('type'))}"
+                "PROTOCOL_ERROR",
+                f"the server sent a {_preview(frame.get('type'))} frame where {expected!r} was expected",
             )
         return data
 
-    def parse_result(self, text: str | bytes) -> StepResult:
+    def parse_result(self, data: bytes | str) -> StepResult:
         """Parse an observation frame: a delta, an extension of the last one, or anew.
 
-        A full observation repeats the whole conversation each step. When its JSON
-        starts with the previous one's messages and tokens, byte for byte, only the
-        new tail is parsed: a long episode costs O(new) per step, not O(history).
+        A full observation repeats the whole conversation each step. When it starts
+        with the previous one's messages and tokens, byte for byte, only the new tail
+        is parsed: a long episode costs O(new) per step, not O(history).
         """
-        result = self._parse_extension(text)
+        if isinstance(data, str):
+            data = data.encode()
+        result = self._parse_extension(data)
         if result is not None:
             return result
-        payload = self._payload(text, "observation")
-        result = StepResult.from_dict(payload)
-        obs = result.observation
+        payload = self._payload(data, "observation")
+        obs = StepResult.from_dict(payload).observation  # fresh lists: the client owns them
         totals = (payload.get("observation") or {}).get("delta")
         if isinstance(totals, dict):  # a delta: append, then check we are in sync
             self._messages += obs.messages
             self._tokens += obs.tokens
+            self._seen = None
             if totals.get("messages") != len(self._messages) or totals.get("tokens") != len(self._tokens):
                 raise ChatEnvError(
                     "DELTA_DESYNC",
                     f"rebuilt {len(self._messages)} messages / {len(self._tokens)} tokens, "
                     f"server has {totals.get('messages')} / {totals.get('tokens')}",
                 )
-            obs.messages, obs.tokens = list(self._messages), list(self._tokens)
-            self._seen = None
         else:
-            self._messages, self._tokens = list(obs.messages), list(obs.tokens)
-            self._seen = self._item_texts(text) if isinstance(text, str) else None
-        return result
+            self._messages, self._tokens = obs.messages, obs.tokens
+            layout = _frame_layout(data)
+            self._seen = (data, *layout) if layout else None
+        return self._result(obs.done, obs.reward)
 
-    @staticmethod
-    def _item_texts(text: str) -> tuple[str, str] | None:
-        """The messages' and tokens' JSON items of a compact full observation frame."""
-        head = len(_OBS_HEAD_TEXT)
-        end = text.find(_OBS_MID_TEXT, head)  # cannot occur inside a JSON string
-        tokens_end = text.find("]", end + len(_OBS_MID_TEXT))
-        if not text.startswith(_OBS_HEAD_TEXT) or end < 0 or tokens_end < 0:
-            return None
-        return text[head:end], text[end + len(_OBS_MID_TEXT):tokens_end]
+    def _result(self, done: bool, reward: float | None) -> StepResult:
+        obs = ChatObservation._sharing(self._messages, self._tokens, done, reward)
+        return StepResult(obs, reward, done)
 
-    def _parse_extension(self, text: str | bytes) -> StepResult | None:
+    def _parse_extension(self, data: bytes) -> StepResult | None:
         """Parse only what a frame adds to the previous one; None when it does not extend it."""
-        if self._seen is None or not isinstance(text, str) or not text.startswith(_OBS_HEAD_TEXT):
+        if self._seen is None or not data.startswith(_OBS_HEAD):
             return None
-        messages_text, tokens_text = self._seen
-        pos = len(_OBS_HEAD_TEXT)
-        if not text.startswith(messages_text, pos):
+        last, messages_end, tokens_start, tokens_end = self._seen
+        view = memoryview(last)
+        if not data.startswith(view[len(_OBS_HEAD):messages_end], len(_OBS_HEAD)):
             return None
-        pos += len(messages_text)
-        end = text.find(_OBS_MID_TEXT, pos)
-        tokens_at = end + len(_OBS_MID_TEXT)
-        if end < 0 or not text.startswith(tokens_text, tokens_at):
+        new_messages_end = data.find(_OBS_MID, messages_end)
+        new_tokens_start = new_messages_end + len(_OBS_MID)
+        if new_messages_end < 0 or not data.startswith(view[tokens_start:tokens_end], new_tokens_start):
             return None
-        tokens_pos = tokens_at + len(tokens_text)
-        tokens_end = text.find("]", tokens_pos)
-        if tokens_end < 0:
+        old_tokens_end = new_tokens_start + tokens_end - tokens_start
+        new_tokens_end = data.find(b"]", old_tokens_end)
+        if new_tokens_end < 0:
             return None
-        try:
-            new_messages = _json_items(text, pos, end, bool(messages_text))
-            new_tokens = _json_items(text, tokens_pos, tokens_end, bool(tokens_text))
-            outer = json.loads('{"o":{' + text[tokens_end + 1:-1])  # reward and done
-        except ValueError:
+        try:  # one small document: [new messages, new tokens, {reward, done}]
+            new_messages, new_tokens, outer = json.loads(b"".join((
+                b"[[", data[_items_start(data, messages_end, messages_end > len(_OBS_HEAD)):new_messages_end],
+                b"],[", data[_items_start(data, old_tokens_end, tokens_end > tokens_start):new_tokens_end],
+                b'],{"o":{', data[new_tokens_end + 1:-1], b"]",
+            )).decode())  # decoded first: json.loads sniffs the encoding of bytes, slowly
+        except (ValueError, TypeError):
             return None
         if not isinstance(outer, dict):
             return None
         self._messages += new_messages
         self._tokens += new_tokens
-        self._seen = (text[len(_OBS_HEAD_TEXT):end], text[tokens_at:tokens_end])
-        reward, done = outer.get("reward"), bool(outer.get("done", False))
-        observation = ChatObservation(list(self._messages), list(self._tokens), done, reward)
-        return StepResult(observation, reward, done)
+        self._seen = (data, new_messages_end, new_tokens_start, new_tokens_end)
+        return self._result(bool(outer.get("done", False)), outer.get("reward"))
 
     def parse_state(self, text: str | bytes) -> ChatState:
         return ChatState.from_dict(self._payload(text, "state"))
@@ -1675,19 +1705,22 @@ class _ClientCore:
         return ConnectionError(f"cannot connect to {self.ws_url}: {exc}")
 
 
-_OBS_HEAD_TEXT = _OBS_HEAD.decode()
-_OBS_MID_TEXT = _OBS_MID.decode()
+def _frame_layout(data: bytes) -> tuple[int, int, int] | None:
+    """Where a compact full observation frame's messages end and its tokens start and end."""
+    messages_end = data.find(_OBS_MID, len(_OBS_HEAD))  # cannot occur inside a JSON string
+    tokens_end = data.find(b"]", messages_end + len(_OBS_MID))
+    if not data.startswith(_OBS_HEAD) or messages_end < 0 or tokens_end < 0:
+        return None
+    return messages_end, messages_end + len(_OBS_MID), tokens_end
 
 
-def _json_items(text: str, start: int, end: int, after_items: bool) -> list[Any]:
-    """Parse ``text[start:end]``, JSON array items (after earlier ones: with a leading comma)."""
-    if end <= start:
-        return []
-    if after_items:
-        if text[start] != ",":
+def _items_start(data: bytes, pos: int, had_items: bool) -> int:
+    """Where the array items after earlier ones begin: past their comma, if any follow."""
+    if had_items and data[pos] != 0x5D:  # "]": none follow
+        if data[pos] != 0x2C:  # ","
             raise ValueError("not a continuation of the previous items")
-        start += 1
-    return json.loads("[" + text[start:end] + "]")
+        return pos + 1
+    return pos
 
 
 def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
@@ -1795,13 +1828,11 @@ class ChatEnv(_ClientBase):
     def _leftover(self) -> str | bytes | None:
         """A frame that arrived before the close (recv still returns buffered frames)."""
         try:
-            return self._ws.recv(timeout=0)
+            return self._ws.recv(timeout=0, decode=False)
         except Exception:
             return None
 
-    def _roundtrip(self, frame: str, new_episode: bool) -> str:
-        from websockets.exceptions import ConnectionClosed
-
+    def _roundtrip(self, frame: str, new_episode: bool) -> bytes:
         core = self._core
         for attempt in (1, 2):
             if self._ws is None:
@@ -1810,12 +1841,14 @@ class ChatEnv(_ClientBase):
                 self._connect()
             try:
                 self._send(frame)
-                return self._ws.recv(timeout=core.message_timeout_s)
+                return self._ws.recv(timeout=core.message_timeout_s, decode=False)
             except TimeoutError:
                 self._drop()
                 core.lost = True
                 raise core.timeout_error() from None
-            except ConnectionClosed as exc:
+            except Exception as exc:
+                if not _closed(exc):
+                    raise
                 refusal = core.refusal(self._leftover())
                 self._drop()
                 core.lost = True
@@ -1943,14 +1976,12 @@ class AsyncChatEnv(_ClientBase):
 
         try:
             async with asyncio.timeout(0.1):
-                return await self._ws.recv()
+                return await self._ws.recv(decode=False)
         except Exception:
             return None
 
-    async def _roundtrip(self, frame: str, new_episode: bool) -> str:
+    async def _roundtrip(self, frame: str, new_episode: bool) -> bytes:
         import asyncio
-
-        from websockets.exceptions import ConnectionClosed
 
         core = self._core
         for attempt in (1, 2):
@@ -1961,12 +1992,14 @@ class AsyncChatEnv(_ClientBase):
             try:
                 async with asyncio.timeout(core.message_timeout_s):
                     await self._ws.send(frame)
-                    return await self._ws.recv()
+                    return await self._ws.recv(decode=False)
             except TimeoutError:
                 await self._drop()
                 core.lost = True
                 raise core.timeout_error() from None
-            except ConnectionClosed as exc:
+            except Exception as exc:
+                if not _closed(exc):
+                    raise
                 refusal = core.refusal(await self._leftover())
                 await self._drop()
                 core.lost = True

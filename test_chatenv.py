@@ -4,11 +4,14 @@ environment, protocol (pure), server (real sockets), clients, docker, CLI."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import hmac
 import importlib.util
 import inspect
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -798,28 +801,62 @@ def test_client_parses_growing_observations_like_json_loads(steps, restart_at, d
         ping_interval_s=None, ping_timeout_s=None, compression=None, auth_token=None, delta=False,
     )
     messages, tokens = [], []
-    previous = None
+    seen = []
     for i, (content, ids) in enumerate(steps):
         if i == restart_at:  # a reset: the history no longer extends the previous one
             messages, tokens = [], []
         messages = messages + [{"role": "assistant", "content": content}]
         tokens = tokens + ids
         frame = _frame(messages, tokens, reward=float(i) if done else None, done=done and i == len(steps) - 1)
-        got = core.parse_result(frame)
-        assert got == StepResult.from_dict(json.loads(frame)["data"])
-        if previous is not None:  # observations handed out never change afterwards
-            previous.observation.messages.append({"role": "x", "content": "mutated"})
-            previous.observation.tokens.append(99)
-        previous = got
+        got = core.parse_result(frame.encode() if i % 2 else frame)  # clients receive bytes
+        expected = StepResult.from_dict(json.loads(frame)["data"])
+        if i % 3 == 0:  # read now; the others only after later steps
+            assert got == expected
+        seen.append((got, expected))
+    for got, expected in seen:
+        assert got == expected
+        got.observation.messages.append({"role": "x", "content": "mutated"})  # a reader's lists
+        got.observation.tokens.append(99)  # are its own: no other observation changes
+    for got, expected in seen:
+        assert got.observation.tokens == expected.observation.tokens + [99]
+        assert len(got.observation.messages) == len(expected.observation.messages) + 1
 
 
 def test_client_delta_observations_equal_full_ones(server):
-    with ChatEnv(server, delta=True) as delta, ChatEnv(server) as full:
+    with ChatEnv(server, delta=True) as delta, ChatEnv(server, delta=False) as full:
         assert delta.reset(episode_id="e") == full.reset(episode_id="e")
         for i in range(30):
             action = ChatAction([97 + i % 26] * (i + 1))
             assert delta.step(action) == full.step(action)
         assert delta.state() == full.state()
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_client_observations_are_snapshots_even_when_read_late(server, delta):
+    """Observations share the episode's history until read; each still shows its own step."""
+    with ChatEnv(server, delta=delta) as env:
+        results = [env.reset()] + [env.step([97 + i % 26, 98]) for i in range(40)]
+        env.reset()  # a new episode must not change the old one's observations
+        env.step([33])
+    for i, result in enumerate(results):  # read only now, after every step
+        obs = result.observation
+        assert len(obs.messages) == i and len(obs.tokens) == 2 * i
+        assert obs.tokens == [t for k in range(i) for t in (97 + k % 26, 98)]
+        assert obs.messages == [{"role": "assistant", "content": chr(97 + k % 26) + "b"} for k in range(i)]
+    results[10].observation.tokens.append(7)  # a reader's list is its own
+    assert results[11].observation.tokens[20:] == [107, 98] and results[10].observation.tokens[-1] == 7
+    late = results[30].observation
+    plain = ChatObservation(late.messages, late.tokens, late.done, late.reward)
+    assert late == plain and plain == late and repr(late) == repr(plain)
+    assert dataclasses.asdict(late) == dataclasses.asdict(plain)
+    unread = results[20].observation  # never read yet: copies and pickles carry plain fields
+    for copied in (pickle.loads(pickle.dumps(unread)), copy.deepcopy(unread), copy.copy(unread),
+                   dataclasses.replace(unread)):
+        assert type(copied) is ChatObservation and "_shared" not in vars(copied)
+        assert copied.tokens == results[20].observation.tokens and len(copied.tokens) == 40
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        unread.nope  # noqa: B018
+    assert not hasattr(ChatObservation(), "tokenz")
 
 
 # ------------------------------------------------------------------------------
@@ -921,6 +958,71 @@ def make_client(request):
     yield make
     for client in made:
         client.close()
+
+
+class ScriptedServer:
+    """A real WebSocket server on port 0 answering each frame with the next scripted reply
+    (bytes are sent as a text frame, so a server's bad UTF-8 can be sent at all)."""
+
+    def __init__(self, *replies) -> None:
+        from websockets.sync.server import serve
+
+        def handler(ws):
+            for reply, _ in zip(replies, ws):
+                ws.send(reply, text=True)
+
+        self._server = serve(handler, "127.0.0.1", 0, compression=None)
+        self.url = f"http://127.0.0.1:{self._server.socket.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=5)
+
+
+_EMPTY = _frame([], [])
+_HI = [{"role": "assistant", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("reply", [
+    b"\xff" + _frame(_HI, [72, 105]).encode(),  # not UTF-8
+    _frame(_HI, [72, 105]).encode().replace(b"Hi", b"H\xff"),  # not UTF-8, inside new text
+    "{nope",
+    "[1, 2]",
+    '{"type":"state","data":{}}',
+    '{"type":"observation","data":[]}',
+    _frame(_HI, [72, 105]) + "}",  # extends the last observation, then trailing garbage
+    _frame(_HI, [72, 105])[:-2],  # cut short
+], ids=["utf8", "utf8-new-text", "json", "array", "wrong-type", "data-array", "trailing", "truncated"])
+def test_client_rejects_a_malformed_server_frame(make_client, reply):
+    """A server's bad frame is a clear PROTOCOL_ERROR, never a wrong observation."""
+    with ScriptedServer(_EMPTY, reply) as url:
+        env = make_client(url, delta=False)
+        assert env.reset().observation.tokens == []
+        with pytest.raises(ChatEnvError) as info:
+            env.step([72, 105])
+        assert info.value.code == "PROTOCOL_ERROR" and "the server sent" in str(info.value)
+        env.close()  # before the server stops: an idle async client cannot answer its close
+
+
+def test_client_detects_a_delta_out_of_sync(make_client):
+    def delta(messages, tokens, totals):
+        data = {"observation": {"messages": messages, "tokens": tokens, "delta": totals}, "reward": None, "done": False}
+        return json.dumps({"type": "observation", "data": data})
+
+    with ScriptedServer(_EMPTY, delta(_HI, [72, 105], {"messages": 1, "tokens": 2}),
+                        delta(_HI, [72, 105], {"messages": 2, "tokens": 5})) as url:
+        env = make_client(url, delta=True)
+        env.reset()
+        assert env.step([72, 105]).observation.tokens == [72, 105]  # rebuilt, and in sync
+        with pytest.raises(ChatEnvError) as info:
+            env.step([72, 105])  # the server claims 5 tokens; the client rebuilt 4
+        assert info.value.code == "DELTA_DESYNC" and "server has 2 / 5" in str(info.value)
+        env.close()
 
 
 class StallingTokenizer:
