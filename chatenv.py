@@ -1736,7 +1736,7 @@ class _ClientBase:
         base_url: str,
         *,
         auth_token: str | None = None,
-        delta: bool = False,
+        delta: bool = True,
         compression: str | None = None,
         # Timeouts (seconds; None disables)
         connect_timeout_s: float | None = 10.0,

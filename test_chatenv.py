@@ -823,12 +823,15 @@ def test_client_parses_growing_observations_like_json_loads(steps, restart_at, d
 
 
 def test_client_delta_observations_equal_full_ones(server):
-    with ChatEnv(server, delta=True) as delta, ChatEnv(server, delta=False) as full:
+    with ChatEnv(server) as delta, ChatEnv(server, delta=False) as full:
         assert delta.reset(episode_id="e") == full.reset(episode_id="e")
         for i in range(30):
             action = ChatAction([97 + i % 26] * (i + 1))
             assert delta.step(action) == full.step(action)
         assert delta.state() == full.state()
+    # delta is the client's default; delta=False asks for nothing beyond OpenEnv's frames
+    assert chatenv.DELTA_KEY in json.loads(ChatEnv(server)._core.reset_frame({}))["data"]
+    assert json.loads(ChatEnv(server, delta=False)._core.reset_frame({}))["data"] == {}
 
 
 @pytest.mark.parametrize("delta", [True, False])
@@ -1016,7 +1019,7 @@ def test_client_detects_a_delta_out_of_sync(make_client):
 
     with ScriptedServer(_EMPTY, delta(_HI, [72, 105], {"messages": 1, "tokens": 2}),
                         delta(_HI, [72, 105], {"messages": 2, "tokens": 5})) as url:
-        env = make_client(url, delta=True)
+        env = make_client(url)
         env.reset()
         assert env.step([72, 105]).observation.tokens == [72, 105]  # rebuilt, and in sync
         with pytest.raises(ChatEnvError) as info:
@@ -2745,7 +2748,7 @@ def test_chatenv_clients_at_openenv_capacity(client):
 
 
 def test_chatenv_delta_client_against_openenv_server_gets_full_observations(openenv_url):
-    with chatenv.ChatEnv(openenv_url, delta=True) as delta, chatenv.ChatEnv(openenv_url) as full:
+    with chatenv.ChatEnv(openenv_url) as delta, chatenv.ChatEnv(openenv_url, delta=False) as full:
         assert _observed(delta.reset()) == _observed(full.reset())
         for ids in _STEPS * 3:
             assert _observed(delta.step(chatenv.ChatAction(tokens=ids))) == _observed(full.step(chatenv.ChatAction(tokens=ids)))
