@@ -155,7 +155,8 @@ class ChatObservation:
 
     @classmethod
     def _sharing(
-        cls, messages: list[Any], tokens: list[int], done: bool, reward: float | None
+        cls, messages: list[Any], tokens: list[int], done: bool, reward: float | None,
+        metadata: dict[str, Any] | None = None,
     ) -> ChatObservation:
         """An observation of the current prefix of an episode's append-only lists.
 
@@ -164,7 +165,7 @@ class ChatObservation:
         """
         obs = cls.__new__(cls)
         obs.__dict__.update(
-            done=done, reward=reward, metadata={},
+            done=done, reward=reward, metadata=metadata or {},
             _shared={"messages": (messages, len(messages)), "tokens": (tokens, len(tokens))},
         )
         return obs
@@ -1578,7 +1579,7 @@ class _ClientCore:
         if not isinstance(action, ChatAction):
             action = ChatAction(tokens=action)
         metadata = _dumps(action.metadata) if action.metadata else "{}"
-        return '{"type":"step","data":{"tokens":[%s],"metadata":%s}}' % (",".join(map(str, action.tokens)), metadata)
+        return '{"type":"step","data":{"tokens":%s,"metadata":%s}}' % (action.tokens, metadata)  # ints: repr is JSON
 
     state_frame = _dumps({"type": "state"})
 
@@ -1615,11 +1616,15 @@ class _ClientCore:
         if result is not None:
             return result
         payload = self._payload(data, "observation")
-        obs = StepResult.from_dict(payload).observation  # fresh lists: the client owns them
-        totals = (payload.get("observation") or {}).get("delta")
+        body = payload.get("observation")
+        body = body if isinstance(body, dict) else {}
+        messages, tokens = body.get("messages"), body.get("tokens")  # fresh: the client owns them
+        if not isinstance(messages, list) or not isinstance(tokens, list):
+            raise ChatEnvError("PROTOCOL_ERROR", "the server sent an observation without lists of messages and tokens")
+        totals = body.get("delta")
         if isinstance(totals, dict):  # a delta: append, then check we are in sync
-            self._messages += obs.messages
-            self._tokens += obs.tokens
+            self._messages += messages
+            self._tokens += tokens
             self._seen = None
             if totals.get("messages") != len(self._messages) or totals.get("tokens") != len(self._tokens):
                 raise ChatEnvError(
@@ -1628,13 +1633,15 @@ class _ClientCore:
                     f"server has {totals.get('messages')} / {totals.get('tokens')}",
                 )
         else:
-            self._messages, self._tokens = obs.messages, obs.tokens
+            self._messages, self._tokens = messages, tokens
             layout = _frame_layout(data)
             self._seen = (data, *layout) if layout else None
-        return self._result(obs.done, obs.reward)
+        metadata = body.get("metadata")
+        return self._result(bool(payload.get("done", False)), payload.get("reward"),
+                            dict(metadata) if isinstance(metadata, dict) else None)
 
-    def _result(self, done: bool, reward: float | None) -> StepResult:
-        obs = ChatObservation._sharing(self._messages, self._tokens, done, reward)
+    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None = None) -> StepResult:
+        obs = ChatObservation._sharing(self._messages, self._tokens, done, reward, metadata)
         return StepResult(obs, reward, done)
 
     def _parse_extension(self, data: bytes) -> StepResult | None:

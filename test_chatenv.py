@@ -1000,7 +1000,11 @@ _HI = [{"role": "assistant", "content": "Hi"}]
     '{"type":"observation","data":[]}',
     _frame(_HI, [72, 105]) + "}",  # extends the last observation, then trailing garbage
     _frame(_HI, [72, 105])[:-2],  # cut short
-], ids=["utf8", "utf8-new-text", "json", "array", "wrong-type", "data-array", "trailing", "truncated"])
+    '{"type":"observation","data":{"observation":[1]}}',
+    '{"type":"observation","data":{"observation":{"messages":"Hi","tokens":[72,105]}}}',
+    '{"type":"observation","data":{"observation":{"messages":[]}}}',
+], ids=["utf8", "utf8-new-text", "json", "array", "wrong-type", "data-array", "trailing", "truncated",
+        "observation-array", "messages-string", "tokens-missing"])
 def test_client_rejects_a_malformed_server_frame(make_client, reply):
     """A server's bad frame is a clear PROTOCOL_ERROR, never a wrong observation."""
     with ScriptedServer(_EMPTY, reply) as url:
