@@ -703,9 +703,11 @@ def _min_start_s(kind, args, runs):
 
 _COUNTS = {
     "full": dict(single_steps=1000, single_tokens=16, conc_sessions=32, conc_steps=100, long_steps=2000,
-                 long_tokens=64, window=100, idle_sessions=256, import_runs=15, start_runs=3, repeats=5, long_repeats=2),
+                 long_tokens=64, window=100, idle_sessions=256, import_runs=15, start_runs=3, repeats=5, long_repeats=2,
+                 client_rounds=9),
     "quick": dict(single_steps=200, single_tokens=16, conc_sessions=32, conc_steps=20, long_steps=300,
-                  long_tokens=64, window=50, idle_sessions=64, import_runs=3, start_runs=1, repeats=1, long_repeats=1),
+                  long_tokens=64, window=50, idle_sessions=64, import_runs=3, start_runs=1, repeats=1, long_repeats=1,
+                  client_rounds=1),
 }
 
 
@@ -747,14 +749,47 @@ def _import_times(runs):
     return results
 
 
-def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
-    """chatenv.ChatEnv (sync) against the raw generator: same server, same steps.
+def _take_turns(open_runners, steps, repeats, block):
+    """Steps/s of each runner, ``repeats`` rounds of ``steps`` steps each.
 
-    Every client holds its own session on the server at once and they take turns
+    Every runner holds its own session on the server at once and they take turns
     in blocks of ``block`` steps, so load drifting on this shared machine hits all
-    alike. Each round is ``steps`` steps per client; a ratio is taken within a
-    round, and the median over rounds is reported.
+    alike. ``open_runners()`` returns ``({name: run(start_step)}, close)``.
     """
+    rates = {}
+    for _ in range(repeats):
+        runners, close = open_runners()
+        elapsed = dict.fromkeys(runners, 0.0)
+        try:
+            for start in range(0, steps, block):
+                for name, run in runners.items():
+                    began = time.perf_counter()
+                    run(start)
+                    elapsed[name] += time.perf_counter() - began
+        finally:
+            close()
+        for name, seconds in elapsed.items():
+            rates.setdefault(name, []).append(steps / seconds)
+    return rates
+
+
+def _medians(rates, base):
+    """Median steps/s of each runner, and the median over rounds of its ratio to ``base``."""
+    result = {f"{name}_steps_per_s": statistics.median(values) for name, values in rates.items()}
+    for name, values in rates.items():
+        result[f"{name}_vs_{base}"] = statistics.median(v / b for v, b in zip(values, rates[base]))
+    return result
+
+
+def _client_block(env, actions, block):
+    def run(start):
+        for i in range(start, start + block):
+            env.step(actions[i % len(actions)])
+    return run
+
+
+def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
+    """chatenv.ChatEnv (sync) against the raw generator: same server, same steps, taking turns."""
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
     import chatenv
@@ -771,7 +806,7 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
             if parse and json.loads(reply)["type"] != "observation":
                 raise RuntimeError(reply[:300])
 
-    def open_clients():
+    def open_runners():
         raw = loop.run_until_complete(_open_session(url))
         raw_parse = loop.run_until_complete(_open_session(url))
         threading_raw = sync_connect(_ws_url(url), compression=None, max_size=None, proxy=None,
@@ -787,20 +822,6 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
                 threading_raw.send(frames[i % len(frames)])
                 threading_raw.recv()
 
-        def client_block(env):
-            def run(start):
-                for i in range(start, start + block):
-                    env.step(actions[i % len(actions)])
-            return run
-
-        runners = {
-            "raw": lambda start: loop.run_until_complete(raw_block(raw, start, False)),
-            "sync": client_block(default),
-            "sync_full": client_block(full),
-            "threading_raw": threading_block,
-            "raw_parse": lambda start: loop.run_until_complete(raw_block(raw_parse, start, True)),
-        }
-
         def close():
             loop.run_until_complete(raw.close())
             loop.run_until_complete(raw_parse.close())
@@ -808,30 +829,54 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
             default.close()
             full.close()
 
-        return runners, close
+        return {
+            "raw": lambda start: loop.run_until_complete(raw_block(raw, start, False)),
+            "sync": _client_block(default, actions, block),
+            "sync_full": _client_block(full, actions, block),
+            "threading_raw": threading_block,
+            "raw_parse": lambda start: loop.run_until_complete(raw_block(raw_parse, start, True)),
+        }, close
 
-    rates = {}
     try:
-        for _ in range(repeats):
-            runners, close = open_clients()
-            elapsed = dict.fromkeys(runners, 0.0)
-            try:
-                for start in range(0, steps, block):
-                    for name, run in runners.items():
-                        began = time.perf_counter()
-                        run(start)
-                        elapsed[name] += time.perf_counter() - began
-            finally:
-                close()
-            for name, seconds in elapsed.items():
-                rates.setdefault(name, []).append(steps / seconds)
+        return dict(_medians(_take_turns(open_runners, steps, repeats, block), "raw"), rounds=repeats)
     finally:
         loop.close()
-    result = {f"{name}_steps_per_s": statistics.median(values) for name, values in rates.items()}
-    for name, values in rates.items():
-        result[f"{name}_vs_raw"] = statistics.median(v / r for v, r in zip(values, rates["raw"]))
-    result["rounds"] = repeats
-    return result
+
+
+def _clients_main(url, steps, n_tokens, repeats, block=50):
+    """chatenv.ChatEnv against OpenEnv's own sync client, taking turns on one server.
+
+    Run in a subprocess of its own: importing ``openenv.core`` (torch and more)
+    changes how this process's threads are scheduled, which would skew the rest.
+    """
+    sys.path.insert(0, HERE)
+    import chatenv
+
+    _, token_lists = _step_frames(n_tokens)
+    actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
+    openenv_client = make_openenv_chat_client_class()
+
+    def open_runners():
+        ours = chatenv.ChatEnv(url)
+        theirs = openenv_client(url).sync()
+        theirs.__enter__()
+        ours.reset()
+        theirs.reset()
+
+        def close():
+            ours.close()
+            theirs.__exit__(None, None, None)
+
+        return {"chatenv": _client_block(ours, actions, block), "openenv": _client_block(theirs, actions, block)}, close
+
+    print(json.dumps(_medians(_take_turns(open_runners, steps, repeats, block), "openenv")))
+
+
+def _chatenv_vs_openenv_client(python, url, steps, n_tokens, repeats):
+    out = subprocess.run([python, os.path.join(HERE, "bench_chatenv.py"), "clients", "--url", url,
+                          "--steps", str(steps), "--tokens", str(n_tokens), "--rounds", str(repeats)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _identity_check(servers):
@@ -975,8 +1020,13 @@ def run_benchmark(args):
 
     log("# sync client vs raw generator (chatenv)")
     modes["sync_client"] = _sync_client_vs_raw(servers["chatenv"].url, counts["single_steps"], counts["single_tokens"],
-                                               counts["repeats"])
+                                               counts["client_rounds"])
     log(f"  {modes['sync_client']}")
+    if "openenv" in kinds:
+        log("# chatenv's sync client vs OpenEnv's, on the chatenv server")
+        modes["clients"] = _chatenv_vs_openenv_client(args.openenv_python, servers["chatenv"].url,
+                                                      counts["single_steps"], counts["single_tokens"], counts["client_rounds"])
+        log(f"  {modes['clients']}")
 
     log("# compression (chatenv --compression deflate)")
     deflate = _start_server("chatenv", args, compression="deflate")
@@ -1058,6 +1108,11 @@ def render_table(results):
     rows.append(["  same steps on websockets' threading client, parsing nothing",
                  _fmt(sc["threading_raw_steps_per_s"]), "-", "-", "-", "-",
                  f"threading raw/raw = {_fmt(sc['threading_raw_vs_raw'], 2)}"])
+    if "clients" in m:
+        cl = m["clients"]
+        rows.append(["  ChatEnv vs OpenEnv's own sync client (`EnvClient.sync()`), same chatenv server, taking turns",
+                     f"{_fmt(cl['chatenv_steps_per_s'])} vs {_fmt(cl['openenv_steps_per_s'])}", "-", "-", "-", "-",
+                     f"ChatEnv/OpenEnv client = {_fmt(cl['chatenv_vs_openenv'], 2)}"])
     rows.append(["  same steps on the raw generator with json.loads of each reply",
                  _fmt(sc["raw_parse_steps_per_s"]), "-", "-", "-", "-",
                  f"raw+loads/raw = {_fmt(sc['raw_parse_vs_raw'], 2)}"])
@@ -1101,6 +1156,15 @@ def render_table(results):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "clients":
+        parser = argparse.ArgumentParser(prog="bench_chatenv.py clients")
+        parser.add_argument("--url", required=True)
+        parser.add_argument("--steps", type=int, default=1000)
+        parser.add_argument("--tokens", type=int, default=16)
+        parser.add_argument("--rounds", type=int, default=5)
+        sub = parser.parse_args(argv[1:])
+        _clients_main(sub.url, sub.steps, sub.tokens, sub.rounds)
+        return 0
     if argv and argv[0] in ("floor", "openenv"):
         parser = argparse.ArgumentParser(prog=f"bench_chatenv.py {argv[0]}")
         parser.add_argument("--port", type=int, default=8000)

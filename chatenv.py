@@ -171,11 +171,14 @@ class ChatObservation:
         return obs
 
     def __getattr__(self, name: str) -> Any:  # only for fields not read yet
-        shared = self.__dict__.get("_shared")
+        fields = self.__dict__
+        shared = fields.get("_shared")
         if shared is None or name not in shared:
-            raise AttributeError(f"'ChatObservation' object has no attribute {name!r}")
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         source, length = shared[name]
-        value = self.__dict__[name] = source[:length]
+        value = fields[name] = source[:length]
+        if "messages" in fields and "tokens" in fields:
+            del fields["_shared"]  # both read: the episode's lists are no longer needed
         return value
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields

@@ -846,6 +846,7 @@ def test_client_observations_are_snapshots_even_when_read_late(server, delta):
         assert len(obs.messages) == i and len(obs.tokens) == 2 * i
         assert obs.tokens == [t for k in range(i) for t in (97 + k % 26, 98)]
         assert obs.messages == [{"role": "assistant", "content": chr(97 + k % 26) + "b"} for k in range(i)]
+    assert all("_shared" not in vars(r.observation) for r in results)  # read: holds its own lists only
     results[10].observation.tokens.append(7)  # a reader's list is its own
     assert results[11].observation.tokens[20:] == [107, 98] and results[10].observation.tokens[-1] == 7
     late = results[30].observation
