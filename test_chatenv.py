@@ -540,7 +540,7 @@ def test_server_http_routes(server):
 
 def test_server_capacity_refuses_newcomers_and_frees_slots():
     with serve_in_thread(max_sessions=2) as url:
-        first, second = raw(url), raw(url)
+        first, second = raw(url), raw(url, ping_interval=None)
         ask(first, {"type": "reset"})
         ask(second, {"type": "reset"})
         with raw(url) as third:
@@ -555,6 +555,7 @@ def test_server_capacity_refuses_newcomers_and_frees_slots():
         second.socket.shutdown(socket.SHUT_RDWR)
         second.socket.close()
         assert wait_until(lambda: url.server.active_sessions == 0)
+        second.close()  # ends its reader thread
         with raw(url) as again, raw(url) as again2:
             assert ask(again, {"type": "reset"})["type"] == "observation"
             assert ask(again2, {"type": "reset"})["type"] == "observation"
@@ -609,10 +610,11 @@ def test_server_slow_tokenizer_does_not_stall_other_sessions():
 
 def test_server_logs_one_line_per_session_and_no_traceback(server, caplog):
     caplog.set_level("INFO", logger="chatenv")
-    ws = raw(server)
+    ws = raw(server, ping_interval=None)
     ask(ws, {"type": "reset"})
     ws.socket.close()  # vanish without a close frame
     assert wait_until(lambda: server.server.active_sessions == 0)
+    ws.close()  # ends its reader thread
     time.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "chatenv"]
     assert sum("session opened" in line for line in lines) == 1
