@@ -1588,9 +1588,9 @@ class _ClientCore:
 
     # Replies
 
-    def _payload(self, data: bytes | str, expected: str) -> dict[str, Any]:
+    def _payload(self, reply: bytes | str, expected: str) -> dict[str, Any]:
         try:
-            frame = json.loads(data.decode() if isinstance(data, bytes) else data)
+            frame = json.loads(reply.decode() if isinstance(reply, bytes) else reply)
         except ValueError as exc:
             raise ChatEnvError("PROTOCOL_ERROR", f"the server sent invalid JSON: {exc}") from None
         if not isinstance(frame, dict):
