@@ -492,9 +492,9 @@ async def _open_session(base_url, *, compression=None, reset_data=None):
     return ws
 
 
-async def _run_steps(ws, frames, steps, latencies=None):
+async def _run_steps(ws, frames, steps, latencies=None, first=0):
     perf = time.perf_counter
-    for i in range(steps):
+    for i in range(first, first + steps):
         frame = frames[i % len(frames)]
         start = perf()
         await ws.send(frame)
@@ -799,11 +799,11 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
     actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
     loop = asyncio.new_event_loop()
 
-    async def raw_block(ws, start, parse):
+    async def parse_block(ws, start):  # the raw generator plus json.loads of each reply
         for i in range(start, start + block):
             await ws.send(frames[i % len(frames)])
             reply = await ws.recv()
-            if parse and json.loads(reply)["type"] != "observation":
+            if json.loads(reply)["type"] != "observation":
                 raise RuntimeError(reply[:300])
 
     def open_runners():
@@ -830,11 +830,11 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
             full.close()
 
         return {
-            "raw": lambda start: loop.run_until_complete(raw_block(raw, start, False)),
+            "raw": lambda start: loop.run_until_complete(_run_steps(raw, frames, block, first=start)),
             "sync": _client_block(default, actions, block),
             "sync_full": _client_block(full, actions, block),
             "threading_raw": threading_block,
-            "raw_parse": lambda start: loop.run_until_complete(raw_block(raw_parse, start, True)),
+            "raw_parse": lambda start: loop.run_until_complete(parse_block(raw_parse, start)),
         }, close
 
     try:
