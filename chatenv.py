@@ -50,6 +50,7 @@ __all__ = [
     "ChatServer",
     "serve",
     "serve_in_thread",
+    "ASGIApp",
     # Clients
     "ChatEnv",
     "AsyncChatEnv",
@@ -520,13 +521,13 @@ EXECUTION_ERROR = "EXECUTION_ERROR"
 CAPACITY_REACHED = "CAPACITY_REACHED"
 SESSION_ERROR = "SESSION_ERROR"
 
-_MESSAGE_TYPES = ("reset", "step", "state", "close")
+_MESSAGE_TYPES = ("reset", "step", "state", "close", "mcp")
 _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
 _INT_ONLY = {int}
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
-_OBS_HEAD = b'{"type":"observation","data":{"observation":{"messages":['
+_OBS_HEAD = b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
 _OBS_MID = b'],"tokens":['
 _OBS_TAIL = b']},"reward":null,"done":false}}'
 _DELTA_MID = b'],"delta":{"messages":'
@@ -554,14 +555,20 @@ class Reply:
 
 
 class Session:
-    """One connection's state: its environment (made on first use) and delta mode."""
+    """One session's state: its environment (made on first use) and delta mode.
 
-    __slots__ = ("_make_env", "_env", "delta")
+    ``server`` is what the protocol asks about the rest of the server (its MCP
+    sessions, see ``_mcp_reply``); None for a session on its own.
+    """
 
-    def __init__(self, make_env: Any) -> None:
+    __slots__ = ("_make_env", "_env", "delta", "server", "id")
+
+    def __init__(self, make_env: Any, server: Any = None, session_id: str | None = None) -> None:
         self._make_env = make_env
         self._env: ChatEnvironment | None = None
         self.delta = False
+        self.server = server
+        self.id = session_id  # set when the session is named (OpenEnv's MCP sessions) or asked for
 
     @property
     def env(self) -> ChatEnvironment:
@@ -604,6 +611,10 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
             return _state_reply(session.env)
         if kind == "close":
             return Reply(None, close=True)
+        if kind == "mcp":
+            data = message.get("data")
+            reply = _mcp_reply(session.server, data, session)
+            return Reply([_dumps({"type": "mcp", "data": reply}).encode()])
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
         return error_reply(exc.code, exc.message)
@@ -614,11 +625,12 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
 
 def capacity_reply(active: int, limit: int) -> Reply:
     """The frame a newcomer gets when the server is full, before the socket closes."""
-    return error_reply(
-        CAPACITY_REACHED,
-        f"Server at capacity: {active}/{limit} sessions active. Cannot accept new connections.",
-        close=True, active_sessions=active, max_sessions=limit,
-    )
+    return error_reply(CAPACITY_REACHED, _capacity_text(active, limit), close=True,
+                       active_sessions=active, max_sessions=limit)
+
+
+def _capacity_text(active: int, limit: int) -> str:
+    return f"Server at capacity: {active}/{limit} sessions active. Cannot accept new connections."
 
 
 def _type_text(kind: Any) -> str:
@@ -717,6 +729,187 @@ def _state_reply(env: ChatEnvironment) -> Reply:
     return Reply([head, env.messages_json, b'],"history_tokens":[', env.history_tokens_json, b"]}}"])
 
 
+# OpenEnv's MCP endpoint (JSON-RPC 2.0). The chat environment has no tools; what it
+# does have is OpenEnv's session methods, which name a session a WebSocket can attach to
+_RPC_PARSE_ERROR, _RPC_INVALID_REQUEST, _RPC_INVALID_PARAMS = -32700, -32600, -32602
+_RPC_INTERNAL_ERROR, _RPC_SERVER_ERROR = -32603, -32000
+
+
+def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": data}}
+
+
+def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any]:
+    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws."""
+    request_id = request.get("id") if isinstance(request, dict) else None
+    if (not isinstance(request, dict) or request.get("jsonrpc") != "2.0"
+            or not isinstance(request.get("method"), str) or request.keys() - {"jsonrpc", "method", "params", "id"}
+            or not isinstance(request_id, (str, int, type(None))) or isinstance(request_id, bool)):
+        return _rpc_error(None, _RPC_INVALID_REQUEST,
+                          "Invalid request: a JSON-RPC 2.0 request needs 'jsonrpc': '2.0' and a string 'method'")
+    method, params = request["method"], request.get("params", {})
+    if not isinstance(params, dict):
+        return _rpc_error(request_id, _RPC_INVALID_PARAMS, "Params must be an object")
+    if method == "openenv/session/create":
+        if session is not None:  # a WebSocket's own session
+            if session.id is None:
+                import uuid
+
+                session.id = str(uuid.uuid4())
+            return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": session.id}}
+        created = server.create_named_session() if server is not None else None
+        if not isinstance(created, str):
+            active, limit = created if created else (0, 0)
+            return _rpc_error(request_id, _RPC_SERVER_ERROR, _capacity_text(active, limit),
+                              {"active_sessions": active, "max_sessions": limit})
+        return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": created}}
+    if method == "openenv/session/close":
+        target = params.get("session_id")
+        if not target or not isinstance(target, str):
+            return _rpc_error(request_id, _RPC_INVALID_PARAMS, "Invalid params - 'session_id' is required")
+        if session is not None and target == session.id:
+            return _rpc_error(request_id, _RPC_INVALID_REQUEST,
+                              "Cannot close active WebSocket-managed session via MCP method")
+        outcome = server.close_named_session(target) if server is not None else None
+        if outcome is None:
+            return _rpc_error(request_id, _RPC_INVALID_PARAMS, f"Unknown session_id: {_type_text(target)}")
+        result = {"session_id": target, "closed": True} if outcome == "closed" else \
+            {"session_id": target, "closed": False, "closing": True}
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+    return _rpc_error(request_id, _RPC_INTERNAL_ERROR, "Environment does not support MCP")
+
+
+def mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
+    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return _rpc_error(None, _RPC_PARSE_ERROR, "Parse error")
+    return _mcp_reply(server, request)
+
+
+# HTTP beside the WebSocket: the routes OpenEnv 0.10's chat_env server answers, with the
+# same statuses and bodies of the same shape, from the same environment code
+
+_ENV_NAME = "chat_env"
+_TASK_ROUTES = {  # OpenEnv's task API; the chat environment has no tasks: 501, as OpenEnv says
+    "splits": ("GET", "list_splits"), "tasks": ("POST", "list_tasks"), "num_tasks": ("POST", "num_tasks"),
+    "task": ("POST", "get_task"), "task_range": ("POST", "get_task_range"),
+}
+_GET_ROUTES = ("/health", "/metadata", "/schema", "/openapi.json", "/state", "/list_environments")
+_POST_ROUTES = ("/reset", "/step", "/mcp")
+
+
+def _unprocessable(loc: str, message: str, value: Any) -> tuple[int, Any]:
+    """A 422 shaped as OpenEnv's (pydantic's) validation errors."""
+    return 422, {"detail": [{"type": "value_error", "loc": [loc], "msg": message, "input": value}]}
+
+
+def _http_observation(env: ChatEnvironment) -> bytes:
+    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape."""
+    return b"".join((b'{"observation":{"metadata":{},"messages":[', env.messages_json, _OBS_MID,
+                     env.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
+
+
+def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    """Answer one plain HTTP request: (status, a JSON-able body or pre-encoded JSON bytes).
+
+    ``server`` is the ChatServer (its tokenizer, limits, fresh environments and
+    MCP sessions). The stateless POST /reset and /step run on a fresh environment
+    each, as OpenEnv's do: sessions live on the WebSocket.
+    """
+    path = path.split("?", 1)[0]
+    if method == "HEAD":
+        method = "GET"  # HEAD answers as GET does, without the body (OpenEnv says 405)
+    if path == "/ws":
+        return 426, {"detail": "Upgrade Required: /ws is a WebSocket endpoint"}
+    parts = path.strip("/").split("/")
+    if len(parts) == 2 and parts[1] in _TASK_ROUTES:
+        allowed, name = _TASK_ROUTES[parts[1]]
+        if method != allowed:
+            return 405, {"detail": "Method Not Allowed"}
+        if parts[0].lower() != _ENV_NAME:
+            return 404, {"detail": f"unknown environment {_type_text(parts[0])!r}"}
+        return 501, {"detail": f"{name} is not supported for this environment"}
+    if path not in _GET_ROUTES and path not in _POST_ROUTES:
+        return 404, {"detail": "Not Found"}
+    if (method == "GET") != (path in _GET_ROUTES) or method not in ("GET", "POST"):
+        return 405, {"detail": "Method Not Allowed"}
+    if path == "/health":
+        return 200, {"status": "healthy"}
+    if path == "/metadata":
+        return 200, {
+            "name": _ENV_NAME,
+            "description": "Chat environment: each step appends one message given as token ids",
+            "readme_content": None,
+            "version": __version__,
+            "author": None,
+            "documentation_url": None,
+            "server": f"chatenv/{__version__}",
+            "tokenizer": _tokenizer_name(server.tokenizer),
+            "active_sessions": server.active_sessions,
+            "max_sessions": server.max_sessions,
+        }
+    if path == "/schema":
+        return 200, {"action": _ACTION_SCHEMA, "observation": _OBSERVATION_SCHEMA, "state": _STATE_SCHEMA,
+                     "reset_observation": _OBSERVATION_SCHEMA}
+    if path == "/openapi.json":
+        return 200, _openapi_document()
+    if path == "/list_environments":
+        return 200, [_ENV_NAME]
+    if path == "/mcp":
+        return 200, mcp_http_reply(server, body)
+    env = server._new_environment()
+    if path == "/state":
+        return 200, env.state.to_dict()
+    try:
+        request = json.loads(body) if body.strip() else {}
+    except (ValueError, RecursionError):
+        return _unprocessable("body", "JSON decode error", None)
+    if not isinstance(request, dict):
+        return _unprocessable("body", "Input should be a valid dictionary", None)
+    if path == "/reset":
+        try:
+            args = _reset_args({"data": request})
+        except _RequestError as exc:
+            return _unprocessable("body", exc.message, None)
+        env.reset(seed=args["seed"], episode_id=args["episode_id"])
+        return 200, _http_observation(env)
+    action = request.get("action")
+    if not isinstance(action, dict):
+        return _unprocessable("action", "Field required: an object with 'tokens'", None)
+    try:
+        tokens = _step_tokens({"data": action})
+    except _RequestError as exc:
+        return _unprocessable("tokens", exc.message, None)
+    env.reset()
+    try:
+        env._append_step(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, or the episode is full
+        return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
+    return 200, _http_observation(env)
+
+
+def _openapi_document() -> dict[str, Any]:
+    """A minimal OpenAPI 3.1 description of the routes above (OpenEnv's validator reads it)."""
+    def operation(summary: str) -> dict[str, Any]:
+        return {"summary": summary, "responses": {"200": {"description": "Successful Response"}}}
+
+    paths: dict[str, Any] = {
+        "/health": {"get": operation("Health check")},
+        "/metadata": {"get": operation("Environment metadata")},
+        "/schema": {"get": operation("Action, observation and state JSON schemas")},
+        "/state": {"get": operation("State of a fresh environment (sessions live on /ws)")},
+        "/reset": {"post": operation("Reset a fresh environment (stateless)")},
+        "/step": {"post": operation("Step a fresh environment (stateless)")},
+        "/mcp": {"post": operation("MCP JSON-RPC endpoint")},
+        "/list_environments": {"get": operation("Environments served")},
+    }
+    for route, (verb, name) in _TASK_ROUTES.items():
+        paths[f"/{{env_name}}/{route}"] = {verb.lower(): operation(name)}
+    return {"openapi": "3.1.0", "info": {"title": "chatenv", "version": __version__}, "paths": paths}
+
+
 # ------------------------------------------------------------------------------
 # Server: asyncio transports driving websockets' Sans-I/O protocol
 # ------------------------------------------------------------------------------
@@ -726,6 +919,9 @@ def _state_reply(env: ChatEnvironment) -> Reply:
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 _INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
+_SHUTDOWN_CODE = 1012  # "service restart": what OpenEnv 0.10 (uvicorn) closes sessions with on shutdown
+_NAMED_SESSION_TTL_S = 600.0  # an MCP-created session no WebSocket has used for this long is dropped
+_HTTP_HEAD_BYTES = 16 * 2**10  # largest request line and headers of a plain HTTP request
 _READ_BYTES = 2**16  # most bytes taken from a socket per read
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
@@ -808,7 +1004,7 @@ class ChatServer:
         compression: str | None = None,
         # Limits
         max_sessions: int = 256,
-        max_message_bytes: int | None = 2**20,
+        max_message_bytes: int | None = 2**24,
         max_episode_tokens: int | None = 2**20,
         # Timeouts (seconds; None disables)
         open_timeout_s: float | None = 10.0,
@@ -818,6 +1014,7 @@ class ChatServer:
         send_timeout_s: float | None = 30.0,
         close_timeout_s: float = 2.0,
         offload: bool | None = None,
+        sock: Any = None,
     ) -> None:
         if compression not in (None, "none", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
@@ -840,8 +1037,10 @@ class ChatServer:
         self.close_timeout_s = close_timeout_s
         # Inline steps are safe only for a tokenizer known to be fast
         self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
+        self.sock = sock  # a bound socket to serve on instead of host:port (a worker's, see _Supervisor)
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
+        self._named: dict[str, list[Any]] = {}  # named sessions: id -> [session, attached, closing, last used]
         self._unflushed: list[_Connection] = []  # connections with writes queued this loop turn
         self._listener: Any = None
         self._loop: Any = None
@@ -868,9 +1067,12 @@ class ChatServer:
         self._unmask = apply_mask
         # websockets' memory-saving deflate settings (smaller windows) when compressing
         self._extensions = enable_server_permessage_deflate(None) if self.compression else None
-        self._listener = await self._loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
-        )
+        if self.sock is not None:
+            self._listener = await self._loop.create_server(lambda: _Connection(self), sock=self.sock, backlog=1024)
+        else:
+            self._listener = await self._loop.create_server(
+                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+            )
         self.port = self._listener.sockets[0].getsockname()[1]
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
         logger.info(
@@ -881,7 +1083,7 @@ class ChatServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def close(self, code: int = 1001, reason: str = "server shutting down") -> None:
+    async def close(self, code: int = _SHUTDOWN_CODE, reason: str = "server shutting down") -> None:
         """Stop listening, close every session with ``code``, abort stragglers."""
         import asyncio
 
@@ -910,7 +1112,7 @@ class ChatServer:
         if self.active_sessions >= self.max_sessions:
             return None
         self.active_sessions += 1
-        return Session(self._new_environment)
+        return Session(self._new_environment, self)
 
     def _new_environment(self) -> ChatEnvironment:
         import copy
@@ -926,26 +1128,100 @@ class ChatServer:
             self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
         return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
 
-    # HTTP routes beside /ws
+    # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
-    def _http_route(self, method: str, path: str) -> tuple[int, Any]:
-        if method not in ("GET", "HEAD"):
-            return 405, {"detail": f"Method {method[:16]} not allowed: chatenv serves only the WebSocket /ws"}
-        if path == "/health":
-            return 200, {"status": "healthy"}
-        if path == "/schema":
-            return 200, {"action": _ACTION_SCHEMA, "observation": _OBSERVATION_SCHEMA, "state": _STATE_SCHEMA}
-        if path == "/metadata":
-            return 200, {
-                "name": "chat_env",
-                "description": "Chat environment: each step appends one message given as token ids",
-                "version": __version__,
-                "server": "chatenv",
-                "tokenizer": _tokenizer_name(self.tokenizer),
-                "active_sessions": self.active_sessions,
-                "max_sessions": self.max_sessions,
-            }
-        return 404, {"detail": "Not Found"}
+    def _handshake_refusal(self, headers: Any, peer: str) -> tuple[int, str, dict[str, str]] | None:
+        """Why a WebSocket upgrade to /ws is refused: (status, text, headers), or None."""
+        if self.auth_token is not None and not _authorized(headers, self.auth_token):
+            logger.warning("refused an unauthenticated WebSocket upgrade from %s", peer)
+            return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
+                    {"WWW-Authenticate": "Bearer"})
+        return None
+
+    def _open_session(self, query: str, peer: str) -> tuple[Session | None, str | None, Reply | None]:
+        """The session for an accepted /ws upgrade: (session, its name if attached, refusal)."""
+        named_id = _query_value(query, "session_id")
+        if named_id:  # attach to a named session (OpenEnv's HTTP MCP sessions)
+            attached = self.attach_named_session(named_id)
+            if isinstance(attached, str):
+                return None, None, error_reply(SESSION_ERROR, attached, close=True)
+            logger.info("session attached: %s to %s", peer, _type_text(named_id))
+            return attached, named_id, None
+        session = self._new_session()
+        if session is None:
+            logger.warning("refused a session from %s: at capacity (%d/%d)",
+                           peer, self.active_sessions, self.max_sessions)
+            return None, None, capacity_reply(self.active_sessions, self.max_sessions)
+        logger.info("session opened: %s, %d/%d active", peer, self.active_sessions, self.max_sessions)
+        return session, None, None
+
+    def _close_session(self, session: Session, named_id: str | None, peer: str, code: int,
+                       requests: int, seconds: float) -> None:
+        """A session's WebSocket has gone: free its slot (a named session only detaches)."""
+        if named_id is not None:
+            self.detach_named_session(named_id)
+        else:
+            self.active_sessions -= 1
+        logger.info("session closed: %s, code %d, %d requests, %.1f s, %d/%d active",
+                    peer, code, requests, seconds, self.active_sessions, self.max_sessions)
+
+    # Named sessions: OpenEnv's MCP ``openenv/session/create`` makes one, a WebSocket
+    # attaches to it with /ws?session_id=ID and leaves it alive when it goes; each
+    # counts against max_sessions until closed or unused for _NAMED_SESSION_TTL_S
+
+    def create_named_session(self) -> str | tuple[int, int]:
+        """A new named session's id, or (active, limit) when the server is full."""
+        import uuid
+
+        session = self._new_session()
+        if session is None:
+            return self.active_sessions, self.max_sessions
+        session.id = str(uuid.uuid4())
+        self._named[session.id] = [session, False, False, self._clock()]  # attached, closing, last used
+        return session.id
+
+    def attach_named_session(self, session_id: str) -> Session | str:
+        """The named session for a WebSocket, or why it cannot be had (OpenEnv's words)."""
+        entry = self._named.get(session_id)
+        if entry is None:
+            return f"Unknown session_id: {_type_text(session_id)}"
+        if entry[1]:
+            return f"Session {_type_text(session_id)} already has an attached WebSocket"
+        entry[1] = True
+        return entry[0]
+
+    def detach_named_session(self, session_id: str) -> None:
+        entry = self._named.get(session_id)
+        if entry is not None:
+            entry[1], entry[3] = False, self._clock()
+            if entry[2]:
+                self._drop_named(session_id)
+
+    def close_named_session(self, session_id: str) -> str | None:
+        """'closed', 'closing' (a WebSocket holds it: closed when it leaves), or None if unknown."""
+        entry = self._named.get(session_id)
+        if entry is None:
+            return None
+        if entry[1]:
+            entry[2] = True
+            return "closing"
+        self._drop_named(session_id)
+        return "closed"
+
+    def _drop_named(self, session_id: str) -> None:
+        if self._named.pop(session_id, None) is not None:
+            self.active_sessions -= 1
+
+    def _clock(self) -> float:
+        import time
+
+        return time.monotonic()
+
+    def _expire_named_sessions(self) -> None:
+        now = self._clock()
+        for session_id, (_, attached, _, last_used) in list(self._named.items()):
+            if not attached and now - last_used > _NAMED_SESSION_TTL_S:
+                self._drop_named(session_id)
 
     # Writes: queued during a loop turn, sent together at the start of the next, so
     # replies leave in bursts, as from a server whose handlers are tasks, and peers
@@ -974,6 +1250,8 @@ class ChatServer:
 
     def _housekeeping(self) -> None:
         now = self._loop.time()
+        if self._named:
+            self._expire_named_sessions()
         for conn in list(self._connections):
             try:
                 conn.check_timeouts(now)
@@ -984,7 +1262,13 @@ class ChatServer:
 
 
 def _tokenizer_name(tokenizer: Any) -> str:
-    return getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None) or type(tokenizer).__name__
+    """A tokenizer's model name; of a local path, only its last part (HTTP answers show it)."""
+    name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
+    if not isinstance(name, str) or not name:
+        return type(tokenizer).__name__
+    if os.path.isabs(name) or os.path.exists(name):
+        return os.path.basename(name.rstrip("/" + os.sep)) or type(tokenizer).__name__
+    return name
 
 
 class _Connection:
@@ -1018,6 +1302,8 @@ class _Connection:
         self.ping_sent_at: float | None = None
         self.close_deadline: float | None = None
         self.head_tail = b""  # last bytes of the handshake so far, to find its end across reads
+        self.http_body: bytes | None = None  # a plain HTTP request with a body, as read so far
+        self.named_id: str | None = None  # the named session this WebSocket attached to
 
     # asyncio protocol callbacks
 
@@ -1045,13 +1331,10 @@ class _Connection:
             if data:
                 self._receive(data)
         elif proto.state == _CONNECTING and not proto.eof_sent:
-            if not self.head_tail and len(data) >= 5 and not data.startswith((b"GET ", b"HEAD ")):
-                # OpenEnv's stateless POST /reset and /step, which carry a body the
-                # WebSocket handshake parser refuses with no answer at all: say 405
-                method = data.split(b" ", 1)[0][:16].decode("ascii", "replace")
-                status, body = self.server._http_route(method, "")
-                self._write(_http_response(status, body).serialize())
-                self._write_eof()
+            if self.http_body is not None or (not self.head_tail and data[:1] not in (b"G", b"H")):
+                # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
+                # WebSocket handshake parser would refuse with no answer at all
+                self._receive_http_request(data)
                 return
             # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
             # pipelines them still gets the 101 first: feed the request alone, then the rest
@@ -1070,6 +1353,40 @@ class _Connection:
             self._receive(data)
         if self.inbox and not self.busy and not self.drain_scheduled:
             self._drain()
+
+    def _receive_http_request(self, data: bytes) -> None:
+        """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
+        buffer = self.http_body = (self.http_body or b"") + data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > _HTTP_HEAD_BYTES:
+                self._answer_http(431, {"detail": "Request Header Fields Too Large"})
+            return
+        lines = buffer[:end].decode("latin-1").split("\r\n")
+        method, _, target = lines[0].partition(" ")
+        target = target.rpartition(" ")[0] or target
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
+            elif name == "transfer-encoding":
+                self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
+                return
+        limit = self.server.max_message_bytes
+        if limit is not None and length > limit:
+            self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
+            return
+        if len(buffer) - end - 4 < length:
+            return  # the rest of the body is on its way
+        status, body = http_reply(self.server, method[:16], target, buffer[end + 4:end + 4 + length])
+        self._answer_http(status, body, head=method == "HEAD")
+
+    def _answer_http(self, status: int, body: Any, head: bool = False) -> None:
+        self.http_body = b""  # what the client sends from now on is discarded
+        self._write(_http_response(status, body, head).serialize())
+        self._write_eof()
 
     def _take_data_frames(self, data: bytes) -> bytes:
         """Read the whole, masked data frames at the head of ``data`` directly; return the rest.
@@ -1128,16 +1445,12 @@ class _Connection:
         server = self.server
         server._connections.discard(self)
         if self.session is not None:
-            self.session = None
-            server.active_sessions -= 1
             code = self.proto.close_rcvd.code if self.proto.close_rcvd else 1006
             if self.proto.close_sent is not None and self.proto.close_rcvd is None:
                 code = self.proto.close_sent.code
-            logger.info(
-                "session closed: %s, code %d, %d requests, %.1f s, %d/%d active",
-                self.peer, code, self.requests, server._loop.time() - self.opened_at,
-                server.active_sessions, server.max_sessions,
-            )
+            server._close_session(self.session, self.named_id, self.peer, code, self.requests,
+                                  server._loop.time() - self.opened_at)
+            self.session = self.named_id = None
         if self.inbox:
             self.inbox.clear()
 
@@ -1154,16 +1467,18 @@ class _Connection:
 
     def _on_request(self, request: Any) -> None:
         server, proto = self.server, self.proto
-        path = request.path.split("?", 1)[0]
+        path, _, query = request.path.partition("?")
         if path != "/ws":
-            status, body = server._http_route(request.method, path)
+            status, body = http_reply(server, request.method, path)
             proto.send_response(_http_response(status, body, head=request.method == "HEAD"))
             return
-        if server.auth_token is not None and not _authorized(request.headers, server.auth_token):
-            response = proto.reject(401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n")
-            response.headers["WWW-Authenticate"] = "Bearer"
+        refusal = server._handshake_refusal(request.headers, self.peer)
+        if refusal is not None:
+            status, text, headers = refusal
+            response = proto.reject(status, text)
+            for name, value in headers.items():
+                response.headers[name] = value
             proto.send_response(response)
-            logger.warning("refused an unauthenticated WebSocket upgrade from %s", self.peer)
             return
         response = proto.accept(request)
         response.headers["Server"] = f"chatenv/{__version__}"
@@ -1177,17 +1492,9 @@ class _Connection:
             return
         self.fast_frames = not proto.extensions
         self.opened_at = self.last_message = server._loop.time()
-        self.session = server._new_session()
-        if self.session is None:
-            logger.warning(
-                "refused a session from %s: at capacity (%d/%d)",
-                self.peer, server.active_sessions, server.max_sessions,
-            )
-            self._send(capacity_reply(server.active_sessions, server.max_sessions))
-            return
-        logger.info(
-            "session opened: %s, %d/%d active", self.peer, server.active_sessions, server.max_sessions
-        )
+        self.session, self.named_id, refused = server._open_session(query, self.peer)
+        if refused is not None:
+            self._send(refused)
 
     # Requests and replies
 
@@ -1344,6 +1651,19 @@ class _Connection:
             self.transport.abort()
 
 
+def _query_value(query: str, name: str) -> str | None:
+    """One parameter of a request's query string, percent-decoded."""
+    if not query:
+        return None
+    from urllib.parse import parse_qs
+
+    try:
+        values = parse_qs(query, max_num_fields=16).get(name)
+    except ValueError:  # more fields than any client of ours sends
+        return None
+    return values[0] if values else None
+
+
 def _http_response(status: int, body: Any, head: bool = False) -> Any:
     import email.utils
     import http
@@ -1351,7 +1671,7 @@ def _http_response(status: int, body: Any, head: bool = False) -> Any:
     from websockets.datastructures import Headers
     from websockets.http11 import Response
 
-    payload = _dumps(body).encode()
+    payload = body if isinstance(body, bytes) else _dumps(body).encode()
     headers = Headers([
         ("Date", email.utils.formatdate(usegmt=True)),
         ("Server", f"chatenv/{__version__}"),
@@ -1381,11 +1701,11 @@ def _on_signal(server: ChatServer, signum: int) -> None:
     import signal
 
     logger.info("received %s: closing every session", signal.Signals(signum).name)
-    asyncio.ensure_future(server.close(1001, "server shutting down"))
+    asyncio.ensure_future(server.close(_SHUTDOWN_CODE, "server shutting down"))
 
 
 def serve(tokenizer: Any = None, **options: Any) -> None:
-    """Run a server until SIGTERM or SIGINT; each session is then closed with 1001."""
+    """Run a server until SIGTERM or SIGINT; each session is then closed with 1012, as OpenEnv does."""
     import asyncio
 
     asyncio.run(_serve_until_signalled(ChatServer(tokenizer, **options)))
@@ -1462,6 +1782,134 @@ class serve_in_thread:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
+
+
+# The ASGI application: the same protocol and sessions under any ASGI server. OpenEnv's
+# cloud launchers run `python -m uvicorn <app> --host 0.0.0.0 --port 8000`; the native
+# server above stays the default and the faster path
+
+
+class ASGIApp:
+    """chatenv as an ASGI 3 application: ``python -m uvicorn chatenv:app``.
+
+    It answers what the native server answers (``/ws`` sessions, HTTP routes)
+    through the same ``handle_frame`` and ``http_reply`` and a ``ChatServer``'s
+    session accounting; the ASGI server owns sockets, pings and shutdown (uvicorn
+    closes sessions with 1012). Options are ChatServer's; the module-level
+    ``app`` takes them from the environment, as ``chatenv serve`` does.
+    """
+
+    def __init__(self, tokenizer: Any = None, **options: Any) -> None:
+        self._configure = lambda: ChatServer(tokenizer, **options)
+        self.server: ChatServer | None = None
+
+    @classmethod
+    def _from_environment(cls) -> ASGIApp:
+        app = cls()
+        def configure() -> ChatServer:
+            tokenizer, options = _server_arguments(_parser().parse_args(["serve"]))
+            return ChatServer(tokenizer, **options)
+
+        app._configure = configure
+        return app
+
+    def _server(self) -> ChatServer:
+        if self.server is None:
+            self.server = self._configure()  # on first use: `import chatenv` stays cheap
+        return self.server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "http":
+            await self._http(self._server(), scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(self._server(), scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                try:
+                    self._server()
+                except Exception as exc:  # a configuration error: say it, and do not start
+                    await send({"type": "lifespan.startup.failed", "message": f"chatenv: error: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, limit = bytearray(), server.max_message_bytes
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                return
+            body += event.get("body", b"")
+            if limit is not None and len(body) > limit:
+                status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
+                break
+            if not event.get("more_body"):
+                status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
+                break
+        data = payload if isinstance(payload, bytes) else _dumps(payload).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
+
+    async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import asyncio
+
+        from websockets.datastructures import Headers
+
+        if (await receive())["type"] != "websocket.connect":
+            return
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "?"
+        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
+        refusal = server._handshake_refusal(headers, peer) if scope["path"] == "/ws" else (404, "", {})
+        if refusal is not None:
+            await send({"type": "websocket.close", "code": 1008})  # the ASGI server answers 403
+            return
+        await send({"type": "websocket.accept"})
+        server._expire_named_sessions()
+        session, named_id, refused = server._open_session(scope.get("query_string", b"").decode("latin-1"), peer)
+        if refused is not None:
+            await send({"type": "websocket.send", "text": refused.data.decode()})
+            await send({"type": "websocket.close", "code": 1000})
+            return
+        loop, requests, code, opened = asyncio.get_running_loop(), 0, 1006, server._clock()
+        try:
+            while True:
+                event = await receive()
+                if event["type"] == "websocket.disconnect":
+                    code = event.get("code", 1000)
+                    return
+                text = event.get("text")
+                frame = text if text is not None else event.get("bytes") or b""
+                if server.offload:
+                    reply = await loop.run_in_executor(None, handle_frame, session, frame)
+                else:
+                    reply = handle_frame(session, frame)
+                requests += 1
+                if reply.parts is not None:
+                    await send({"type": "websocket.send", "text": reply.data.decode()})
+                if reply.close:
+                    code = 1000
+                    await send({"type": "websocket.close", "code": 1000})
+                    return
+        finally:
+            server._close_session(session, named_id, peer, code, requests, server._clock() - opened)
+
+
+def __getattr__(name: str) -> Any:
+    """``chatenv.app``: the ASGI application configured from the environment, made on first use."""
+    if name == "app":
+        app = globals()["app"] = ASGIApp._from_environment()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------
@@ -2393,7 +2841,7 @@ def _parser() -> Any:
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
                            "(default: %(default)s)")
     serve_cmd.add_argument("--max-message-bytes", type=int,
-                           default=int(_from_env("max_message_bytes", 2**20)),
+                           default=int(_from_env("max_message_bytes", 2**24)),
                            help="largest incoming message; larger ones close the session with 1009 "
                            "[CHATENV_MAX_MESSAGE_BYTES] (default: %(default)s)")
     serve_cmd.add_argument("--max-episode-tokens", type=int,
@@ -2415,6 +2863,19 @@ def _parser() -> Any:
     return parser
 
 
+def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer and ChatServer options that ``chatenv serve``'s arguments ask for."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    options = dict(
+        host=args.host, port=args.port, system_prompt=args.system_prompt,
+        max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
+        max_episode_tokens=args.max_episode_tokens or None,
+        compression=args.compression, auth_token=args.auth_token,
+        idle_timeout_s=float(args.idle_timeout_s) if args.idle_timeout_s else None,
+    )
+    return tokenizer, options
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``chatenv`` and ``python -m chatenv``."""
     parser = _parser()
@@ -2426,14 +2887,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        options = dict(
-            host=args.host, port=args.port, system_prompt=args.system_prompt,
-            max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
-            max_episode_tokens=args.max_episode_tokens or None,
-            compression=args.compression, auth_token=args.auth_token,
-            idle_timeout_s=float(args.idle_timeout_s) if args.idle_timeout_s else None,
-        )
+        tokenizer, options = _server_arguments(args)
         serve(tokenizer, **options)
     except (ImportError, ValueError, TypeError, OSError) as exc:
         print(f"chatenv: error: {exc}", file=sys.stderr)

@@ -94,13 +94,13 @@ def ws_url(url: str) -> str:
     return url.replace("http://", "ws://") + "/ws"
 
 
-def raw(url: str, **kwargs):
+def raw(url: str, query: str = "", **kwargs):
     """A raw websockets client on a server's /ws: the server proven without chatenv's client."""
     kwargs.setdefault("open_timeout", 5)
     kwargs.setdefault("proxy", None)
     if chatenv._websockets_major() >= 17:
         kwargs.setdefault("legacy", True)
-    return connect(ws_url(url), **kwargs)
+    return connect(ws_url(url) + (f"?{query}" if query else ""), **kwargs)
 
 
 def ask(ws, message, timeout: float = 5):
@@ -119,6 +119,18 @@ def http_get(url: str, timeout: float = 5):
         return status, json.loads(body or b"null")
     except ValueError:
         return status, body.decode()
+
+
+def http_post(url: str, body, timeout: float = 5):
+    """POST a JSON body (or raw bytes) without any proxy; returns (status, JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with NO_PROXY.open(request, timeout=timeout) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    return status, json.loads(payload or b"null")
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
@@ -482,9 +494,10 @@ def test_server_openenv_session_over_raw_frames(server):
     with raw(server) as ws:
         assert ask(ws, {"type": "reset", "data": {}}) == {
             "type": "observation",
-            "data": {"observation": {"messages": [], "tokens": []}, "reward": None, "done": False},
+            "data": {"observation": {"metadata": {}, "messages": [], "tokens": []}, "reward": None, "done": False},
         }
         assert ask(ws, {"type": "step", "data": {"tokens": [72, 105], "metadata": {}}})["data"]["observation"] == {
+            "metadata": {},
             "messages": [{"role": "assistant", "content": "Hi"}],
             "tokens": [72, 105],
         }
@@ -531,11 +544,60 @@ def test_server_http_routes(server):
     assert status == 200 and meta["name"] and meta["description"]
     assert http_get(server + "/nope")[0] == 404
     assert http_get(server + "/ws")[0] == 426  # a plain GET on the WebSocket path
-    # OpenEnv's stateless HTTP endpoints are left out, and say so
-    request = urllib.request.Request(server + "/reset", data=b'{"seed": 1}', headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as info:
-        NO_PROXY.open(request, timeout=5)
-    assert info.value.code == 405 and "WebSocket" in json.loads(info.value.read())["detail"]
+    assert http_get(server + "/list_environments") == (200, ["chat_env"])
+    assert http_get(server + "/chat_env/splits") == (501, {"detail": "list_splits is not supported for this environment"})
+    assert http_get(server + "/other_env/splits")[0] == 404
+    status, spec = http_get(server + "/openapi.json")
+    assert status == 200 and isinstance(spec["info"]["version"], str)
+    assert {"/health", "/reset", "/step", "/state", "/mcp"} <= spec["paths"].keys()
+    # OpenEnv's stateless HTTP endpoints: a fresh environment per request, OpenEnv 0.10's shapes
+    assert http_post(server + "/reset", {"seed": 1}) == (200, {
+        "observation": {"metadata": {}, "messages": [], "tokens": []}, "reward": None, "done": False, "metadata": None})
+    status, body = http_post(server + "/step", {"action": {"tokens": [72, 105]}})
+    assert status == 200 and body["observation"]["messages"] == [{"role": "assistant", "content": "Hi"}]
+    status, body = http_post(server + "/step", {"action": {"tokens": []}})
+    assert status == 422 and body["detail"][0]["loc"] == ["tokens"]
+    assert http_post(server + "/reset", b"[1]")[0] == 422
+    assert http_post(server + "/health", {})[0] == 405
+    assert http_get(server + "/state") == (200, {"episode_id": None, "step_count": 0, "history_messages": [],
+                                                 "history_tokens": []})
+
+
+def test_server_mcp_endpoint_and_named_sessions():
+    with serve_in_thread(max_sessions=2) as url:
+        rpc = lambda body: http_post(url + "/mcp", body)  # noqa: E731
+        assert rpc(b"not json") == (200, {"jsonrpc": "2.0", "id": None,
+                                          "error": {"code": -32700, "message": "Parse error", "data": None}})
+        assert rpc({})[1]["error"]["code"] == -32600
+        assert rpc({"jsonrpc": "2.0", "method": "tools/list", "params": {}, "id": 1})[1] == {
+            "jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "Environment does not support MCP",
+                                                 "data": None}}
+        created = rpc({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 2})[1]
+        session_id = created["result"]["session_id"]
+        assert url.server.active_sessions == 1  # a named session holds a slot
+        with raw(url, "session_id=" + session_id) as ws:
+            ask(ws, {"type": "reset"})
+            ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})
+            with raw(url, "session_id=" + session_id) as second:  # one WebSocket at a time
+                refusal = json.loads(second.recv(timeout=5))["data"]
+                assert refusal["code"] == "SESSION_ERROR" and "already has an attached WebSocket" in refusal["message"]
+            reply = ask(ws, {"type": "mcp", "data": {"jsonrpc": "2.0", "method": "tools/list", "id": 3}})
+            assert reply["type"] == "mcp" and reply["data"]["error"]["code"] == -32603
+        with raw(url, "session_id=" + session_id) as ws:  # it outlived its WebSocket
+            assert ask(ws, {"type": "state"})["data"]["history_tokens"] == [[72, 105]]
+        assert rpc({"jsonrpc": "2.0", "method": "openenv/session/close", "params": {"session_id": session_id},
+                    "id": 4})[1]["result"] == {"session_id": session_id, "closed": True}
+        assert wait_until(lambda: url.server.active_sessions == 0)
+        with raw(url, "session_id=" + session_id) as ws:  # gone: OpenEnv 0.10's answer
+            assert json.loads(ws.recv(timeout=5)) == {"type": "error", "data": {
+                "message": f"Unknown session_id: {session_id}", "code": "SESSION_ERROR"}}
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1000
+        for _ in range(2):
+            rpc({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 5})
+        full = rpc({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 6})[1]
+        assert full["error"]["code"] == -32000 and full["error"]["data"] == {"active_sessions": 2, "max_sessions": 2}
 
 
 def test_server_capacity_refuses_newcomers_and_frees_slots():
@@ -679,7 +741,7 @@ def _healthy(url):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_server_signal_closes_sessions_with_1001_and_exits_fast(signum):
+def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
     proc, url = _start_cli()
     try:
         sessions = [raw(url) for _ in range(3)]
@@ -693,7 +755,7 @@ def test_server_signal_closes_sessions_with_1001_and_exits_fast(signum):
         for ws in sessions:
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=2)
-            assert ws.close_code == 1001
+            assert ws.close_code == 1012  # OpenEnv 0.10's (uvicorn's) shutdown code
         output = proc.stdout.read()
         assert "Traceback" not in output and "session closed" in output
     finally:
@@ -1240,7 +1302,7 @@ def test_cli_serves_a_real_tokenizer_folder(minilm):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
     try:
-        assert http_get(url + "/metadata")[1]["tokenizer"] == str(minilm)
+        assert http_get(url + "/metadata")[1]["tokenizer"] == minilm.name  # no filesystem path
         with ChatEnv(url) as client:
             result = client.reset()
             assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
@@ -2228,7 +2290,7 @@ def test_deeply_nested_json_over_a_socket_keeps_the_session(kind):
 
 def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connection_errors(tmp_path):
     """50 sessions mid-episode (chatenv clients, sync and async), a client whose buffers
-    are full and a half-done handshake: SIGTERM closes them all with 1001, the process
+    are full and a half-done handshake: SIGTERM closes them all with 1012, the process
     exits within a second, and chatenv's clients raise EpisodeLostError (a ConnectionError)
     until reset() reaches a server again."""
     server = ServerProcess(tmp_path, "server", cli=["--port", "0"])
@@ -2255,7 +2317,7 @@ def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connec
         for ws in raws:
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=2)
-            assert ws.close_code == 1001
+            assert ws.close_code == 1012
         started = time.monotonic()
         for env in envs:
             with pytest.raises(EpisodeLostError, match="reset") as info:
@@ -2271,7 +2333,7 @@ def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connec
         log = server.output()
         _rel_assert_clean_log(log)
         assert log.count("session closed") == 51
-        assert len(re.findall(r"session closed: \S+, code 1001", log)) >= 49  # all but the stuck one
+        assert len(re.findall(r"session closed: \S+, code 1012", log)) >= 49  # all but the stuck one
         with serve_in_thread(port=port):  # back: reset() starts a new episode
             assert envs[0].reset().observation.messages == []
             assert envs[0].step([72, 105]).observation.tokens == [72, 105]
