@@ -1704,11 +1704,258 @@ def _on_signal(server: ChatServer, signum: int) -> None:
     asyncio.ensure_future(server.close(_SHUTDOWN_CODE, "server shutting down"))
 
 
-def serve(tokenizer: Any = None, **options: Any) -> None:
-    """Run a server until SIGTERM or SIGINT; each session is then closed with 1012, as OpenEnv does."""
+def serve(tokenizer: Any = None, workers: int = 1, **options: Any) -> None:
+    """Run a server until SIGTERM or SIGINT; each session is then closed with 1012, as OpenEnv does.
+
+    ``workers`` above 1 forks that many servers onto the one port under a
+    supervisor (``_Supervisor``); each has its own sessions and limits.
+    """
     import asyncio
 
-    asyncio.run(_serve_until_signalled(ChatServer(tokenizer, **options)))
+    server = ChatServer(tokenizer, **options)
+    if workers != 1:
+        _Supervisor(server, workers).run()
+        return
+    asyncio.run(_serve_until_signalled(server))
+
+
+# Workers: `chatenv serve --workers N` runs N ordinary servers on one port, forked
+# from a supervisor that restarts those that die and passes SIGTERM/SIGINT on. On
+# Linux each worker listens on its own SO_REUSEPORT socket, so the kernel spreads
+# connections over them evenly; elsewhere all accept from one listening socket
+# that the supervisor binds and the workers inherit
+_REUSE_PORT = sys.platform.startswith("linux")  # BSD/macOS SO_REUSEPORT does not balance
+_WORKER_STABLE_S = 5.0  # a worker that ran this long was not crash-looping: restart it at once
+_RESTART_DELAY_S = (0.1, 10.0)  # a crash-looping worker's restart delay: doubles from the first to the last
+_WORKER_STOP_S = 5.0  # after SIGTERM, a worker still closing its sessions this long is killed
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    """A Python-level handler, so the signal reaches the supervisor's wakeup pipe."""
+
+
+class _Supervisor:
+    """Fork ``workers`` copies of an unstarted ChatServer onto its port; restart them; stop them.
+
+    The server is built (options checked, tokenizer loaded) once, before any
+    fork, so a worker starts in milliseconds and a restarted one is identical.
+    The supervisor runs no event loop: it sleeps on a pipe that signals
+    (SIGCHLD included) are written to, then reaps, restarts or stops workers.
+    """
+
+    _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT (their numbers on every POSIX system)
+
+    def __init__(self, server: ChatServer, workers: int) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a whole number, at least 1, not {workers!r}")
+        if not hasattr(os, "fork"):
+            raise ValueError("more than one worker needs os.fork, which this platform does not have")
+        self.server, self.workers = server, workers
+        self.reuse_port = _REUSE_PORT
+        self.sock: Any = None  # with reuse_port the port's reservation (bound, never listening), else the listener
+        self.address: Any = None
+        self.pids: dict[int, tuple[int, float]] = {}  # live workers: pid -> (slot, started at)
+        self.failures = [0] * workers  # per slot: deaths in a row that came soon after a start
+        self.due: dict[int, float] = {}  # slots waiting for a restart: slot -> when
+        self.pipe: tuple[int, int] = (-1, -1)
+
+    def run(self) -> None:
+        import signal
+
+        self._bind()
+        self.pipe = os.pipe()
+        for fd in self.pipe:
+            os.set_blocking(fd, False)
+        handled = (signal.SIGCHLD, *self._STOP_SIGNALS)
+        previous_fd = signal.set_wakeup_fd(self.pipe[1])  # ValueError outside the main thread
+        previous = {signum: signal.signal(signum, _note_signal) for signum in handled}
+        try:
+            import asyncio  # noqa: F401  (imported once here, not again in every worker)
+
+            from websockets.server import ServerProtocol  # noqa: F401
+
+            for slot in range(self.workers):
+                self._spawn(slot)
+            logger.info("supervisor pid %d: %d workers on %s (%s)", os.getpid(), self.workers, self.server.url,
+                        "one SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
+            while True:
+                received = self._wait(min([1.0, *(when - self._now() for when in self.due.values())]))
+                stop = received.intersection(self._STOP_SIGNALS)
+                if stop:
+                    logger.info("received %s: stopping %d workers", signal.Signals(min(stop)).name, len(self.pids))
+                    break
+                self._reap()
+                for slot, when in list(self.due.items()):
+                    if when <= self._now():
+                        del self.due[slot]
+                        self._spawn(slot)
+        finally:
+            self._stop()
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            for fd in self.pipe:
+                os.close(fd)
+            self.sock.close()
+        logger.info("supervisor stopped")
+
+    @staticmethod
+    def _now() -> float:
+        import time
+
+        return time.monotonic()
+
+    def _socket(self, listen: bool) -> Any:
+        import socket
+
+        family, address = self.address
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds "::"
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            if listen:
+                sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _bind(self) -> None:
+        """Take the port (resolving 0) before any worker exists, and fail here if it is in use."""
+        import socket
+
+        server = self.server
+        family, _, _, _, address = socket.getaddrinfo(
+            server.host or None, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        self.address = family, address
+        if self.reuse_port and server.port:
+            # SO_REUSEPORT would let this bind share a port another server listens on
+            # (another supervisor's, say): a plain bind finds out whether it is taken
+            reuse_port, self.reuse_port = self.reuse_port, False
+            try:
+                self._socket(listen=False).close()
+            finally:
+                self.reuse_port = reuse_port
+        self.sock = self._socket(listen=not self.reuse_port)
+        server.port = self.sock.getsockname()[1]
+        self.address = family, (address[0], server.port, *address[2:])
+
+    def _spawn(self, slot: int) -> None:
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._work(supervisor)  # never returns
+        self.pids[pid] = (slot, self._now())
+        logger.debug("worker %d started: pid %d", slot, pid)
+
+    def _work(self, supervisor: int) -> None:
+        """The worker, in the child: an ordinary server on the supervisor's port; exits, never returns."""
+        import asyncio
+        import signal
+
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, *self._STOP_SIGNALS):
+                signal.signal(signum, signal.SIG_DFL)
+            for fd in self.pipe:
+                os.close(fd)
+            if self.reuse_port:
+                self.server.sock = self._socket(listen=True)
+                self.sock.close()  # the reservation stays the supervisor's
+            else:
+                self.server.sock = self.sock
+            asyncio.run(_serve_worker(self.server, supervisor))
+            code = 0
+        except BaseException:
+            logger.exception("worker pid %d failed", os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(code)  # never unwind into the supervisor's caller
+
+    def _wait(self, timeout: float) -> set[int]:
+        """Sleep until a signal or ``timeout``; the signals received."""
+        import select
+
+        select.select([self.pipe[0]], [], [], max(0.0, timeout))
+        try:
+            return set(os.read(self.pipe[0], 512))
+        except BlockingIOError:
+            return set()
+
+    def _reap(self) -> None:
+        import signal
+
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid not in self.pids:
+                continue
+            slot, started = self.pids.pop(pid)
+            if self.pipe[0] == -1:
+                continue  # stopping: not restarted
+            lived = self._now() - started
+            self.failures[slot] = 0 if lived >= _WORKER_STABLE_S else self.failures[slot] + 1
+            first, last = _RESTART_DELAY_S
+            delay = 0.0 if not self.failures[slot] else min(last, first * 2 ** (self.failures[slot] - 1))
+            code = os.waitstatus_to_exitcode(status)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+            logger.warning("worker pid %d %s after %.1f s, losing its sessions; restarting it in %.1f s",
+                           pid, how, lived, delay)
+            self.due[slot] = self._now() + delay
+
+    def _stop(self) -> None:
+        """SIGTERM every worker (each closes its sessions with 1012), wait, SIGKILL stragglers."""
+        import signal
+
+        self.due.clear()
+        for pid in self.pids:
+            with contextlib_suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        reading, self.pipe = self.pipe, (-1, -1)
+        deadline = self._now() + _WORKER_STOP_S
+        try:
+            while self.pids and self._now() < deadline:
+                self.pipe = reading
+                received = self._wait(min(0.1, deadline - self._now()))
+                self.pipe = (-1, -1)
+                self._reap()
+                if received.intersection(self._STOP_SIGNALS):
+                    break  # asked twice: do not wait
+        finally:
+            self.pipe = reading
+        for pid in list(self.pids):
+            logger.warning("worker pid %d did not stop: killing it", pid)
+            with contextlib_suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib_suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            del self.pids[pid]
+
+
+async def _serve_worker(server: ChatServer, supervisor: int) -> None:
+    """A worker's server, which also stops within a second of its supervisor dying."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def watch() -> None:
+        if os.getppid() != supervisor:
+            logger.warning("worker pid %d: the supervisor is gone, stopping", os.getpid())
+            asyncio.ensure_future(server.close())
+        else:
+            loop.call_later(1.0, watch)
+
+    loop.call_later(1.0, watch)
+    await _serve_until_signalled(server)
 
 
 class ServerURL(str):
@@ -2877,7 +3124,9 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``chatenv`` and ``python -m chatenv``."""
+    """Entry point of ``chatenv``, ``python -m chatenv`` and ``server`` (which serves)."""
+    if argv is None and os.path.basename(sys.argv[0]) == "server":
+        argv = ["serve", *sys.argv[1:]]  # the command OpenEnv's HF sandbox launcher runs
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command != "serve":

@@ -4,6 +4,7 @@ environment, protocol (pure), server (real sockets), clients, docker, CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import hmac
@@ -598,6 +599,89 @@ def test_server_mcp_endpoint_and_named_sessions():
             rpc({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 5})
         full = rpc({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 6})[1]
         assert full["error"]["code"] == -32000 and full["error"]["data"] == {"active_sessions": 2, "max_sessions": 2}
+
+
+@contextlib.contextmanager
+def asgi_server(app):
+    """Serve an ASGI app under uvicorn on a free loopback port, in a thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=20)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _session_frames(url):
+    """The frames of one scripted session, and of its errors and state."""
+    with raw(url) as ws:
+        frames = [ask(ws, message) for message in (
+            {"type": "reset", "data": {"episode_id": "e"}},
+            {"type": "step", "data": {"tokens": [72, 105]}},
+            {"type": "reset", "data": {"chatenv_delta": True}},
+            {"type": "step", "data": {"tokens": [33]}},
+            "not json", {"type": "step", "data": {"tokens": [999]}}, {"type": "nope"},
+            {"type": "mcp", "data": {"jsonrpc": "2.0", "method": "tools/list", "id": 1}},
+        )]
+        state = ask(ws, {"type": "state"})["data"]
+        del state["episode_id"]  # a fresh unique id each run
+        return frames, state
+
+
+def test_asgi_app_under_uvicorn_answers_as_the_native_server():
+    """python -m uvicorn chatenv:app serves the same frames, HTTP answers and limits."""
+    app = chatenv.ASGIApp(max_sessions=1, system_prompt="Be brief.")
+    with asgi_server(app) as asgi_url, serve_in_thread(max_sessions=1, system_prompt="Be brief.") as native_url:
+        assert _session_frames(asgi_url) == _session_frames(native_url)
+        for path in ("/health", "/metadata", "/schema", "/state", "/openapi.json", "/list_environments",
+                     "/chat_env/splits", "/nope"):
+            assert http_get(asgi_url + path) == http_get(native_url + path), path
+        for path, body in (("/reset", {}), ("/step", {"action": {"tokens": [72]}}), ("/step", {"action": {}}),
+                           ("/mcp", b"not json"), ("/mcp", {"jsonrpc": "2.0", "method": "tools/list", "id": 2})):
+            assert http_post(asgi_url + path, body) == http_post(native_url + path, body), path
+        with raw(asgi_url) as first:  # capacity: one session
+            ask(first, {"type": "reset"})
+            with raw(asgi_url) as second:
+                assert json.loads(second.recv(timeout=5))["data"]["code"] == "CAPACITY_REACHED"
+        assert wait_until(lambda: app.server.active_sessions == 0)
+        created = http_post(asgi_url + "/mcp", {"jsonrpc": "2.0", "method": "openenv/session/create", "id": 3})
+        session_id = created[1]["result"]["session_id"]
+        with raw(asgi_url, "session_id=" + session_id) as ws:
+            ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})
+        with raw(asgi_url, "session_id=" + session_id) as ws:
+            assert ask(ws, {"type": "state"})["data"]["history_tokens"][-1] == [72, 105]
+        with raw(asgi_url, "session_id=nope") as ws:
+            assert json.loads(ws.recv(timeout=5))["data"]["code"] == "SESSION_ERROR"
+
+
+def test_asgi_module_app_is_configured_from_the_environment_on_first_use(tmp_path):
+    """chatenv.app reads CHATENV_*/OpenEnv variables when first used, not at import."""
+    script = (
+        "import asyncio, chatenv\n"
+        "assert 'app' not in vars(chatenv)\n"
+        "app = chatenv.app\n"
+        "assert app is chatenv.app and app.server is None\n"
+        "async def main():\n"
+        "    sent = []\n"
+        "    events = iter([{'type': 'lifespan.startup'}, {'type': 'lifespan.shutdown'}])\n"
+        "    async def receive(): return next(events)\n"
+        "    async def send(event): sent.append(event['type'])\n"
+        "    await app({'type': 'lifespan'}, receive, send)\n"
+        "    print(sent, app.server.max_sessions, app.server._prototype.system_prompt)\n"
+        "asyncio.run(main())\n"
+    )
+    env = dict(os.environ, CHATENV_MAX_SESSIONS="7", SYSTEM_PROMPT="Hello.")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['lifespan.startup.complete',", "'lifespan.shutdown.complete']", "7", "Hello."]
 
 
 def test_server_capacity_refuses_newcomers_and_frees_slots():
