@@ -9,9 +9,10 @@ a raw ``websockets`` asyncio client, and prints one Markdown table:
   byte-identical to chatenv's, built only by joining pre-serialised history
   strings (``python bench_chatenv.py floor --port P``): the best a library on
   ``websockets`` can do;
-* the OpenEnv peer: the same chat environment written on ``openenv-core``'s
-  public API and run under uvicorn (``python bench_chatenv.py openenv --port
-  P``), when ``openenv-core`` is importable.
+* the OpenEnv peer: the same chat environment written on OpenEnv's public API
+  and run under uvicorn (``support_chatenv.py serve-peer``), once in each
+  release's venv (``python support_chatenv.py venvs`` builds them): OpenEnv
+  0.10.0, the main comparison, and openenv-core 0.3.0, the older release.
 
 The module is also importable without ``openenv-core`` installed: the OpenEnv
 peer (``openenv_chat_server`` and ``make_openenv_chat_client_class``) imports
@@ -19,8 +20,18 @@ it lazily, and the tests use both to prove wire compatibility in each
 direction.
 
 Flags: ``--quick`` (small counts, a smoke run), ``--no-openenv``, ``--json
-FILE``, ``--openenv-python PATH`` (an interpreter that has ``openenv-core``,
-for the OpenEnv server only).
+FILE``, ``--openenv-release R`` (repeatable; default: both), ``--openenv-python
+PATH`` (an interpreter with OpenEnv instead of the venvs), ``--plot PATH`` /
+``--no-plot`` (the picture of per-step cost against episode length, drawn with
+matplotlib from the long-episode runs; default docs/step-cost.png, a temporary
+file with ``--quick``). ``python bench_chatenv.py curve`` runs only the long
+episodes and draws the picture.
+
+Client modes: ``python bench_chatenv.py sync-client`` runs only the comparison
+of ``ChatEnv`` with the raw generator (taking turns on one chatenv server);
+``python bench_chatenv.py growth`` measures how a client's step time grows over
+a long episode of full observations in both of OpenEnv's frame shapes (a server
+replaying pre-built frames), ``ChatEnv`` against a bare websockets client.
 """
 
 import argparse
@@ -30,6 +41,7 @@ import datetime
 import functools
 import http.client
 import json
+import math
 import os
 import platform
 import random
@@ -39,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
@@ -62,277 +73,32 @@ _COMPACT = (",", ":")  # compact JSON, as OpenEnv (pydantic) and chatenv send it
 
 
 ###############################################################################
-# Byte-level tokenizer (shared by the OpenEnv peer and the floor)
+# The OpenEnv peer: support_chatenv's (chat_env on OpenEnv's API, imported lazily)
 ###############################################################################
 
+# Re-exported under the names the benchmark has always had; support_chatenv is
+# stdlib-only until a peer is built, so this module still imports without OpenEnv.
+from support_chatenv import (  # noqa: E402
+    RELEASES as OPENENV_RELEASES,
+    ByteTokenizer,
+    VenvMissing,
+    make_openenv_chat_client_class,
+    openenv_chat_app,
+    openenv_chat_server,
+    openenv_chat_types,
+    require_venv,
+    venv_ready,
+)
 
-class ByteTokenizer:
-    """Token ids 0-255 are UTF-8 bytes: [72, 105] decodes to "Hi"."""
-
-    def encode(self, text, **_kwargs):
-        return list(text.encode("utf-8"))
-
-    def decode(self, token_ids, skip_special_tokens=False, **_kwargs):
-        # bytes() raises "bytes must be in range(0, 256)" for other ids, which
-        # OpenEnv reports as EXECUTION_ERROR (see the recorded transcripts).
-        return bytes(token_ids).decode("utf-8", errors="replace")
-
-
-###############################################################################
-# The OpenEnv peer: chat_env on openenv-core's public API (imported lazily)
-###############################################################################
-
-_OPENENV_TYPES = None  # namespace of the pydantic models and environment, built once
-_OPENENV_CLIENT_CLASS = None  # the EnvClient subclass, built once
-
-
-def _flatten_token_ids(value):
-    """Lenient token coercion as OpenEnv's chat action does it.
-
-    Tensors and arrays via ``.tolist()``, nested lists flattened, every item
-    through ``int()`` (so 72.9 -> 72, True -> 1, "105" -> 105).  A string or a
-    non-sequence raises TypeError, which pydantic does not wrap, so OpenEnv
-    answers EXECUTION_ERROR; ``int("a")`` raises ValueError, which pydantic
-    wraps with the exception object inside, and OpenEnv's error reply then
-    fails to serialise: SESSION_ERROR and a closed socket, as recorded.
-    """
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise TypeError("tokens must be provided as a sequence of token ids")
-    flat = []
-    stack = [iter(value)]
-    while stack:
-        for item in stack[-1]:
-            if hasattr(item, "tolist"):
-                item = item.tolist()
-            if isinstance(item, (list, tuple)):
-                stack.append(iter(item))
-                break
-            flat.append(int(item))
-        else:
-            stack.pop()
-    return flat
-
-
-def _tokenize_system_message(tokenizer, message):
-    """The system prompt's ids: the tokenizer's chat template if it has one, as
-    OpenEnv's chat environment does, else the content's bytes."""
-    template = getattr(tokenizer, "apply_chat_template", None)
-    if callable(template):
-        ids = template(conversation=[message], tokenize=True)
-    else:
-        ids = tokenizer.encode(message["content"])
-    return _flatten_token_ids(ids)
-
-
-def openenv_chat_types():
-    """Build (once) the chat models and environment on openenv-core's API.
-
-    Returns a namespace with ``ChatAction``, ``ChatObservation``,
-    ``ChatState`` (pydantic models on OpenEnv's Action/Observation/State) and
-    ``ChatEnvironment`` (an OpenEnv ``Environment``).
-    """
-    global _OPENENV_TYPES
-    if _OPENENV_TYPES is not None:
-        return _OPENENV_TYPES
-    from types import SimpleNamespace
-    from typing import Any, Dict, List, Optional
-
-    from pydantic import Field, field_validator
-
-    from openenv.core.env_server import Action, Environment, Observation, State
-
-    class ChatAction(Action):
-        """One message, as token ids."""
-
-        tokens: List[int] = Field(..., min_length=1)
-
-        @field_validator("tokens", mode="before")
-        @classmethod
-        def _coerce_tokens(cls, value):
-            return _flatten_token_ids(value)
-
-    class ChatObservation(Observation):
-        """The whole conversation: messages and flattened token ids."""
-
-        messages: List[Dict[str, str]] = Field(default_factory=list)
-        tokens: List[int] = Field(default_factory=list)
-
-    class ChatState(State):
-        """The history, one token list per message."""
-
-        history_messages: List[Dict[str, str]] = Field(default_factory=list)
-        history_tokens: List[List[int]] = Field(default_factory=list)
-
-    class ChatEnvironment(Environment):
-        """OpenEnv's chat_env behaviour with a byte-level tokenizer.
-
-        Like OpenEnv's, it leaves ``episode_id`` None and ``step_count`` 0.
-        """
-
-        SUPPORTS_CONCURRENT_SESSIONS = True
-
-        def __init__(self, tokenizer=None, system_prompt=None, system_role="system"):
-            super().__init__()
-            self._tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-            self._system_prompt = system_prompt
-            self._system_role = system_role
-            self._state = ChatState()
-            self.reset()
-
-        def reset(self, seed: Optional[int] = None, episode_id: Optional[str] = None, **kwargs: Any):
-            messages, tokens = [], []
-            if self._system_prompt:
-                message = {"role": self._system_role, "content": self._system_prompt}
-                messages.append(message)
-                tokens.append(_tokenize_system_message(self._tokenizer, message))
-            self._state = ChatState(history_messages=messages, history_tokens=tokens)
-            return self._observation()
-
-        def step(self, action, timeout_s: Optional[float] = None, **kwargs: Any):
-            token_ids = list(action.tokens)
-            content = self._tokenizer.decode(token_ids, skip_special_tokens=True)
-            self._state.history_messages.append({"role": "assistant", "content": content})
-            self._state.history_tokens.append(token_ids)
-            return self._observation()
-
-        @property
-        def state(self):
-            return self._state
-
-        def _observation(self):
-            flat = [t for ids in self._state.history_tokens for t in ids]
-            return ChatObservation(messages=[dict(m) for m in self._state.history_messages], tokens=flat)
-
-    _OPENENV_TYPES = SimpleNamespace(
-        ChatAction=ChatAction,
-        ChatObservation=ChatObservation,
-        ChatState=ChatState,
-        ChatEnvironment=ChatEnvironment,
-    )
-    return _OPENENV_TYPES
-
-
-def openenv_chat_app(max_concurrent_envs=1, system_prompt=None, tokenizer=None):
-    """The FastAPI app OpenEnv's ``create_app`` builds for the chat environment.
-
-    ``tokenizer`` (default: ``ByteTokenizer``) is shared by every session.
-    """
-    from openenv.core.env_server import create_app
-
-    types = openenv_chat_types()
-    factory = functools.partial(types.ChatEnvironment, tokenizer=tokenizer, system_prompt=system_prompt)
-    return create_app(
-        factory,
-        types.ChatAction,
-        types.ChatObservation,
-        env_name="chat_env",
-        max_concurrent_envs=max_concurrent_envs,
-    )
-
-
-@contextlib.contextmanager
-def openenv_chat_server(port=0, max_concurrent_envs=1, system_prompt=None, *, tokenizer=None, host="127.0.0.1",
-                        log_level="warning"):
-    """Run the OpenEnv chat server under uvicorn in a background thread.
-
-    Yields its base URL ``"http://127.0.0.1:PORT"``; stops it on exit.
-    """
-    import uvicorn
-
-    app = openenv_chat_app(max_concurrent_envs=max_concurrent_envs, system_prompt=system_prompt, tokenizer=tokenizer)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2))
-    errors = []
-
-    def run():
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # reported to the caller below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name=f"openenv-chat-{bound_port}", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"OpenEnv chat server did not start: {errors!r}")
-            time.sleep(0.01)
-        yield f"http://{host}:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def make_openenv_chat_client_class():
-    """An ``openenv.core.EnvClient`` subclass speaking the chat payloads.
-
-    Async by default (``async with Client(url) as env``), synchronous through
-    ``Client(url).sync()``.  Results are OpenEnv ``StepResult`` objects holding
-    the peer's pydantic ``ChatObservation``; ``state()`` returns ``ChatState``.
-    Any action with ``.tokens`` and ``.metadata`` works, chatenv's included.
-    """
-    global _OPENENV_CLIENT_CLASS
-    if _OPENENV_CLIENT_CLASS is not None:
-        return _OPENENV_CLIENT_CLASS
-    from openenv.core.client_types import StepResult
-    from openenv.core.env_client import EnvClient
-
-    types = openenv_chat_types()
-
-    class OpenEnvChatClient(EnvClient):
-        """OpenEnv's client for the chat environment (token ids as JSON lists)."""
-
-        action_cls = types.ChatAction
-
-        def _step_payload(self, action):
-            return {"tokens": list(action.tokens), "metadata": dict(getattr(action, "metadata", None) or {})}
-
-        def _parse_result(self, payload):
-            obs = payload.get("observation") or {}
-            tokens = obs.get("tokens")
-            done = bool(payload.get("done", False))
-            observation = types.ChatObservation(
-                messages=obs.get("messages") or [],
-                tokens=tokens if isinstance(tokens, list) else [],
-                done=done,
-                reward=payload.get("reward"),
-                metadata=obs.get("metadata") or {},
-            )
-            return StepResult(observation=observation, reward=payload.get("reward"), done=done)
-
-        def _parse_state(self, payload):
-            history_tokens = [ids if isinstance(ids, list) else [] for ids in payload.get("history_tokens") or []]
-            return types.ChatState(
-                episode_id=payload.get("episode_id"),
-                step_count=payload.get("step_count") or 0,
-                history_messages=payload.get("history_messages") or [],
-                history_tokens=history_tokens,
-            )
-
-    _OPENENV_CLIENT_CLASS = OpenEnvChatClient
-    return OpenEnvChatClient
-
-
-def _openenv_serve_main(port, max_concurrent_envs, system_prompt):
-    """``bench_chatenv.py openenv``: the peer in the foreground, as a deployment runs it."""
-    import uvicorn
-
-    app = openenv_chat_app(max_concurrent_envs=max_concurrent_envs, system_prompt=system_prompt)
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")).run()
+SUPPORT_PY = os.path.join(HERE, "support_chatenv.py")
 
 
 ###############################################################################
 # The floor: raw websockets, replies joined from pre-serialised history
 ###############################################################################
 
-_OBS_HEAD = '{"type":"observation","data":{"observation":{"messages":['
+# OpenEnv 0.10.0's shape, metadata first, which chatenv sends (0.3.0 left metadata out)
+_OBS_HEAD = '{"type":"observation","data":{"observation":{"metadata":{},"messages":['
 _OBS_MID = '],"tokens":['
 _OBS_TAIL = ']},"reward":null,"done":false}}'
 _HEALTH_BODY = '{"status":"healthy"}'
@@ -538,7 +304,10 @@ async def _mode_concurrent(base_url, sessions, steps, n_tokens):
     return {"steps_per_s": sessions * steps / elapsed}
 
 
-async def _mode_long(base_url, steps, n_tokens, window, compression=None, reset_data=None):
+async def _mode_long(base_url, steps, n_tokens, window, compression=None, reset_data=None, bin_steps=None):
+    """One episode of ``steps`` steps: mean ms/step of its first and last ``window``
+    steps, and with ``bin_steps`` the median ms/step of each run of that many steps
+    (the step-cost curve; medians, so a scheduling hiccup does not make a bump)."""
     frames, _ = _step_frames(n_tokens)
     ws = await _open_session(base_url, compression=compression, reset_data=reset_data)
     latencies = []
@@ -548,11 +317,15 @@ async def _mode_long(base_url, steps, n_tokens, window, compression=None, reset_
         elapsed = time.perf_counter() - start
     finally:
         await ws.close()
-    return {
+    result = {
         "first_ms": statistics.fmean(latencies[:window]) * 1e3,
         "last_ms": statistics.fmean(latencies[-window:]) * 1e3,
         "total_s": elapsed,
     }
+    if bin_steps:
+        result["bins_ms"] = [statistics.median(latencies[i:i + bin_steps]) * 1e3
+                             for i in range(0, steps - bin_steps + 1, bin_steps)]
+    return result
 
 
 def _proc_status(pid):
@@ -638,16 +411,24 @@ class _Server:
         self.proc = None
 
     def start(self, timeout_s=60):
-        begin = time.perf_counter()
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self):
+        """Start the process and return at once (``wait_ready`` waits for /health)."""
+        self.begin = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _CHILDREN.append(self)
+        return self
+
+    def wait_ready(self, timeout_s=60):
+        """Wait until /health answers 200; ``start_s`` is the time since ``launch``."""
         while not _health_ok(self.port):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.output()[-2000:]}")
-            if time.perf_counter() - begin > timeout_s:
+            if time.perf_counter() - self.begin > timeout_s:
                 raise RuntimeError(f"{self.name} did not answer /health within {timeout_s} s")
             time.sleep(0.005)
-        self.start_s = time.perf_counter() - begin
+        self.start_s = time.perf_counter() - self.begin
         return self
 
     def output(self):
@@ -672,15 +453,65 @@ def _stop_all():
 
 
 def _server_argv(kind, port, args, compression="none"):
-    if kind == "chatenv":
+    if kind in ("chatenv", "chatenv-uvloop"):
+        # the loop named always, so a CHATENV_LOOP in the environment changes nothing
         return [sys.executable, CHATENV_PY, "serve", "--port", str(port), "--compression", compression,
-                "--max-sessions", "4096"]
+                "--max-sessions", "4096", "--loop", "uvloop" if kind == "chatenv-uvloop" else "asyncio"]
     if kind == "floor":
         return [sys.executable, os.path.abspath(__file__), "floor", "--port", str(port)]
-    if kind == "openenv":
-        return [args.openenv_python, os.path.abspath(__file__), "openenv", "--port", str(port),
-                "--max-concurrent-envs", "4096"]
+    if kind.startswith("openenv-"):  # support_chatenv's peer, in the release's venv
+        return [args.openenv_peers[kind], SUPPORT_PY, "serve-peer", "--port", str(port),
+                "--server", json.dumps({"max_concurrent_envs": 4096})]
     raise ValueError(kind)
+
+
+def _openenv_peers(args):
+    """``{kind: interpreter}`` of the OpenEnv peers to run, ``"openenv-0.10.0"`` first.
+
+    Each release's venv as support_chatenv builds it, or the one interpreter
+    ``--openenv-python`` names (its release read from it); ``{}`` with ``--no-openenv``.
+    A venv that is missing stops the run before it starts, saying how to build it.
+    """
+    if args.no_openenv:
+        print("# OpenEnv left out (--no-openenv): no OpenEnv columns or curve", file=sys.stderr)
+        return {}
+    if args.openenv_python:
+        code = ("import importlib.metadata as m, openenv.core.env_server\n"
+                "for d in ('openenv', 'openenv-core'):\n"
+                "    try:\n        print(m.version(d)); break\n"
+                "    except m.PackageNotFoundError:\n        pass\n")
+        probe = subprocess.run([args.openenv_python, "-c", code], capture_output=True, text=True)
+        if probe.returncode or not probe.stdout.strip():
+            raise SystemExit(f"bench_chatenv.py: --openenv-python {args.openenv_python} cannot import OpenEnv: "
+                             f"{probe.stderr.strip()[-500:]}")
+        return {f"openenv-{probe.stdout.split()[0]}": args.openenv_python}
+    peers = {}
+    for release in sorted(set(args.openenv_release or OPENENV_RELEASES), key=list(OPENENV_RELEASES).index):
+        try:
+            peers[f"openenv-{release}"] = str(require_venv(release))
+        except VenvMissing as exc:
+            others = [r for r in OPENENV_RELEASES if r != release and venv_ready(r)]
+            hint = "".join(f"--openenv-release {r} (that release only) or " for r in others)
+            raise SystemExit(f"bench_chatenv.py: {exc}.\n  Or run without it: {hint}--no-openenv (no OpenEnv "
+                             "at all).") from None
+    return peers
+
+
+def _start_servers(kinds, args, together=False):
+    """``{kind: _Server}``, each answering /health. ``together`` launches them all before
+    waiting (quick runs: OpenEnv's imports take seconds), so their start times overlap."""
+    servers = {}
+    for kind in kinds:
+        port = _free_port()
+        servers[kind] = _Server(kind, _server_argv(kind, port, args), port)
+        if not together:
+            servers[kind].start(timeout_s=180)
+    if together:
+        for server in servers.values():
+            server.launch()
+        for server in servers.values():
+            server.wait_ready(timeout_s=180)
+    return servers
 
 
 def _start_server(kind, args, compression="none"):
@@ -703,21 +534,19 @@ def _min_start_s(kind, args, runs):
 
 _COUNTS = {
     "full": dict(single_steps=1000, single_tokens=16, conc_sessions=32, conc_steps=100, long_steps=2000,
-                 long_tokens=64, window=100, idle_sessions=256, import_runs=15, start_runs=3, repeats=5, long_repeats=2,
-                 client_rounds=9),
+                 long_tokens=64, window=100, idle_sessions=256, import_runs=15, start_runs=3, repeats=5, long_repeats=3,
+                 client_rounds=9, curve_bin=25),
     "quick": dict(single_steps=200, single_tokens=16, conc_sessions=32, conc_steps=20, long_steps=300,
                   long_tokens=64, window=50, idle_sessions=64, import_runs=3, start_runs=1, repeats=1, long_repeats=1,
-                  client_rounds=1),
+                  client_rounds=1, curve_bin=15),
 }
 
 
-def _openenv_available(python):
-    if python == sys.executable:
-        import importlib.util
+def _uvloop_available():
+    """Whether the chatenv server (this interpreter) can run ``--loop uvloop``."""
+    import importlib.util
 
-        return importlib.util.find_spec("openenv") is not None
-    probe = subprocess.run([python, "-c", "import openenv.core.env_server"], capture_output=True)
-    return probe.returncode == 0
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _import_times(runs):
@@ -879,6 +708,139 @@ def _chatenv_vs_openenv_client(python, url, steps, n_tokens, repeats):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _sync_client_main(steps, n_tokens, rounds):
+    """``bench_chatenv.py sync-client``: the client comparison alone, on a chatenv server subprocess."""
+    server = _start_server("chatenv", None)
+    try:
+        result = _sync_client_vs_raw(server.url, steps, n_tokens, rounds)
+    finally:
+        server.stop()
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+###############################################################################
+# Client growth: early and late steps of a long episode of full observations
+###############################################################################
+
+_GROWTH_HEADS = {  # the head of a full observation frame, as each OpenEnv release writes it
+    "0.3.0": '{"type":"observation","data":{"observation":{"messages":[',
+    "0.10.0": '{"type":"observation","data":{"observation":{"metadata":{},"messages":[',
+}
+
+
+class _ReplayEpisode:
+    """One episode's full observation frames, byte for byte as OpenEnv's ``shape`` sends them.
+
+    The frames the benchmark times (the first and last ``window`` steps) are built
+    before any client connects, so the server answers them at once; the others are
+    joined on demand.
+    """
+
+    def __init__(self, shape, steps, n_tokens, window, seed=1234):
+        rng = random.Random(seed)
+        self.head = _GROWTH_HEADS[shape]
+        self.messages, self.tokens = [], []
+        for _ in range(steps):
+            ids = [rng.randint(97, 122) for _ in range(n_tokens)]
+            self.messages.append(json.dumps({"role": "assistant", "content": bytes(ids).decode()}, separators=_COMPACT))
+            self.tokens.append(",".join(map(str, ids)))
+        timed = set(range(window + 1)) | set(range(steps - window, steps + 1))
+        self.built = {i: self.build(i) for i in timed}
+
+    def build(self, i):
+        return "".join((self.head, ",".join(self.messages[:i]), '],"tokens":[', ",".join(self.tokens[:i]),
+                        ']},"reward":null,"done":false}}')).encode()
+
+    def frame(self, i):
+        frame = self.built.get(i)
+        return frame if frame is not None else self.build(i)
+
+
+async def _replay_serve(port, shape, steps, n_tokens, window):
+    """A websockets server answering each session's n-th request with its episode's n-th frame."""
+    from websockets.asyncio.server import serve
+
+    episode = _ReplayEpisode(shape, steps, n_tokens, window)
+
+    async def session(ws):
+        i = 0
+        async for _ in ws:
+            await ws.send(episode.frame(min(i, steps)), text=True)
+            i += 1
+
+    async with serve(session, "127.0.0.1", port, compression=None, max_size=None, ping_interval=None) as server:
+        print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+        await asyncio.Future()
+
+
+def _growth_one(kind, url, steps, window, frames, actions):
+    """Per-step ms of the first and the last ``window`` steps of one episode, for one client."""
+    perf = time.perf_counter
+    times = []
+    if kind == "chatenv":
+        import chatenv
+
+        env = chatenv.ChatEnv(url, delta=False)
+        try:
+            env.reset()
+            for i in range(steps):
+                start = perf()
+                env.step(actions[i % len(actions)])
+                times.append(perf() - start)
+        finally:
+            env.close()
+    else:
+        async def bare():
+            ws = await _open_session(url)
+            try:
+                await _run_steps(ws, frames, steps, times)
+            finally:
+                await ws.close()
+
+        asyncio.run(bare())
+    return statistics.mean(times[:window]) * 1e3, statistics.mean(times[-window:]) * 1e3
+
+
+def _growth_main(steps, n_tokens, window, rounds):
+    """``bench_chatenv.py growth``: how a client's step time grows over a long episode of
+    full observations (OpenEnv's frames), for both frame shapes: chatenv's ChatEnv
+    (delta=False) against a bare websockets client receiving the same frames. The target:
+    chatenv's growth (last-window / first-window ms) within 1.5x of the bare client's."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import chatenv
+
+    frames, token_lists = _step_frames(n_tokens)
+    actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
+    results = {}
+    for shape in _GROWTH_HEADS:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "growth-server", "--shape", shape,
+                                 "--steps", str(steps), "--tokens", str(n_tokens), "--window", str(window)],
+                                cwd=HERE, stdout=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
+            runs = {"chatenv": [], "bare": []}
+            for r in range(rounds):  # alternated, so drifting load hits both alike
+                for kind in (("chatenv", "bare") if r % 2 == 0 else ("bare", "chatenv")):
+                    runs[kind].append(_growth_one(kind, url, steps, window, frames, actions))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        shape_result = {}
+        for kind, samples in runs.items():
+            first = statistics.median(f for f, _ in samples)
+            last = statistics.median(l for _, l in samples)
+            shape_result[kind] = {"first_ms": round(first, 4), "last_ms": round(last, 4), "growth": round(last / first, 2)}
+        shape_result["growth_ratio"] = round(shape_result["chatenv"]["growth"] / shape_result["bare"]["growth"], 2)
+        results[shape] = shape_result
+        print(f"# {shape}: {json.dumps(shape_result)}", file=sys.stderr, flush=True)
+    print(json.dumps({"steps": steps, "tokens": n_tokens, "window": window, "rounds": rounds, "shapes": results}))
+    ok = all(r["growth_ratio"] <= 1.5 for r in results.values())
+    print(f"chatenv growth / bare growth: " + ", ".join(f"{k} {v['growth_ratio']}" for k, v in results.items())
+          + f" (target <= 1.5: {'met' if ok else 'MISSED'})", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def _identity_check(servers):
     """Byte-compare replies of the floor with chatenv (and OpenEnv) on a few steps."""
     frames, _ = _step_frames(16, count=5, seed=7)
@@ -887,8 +849,8 @@ def _identity_check(servers):
     result = {}
     floor_ascii = asyncio.run(_exchange(servers["floor"].url, ascii_frames))
     floor_all = asyncio.run(_exchange(servers["floor"].url, non_ascii))
-    for name in ("chatenv", "openenv"):
-        if name not in servers:
+    for name in servers:
+        if name == "floor":
             continue
         other_ascii = asyncio.run(_exchange(servers[name].url, ascii_frames))
         other_all = asyncio.run(_exchange(servers[name].url, non_ascii))
@@ -949,21 +911,173 @@ def _interleaved(kinds, measure, repeats, key, higher_is_better=True):
     return best
 
 
+def _long_episodes(servers, kinds, counts, log):
+    """The long-episode runs (``long_steps`` steps of ``long_tokens`` tokens, one session)
+    on each server and on chatenv with delta observations, interleaved: the long rows
+    (best run by its last window) and the step-cost curve (each bin's median over the
+    runs), from the same runs."""
+    long_kinds = kinds + ["chatenv-delta"]
+
+    def long_run(kind):
+        url = servers["chatenv" if kind == "chatenv-delta" else kind].url
+        return asyncio.run(_mode_long(url, counts["long_steps"], counts["long_tokens"], counts["window"],
+                                      reset_data={"chatenv_delta": True} if kind == "chatenv-delta" else None,
+                                      bin_steps=counts["curve_bin"]))
+
+    # OpenEnv's long episode takes ~25 s on 2 cores: one run of it is enough
+    long_best = _interleaved(long_kinds, long_run,
+                             {k: (1 if k.startswith("openenv") else 2 * counts["repeats"] if k == "chatenv-delta"
+                                  else counts["long_repeats"]) for k in long_kinds},
+                             "last_ms", higher_is_better=False)
+    bins = counts["long_steps"] // counts["curve_bin"]
+    curve = {"tokens": counts["long_tokens"], "bin_steps": counts["curve_bin"],
+             "steps": [(b + 0.5) * counts["curve_bin"] for b in range(bins)], "ms": {}, "runs": {}}
+    for kind, best in long_best.items():
+        samples = best.pop("samples")
+        best.pop("bins_ms")
+        curve["ms"][kind] = [round(statistics.median(r["bins_ms"][b] for r in samples), 4) for b in range(bins)]
+        curve["runs"][kind] = len(samples)
+        if kind == "chatenv-delta":
+            # Its target is a ratio of two windows of one episode, each ~0.2 ms a step, close
+            # to this machine's scheduling noise: take each window's median over the runs
+            best["first_ms"] = statistics.median(r["first_ms"] for r in samples)
+            best["last_ms"] = statistics.median(r["last_ms"] for r in samples)
+            best["first_runs"] = [round(r["first_ms"], 4) for r in samples]
+    long_delta = long_best.pop("chatenv-delta")
+    log(f"  {long_best}\n  chatenv delta: {long_delta}")
+    return long_best, long_delta, curve
+
+
+_CURVE_LINES = {  # kind: (legend label, line style), in legend order
+    "openenv-0.3.0": ("OpenEnv 0.3.0 (openenv-core, older)", dict(color="tab:orange", linestyle=":")),
+    "openenv-0.10.0": ("OpenEnv 0.10.0", dict(color="tab:red")),
+    "floor": ("floor: raw websockets, same bytes as chatenv", dict(color="tab:gray", linestyle="-.")),
+    "chatenv": ("chatenv, full observations (as OpenEnv sends)", dict(color="tab:blue")),
+    "chatenv-delta": ("chatenv, delta observations (its clients' default)", dict(color="tab:green",
+                                                                                  linestyle="--")),
+}
+
+
+def plot_curve(curve, machine, path):
+    """Draw the step-cost curve (ms/step against episode length, log y) as a PNG at ``path``.
+
+    matplotlib is imported here only (``pip install matplotlib``, or the ``bench`` extra).
+    """
+    from matplotlib import transforms
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.subplots()
+    ends = []  # [log10 of the last value, its label, colour]
+    for kind, (label, style) in _CURVE_LINES.items():
+        values = curve["ms"].get(kind)
+        if not values:
+            continue
+        runs = curve["runs"][kind]
+        ax.plot(curve["steps"], values, label=f"{label}{'' if runs == 1 else f'; {runs} runs'}", linewidth=1.8,
+                **style)
+        ends.append([math.log10(values[-1]), f"{values[-1]:.2g} ms", style["color"]])
+    ax.set_yscale("log")
+    ax.set_xlim(0, curve["steps"][-1] + curve["bin_steps"] / 2)
+    # Each line's last value at its right end, nudged apart so close ones stay legible
+    low, high = (math.log10(v) for v in ax.get_ylim())
+    gap = (high - low) * 11 / (fig.get_figheight() * 72 * 0.8)  # ~11 points, in decades
+    ends.sort()
+    for i in range(1, len(ends)):
+        ends[i][0] = max(ends[i][0], ends[i - 1][0] + gap)
+    at_right = transforms.offset_copy(ax.transData, fig=fig, x=4, units="points")
+    for y, text, color in ends:
+        ax.text(curve["steps"][-1], 10 ** y, text, transform=at_right, va="center", fontsize=8, color=color)
+    ax.set_xlabel(f"episode length (steps of {curve['tokens']} tokens)")
+    ax.set_ylabel(f"ms per step (log; median of each {curve['bin_steps']}-step bin)")
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", axis="y", alpha=0.15)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    date = machine["date"][:16].replace("T", " ")
+    ax.set_title(f"Per-step cost against episode length, one session on loopback\n{date}, {machine['cpu']} "
+                 f"({machine['cpus']} CPUs), Python {machine['python']}, websockets {machine['websockets']}",
+                 fontsize=9)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _plot_path(args):
+    """Where the picture goes: ``--plot PATH``, else docs/step-cost.png (a temporary file
+    with ``--quick``); None with ``--no-plot``."""
+    if args.no_plot:
+        return None
+    if args.plot:
+        return args.plot
+    if args.quick:
+        return os.path.join(tempfile.mkdtemp(prefix="chatenv-bench-"), "step-cost.png")
+    return os.path.join(HERE, "docs", "step-cost.png")
+
+
+def _draw(results, args, log):
+    """Draw the picture where ``_plot_path`` says, if matplotlib is there; note where in ``results``."""
+    path = _plot_path(args)
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("# picture skipped: matplotlib is not installed (pip install matplotlib, or the bench extra); "
+            "the curve's data is in --json")
+        return
+    results["plot"] = plot_curve(results["modes"]["curve"], results["machine"], path)
+    log(f"# picture: {path} ({os.path.getsize(path) / 1024:.0f} KB)")
+
+
+def run_curve(args):
+    """``bench_chatenv.py curve``: the long episodes alone, for the step-cost picture."""
+    counts = _COUNTS["quick" if args.quick else "full"]
+    kinds = ["chatenv", "floor"] + list(args.openenv_peers)
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    results = {"machine": _machine(), "counts": counts, "kinds": kinds, "openenv": args.openenv_peers, "modes": {}}
+    log(f"# servers: {', '.join(kinds)}")
+    servers = _start_servers(kinds, args, together=True)
+    log(f"# long episodes, {counts['long_steps']} x {counts['long_tokens']} tokens")
+    modes = results["modes"]
+    modes["long"], modes["long_delta"], modes["curve"] = _long_episodes(servers, kinds, counts, log)
+    for server in servers.values():
+        server.stop()
+    return results
+
+
+def render_curve(results):
+    curve = results["modes"]["curve"]
+    kinds = [k for k in _CURVE_LINES if k in curve["ms"]]
+    picks = sorted({min(len(curve["steps"]) - 1, round(i * (len(curve["steps"]) - 1) / 4)) for i in range(5)})
+    lines = [f"ms per step (median of each {curve['bin_steps']}-step bin) at episode length, "
+             f"{curve['tokens']}-token steps",
+             "", "| steps | " + " | ".join(kinds) + " |", "| ---: |" + " ---: |" * len(kinds)]
+    for b in picks:
+        lines.append(f"| {curve['steps'][b]:.0f} | " + " | ".join(_fmt(curve["ms"][k][b]) for k in kinds) + " |")
+    if results.get("plot"):
+        lines += ["", f"picture: {results['plot']}"]
+    return "\n".join(lines)
+
+
 def run_benchmark(args):
     counts = _COUNTS["quick" if args.quick else "full"]
-    kinds = ["chatenv", "floor"]
-    if not args.no_openenv and _openenv_available(args.openenv_python):
-        kinds.append("openenv")
-    results = {"machine": _machine(), "counts": counts, "kinds": kinds, "modes": {}}
+    kinds = ["chatenv", "floor"] + list(args.openenv_peers)
+    uvloop = _uvloop_available()
+    results = {"machine": _machine(), "counts": counts, "kinds": kinds, "openenv": args.openenv_peers, "modes": {}}
     modes = results["modes"]
     log = functools.partial(print, file=sys.stderr, flush=True)
+    if not uvloop:
+        log("# uvloop is not installed: the `--loop uvloop` row is left out (pip install uvloop)")
 
-    log(f"# servers: {', '.join(kinds)}")
-    servers = {}
-    for kind in kinds:
-        servers[kind] = _start_server(kind, args)
-        log(f"  {kind}: /health after {servers[kind].start_s * 1e3:.0f} ms (pid {servers[kind].proc.pid})")
+    log(f"# servers: {', '.join(kinds)}{', chatenv --loop uvloop' if uvloop else ''}")
+    # Quick runs start them together: each OpenEnv peer spends seconds importing
+    servers = _start_servers(kinds + (["chatenv-uvloop"] if uvloop else []), args, together=args.quick)
+    for kind, server in servers.items():
+        log(f"  {kind}: /health after {server.start_s * 1e3:.0f} ms (pid {server.proc.pid})")
     start_ms = {kind: servers[kind].start_s * 1e3 for kind in kinds}
+    modes["start_together"] = bool(args.quick)
     for kind in ("chatenv", "floor"):
         if counts["start_runs"] > 1:
             start_ms[kind] = min(start_ms[kind], _min_start_s(kind, args, counts["start_runs"] - 1) * 1e3)
@@ -978,11 +1092,20 @@ def run_benchmark(args):
         for kind in kinds
     }
 
-    log("# one session")
+    log("# one session (and chatenv --loop uvloop, in the same rounds)")
     modes["single"] = _interleaved(
-        kinds, lambda kind: asyncio.run(_mode_single(servers[kind].url, counts["single_steps"], counts["single_tokens"])),
+        kinds + (["chatenv-uvloop"] if uvloop else []),
+        lambda kind: asyncio.run(_mode_single(servers[kind].url, counts["single_steps"], counts["single_tokens"])),
         counts["repeats"], "steps_per_s")
+    if uvloop:
+        fast, base = modes["single"].pop("chatenv-uvloop"), modes["single"]["chatenv"]
+        modes["uvloop"] = {"uvloop": fast, "asyncio_steps_per_s": base["steps_per_s"],
+                           "uvloop_steps_per_s": fast["steps_per_s"],
+                           "uvloop_vs_asyncio": fast["steps_per_s"] / base["steps_per_s"],
+                           "round_ratios": [round(u / a, 3) for u, a in zip(fast["runs"], base["runs"])]}
     log(f"  {modes['single']}")
+    if uvloop:
+        log(f"  uvloop/asyncio: {modes['uvloop']['uvloop_vs_asyncio']:.2f} (rounds {modes['uvloop']['round_ratios']})")
 
     log("# concurrent sessions")
     modes["concurrent"] = _interleaved(
@@ -991,40 +1114,16 @@ def run_benchmark(args):
         counts["repeats"], "steps_per_s")
     log(f"  {modes['concurrent']}")
 
-    log("# long episode")
-    long_kinds = kinds + ["chatenv-delta"]
-
-    def long_run(kind):
-        if kind == "chatenv-delta":
-            return asyncio.run(_mode_long(servers["chatenv"].url, counts["long_steps"], counts["long_tokens"],
-                                          counts["window"], reset_data={"chatenv_delta": True}))
-        return asyncio.run(_mode_long(servers[kind].url, counts["long_steps"], counts["long_tokens"],
-                                      counts["window"]))
-
-    # OpenEnv's long episode takes ~25 s on 2 cores: one run of it is enough
-    long_best = _interleaved(long_kinds, long_run,
-                             {k: (1 if k == "openenv" else 2 * counts["repeats"] if k == "chatenv-delta"
-                                  else counts["long_repeats"]) for k in long_kinds},
-                             "last_ms", higher_is_better=False)
-    modes["long_delta"] = long_best.pop("chatenv-delta")
-    # Its target is a ratio of two windows of one episode, each ~0.2 ms a step, close
-    # to this machine's scheduling noise: take each window's median over the runs
-    samples = modes["long_delta"].pop("samples")
-    modes["long_delta"]["first_ms"] = statistics.median(r["first_ms"] for r in samples)
-    modes["long_delta"]["last_ms"] = statistics.median(r["last_ms"] for r in samples)
-    modes["long_delta"]["first_runs"] = [round(r["first_ms"], 4) for r in samples]
-    for result in long_best.values():
-        result.pop("samples")
-    modes["long"] = long_best
-    log(f"  {modes['long']}\n  chatenv delta: {modes['long_delta']}")
+    log("# long episode (and the step-cost curve, from the same runs)")
+    modes["long"], modes["long_delta"], modes["curve"] = _long_episodes(servers, kinds, counts, log)
 
     log("# sync client vs raw generator (chatenv)")
     modes["sync_client"] = _sync_client_vs_raw(servers["chatenv"].url, counts["single_steps"], counts["single_tokens"],
                                                counts["client_rounds"])
     log(f"  {modes['sync_client']}")
-    if "openenv" in kinds:
+    if args.openenv_peers:  # OpenEnv's client of the main comparison (0.10.0 unless told otherwise)
         log("# chatenv's sync client vs OpenEnv's, on the chatenv server")
-        modes["clients"] = _chatenv_vs_openenv_client(args.openenv_python, servers["chatenv"].url,
+        modes["clients"] = _chatenv_vs_openenv_client(next(iter(args.openenv_peers.values())), servers["chatenv"].url,
                                                       counts["single_steps"], counts["single_tokens"], counts["client_rounds"])
         log(f"  {modes['clients']}")
 
@@ -1041,8 +1140,8 @@ def run_benchmark(args):
         deflate.stop()
     log(f"  single {modes['deflate_single']}, long {modes['deflate_long']}")
 
-    for kind in kinds:
-        servers[kind].stop()
+    for server in servers.values():
+        server.stop()
 
     log("# cold import")
     modes["import_ms"] = _import_times(counts["import_runs"])
@@ -1063,7 +1162,9 @@ def _ratio(a, b):
 
 def render_table(results):
     m = results["modes"]
-    has_oe = "openenv" in results["kinds"]
+    openenv = [k for k in results["kinds"] if k.startswith("openenv-")]
+    primary = openenv[0] if openenv else None  # the OpenEnv column: 0.10.0 unless told otherwise
+    others = openenv[1:]  # older releases get rows of their own below
     c = results["counts"]
 
     def get(mode, kind, key):
@@ -1072,10 +1173,10 @@ def render_table(results):
 
     rows = []
 
-    def row(label, mode, key, target="", ce=None, fl=None, oe=None, unit_digits=None):
+    def row(label, mode, key, target="", ce=None, fl=None, oe=None, unit_digits=None, oe_kind=primary):
         ce = get(mode, "chatenv", key) if ce is None and mode else ce
         fl = get(mode, "floor", key) if fl is None and mode else fl
-        oe = (get(mode, "openenv", key) if oe is None and mode else oe) if has_oe else None
+        oe = (get(mode, oe_kind, key) if oe is None and mode else oe) if oe_kind else None
         rows.append([label, _fmt(ce, unit_digits), _fmt(fl, unit_digits), _fmt(oe, unit_digits),
                      _fmt(_ratio(ce, fl), 2), _fmt(_ratio(ce, oe), 2), target])
 
@@ -1083,6 +1184,11 @@ def render_table(results):
     row(f"1 session x {s} steps x {c['single_tokens']} tok: steps/s", "single", "steps_per_s", "chatenv/floor >= 1.0")
     row("1 session: p50 latency ms", "single", "p50_ms")
     row("1 session: p99 latency ms", "single", "p99_ms")
+    if "uvloop" in m:
+        uv = m["uvloop"]
+        rows.append([f"1 session, chatenv `--loop uvloop` vs the default asyncio loop (same rounds): steps/s",
+                     f"{_fmt(uv['uvloop_steps_per_s'])} vs {_fmt(uv['asyncio_steps_per_s'])}", "-", "-", "-", "-",
+                     f"uvloop/asyncio = {_fmt(uv['uvloop_vs_asyncio'], 2)}"])
     row(f"{c['conc_sessions']} sessions x {c['conc_steps']} steps: aggregate steps/s", "concurrent", "steps_per_s",
         "chatenv/floor >= 1.0")
     row(f"long {c['long_steps']} x {c['long_tokens']} tok: first-{w} ms/step", "long", "first_ms")
@@ -1096,15 +1202,25 @@ def render_table(results):
     threads = {k: m["idle"][k] for k in results["kinds"]}
     rows.append(["server threads: idle -> with idle sessions"]
                 + [f"{threads[k]['threads_idle']} -> {threads[k]['threads_with_sessions']}" if k in threads else "-"
-                   for k in ("chatenv", "floor", "openenv")]
+                   for k in ("chatenv", "floor", primary)]
                 + ["-", "-", "no thread per session"])
+    for kind in others:  # the same measures on an older OpenEnv release, in its OpenEnv column
+        name = "OpenEnv " + kind.split("-", 1)[1]
+        row(f"{name}: 1 session steps/s", "single", "steps_per_s", oe_kind=kind)
+        row(f"{name}: {c['conc_sessions']} sessions aggregate steps/s", "concurrent", "steps_per_s", oe_kind=kind)
+        row(f"{name}: long last-{w} ms/step", "long", "last_ms", oe_kind=kind)
+        row(f"{name}: RSS KB per idle session", "idle", "rss_kb_per_session", oe_kind=kind)
+        rows.append([f"{name}: server threads: idle -> with idle sessions", "-", "-",
+                     f"{threads[kind]['threads_idle']} -> {threads[kind]['threads_with_sessions']}", "-", "-", ""])
+        row(f"{name}: start until /health 200: ms", None, None, ce=m["start_ms"].get("chatenv"),
+            oe=m["start_ms"].get(kind), oe_kind=kind)
     sc = m["sync_client"]
     rows.append([f"chatenv.ChatEnv sync client (delta, its default) vs raw generator, 1 session x {s}: steps/s",
                  f"{_fmt(sc['sync_steps_per_s'])} vs raw {_fmt(sc['raw_steps_per_s'])}", "-", "-", "-", "-",
-                 f"sync/raw = {_fmt(sc['sync_vs_raw'], 2)} (>= 0.9)"])
+                 f"sync/raw = {_fmt(sc['sync_vs_raw'], 2)} (>= 1.0)"])
     rows.append(["  same, ChatEnv(delta=False): full observations, as from an OpenEnv server",
                  _fmt(sc["sync_full_steps_per_s"]), "-", "-", "-", "-",
-                 f"sync full/raw = {_fmt(sc['sync_full_vs_raw'], 2)}"])
+                 f"sync full/raw = {_fmt(sc['sync_full_vs_raw'], 2)} (>= 0.74)"])
     rows.append(["  same steps on websockets' threading client, parsing nothing",
                  _fmt(sc["threading_raw_steps_per_s"]), "-", "-", "-", "-",
                  f"threading raw/raw = {_fmt(sc['threading_raw_vs_raw'], 2)}"])
@@ -1122,8 +1238,8 @@ def render_table(results):
                      f"baseline {_fmt(imp['baseline'][0], 1)} / {_fmt(imp['baseline'][1], 1)}", "-", "-",
                      f"chatenv/baseline = {_fmt(_ratio(imp['chatenv'][0], imp['baseline'][0]), 2)} (<= 1.25)"])
     st = m["start_ms"]
-    row("start until /health 200: ms", None, None, "chatenv <= 500 ms", ce=st.get("chatenv"), fl=st.get("floor"),
-        oe=st.get("openenv"))
+    row("start until /health 200: ms" + (" (started together)" if m.get("start_together") else ""), None, None,
+        "chatenv <= 500 ms", ce=st.get("chatenv"), fl=st.get("floor"), oe=st.get(primary))
     ds, dl = m["deflate_single"], m["deflate_long"]
     rows.append([f"deflate: 1 session steps/s (chatenv none = {_fmt(get('single', 'chatenv', 'steps_per_s'))})",
                  _fmt(ds["steps_per_s"]), "-", "-", "-", "-",
@@ -1134,19 +1250,249 @@ def render_table(results):
 
     mach = results["machine"]
     ident = results.get("identity", {})
+    oe_name = "OpenEnv " + primary.split("-", 1)[1] if primary else "OpenEnv (left out)"
     lines = [
         f"chatenv benchmark, {mach['date']}: {mach['cpu']} ({mach['cpus']} cpus), Python {mach['python']}, "
         f"websockets {mach['websockets']}, {mach['platform']}",
-        "floor byte-identical to chatenv on start-up steps: "
+        "replies byte-identical to the floor's on a few steps (OpenEnv 0.3.0 leaves out the observation's "
+        "\"metadata\":{}; OpenEnv writes non-ASCII text as UTF-8, chatenv and the floor as \\u escapes): "
         + ", ".join(f"{k}: {'yes' if v['identical'] else 'NO'}"
                     f"{'' if v['identical_with_non_ascii'] else ' (differs on non-ASCII content)'}"
                     for k, v in ident.items()),
         "",
-        "| metric | chatenv | floor | openenv | chatenv/floor | chatenv/openenv | target |",
+        f"| metric | chatenv | floor | {oe_name} | chatenv/floor | chatenv/{oe_name} | target |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+###############################################################################
+# Scaling: `python bench_chatenv.py scale` (workers, nginx, memory per worker)
+###############################################################################
+
+NGINX_CONF = os.path.join(HERE, "deploy", "nginx", "chatenv.conf")
+
+
+def _scale_generator(url, sessions, steps, n_tokens, barrier, results):
+    """One load-generator process: open its sessions, wait for the others, step them all."""
+    async def run():
+        frames, _ = _step_frames(n_tokens)
+        sockets = [await _open_session(url) for _ in range(sessions)]
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 120)
+        begin = time.time()
+        await asyncio.gather(*(_run_steps(ws, frames[i:] + frames[:i], steps) for i, ws in enumerate(sockets)))
+        end = time.time()
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+        return begin, end
+
+    results.put(asyncio.run(run()))
+
+
+def _cpu_s(pids):
+    """CPU seconds (user + system) used so far by these processes and their children."""
+    ticks, tree = 0, set(pids)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(entry) in tree or int(fields[1]) in tree:
+                    ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _scale_round(url, sessions, steps, n_tokens, generators, watched=()):
+    """Aggregate steps/s of ``sessions`` sessions driven by ``generators`` processes at once,
+    and the CPU seconds each group of ``watched`` pids used meanwhile."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(generators), context.Queue()
+    share = [sessions // generators + (i < sessions % generators) for i in range(generators)]
+    procs = [context.Process(target=_scale_generator, args=(url, n, steps, n_tokens, barrier, results))
+             for n in share]
+    before = [_cpu_s(pids) for pids in watched]
+    for proc in procs:
+        proc.start()
+    try:
+        spans = [results.get(timeout=300) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    cpu = [_cpu_s(pids) - used for pids, used in zip(watched, before)]  # opening sessions included
+    return sessions * steps / (max(end for _, end in spans) - min(begin for begin, _ in spans)), cpu
+
+
+class _Nginx:
+    """Debian's nginx running deploy/nginx/chatenv.conf (upstream and port replaced) in the foreground."""
+
+    def __init__(self, backends):
+        import re
+        import shutil
+
+        exe = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(exe, os.X_OK):
+            raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
+        self.dir = tempfile.mkdtemp(prefix="chatenv-bench-nginx-")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(NGINX_CONF) as f:
+            text = f.read()
+        block = re.search(r"^upstream chatenv \{\n.*?^\}", text, re.S | re.M).group(0)
+        lines = [line for line in block.splitlines() if not line.strip().startswith("server ")]
+        lines[-1:-1] = [f"    server 127.0.0.1:{port};" for port in backends]
+        text = text.replace(block, "\n".join(lines))
+        text = re.sub(r"^(\s*)listen \d+;", rf"\g<1>listen 127.0.0.1:{self.port};", text, flags=re.M)
+        with open(os.path.join(self.dir, "chatenv.conf"), "w") as f:
+            f.write(text)
+        temp = "".join(f"    {kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi",
+                                                                                  "uwsgi", "scgi"))
+        with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
+            f.write(f"daemon off;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log;\n"
+                    "events { worker_connections 4096; }\n"
+                    f"http {{\n    access_log off;\n{temp}    include {self.dir}/chatenv.conf;\n}}\n")
+        argv = [exe, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-e", f"{self.dir}/error.log"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        _CHILDREN.append(self)
+        deadline = time.monotonic() + 30
+        while not _health_ok(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start (logs in {self.dir})")
+            time.sleep(0.02)
+
+    def stop(self):
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _scale_memory(bound, sessions=128, n_tokens=8192):
+    """RSS of one server whose episodes fill ``--max-memory-bytes``: (idle RSS, RSS at the bound)."""
+    port = _free_port()
+    server = _Server("chatenv", [sys.executable, CHATENV_PY, "serve", "--port", str(port), "--log-level", "WARNING",
+                                 "--max-memory-bytes", str(bound)], port).start()
+
+    async def fill():
+        from websockets.asyncio.client import connect
+
+        frame, _ = _step_frames(n_tokens, count=1)
+        sockets = [await connect(_ws_url(server.url), max_size=None, ping_interval=None) for _ in range(sessions)]
+        for ws in sockets:
+            await ws.send(_reset_frame({"chatenv_delta": True}))  # replies O(new), not O(history)
+            await ws.recv()
+        full, steps = False, 0
+        while not full:
+            for ws in sockets:
+                await ws.send(frame[0])
+                if '"error"' in (await ws.recv())[:40]:  # the memory bound (or an episode's own) refused it
+                    full = True
+                    break
+                steps += 1
+        rss = _proc_status(server.proc.pid)[0] * 1024
+        await asyncio.gather(*(ws.close() for ws in sockets))
+        return rss, steps
+
+    try:
+        idle = _proc_status(server.proc.pid)[0] * 1024
+        full, steps = asyncio.run(fill())
+    finally:
+        server.stop()
+    return {"bound": bound, "n_tokens": n_tokens, "tokens": steps * n_tokens, "idle_rss": idle, "full_rss": full,
+            "rss_per_bound_byte": (full - idle) / bound}
+
+
+def run_scale(args):
+    sessions, steps, rounds = (64, 40, 1) if args.quick else (64, 300, args.rounds)
+    started = []
+
+    def chatenv(*extra):
+        port = _free_port()
+        server = _Server("chatenv", [sys.executable, CHATENV_PY, "serve", "--port", str(port), "--log-level",
+                                     "WARNING", "--max-sessions", "4096", *extra], port).start()
+        started.append(server)
+        return server
+
+    try:
+        one, two = chatenv(), chatenv("--workers", "2")
+        backends = [chatenv(), chatenv()]
+        front_one, front_two = _Nginx([one.port]), _Nginx([b.port for b in backends])
+        servers = [b.proc.pid for b in backends]
+        setups = {  # name: (URL, the servers' pids, nginx's pids)
+            "1 worker, direct": (one.url, [one.proc.pid], []),
+            "2 workers (--workers 2), direct": (two.url, [two.proc.pid], []),
+            "nginx -> the 1-worker server": (front_one.url, [one.proc.pid], [front_one.proc.pid]),
+            "nginx -> 2 servers (least_conn)": (front_two.url, servers, [front_two.proc.pid]),
+        }
+        best = {name: 0.0 for name in setups}
+        cpu = {name: [] for name in setups}  # per round: (server, nginx) CPU microseconds per step
+        for _ in range(rounds):  # interleaved, best of each: the machine is shared and noisy
+            for name, (url, server_pids, nginx_pids) in setups.items():
+                rate, used = _scale_round(url, sessions, steps, 16, args.generators, (server_pids, nginx_pids))
+                best[name] = max(best[name], rate)
+                cpu[name].append(tuple(seconds * 1e6 / (sessions * steps) for seconds in used))
+        for front in (front_one, front_two):
+            front.stop()
+    finally:
+        for server in started:
+            server.stop()
+    results = {"machine": _machine(), "sessions": sessions, "steps": steps, "generators": args.generators,
+               "rounds": rounds, "steps_per_s": best,
+               "cpu_us_per_step": {name: [statistics.median(c[i] for c in rounds_cpu) for i in (0, 1)]
+                                   for name, rounds_cpu in cpu.items()}}
+    if not args.no_memory:  # many small messages cost more per byte counted than few large ones
+        results["memory"] = [_scale_memory(2**22 if args.quick else 2**24, sessions=64, n_tokens=16),
+                             _scale_memory(2**24 if args.quick else 2**27, sessions=128, n_tokens=8192)]
+    return results
+
+
+def render_scale(results):
+    base = results["steps_per_s"]["1 worker, direct"]
+    lines = [
+        f"{results['sessions']} sessions x {results['steps']} steps x 16 tokens, driven by "
+        f"{results['generators']} load-generator processes on the same machine; best of {results['rounds']} "
+        f"interleaved rounds; {results['machine'].get('cpu', '?')}, {results['machine'].get('cpus', '?')} CPUs",
+        "",
+        "| setup | aggregate steps/s | vs 1 worker, direct | server CPU per step | nginx CPU per step |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, rate in results["steps_per_s"].items():
+        server_us, nginx_us = results["cpu_us_per_step"][name]
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {server_us:.0f} us | "
+                     + (f"{nginx_us:.0f} us |" if nginx_us else "- |"))
+    for memory in results.get("memory", ()):
+        lines += ["", f"memory, {memory['n_tokens']}-token steps: RSS {memory['idle_rss'] / 2**20:.1f} MiB idle, "
+                  f"{memory['full_rss'] / 2**20:.1f} MiB with episodes at --max-memory-bytes "
+                  f"{memory['bound'] / 2**20:.0f} MiB: {memory['rss_per_bound_byte']:.2f} bytes of RSS per byte "
+                  f"of the bound, {memory['bound'] / memory['tokens']:.1f} bytes of the bound per token"]
+    return "\n".join(lines)
+
+
+def _scale_main(argv):
+    parser = argparse.ArgumentParser(prog="bench_chatenv.py scale", description="aggregate steps/s with workers "
+                                     "and behind nginx, and RSS per byte of the memory bound")
+    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--generators", type=int, default=2, help="load-generator processes (default: 2)")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the memory measurement")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    args = parser.parse_args(argv)
+    try:
+        results = run_scale(args)
+    finally:
+        _stop_all()
+    results["table"] = render_scale(results)
+    print(results["table"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
 
 
 ###############################################################################
@@ -1156,6 +1502,26 @@ def render_table(results):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "scale":
+        return _scale_main(argv[1:])
+    if argv and argv[0] in ("growth", "growth-server", "sync-client"):
+        parser = argparse.ArgumentParser(prog=f"bench_chatenv.py {argv[0]}")
+        parser.add_argument("--steps", type=int, default=1000)
+        parser.add_argument("--tokens", type=int, default=64 if argv[0] != "sync-client" else 16)
+        parser.add_argument("--window", type=int, default=100)
+        parser.add_argument("--rounds", type=int, default=5 if argv[0] == "growth" else 9)
+        parser.add_argument("--shape", choices=sorted(_GROWTH_HEADS), default="0.10.0")
+        sub = parser.parse_args(argv[1:])
+        if argv[0] == "growth-server":
+            asyncio.run(_replay_serve(0, sub.shape, sub.steps, sub.tokens, sub.window))
+            return 0
+        if argv[0] == "sync-client":
+            _sync_client_main(sub.steps, sub.tokens, sub.rounds)
+            return 0
+        try:
+            return _growth_main(sub.steps, sub.tokens, sub.window, sub.rounds)
+        finally:
+            _stop_all()
     if argv and argv[0] == "clients":
         parser = argparse.ArgumentParser(prog="bench_chatenv.py clients")
         parser.add_argument("--url", required=True)
@@ -1165,38 +1531,43 @@ def main(argv=None):
         sub = parser.parse_args(argv[1:])
         _clients_main(sub.url, sub.steps, sub.tokens, sub.rounds)
         return 0
-    if argv and argv[0] in ("floor", "openenv"):
-        parser = argparse.ArgumentParser(prog=f"bench_chatenv.py {argv[0]}")
+    if argv and argv[0] == "floor":
+        parser = argparse.ArgumentParser(prog="bench_chatenv.py floor")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--max-concurrent-envs", type=int, default=1)
-        parser.add_argument("--system-prompt", default=None)
-        sub = parser.parse_args(argv[1:])
-        if argv[0] == "floor":
-            _floor_main(sub.port)
-        else:
-            _openenv_serve_main(sub.port, sub.max_concurrent_envs, sub.system_prompt)
+        _floor_main(parser.parse_args(argv[1:]).port)
         return 0
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    curve = bool(argv) and argv[0] == "curve"
+    parser = argparse.ArgumentParser(
+        prog="bench_chatenv.py curve" if curve else None,
+        description="the long episodes alone: the per-step cost picture" if curve else __doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
-    parser.add_argument("--no-openenv", action="store_true", help="leave the OpenEnv peer out")
+    parser.add_argument("--no-openenv", action="store_true", help="leave the OpenEnv peers out")
+    parser.add_argument("--openenv-release", action="append", choices=list(OPENENV_RELEASES),
+                        help="an OpenEnv release to run, from its venv (`python support_chatenv.py venvs`); "
+                        "repeat for more (default: all of them, 0.10.0 the main comparison)")
+    parser.add_argument("--openenv-python", metavar="PATH",
+                        help="an interpreter with OpenEnv installed, instead of the venvs (one release)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    parser.add_argument("--openenv-python", default=sys.executable,
-                        help="interpreter with openenv-core for the OpenEnv server (default: this one)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plot", metavar="PATH", help="the per-step cost picture (PNG; default: "
+                        "docs/step-cost.png, a temporary file with --quick)")
+    parser.add_argument("--no-plot", action="store_true", help="draw no picture (its data is still in --json)")
+    args = parser.parse_args(argv[1:] if curve else argv)
+    args.openenv_peers = _openenv_peers(args)
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        results = run_benchmark(args)
+        results = (run_curve if curve else run_benchmark)(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         _stop_all()
-    table = render_table(results)
+    _draw(results, args, functools.partial(print, file=sys.stderr, flush=True))
+    table = render_curve(results) if curve else render_table(results) + "\n\n" + render_curve(results)
     results["table"] = table
     print(table)
     if args.json:

@@ -107,7 +107,7 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
         else:
             stack.pop()
     if not flat:
-        raise ValueError(f"{what} must hold at least one token id")
+        raise ValueError(f"{what} must have at least 1 item (a token id)")
     return flat
 
 
@@ -324,29 +324,39 @@ def load_tokenizer(spec: Any = None) -> Any:
         return spec
     path = os.fspath(spec)
     if path.endswith(".json") or os.path.isfile(path):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not a file: a tokenizer.json was expected")
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ImportError(
-                f"loading {path} needs the 'tokenizers' package: pip install 'chatenv[hf]'"
-            ) from None
-        tokenizer = Tokenizer.from_file(path)
+            raise ImportError(f"loading {path} needs the 'tokenizers' package: pip install tokenizers") from None
+        try:
+            tokenizer = Tokenizer.from_file(path)
+        except Exception as exc:  # tokenizers raises its own types, with the parser's reason
+            raise ValueError(f"{path} is not a tokenizer.json: {exc}") from None
         tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
         tokenizer.no_truncation()  # fixed length; a chat message is its own length
         return tokenizer
+    if _is_path(path) and not os.path.exists(path):  # else transformers reports a bad model name
+        raise FileNotFoundError(f"tokenizer path not found: {path}")
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ImportError(
-            f"loading tokenizer {path!r} needs the 'transformers' package: "
-            "pip install 'chatenv[hf]'"
+            f"loading tokenizer {path!r} needs the 'transformers' package: pip install transformers"
         ) from None
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # transformers raises many types; say which spec failed
         raise ValueError(f"cannot load tokenizer {path!r}: {exc}") from exc
+
+
+def _is_path(spec: str) -> bool:
+    """Whether a tokenizer spec names a path, not a model ("name" or "org/name")."""
+    return (os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1
+            or (os.sep != "/" and os.sep in spec))
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
@@ -397,20 +407,130 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 # Environment: the conversation, kept alongside its pre-serialised JSON
 # ------------------------------------------------------------------------------
 
-_dumps = json.JSONEncoder(separators=(",", ":")).encode  # compact, like OpenEnv
-_json_string = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # compact, raw UTF-8: as OpenEnv
+_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for a str
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON in UTF-8, as OpenEnv (pydantic) writes it.
+
+    A lone surrogate (which only a ``\\udXXX`` escape in a client's JSON can make)
+    has no UTF-8 form: such text keeps its escapes, still the same JSON.
+    """
+    text = _dumps(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _dumps_ascii(value).encode()
+
+
+def _json_string_bytes(text: str) -> bytes:
+    """One JSON string in UTF-8 (escaped as ``_json_bytes`` does)."""
+    try:
+        return _json_string(text).encode()
+    except UnicodeEncodeError:
+        return json.encoder.encode_basestring_ascii(text).encode()
 
 
 def _message_json(message: Mapping[str, str]) -> bytes:
     """``{"role":..,"content":..}`` exactly as json.dumps would write it, faster."""
-    return ('{"role":%s,"content":%s}' % (_json_string(message["role"]), _json_string(message["content"]))).encode()
+    return b'{"role":%s,"content":%s}' % (_json_string_bytes(message["role"]), _json_string_bytes(message["content"]))
+
+
+_LAST_KEPT_BYTES = 2**12  # a last step up to this size is kept beside the history for delta replies
+
+
+class _History:
+    """One episode's history, compact: its JSON text, once, and offsets into it.
+
+    ``messages_json`` holds the messages' JSON and ``tokens_json`` every token id,
+    each comma-joined without brackets: the two halves of a full observation, so
+    a reply is a join, never a re-dump. ``message_ends`` and ``token_ends`` say
+    where each message ends in them. Python views (messages, token lists) are
+    parsed from that text on demand. By RSS a 1-token step takes 57 bytes and a
+    4096-token one 7.3 a token (random bytes), where Python lists, tuples and
+    dicts beside the JSON took 353 and 31.
+    """
+
+    __slots__ = ("messages_json", "tokens_json", "message_ends", "token_ends", "token_count", "_last")
+
+    def __init__(self) -> None:
+        from array import array
+
+        self.messages_json = bytearray()
+        self.tokens_json = bytearray()
+        self.message_ends = array("Q")
+        self.token_ends = array("Q")
+        self.token_count = 0
+        self._last: tuple[bytes, bytes] | None = None  # a small last step's pieces, kept: see last()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this history holds: its text and its offsets (what a memory bound counts)."""
+        return len(self.messages_json) + len(self.tokens_json) + 8 * (len(self.message_ends) + len(self.token_ends))
+
+    def append(self, message_json: bytes, token_text: bytes, count: int, account: Any = None) -> None:
+        """Append one message; ``account`` (a _MemoryAccount) is charged first and may refuse."""
+        if account is not None:  # the exact growth of nbytes
+            account.charge(len(message_json) + (1 if self.message_ends else 0) + len(token_text)
+                           + (1 if token_text and self.tokens_json else 0) + 16, refuse=True)
+        if self.message_ends:
+            self.messages_json += b","
+        self.messages_json += message_json
+        if token_text and self.tokens_json:
+            self.tokens_json += b","
+        self.tokens_json += token_text
+        self.message_ends.append(len(self.messages_json))
+        self.token_ends.append(len(self.tokens_json))
+        self.token_count += count
+        self._last = (message_json, token_text) if len(message_json) + len(token_text) <= _LAST_KEPT_BYTES else None
+
+    def last(self) -> tuple[bytes, bytes]:
+        """The last message's JSON and token text, what a delta reply sends.
+
+        A small step's are kept; a large one's are sliced when asked, so the
+        history never holds a large step twice.
+        """
+        if self._last is not None:
+            return self._last
+        ends = self.message_ends
+        if not ends:
+            return b"", b""
+        start = ends[-2] + 1 if len(ends) > 1 else 0
+        token_ends = self.token_ends
+        end = token_ends[-1]
+        token_start = token_ends[-2] if len(token_ends) > 1 else 0
+        if token_start and end > token_start:
+            token_start += 1
+        return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
+
+    def history_tokens_json(self) -> bytes:
+        """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
+        text, pieces, start = self.tokens_json, [], 0
+        for end in self.token_ends:
+            if end > start and start:
+                start += 1  # the comma before this message's first id
+            pieces.append(text[start:end])
+            start = end
+        return b"[" + b"],[".join(pieces) + b"]" if pieces else b""
+
+    def messages(self) -> list[dict[str, str]]:
+        return json.loads(b"[" + self.messages_json + b"]")
+
+    def tokens(self) -> list[int]:
+        return json.loads(b"[" + self.tokens_json + b"]")
+
+    def token_lists(self) -> list[list[int]]:
+        return json.loads(b"[" + self.history_tokens_json() + b"]")
 
 
 class ChatEnvironment:
     """One episode of chat: reset() starts it, step() appends a message.
 
-    Besides the Python history it keeps the JSON of the history, appended to at
-    each step, so the server's O(history) replies are joins, never re-dumps.
+    The history is kept as its JSON (``_History``), appended to at each step, so
+    the server's O(history) replies are joins, never re-dumps; ``history_messages``,
+    ``history_tokens``, ``observation()`` and ``state`` parse fresh Python copies.
     """
 
     def __init__(
@@ -424,37 +544,22 @@ class ChatEnvironment:
         self.system_prompt = system_prompt
         self.system_role = system_role
         self.max_episode_tokens = max_episode_tokens  # None: episodes grow without bound
-        self._system_message: dict[str, str] | None = None
-        self._system_tokens: list[int] = []
+        self._account: Any = None  # a server's memory account (_MemoryAccount), charged as the history grows
+        self._system: tuple[bytes, bytes, int] | None = None  # the system message's JSON, token text, count
         if system_prompt:
-            self._system_message = {"role": system_role, "content": system_prompt}
-            self._system_tokens = _tokenize_message(self.tokenizer, self._system_message)
+            message = {"role": system_role, "content": system_prompt}
+            ids = _tokenize_message(self.tokenizer, message)
+            self._system = (_message_json(message), ",".join(map(str, ids)).encode(), len(ids))
         self._clear(None)
 
     def _clear(self, episode_id: str | None) -> None:
         self.episode_id = episode_id
         self.step_count = 0
-        self.history_messages: list[dict[str, str]] = []
-        self.history_tokens: list[tuple[int, ...]] = []
-        self._flat_tokens: list[int] = []
-        # JSON of the history, items comma-joined without brackets
-        self.messages_json = bytearray()
-        self.tokens_json = bytearray()
-        self.history_tokens_json = bytearray()
-        if self._system_message is not None:
-            self._append(dict(self._system_message), list(self._system_tokens))
-
-    def _append(self, message: dict[str, str], ids: list[int]) -> None:
-        sep = b"," if self.history_messages else b""
-        self.history_messages.append(message)
-        self.history_tokens.append(tuple(ids))  # a tuple of ints leaves the GC's care
-        token_text = ",".join(map(str, ids)).encode()
-        message_json = _message_json(message)
-        self.messages_json += sep + message_json
-        self.tokens_json += (b"," if self._flat_tokens else b"") + token_text
-        self.history_tokens_json += sep + b"[" + token_text + b"]"
-        self._flat_tokens += ids
-        self.last_json = (message_json, token_text)  # what a delta reply sends
+        old, self._history = getattr(self, "_history", None), _History()
+        if self._system is not None:
+            self._history.append(*self._system)
+        if self._account is not None and old is not None:
+            self._account.charge(self._history.nbytes - old.nbytes)  # never more: a history only grows
 
     def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
         """Start a new episode; the history holds only the system prompt, if any."""
@@ -474,35 +579,76 @@ class ChatEnvironment:
 
     def _append_step(self, ids: list[int]) -> dict[str, str]:
         """append_tokens() for ids the protocol has already validated."""
-        limit = self.max_episode_tokens
-        if limit is not None and len(self._flat_tokens) + len(ids) > limit:
+        history, limit = self._history, self.max_episode_tokens
+        if limit is not None and history.token_count + len(ids) > limit:
             raise ValueError(
-                f"the episode would hold {len(self._flat_tokens) + len(ids)} tokens, over this "
+                f"the episode would hold {history.token_count + len(ids)} tokens, over this "
                 f"environment's limit of {limit}: reset() to start a new one"
             )
-        message = {"role": "assistant", "content": _decode(self.tokenizer, ids)}
-        self._append(message, ids)
+        content = _decode(self.tokenizer, ids)
+        message_json = b'{"role":"assistant","content":%s}' % _json_string_bytes(content)
+        # ids' text: json's C encoder is twice as fast on long lists, slower on short ones
+        token_text = _dumps(ids).encode()[1:-1] if len(ids) > 64 else ",".join(map(str, ids)).encode()
+        history.append(message_json, token_text, len(ids), self._account)  # raises past a memory bound
         self.step_count += 1
-        return message
+        return {"role": "assistant", "content": content}
+
+    # The history as the protocol sends it: live buffers and totals, O(1) to read
+
+    @property
+    def messages_json(self) -> bytearray:
+        """The messages' JSON, comma-joined without brackets (the buffer itself)."""
+        return self._history.messages_json
+
+    @property
+    def tokens_json(self) -> bytearray:
+        """Every token id, comma-joined without brackets (the buffer itself)."""
+        return self._history.tokens_json
+
+    @property
+    def last_json(self) -> tuple[bytes, bytes]:
+        """The last message's JSON and its token ids' text: a delta reply."""
+        return self._history.last()
+
+    @property
+    def history_tokens_json(self) -> bytes:
+        """``[ids],[ids],...``, one list per message: O(history), built when asked."""
+        return self._history.history_tokens_json()
+
+    @property
+    def message_count(self) -> int:
+        return len(self._history.message_ends)
+
+    @property
+    def token_count(self) -> int:
+        return self._history.token_count
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this episode's history holds (what a server's memory bound counts)."""
+        return self._history.nbytes
+
+    # The history as Python objects: fresh copies, O(history)
+
+    @property
+    def history_messages(self) -> list[dict[str, str]]:
+        return self._history.messages()
+
+    @property
+    def history_tokens(self) -> list[tuple[int, ...]]:
+        return list(map(tuple, self._history.token_lists()))
 
     def observation(self) -> ChatObservation:
-        return ChatObservation(
-            messages=[dict(m) for m in self.history_messages],
-            tokens=list(self._flat_tokens),
-        )
+        return ChatObservation(messages=self._history.messages(), tokens=self._history.tokens())
 
     @property
     def state(self) -> ChatState:
         return ChatState(
             episode_id=self.episode_id,
             step_count=self.step_count,
-            history_messages=[dict(m) for m in self.history_messages],
-            history_tokens=[list(t) for t in self.history_tokens],
+            history_messages=self._history.messages(),
+            history_tokens=self._history.token_lists(),
         )
-
-    @property
-    def token_count(self) -> int:
-        return len(self._flat_tokens)
 
     def message_to_action(self, message: Mapping[str, Any]) -> ChatAction:
         """Tokenize a chat message into an action with this environment's tokenizer."""
@@ -589,7 +735,7 @@ class _RequestError(Exception):
 def error_reply(code: str, message: str, close: bool = False, **extra: Any) -> Reply:
     """An error frame, as OpenEnv shapes it: {"type":"error","data":{message, code}}."""
     data = {"message": message, "code": code, **extra}
-    return Reply([_dumps({"type": "error", "data": data}).encode()], close)
+    return Reply([_json_bytes({"type": "error", "data": data})], close)
 
 
 def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
@@ -607,14 +753,15 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
         if kind == "reset":
             return _reset_reply(session, _reset_args(message))
         if kind == "state":
-            _check_data(message)
+            _check_no_data(message)
             return _state_reply(session.env)
         if kind == "close":
+            _check_no_data(message)
             return Reply(None, close=True)
         if kind == "mcp":
             data = message.get("data")
             reply = _mcp_reply(session.server, data, session)
-            return Reply([_dumps({"type": "mcp", "data": reply}).encode()])
+            return Reply([_json_bytes({"type": "mcp", "data": reply})])
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
         return error_reply(exc.code, exc.message)
@@ -661,14 +808,21 @@ def _parse_request(frame: str | bytes | bytearray) -> dict[str, Any]:
 
 
 def _check_data(message: dict[str, Any]) -> dict[str, Any]:
-    data = message.get("data")
-    if data is None:
+    """The request's ``data`` object; absent is empty, anything else (null too) is refused, as OpenEnv does."""
+    if "data" not in message:
         return {}
+    data = message["data"]
     if not isinstance(data, dict):
         raise _RequestError(
             VALIDATION_ERROR, f"Invalid message: 'data' must be an object, got {type(data).__name__}"
         )
     return data
+
+
+def _check_no_data(message: dict[str, Any]) -> None:
+    """``state`` and ``close`` carry no ``data``: OpenEnv refuses one (and keeps the session)."""
+    if "data" in message:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {_type_text(message['type'])} takes no 'data'")
 
 
 def _step_tokens(message: dict[str, Any]) -> list[int]:
@@ -680,7 +834,7 @@ def _step_tokens(message: dict[str, Any]) -> list[int]:
         raise _RequestError(
             VALIDATION_ERROR, f"Invalid message: unknown action field(s) {_preview(sorted(extra))}"
         )
-    if data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+    if "metadata" in data and not isinstance(data["metadata"], dict):
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'metadata' must be an object")
     tokens = data["tokens"]
     if type(tokens) is list and tokens and set(map(type, tokens)) == _INT_ONLY and min(tokens) >= 0:
@@ -718,14 +872,14 @@ def _step_reply(session: Session, tokens: list[int]) -> Reply:
         return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     if not session.delta:
         return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
-    totals = b'%d,"tokens":%d' % (len(env.history_messages), env.token_count)
+    totals = b'%d,"tokens":%d' % (env.message_count, env.token_count)
     message_json, token_text = env.last_json
     return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
 
 
 def _state_reply(env: ChatEnvironment) -> Reply:
     head = b'{"type":"state","data":{"episode_id":%s,"step_count":%d,"history_messages":[' % (
-        _dumps(env.episode_id).encode(), env.step_count)
+        _json_bytes(env.episode_id), env.step_count)
     return Reply([head, env.messages_json, b'],"history_tokens":[', env.history_tokens_json, b"]}}"])
 
 
@@ -849,6 +1003,7 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
             "tokenizer": _tokenizer_name(server.tokenizer),
             "active_sessions": server.active_sessions,
             "max_sessions": server.max_sessions,
+            "worker": os.getpid(),  # which process answered (one of several with --workers)
         }
     if path == "/schema":
         return 200, {"action": _ACTION_SCHEMA, "observation": _OBSERVATION_SCHEMA, "state": _STATE_SCHEMA,
@@ -907,7 +1062,10 @@ def _openapi_document() -> dict[str, Any]:
     }
     for route, (verb, name) in _TASK_ROUTES.items():
         paths[f"/{{env_name}}/{route}"] = {verb.lower(): operation(name)}
-    return {"openapi": "3.1.0", "info": {"title": "chatenv", "version": __version__}, "paths": paths}
+    # info.version is the API's version, which OpenEnv's validator reads as its HTTP standard's
+    # profile (OpenEnv says 1.0.0); chatenv's own version is beside it
+    return {"openapi": "3.1.0", "info": {"title": "chatenv", "version": "1.0.0", "x-chatenv-version": __version__},
+            "paths": paths}
 
 
 # ------------------------------------------------------------------------------
@@ -921,8 +1079,15 @@ _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 _INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
 _SHUTDOWN_CODE = 1012  # "service restart": what OpenEnv 0.10 (uvicorn) closes sessions with on shutdown
 _NAMED_SESSION_TTL_S = 600.0  # an MCP-created session no WebSocket has used for this long is dropped
-_HTTP_HEAD_BYTES = 16 * 2**10  # largest request line and headers of a plain HTTP request
+_HTTP_HEAD_BYTES = 16 * 2**10  # largest request line and headers of any request, WebSocket upgrades included
 _READ_BYTES = 2**16  # most bytes taken from a socket per read
+_MAX_FRAGMENTS = 4096  # frames one fragmented message may come in: a stream of tiny or empty ones is closed
+_LARGE_REPLY_BYTES = 2**18  # a bigger reply goes out this much per loop turn, so no other session waits behind it
+_ACCEPT_BATCH = 16  # connections taken from the listening socket per loop turn: sessions get turns between
+_ACCEPT_RETRY_S = 0.25  # at the file-descriptor limit, accepting is retried this often (and whenever one closes)
+_FD_LIMIT_EVICTIONS = 16  # stalled handshakes dropped each time the descriptor limit is hit, to make room
+_LOG_LINES_PER_S = 20  # lines a second of one kind about sessions (opened, closed, dropped); more are counted
+_CLOSE_PROTOCOL_ERROR, _CLOSE_TOO_BIG, _CLOSE_TRY_AGAIN = 1002, 1009, 1013
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
 
@@ -982,6 +1147,204 @@ def _authorized(headers: Any, token: str) -> bool:
     return matches and scheme.lower() == "bearer"
 
 
+def _allow_list(value: Any, what: str) -> frozenset[str]:
+    """Origins or host names, lowercased; a string may hold several, comma-separated."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{what} must be strings, not {value!r}")
+    return frozenset(item.strip().lower().rstrip("/") for item in items if item.strip())
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: lowercased, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_host(name: str) -> bool:
+    """localhost, a name under .localhost (RFC 6761), 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
+    import ipaddress
+
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _access_refusal(method: str, upgrade: bool, headers: Any, loopback: bool,
+                    allow_origins: frozenset[str], allow_hosts: frozenset[str]) -> tuple[int, str] | None:
+    """Why a request may not reach the server at all, as (status, text), or None. Pure:
+    both shells (the native server and ASGIApp) ask it.
+
+    A server on a loopback address answers only loopback Host names (and
+    ``allow_hosts``), so a web page whose name was rebound to 127.0.0.1 cannot reach
+    it; a WebSocket upgrade or any request with a body that carries an ``Origin``
+    (a browser's) needs that origin in ``allow_origins``, since browsers let any
+    page open WebSockets and POST to any address. Clients that send no Origin
+    (OpenEnv's, chatenv's, curl) are not affected.
+    """
+    if loopback and "*" not in allow_hosts:
+        hosts = headers.get_all("Host")
+        if len(hosts) > 1:
+            return 400, "Bad Request: more than one Host header\n"
+        name = _host_name(hosts[0]) if hosts else ""
+        if hosts and not _is_loopback_host(name) and name not in allow_hosts:
+            return 403, (f"Forbidden: this server listens on a loopback address and answers only loopback "
+                         f"Host names, not {_preview(name)} (allow it with --allow-host)\n")
+    if upgrade or method not in ("GET", "HEAD"):
+        origins = headers.get_all("Origin")
+        if origins and "*" not in allow_origins:
+            origin = origins[0].strip().lower().rstrip("/")
+            if len(origins) > 1 or origin not in allow_origins:
+                return 403, (f"Forbidden: requests from web pages at {_preview(origin)} are not allowed "
+                             f"(allow the origin with --allow-origin)\n")
+    return None
+
+
+def _listen(host: str, port: int) -> list[Any]:
+    """Listening sockets on every address ``host`` resolves to (all interfaces if empty), one port."""
+    import socket
+
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[Any] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            if listeners and not port:  # port 0: the one the first address got, for all of them
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds "::"
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"error while attempting to bind on address {address[:2]!r}: "
+                                         f"{(exc.strerror or str(exc)).lower()}") from None
+            sock.listen(1024)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def _raise_fd_limit() -> int | None:
+    """Raise this process's soft limit on open files to its hard limit; the soft limit then."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses an unlimited soft limit: keep what we have
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class _LogLimiter:
+    """Log lines of one kind at a bounded rate: the first ``burst`` each second as they
+    come, then only a count, logged once a second with the last of them.
+
+    A client causes a line per connection (a refusal, a session opened and closed);
+    at thousands of connections a second that would fill a disk.
+    """
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.window = self._clock()
+        self.kinds: dict[str, list[Any]] = {}  # kind -> [lines logged this window, lines held back, level, last]
+        self.unlimited = False
+
+    def log(self, kind: str, burst: int, level: int, message: str, *args: Any) -> None:
+        """``message`` starts with ``kind``; a count of held-back lines reads "<kind>: N more ..."."""
+        if self._clock() - self.window >= 1.0:
+            self.flush()
+        entry = self.kinds.get(kind)
+        if entry is None:
+            entry = self.kinds[kind] = [0, 0, level, None]
+        if entry[0] < burst or self.unlimited:
+            entry[0] += 1
+            logger.log(level, message, *args)
+        else:
+            entry[1] += 1
+            entry[3] = (message, args)
+
+    def flush(self) -> None:
+        now = self._clock()
+        for kind, (_, held_back, level, last) in self.kinds.items():
+            if held_back:
+                text = last[0] % last[1]
+                logger.log(level, "%s: %d more in the last %.1f s, not logged one by one (the last: %s)",
+                           kind, held_back, now - self.window, text[len(kind):].lstrip(": "))
+        self.kinds.clear()
+        self.window = now
+
+
+# What a session costs its server beyond its episode's history (its connection, the
+# Sans-I/O protocol, the session and environment objects, a small last step kept for
+# delta replies): 7.3 KB by RSS over a thousand open sessions (test_limits.py checks
+# it), plus _LAST_KEPT_BYTES, rounded up
+_SESSION_OVERHEAD_BYTES = 16 * 2**10
+
+
+class _MemoryAccount:
+    """What one session holds of its server's memory bound: a fixed overhead plus its episode.
+
+    It is the session's environment factory, so the environment it makes is
+    charged from its first byte (admission reserved the empty episode). Closing
+    it gives everything back; a charge after that (a step finishing in a worker
+    thread as its socket goes) is ignored, so nothing is counted twice or lost.
+    """
+
+    __slots__ = ("server", "held", "open")
+
+    def __init__(self, server: ChatServer, held: int) -> None:
+        self.server, self.held, self.open = server, held, True
+
+    def __call__(self) -> ChatEnvironment:
+        env = self.server._new_environment()
+        env._account = self
+        return env
+
+    def charge(self, size: int, refuse: bool = False) -> None:
+        """Count ``size`` more bytes (fewer if negative); with ``refuse``, raise rather than pass the bound."""
+        if not self.server.offload:  # every step runs on the event loop: nothing to race with
+            return self._charge(size, refuse)
+        with self.server._memory_lock:
+            return self._charge(size, refuse)
+
+    def _charge(self, size: int, refuse: bool) -> None:
+        server = self.server
+        if self.open:
+            limit = server.max_memory_bytes
+            if refuse and limit is not None and server.memory_used + size > limit:
+                raise ValueError(
+                    f"the server's memory bound is reached: its episodes hold {server.memory_used} bytes "
+                    f"of --max-memory-bytes {limit} and this step needs {size} more; reset to free this episode"
+                )
+            server.memory_used += size
+            self.held += size
+
+    def close(self) -> None:
+        with self.server._memory_lock:
+            if self.open:
+                self.server.memory_used -= self.held
+                self.open, self.held = False, 0
+
+
 class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
@@ -1002,10 +1365,15 @@ class ChatServer:
         system_role: str = "system",
         auth_token: str | None = None,
         compression: str | None = None,
+        allow_origins: Any = (),
+        allow_hosts: Any = (),
         # Limits
         max_sessions: int = 256,
+        max_handshakes: int = 1024,
+        max_buffered_bytes: int | None = 2**28,
         max_message_bytes: int | None = 2**24,
         max_episode_tokens: int | None = 2**20,
+        max_memory_bytes: int | None = 2**31,
         # Timeouts (seconds; None disables)
         open_timeout_s: float | None = 10.0,
         ping_interval_s: float | None = 20.0,
@@ -1020,15 +1388,36 @@ class ChatServer:
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if max_memory_bytes is not None and max_memory_bytes < 0:
+            raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
             raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
+        if max_handshakes < 1:
+            raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
         self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role, max_episode_tokens)
         self.host, self.port = host, port
         self.auth_token = auth_token
         self.compression = None if compression == "none" else compression
+        # Browsers: origins whose pages may open sessions or POST (a WebSocket is not
+        # bound by the same-origin policy); Host names a loopback server answers
+        # besides loopback ones, so DNS rebinding cannot reach it
+        self.allow_origins = _allow_list(allow_origins, "allow_origins")
+        self.allow_hosts = _allow_list(allow_hosts, "allow_hosts")
         self.max_sessions = max_sessions
+        # Connections not (yet) sessions: handshakes, plain HTTP requests, refusals;
+        # past the limit the oldest is dropped, so stalled ones cannot lock out new ones
+        self.max_handshakes = max_handshakes
+        # Bytes of incomplete incoming messages (partial frames, fragments, HTTP bodies)
+        # all connections may hold together; the one that would pass it is closed (1013)
+        self.max_buffered_bytes = max_buffered_bytes or None
         self.max_message_bytes = max_message_bytes
+        # The bytes all sessions' episodes may hold together: each session is charged
+        # _SESSION_OVERHEAD_BYTES plus its history's exact size (_MemoryAccount)
+        self.max_memory_bytes = max_memory_bytes or None
+        self.memory_used = 0
+        self._memory_lock = threading.Lock()  # steps may run in the offload pool
+        self._accounts: dict[Session, _MemoryAccount] = {}
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -1042,7 +1431,13 @@ class ChatServer:
         self._connections: set[_Connection] = set()
         self._named: dict[str, list[Any]] = {}  # named sessions: id -> [session, attached, closing, last used]
         self._unflushed: list[_Connection] = []  # connections with writes queued this loop turn
-        self._listener: Any = None
+        self._handshakes: dict[_Connection, None] = {}  # connections not sessions (yet), oldest first
+        self._buffered_bytes = 0  # what max_buffered_bytes bounds: the sum of each connection's .held
+        self._log = _LogLimiter()
+        self._listeners: list[Any] = []  # listening sockets, accepted from by _accept
+        self._loopback = False  # whether every listening address is a loopback one (the Host check applies)
+        self._accept_paused = False  # at the file-descriptor limit
+        self._accept_retry: Any = None
         self._loop: Any = None
         self._executor: Any = None
         self._housekeeper: Any = None
@@ -1065,19 +1460,21 @@ class ChatServer:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._unmask = apply_mask
+        self._frame_limit = self.max_message_bytes if self.max_message_bytes is not None else 1 << 64
         # websockets' memory-saving deflate settings (smaller windows) when compressing
         self._extensions = enable_server_permessage_deflate(None) if self.compression else None
-        if self.sock is not None:
-            self._listener = await self._loop.create_server(lambda: _Connection(self), sock=self.sock, backlog=1024)
-        else:
-            self._listener = await self._loop.create_server(
-                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
-            )
-        self.port = self._listener.sockets[0].getsockname()[1]
+        descriptors = _raise_fd_limit()
+        self._listeners = [self.sock] if self.sock is not None else _listen(self.host, self.port)
+        for listener in self._listeners:
+            listener.setblocking(False)
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+        addresses = [listener.getsockname() for listener in self._listeners]
+        self.port = addresses[0][1]
+        self._loopback = all(_is_loopback_host(str(address[0])) for address in addresses)
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
         logger.info(
-            "listening on %s (WebSocket at /ws; max %d sessions; tokenizer %s)",
-            self.url, self.max_sessions, _tokenizer_name(self.tokenizer),
+            "listening on %s (WebSocket at /ws; max %d sessions; tokenizer %s; up to %s open files)",
+            self.url, self.max_sessions, _tokenizer_name(self.tokenizer), descriptors or "?",
         )
 
     async def wait_stopped(self) -> None:
@@ -1087,11 +1484,18 @@ class ChatServer:
         """Stop listening, close every session with ``code``, abort stragglers."""
         import asyncio
 
-        if self._listener is None:
+        if not self._listeners:
             return
-        self._listener.close()
+        self._pause_accepting()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
         if self._housekeeper is not None:
             self._housekeeper.cancel()
+        self._log.flush()
+        self._log.unlimited = True  # one line per session closed now: at most max_sessions of them
         for conn in list(self._connections):
             conn.shut(code, reason)
         deadline = self._loop.time() + min(self.close_timeout_s, 0.5)
@@ -1102,17 +1506,112 @@ class ChatServer:
         await asyncio.sleep(0)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self._listener = None
         self._stopped.set()
         logger.info("server stopped")
+
+    # Accepting: our own loop on the listening sockets rather than asyncio's, which at
+    # the file-descriptor limit logs a traceback per try and spins. Every connection
+    # is counted from its first byte: until it is a session it is one of at most
+    # max_handshakes, and the oldest of those is dropped to make room for a new one
+
+    def _accept(self, listener: Any) -> None:
+        import errno
+
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # the peer gave up while queued
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._at_fd_limit(exc)
+                else:  # not expected from accept(); say so, at most once a second, and carry on
+                    self._log.log("accept failed", 1, logging.WARNING, "accept failed: %s", exc)
+                    self._pause_accepting()
+                    self._retry_accepting(_ACCEPT_RETRY_S)
+                return
+            if len(self._handshakes) >= self.max_handshakes and self._drop_oldest_handshake():
+                self._log.log("dropped a stalled handshake", 1, logging.WARNING,
+                              "dropped a stalled handshake: %d connections are not sessions yet "
+                              "(max_handshakes %d)", len(self._handshakes) + 1, self.max_handshakes)
+            conn = _Connection(self)
+            self._handshakes[conn] = None
+            self._loop.create_task(self._attach(conn, sock))
+
+    async def _attach(self, conn: _Connection, sock: Any) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: conn, sock)
+        except Exception:  # the peer went away before its transport existed
+            self._handshakes.pop(conn, None)
+            sock.close()
+
+    def _drop_oldest_handshake(self) -> bool:
+        for conn in self._handshakes:
+            if conn.transport is not None:
+                del self._handshakes[conn]
+                conn.transport.abort()
+                return True
+        return False
+
+    def _at_fd_limit(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting until one frees (the backlog waits in the kernel)."""
+        self._pause_accepting()
+        dropped = 0
+        while dropped < _FD_LIMIT_EVICTIONS and self._drop_oldest_handshake():
+            dropped += 1
+        self._log.log("at the file-descriptor limit", 1, logging.WARNING,
+                      "at the file-descriptor limit (%s): not accepting until a descriptor frees; %d "
+                      "connections open, %d sessions; dropped %d stalled handshakes to make room",
+                      exc.strerror, len(self._connections), self.active_sessions, dropped)
+        self._retry_accepting(0 if dropped else _ACCEPT_RETRY_S)
+
+    def _pause_accepting(self) -> None:
+        if not self._accept_paused:
+            self._accept_paused = True
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.fileno())
+
+    def _retry_accepting(self, delay: float) -> None:
+        if self._accept_retry is not None:
+            if delay:
+                return
+            self._accept_retry.cancel()
+        self._accept_retry = self._loop.call_later(delay, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_retry = None
+        if self._accept_paused and self._listeners:
+            self._accept_paused = False
+            for listener in self._listeners:
+                self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     # Sessions
 
     def _new_session(self) -> Session | None:
+        """A new session, or None when the server holds as many sessions or bytes as it may."""
         if self.active_sessions >= self.max_sessions:
             return None
+        if self.max_memory_bytes is None:
+            self.active_sessions += 1
+            return Session(self._new_environment, self)
+        need = _SESSION_OVERHEAD_BYTES + self._prototype.nbytes  # the session and its empty episode
+        with self._memory_lock:
+            if self.memory_used + need > self.max_memory_bytes:
+                return None
+            self.memory_used += need
+        account = _MemoryAccount(self, need)
         self.active_sessions += 1
-        return Session(self._new_environment, self)
+        session = Session(account, self)
+        self._accounts[session] = account
+        return session
+
+    def _free_session(self, session: Session) -> None:
+        """Give back what a session held of the memory bound."""
+        account = self._accounts.pop(session, None)
+        if account is not None:
+            account.close()
 
     def _new_environment(self) -> ChatEnvironment:
         import copy
@@ -1130,13 +1629,34 @@ class ChatServer:
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
-    def _handshake_refusal(self, headers: Any, peer: str) -> tuple[int, str, dict[str, str]] | None:
-        """Why a WebSocket upgrade to /ws is refused: (status, text, headers), or None."""
+    def _handshake_refusal(self, headers: Any, peer: str,
+                           loopback: bool | None = None) -> tuple[int, str, dict[str, str]] | None:
+        """Why a WebSocket upgrade to /ws is refused: (status, text, headers), or None.
+
+        ``loopback``: whether the server's address is a loopback one (the ASGI
+        server's, from its scope); by default, this server's listening address.
+        """
+        refused = self._http_refusal("GET", headers, peer, loopback, upgrade=True)
+        if refused is not None:
+            return refused
         if self.auth_token is not None and not _authorized(headers, self.auth_token):
-            logger.warning("refused an unauthenticated WebSocket upgrade from %s", peer)
+            self._log.log("refused an unauthenticated WebSocket upgrade", 1, logging.WARNING,
+                          "refused an unauthenticated WebSocket upgrade from %s", peer)
             return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
                     {"WWW-Authenticate": "Bearer"})
         return None
+
+    def _http_refusal(self, method: str, headers: Any, peer: str, loopback: bool | None = None,
+                      upgrade: bool = False) -> tuple[int, str, dict[str, str]] | None:
+        """Why any request is refused before it is read (``_access_refusal``), or None."""
+        refused = _access_refusal(method, upgrade, headers, self._loopback if loopback is None else loopback,
+                                  self.allow_origins, self.allow_hosts)
+        if refused is None:
+            return None
+        status, text = refused
+        self._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: %d %s",
+                      peer, status, text.strip()[:200])
+        return status, text, {}
 
     def _open_session(self, query: str, peer: str) -> tuple[Session | None, str | None, Reply | None]:
         """The session for an accepted /ws upgrade: (session, its name if attached, refusal)."""
@@ -1145,14 +1665,24 @@ class ChatServer:
             attached = self.attach_named_session(named_id)
             if isinstance(attached, str):
                 return None, None, error_reply(SESSION_ERROR, attached, close=True)
-            logger.info("session attached: %s to %s", peer, _type_text(named_id))
+            self._log.log("session attached", _LOG_LINES_PER_S, logging.INFO, "session attached: %s to %s",
+                          peer, _type_text(named_id))
             return attached, named_id, None
         session = self._new_session()
+        if session is None and self.active_sessions < self.max_sessions:  # room for a session, not its bytes
+            text = (f"Server at capacity: its episodes hold {self.memory_used} bytes of --max-memory-bytes "
+                    f"{self.max_memory_bytes}, no room for another session. Cannot accept new connections.")
+            self._log.log("refused a session", 1, logging.WARNING,
+                          "refused a session from %s: memory bound reached (%d of %d bytes)",
+                          peer, self.memory_used, self.max_memory_bytes)
+            return None, None, error_reply(CAPACITY_REACHED, text, close=True, active_sessions=self.active_sessions,
+                                           max_sessions=self.max_sessions)
         if session is None:
-            logger.warning("refused a session from %s: at capacity (%d/%d)",
-                           peer, self.active_sessions, self.max_sessions)
+            self._log.log("refused a session", 1, logging.WARNING, "refused a session from %s: at capacity (%d/%d)",
+                          peer, self.active_sessions, self.max_sessions)
             return None, None, capacity_reply(self.active_sessions, self.max_sessions)
-        logger.info("session opened: %s, %d/%d active", peer, self.active_sessions, self.max_sessions)
+        self._log.log("session opened", _LOG_LINES_PER_S, logging.INFO, "session opened: %s, %d/%d active",
+                      peer, self.active_sessions, self.max_sessions)
         return session, None, None
 
     def _close_session(self, session: Session, named_id: str | None, peer: str, code: int,
@@ -1162,8 +1692,10 @@ class ChatServer:
             self.detach_named_session(named_id)
         else:
             self.active_sessions -= 1
-        logger.info("session closed: %s, code %d, %d requests, %.1f s, %d/%d active",
-                    peer, code, requests, seconds, self.active_sessions, self.max_sessions)
+            self._free_session(session)
+        self._log.log("session closed", _LOG_LINES_PER_S, logging.INFO,
+                      "session closed: %s, code %d, %d requests, %.1f s, %d/%d active",
+                      peer, code, requests, seconds, self.active_sessions, self.max_sessions)
 
     # Named sessions: OpenEnv's MCP ``openenv/session/create`` makes one, a WebSocket
     # attaches to it with /ws?session_id=ID and leaves it alive when it goes; each
@@ -1209,8 +1741,10 @@ class ChatServer:
         return "closed"
 
     def _drop_named(self, session_id: str) -> None:
-        if self._named.pop(session_id, None) is not None:
+        entry = self._named.pop(session_id, None)
+        if entry is not None:
             self.active_sessions -= 1
+            self._free_session(entry[0])
 
     def _clock(self) -> float:
         import time
@@ -1252,6 +1786,8 @@ class ChatServer:
         now = self._loop.time()
         if self._named:
             self._expire_named_sessions()
+        if self._log.kinds and self._log._clock() - self._log.window >= 1.0:
+            self._log.flush()  # the counts of lines held back: once a second at most
         for conn in list(self._connections):
             try:
                 conn.check_timeouts(now)
@@ -1272,7 +1808,7 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 
 class _Connection:
-    """One TCP connection: feeds bytes to the Sans-I/O protocol, runs the session."""
+    """One TCP connection: frames its bytes, feeds the Sans-I/O protocol, runs the session."""
 
     def __init__(self, server: ChatServer) -> None:
         from websockets.server import ServerProtocol
@@ -1287,22 +1823,38 @@ class _Connection:
         self.peer = "?"
         self.session: Session | None = None
         self.requests = 0
-        self.fragments: list[bytes] | None = None
+        # Incoming frames. The protocol's parser is given whole frames only, so this
+        # connection always knows where the next one starts
+        self.rx: bytearray | None = None  # the start of a frame not whole yet
+        self.rx_need = 0  # bytes rx must hold for that frame to be whole (0: its header is not whole yet)
+        self.skip = 0  # bytes of a refused frame's payload still to come, discarded as they do
+        self.fragments: bytearray | None = None  # a fragmented message so far
         self.fragment_opcode = _OP_TEXT
+        self.fragment_count = 0
+        self.held = 0  # bytes of incomplete messages held here: this connection's part of max_buffered_bytes
+        self.closing = False  # our close frame is out: what comes before the client's close frame is discarded
+        self.eof_held = False  # the protocol gave up on the connection; the TCP close waits for the client's close
         self.inbox: Any = None
         self.busy = False
         self.drain_scheduled = False
         self.reading_paused = False
         self.write_paused_at: float | None = None
+        # Outgoing: replies queued this loop turn; a large one goes out a chunk a turn
+        # (large: [pieces, index, offset, whether its first fragment is out]), and what is
+        # written meanwhile waits in backlog
         self.outgoing: list[bytes] = []
+        self.large: list[Any] | None = None
+        self.backlog: list[bytes] = []
         self.eof_queued = False
+        self.eof_written = False
         self.fast_frames = False
         now = server._loop.time()
         self.opened_at = self.last_rx = self.last_message = now
         self.ping_sent_at: float | None = None
         self.close_deadline: float | None = None
         self.head_tail = b""  # last bytes of the handshake so far, to find its end across reads
-        self.http_body: bytes | None = None  # a plain HTTP request with a body, as read so far
+        self.head_bytes = 0  # bytes of the request line and headers so far: at most _HTTP_HEAD_BYTES
+        self.http_body: bytearray | None = None  # a plain HTTP request with a body, as read so far
         self.named_id: str | None = None  # the named session this WebSocket attached to
 
     # asyncio protocol callbacks
@@ -1313,109 +1865,257 @@ class _Connection:
         self.transport = transport
         # asyncio's selector transport receives into a fresh 256 KiB bytes per read,
         # which glibc maps and unmaps each time (3 syscalls a request); 64 KiB stays
-        # on the heap. An attribute of that transport only; others ignore it.
-        transport.max_size = _READ_BYTES
+        # on the heap. An attribute of that transport only; uvloop's has none.
+        try:
+            transport.max_size = _READ_BYTES
+        except AttributeError:
+            pass
         self.inbox = collections.deque()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.server._connections.add(self)
+        if not self.server._listeners:  # accepted as the server was closing
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         proto = self.proto
         self.last_rx = self.server._loop.time()
         if self.eof_queued:
             return  # we have said our last word; the rest is discarded until the client closes
-        if proto.state == _OPEN:
-            if self.fast_frames and proto.current_size is None and not proto.reader.buffer:
-                data = self._take_data_frames(data)
-            if data:
-                self._receive(data)
-        elif proto.state == _CONNECTING and not proto.eof_sent:
-            if self.http_body is not None or (not self.head_tail and data[:1] not in (b"G", b"H")):
+        state = proto.state
+        if state == _OPEN or state == _CLOSING:
+            self._take_frames(data)
+        elif state == _CONNECTING and not proto.eof_sent:
+            if self.http_body is not None or (not self.head_bytes and data[:1] not in (b"G", b"H")):
                 # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
                 # WebSocket handshake parser would refuse with no answer at all
                 self._receive_http_request(data)
                 return
             # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
-            # pipelines them still gets the 101 first: feed the request alone, then the rest
+            # pipelines them still gets the 101 first: feed the request alone, then the rest.
+            # The request is bounded in total, not only per line as websockets bounds it
             window = self.head_tail + data
             end = window.find(b"\r\n\r\n")
+            split = len(data) if end < 0 else end + 4 - len(self.head_tail)
+            self.head_bytes += split
+            if self.head_bytes > _HTTP_HEAD_BYTES:
+                self._refuse_head()
+                return
             if end < 0:
                 self.head_tail = window[-3:]
-            elif end + 4 - len(self.head_tail) < len(data):
-                split = end + 4 - len(self.head_tail)
+            elif split < len(data):
                 self._receive(data[:split])
                 if not self.transport.is_closing():
                     self.data_received(data[split:])
                 return
             self._receive(data)
-        else:
-            self._receive(data)
         if self.inbox and not self.busy and not self.drain_scheduled:
             self._drain()
 
+    def _refuse_head(self) -> None:
+        self.server._log.log("refused a request", 1, logging.WARNING,
+                             "refused a request from %s: its request line and headers are over %d bytes",
+                             self.peer, _HTTP_HEAD_BYTES)
+        self._answer_http(431, {"detail": f"Request Header Fields Too Large: over {_HTTP_HEAD_BYTES} bytes"})
+
     def _receive_http_request(self, data: bytes) -> None:
         """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
-        buffer = self.http_body = (self.http_body or b"") + data
-        end = buffer.find(b"\r\n\r\n")
+        from websockets.datastructures import Headers
+
+        if self.http_body is None:
+            self.http_body = bytearray()
+        buffer = self.http_body
+        start = max(0, len(buffer) - 3)
+        buffer += data
+        end = buffer.find(b"\r\n\r\n", start) if not self.head_bytes else self.head_bytes - 4
         if end < 0:
             if len(buffer) > _HTTP_HEAD_BYTES:
-                self._answer_http(431, {"detail": "Request Header Fields Too Large"})
+                self._refuse_head()
             return
+        if not self.head_bytes:
+            self.head_bytes = end + 4
+            if self.head_bytes > _HTTP_HEAD_BYTES:
+                self._refuse_head()
+                return
         lines = buffer[:end].decode("latin-1").split("\r\n")
         method, _, target = lines[0].partition(" ")
         target = target.rpartition(" ")[0] or target
         length = 0
+        headers = Headers()
         for line in lines[1:]:
             name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name == "content-length" and value.strip().isdigit():
-                length = int(value.strip())
+            name, value = name.strip(), value.strip()
+            headers[name] = value
+            name = name.lower()
+            if name == "content-length" and value.isdigit():
+                length = int(value)
             elif name == "transfer-encoding":
                 self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
                 return
+        refusal = self.server._http_refusal(method[:16], headers, self.peer)
+        if refusal is not None:
+            self._answer_http(refusal[0], {"detail": refusal[1].strip()})
+            return
         limit = self.server.max_message_bytes
         if limit is not None and length > limit:
             self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
             return
         if len(buffer) - end - 4 < length:
-            return  # the rest of the body is on its way
-        status, body = http_reply(self.server, method[:16], target, buffer[end + 4:end + 4 + length])
+            self._count_held()  # the rest of the body is on its way
+            return
+        status, body = http_reply(self.server, method[:16], target, bytes(buffer[end + 4:end + 4 + length]))
         self._answer_http(status, body, head=method == "HEAD")
 
     def _answer_http(self, status: int, body: Any, head: bool = False) -> None:
-        self.http_body = b""  # what the client sends from now on is discarded
+        self.http_body = bytearray()  # what the client sends from now on is discarded
+        self._count_held()
         self._write(_http_response(status, body, head).serialize())
         self._write_eof()
 
-    def _take_data_frames(self, data: bytes) -> bytes:
-        """Read the whole, masked data frames at the head of ``data`` directly; return the rest.
+    def _take_frames(self, data: Any) -> None:
+        """Split the incoming bytes into frames and act on each whole one.
 
-        The hot path: a request is one such frame. Anything else (control frames,
-        fragments, oversize or malformed frames, a partial frame) is left to the
-        Sans-I/O parser, which is at a frame boundary whenever this runs.
+        The hot path: a request is one whole, masked, final data frame, read here
+        directly. The protocol's parser gets only whole frames (control frames,
+        every frame of a compressed connection, anything malformed), so a frame over
+        the limit is refused from its header and its payload discarded as it comes
+        in, never buffered; so is everything between our close frame and the client's.
         """
-        pos, size, limit = 0, len(data), self.server.max_message_bytes
-        while size - pos >= 6:
+        slow = self.skip or self.rx is not None
+        if slow:
+            if self.skip:
+                if len(data) <= self.skip:
+                    self.skip -= len(data)
+                    return
+                data, self.skip = data[self.skip:], 0
+            if self.rx is not None:
+                self.rx += data
+                if len(self.rx) < self.rx_need:
+                    self._count_held()
+                    return
+                data, self.rx = self.rx, None
+        pos, size, need, top = 0, len(data), 0, self.server._frame_limit
+        # fast: whole, final, uncompressed text or binary frames go straight to the inbox
+        fast = self.fast_frames and not self.closing and self.fragments is None
+        while size - pos >= 2:
             first, second = data[pos], data[pos + 1]
-            opcode, length, head = first & 0x0F, second & 0x7F, pos + 2
-            if first & 0xF0 != 0x80 or not second & 0x80 or (opcode != _OP_TEXT and opcode != _OP_BINARY):
-                break  # fragmented, reserved bits, unmasked, or a control frame
+            length, head = second & 0x7F, pos + 2
             if length >= 126:
                 width = 2 if length == 126 else 8
                 if size - head < width:
                     break
                 length = int.from_bytes(data[head:head + width], "big")
                 head += width
-            end = head + 4 + length
-            if end > size or (limit is not None and length > limit):
+            mask = head
+            if second & 0x80:
+                head += 4
+                end = head + length
+                if fast and end <= size and length <= top and (first == 0x81 or first == 0x82):
+                    self._enqueue(first & 0x0F, self.server._unmask(data[head:end], data[mask:head]))
+                    pos = end
+                    continue
+            else:
+                end = head + length
+            slow, opcode, limit = True, first & 0x0F, self.server.max_message_bytes
+            refused = self.closing and opcode != _OP_CLOSE
+            if opcode >= 8 and length > 125:
+                self._fail(_CLOSE_PROTOCOL_ERROR, "control frame too long")
+                refused = True
+            elif opcode < 8 and limit is not None and not self.closing:
+                if length + (len(self.fragments) if opcode == _OP_CONT and self.fragments is not None else 0) > limit:
+                    self._fail(_CLOSE_TOO_BIG, f"message over the server's limit of {limit} bytes")
+                    refused = True
+            if refused:  # discarded, what has come of it and what is still to come
+                fast = False
+                if end > size:
+                    self.skip, pos = end - size, size
+                    break
+                pos = end
+                continue
+            if end > size:
+                need = end - pos
                 break
-            self._enqueue(opcode, self.server._unmask(data[head + 4:end], data[head:head + 4]))
+            if self.closing:  # the client's close frame: the closing handshake is done
+                if not self.eof_held:
+                    self._receive(data[pos:end])
+                if not self.eof_queued:
+                    self._write_eof()
+                pos = end
+                break
+            if self.fast_frames and opcode <= _OP_BINARY and not first & 0x70 and second & 0x80:
+                self._fragment(opcode, first & 0x80, self.server._unmask(data[head:end], data[mask:head]))
+            else:
+                self._receive(data[pos:end])
+                if opcode == _OP_CLOSE and self.eof_held and not self.eof_queued:
+                    self._write_eof()  # a close frame the protocol refused is still the client's last word
             pos = end
-        return data[pos:] if pos else data
+            if self.eof_queued:
+                break
+            fast = self.fast_frames and not self.closing and self.fragments is None
+        if pos < size:
+            slow = True
+            if not self.eof_queued and not self.skip:
+                self.rx, self.rx_need = bytearray(data[pos:]), need
+        if slow:
+            self._count_held()
+
+    def _fragment(self, opcode: int, fin: int, payload: bytes) -> None:
+        """One frame of a fragmented message (uncompressed: the parser handles compressed ones)."""
+        if opcode == _OP_CONT:
+            if self.fragments is None:
+                self._fail(_CLOSE_PROTOCOL_ERROR, "unexpected continuation frame")
+                return
+            self.fragments += payload
+            self.fragment_count += 1
+            if fin:
+                message, self.fragments = self.fragments, None
+                self._enqueue(self.fragment_opcode, message)
+            elif self.fragment_count >= _MAX_FRAGMENTS:
+                self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
+        elif self.fragments is not None:
+            self._fail(_CLOSE_PROTOCOL_ERROR, "expected a continuation frame")
+        elif fin:
+            self._enqueue(opcode, payload)
+        else:
+            self.fragments, self.fragment_opcode, self.fragment_count = bytearray(payload), opcode, 1
+
+    def _count_held(self) -> None:
+        """Update this connection's part of max_buffered_bytes; close it if it takes the total past."""
+        held = len(self.rx) if self.rx is not None else 0
+        if self.fragments is not None:
+            held += len(self.fragments)
+        if self.http_body:
+            held += len(self.http_body)
+        server = self.server
+        server._buffered_bytes += held - self.held
+        self.held = held
+        limit = server.max_buffered_bytes
+        if limit is None or not held or server._buffered_bytes <= limit:
+            return
+        server._log.log("refused a large message", 1, logging.WARNING,
+                        "refused a large message from %s: incomplete messages would hold more than "
+                        "max_buffered_bytes (%d)", self.peer, limit)
+        if self.http_body:
+            self._answer_http(503, {"detail": "Service Unavailable: the server holds too much incoming data; "
+                                              "try again later"})
+            return
+        if self.rx is not None and self.rx_need:
+            self.skip = self.rx_need - len(self.rx)
+        self.rx = None
+        self._fail(_CLOSE_TRY_AGAIN, "the server holds too much incoming data; try again later")
+        self._count_held()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close the session over a frame it may not send; the rest is discarded up to its close frame."""
+        self.fragments = None
+        if self.proto.state == _OPEN:
+            self.proto.send_close(code, reason)
+            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
+            self._flush()
+        self.closing = True
 
     def _receive(self, data: bytes) -> None:
-        """Feed bytes to the Sans-I/O protocol and act on what it parsed."""
+        """Feed bytes (a handshake, or one whole frame) to the Sans-I/O protocol; act on what it parsed."""
         proto = self.proto
         proto.receive_data(data)
         for event in proto.events_received():
@@ -1426,13 +2126,16 @@ class _Connection:
                 if event.fin:
                     self._enqueue(opcode, event.data)
                 else:
-                    self.fragments, self.fragment_opcode = [event.data], opcode
+                    self.fragments, self.fragment_opcode, self.fragment_count = bytearray(event.data), opcode, 1
             elif opcode == _OP_CONT:
                 if self.fragments is not None:
-                    self.fragments.append(event.data)
+                    self.fragments += event.data
+                    self.fragment_count += 1
                     if event.fin:
-                        self._enqueue(self.fragment_opcode, b"".join(self.fragments))
-                        self.fragments = None
+                        message, self.fragments = self.fragments, None
+                        self._enqueue(self.fragment_opcode, message)
+                    elif self.fragment_count >= _MAX_FRAGMENTS:
+                        self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
             elif opcode == _OP_PONG:
                 self.ping_sent_at = None
         self._flush()
@@ -1444,6 +2147,13 @@ class _Connection:
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server._connections.discard(self)
+        server._handshakes.pop(self, None)
+        if self.held:
+            server._buffered_bytes -= self.held
+            self.held = 0
+        self.rx = self.fragments = self.http_body = self.large = None
+        if server._accept_paused:  # a descriptor is free
+            server._retry_accepting(0)
         if self.session is not None:
             code = self.proto.close_rcvd.code if self.proto.close_rcvd else 1006
             if self.proto.close_sent is not None and self.proto.close_rcvd is None:
@@ -1461,6 +2171,8 @@ class _Connection:
     def resume_writing(self) -> None:
         self.write_paused_at = None
         self._update_reading()
+        if self.large is not None:
+            self.server._loop.call_soon(self._write_large)
         self._schedule_drain()
 
     # Handshake and HTTP
@@ -1469,7 +2181,11 @@ class _Connection:
         server, proto = self.server, self.proto
         path, _, query = request.path.partition("?")
         if path != "/ws":
-            status, body = http_reply(server, request.method, path)
+            refusal = server._http_refusal(request.method, request.headers, self.peer)
+            if refusal is not None:
+                status, body = refusal[0], {"detail": refusal[1].strip()}
+            else:
+                status, body = http_reply(server, request.method, path)
             proto.send_response(_http_response(status, body, head=request.method == "HEAD"))
             return
         refusal = server._handshake_refusal(request.headers, self.peer)
@@ -1495,6 +2211,8 @@ class _Connection:
         self.session, self.named_id, refused = server._open_session(query, self.peer)
         if refused is not None:
             self._send(refused)
+        else:
+            server._handshakes.pop(self, None)  # a session now, counted by max_sessions
 
     # Requests and replies
 
@@ -1503,13 +2221,13 @@ class _Connection:
             return  # refused at capacity: its close is under way
         self.inbox.append((opcode, data))
         self.last_message = self.last_rx
-        if len(self.inbox) >= _INBOX_LIMIT:
+        if len(self.inbox) >= _INBOX_LIMIT or len(data) > _READ_BYTES:
             self._update_reading()
 
     def _drain(self) -> None:
         """Handle one queued request; schedule the next so others get the loop too."""
         self.drain_scheduled = False
-        if self.busy or self.write_paused_at is not None or not self.inbox:
+        if self.busy or self.write_paused_at is not None or self.large is not None or not self.inbox:
             return
         session = self.session
         if session is None or self.proto.state != _OPEN:
@@ -1544,7 +2262,7 @@ class _Connection:
     def _reply(self, reply: Reply) -> None:
         self.requests += 1
         self._send(reply)
-        if self.inbox:
+        if self.inbox or self.reading_paused:
             self._update_reading()
             self._schedule_drain()
 
@@ -1559,26 +2277,90 @@ class _Connection:
             return
         parts = reply.parts
         if parts is not None:
-            if self.fast_frames:  # header and payload in one piece, one copy
+            size = sum(map(len, parts))
+            if size > _LARGE_REPLY_BYTES:
+                self._flush()  # what the protocol queued goes first
+                self.large = [[_frame_header(size), *parts] if self.fast_frames else list(parts), 0, 0, False]
+                self._write = self.backlog.append  # until it is out (an instance attribute: _write stays lean)
+                self.server._loop.call_soon(self._write_large)
+            elif self.fast_frames:  # header and payload in one piece, one copy
                 self._flush()  # whatever the protocol queued (the handshake) goes first
-                self._write(b"".join([_frame_header(sum(map(len, parts))), *parts]))
+                self._write(b"".join([_frame_header(size), *parts]))
             else:
                 proto.send_text(b"".join(parts))
         if reply.close:
             proto.send_close(1000)
+            self.closing = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
         self._flush()
+
+    def _write_large(self) -> None:
+        """Write the next chunk of a large reply; later turns write the rest, so that no
+        other session waits behind it and no reply is ever copied whole. The next
+        request is not handled until it is out (its parts are the session's history)."""
+        large = self.large
+        if large is None or self.transport.is_closing():
+            return
+        if self.outgoing:
+            self.write_out()  # replies queued before it go first
+        if self.write_paused_at is not None:
+            return  # resume_writing calls again
+        pieces, index, offset, _ = large
+        chunk, room = [], _LARGE_REPLY_BYTES
+        while room and index < len(pieces):
+            piece = pieces[index][offset:offset + room]
+            chunk.append(piece)
+            room -= len(piece)
+            offset += len(piece)
+            if offset >= len(pieces[index]):
+                index, offset = index + 1, 0
+        large[1], large[2] = index, offset
+        done = index >= len(pieces)
+        data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+        if not self.fast_frames:  # compressed: a fragment per chunk, through the protocol
+            proto = self.proto
+            if proto.state != _OPEN:
+                done, data = True, b""  # closed meanwhile: the rest of the message is moot
+            else:
+                if large[3]:
+                    proto.send_continuation(data, fin=done)
+                else:
+                    proto.send_text(data, fin=done)
+                    large[3] = True
+                data = b"".join(proto.data_to_send())
+        if data:
+            self.transport.write(data)
+        if not done:
+            if self.write_paused_at is None:
+                self.server._loop.call_soon(self._write_large)
+            return
+        self.large = None
+        del self._write  # the class's again
+        backlog, self.backlog = self.backlog, []
+        for data in backlog:
+            self._write(data)
+        self._update_reading()
+        self._schedule_drain()
 
     def _flush(self) -> None:
         """Move what the protocol has to send into this turn's writes."""
         for data in self.proto.data_to_send():
             if data:
                 self._write(data)
+            elif self.proto.close_rcvd is None and self.proto.state == _CLOSING:
+                # The protocol failed the connection (a frame it refused): it would close TCP
+                # now, under a client that may still be sending, and some clients then fail to
+                # see our close frame; wait for the client's close frame, up to close_timeout_s
+                self.closing = self.eof_held = True
+                if self.close_deadline is None:
+                    self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
             else:  # the protocol's end of stream: a server closes the TCP connection
                 self._write_eof()
 
     def _write_eof(self) -> None:
         self.eof_queued = True
+        if self.close_deadline is None:
+            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
         self._write(b"")
 
     def _write(self, data: bytes) -> None:
@@ -1590,20 +2372,24 @@ class _Connection:
         outgoing, self.outgoing = self.outgoing, []
         if self.transport.is_closing():
             return
-        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
-        if data:
-            self.transport.write(data)
-        if self.eof_queued:
+        if outgoing:
+            data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+            if data:
+                self.transport.write(data)
+        if self.eof_queued and self.large is None and not self.eof_written:
             # Half-close and keep reading until the client closes (or close_timeout_s):
             # closing outright would answer a client still sending with a TCP reset,
             # which can destroy our close frame before the client reads it
+            self.eof_written = True
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             else:
                 self.transport.close()
 
     def _update_reading(self) -> None:
-        pause = self.write_paused_at is not None or len(self.inbox) >= _INBOX_LIMIT
+        inbox = self.inbox
+        pause = (self.write_paused_at is not None or len(inbox) >= _INBOX_LIMIT
+                 or any(len(data) > _READ_BYTES for _, data in inbox))  # a large request: one at a time
         if pause != self.reading_paused and not self.transport.is_closing():
             self.reading_paused = pause
             if pause:
@@ -1615,6 +2401,10 @@ class _Connection:
 
     def check_timeouts(self, now: float) -> None:
         server, proto = self.server, self.proto
+        if self.close_deadline is not None:  # our last word is said: the client has this long to close
+            if now > self.close_deadline:
+                self.transport.abort()
+            return
         state = proto.state
         if state == _CONNECTING:
             if server.open_timeout_s and now - self.opened_at > server.open_timeout_s:
@@ -1622,29 +2412,31 @@ class _Connection:
         elif state == _OPEN:
             if self.ping_sent_at is not None:
                 if server.ping_timeout_s and now - self.ping_sent_at > server.ping_timeout_s:
-                    logger.info("keepalive ping timeout: dropping %s", self.peer)
+                    server._log.log("keepalive ping timeout", _LOG_LINES_PER_S, logging.INFO,
+                                    "keepalive ping timeout: dropping %s", self.peer)
                     self.transport.abort()
                     return
-            elif server.ping_interval_s and now - self.last_rx >= server.ping_interval_s:
+            elif server.ping_interval_s and now - self.last_rx >= server.ping_interval_s and self.large is None:
                 proto.send_ping(os.urandom(4))
                 self.ping_sent_at = now
                 self._flush()
             if self.write_paused_at is not None and server.send_timeout_s:
                 if now - self.write_paused_at > server.send_timeout_s:
-                    logger.info("client stopped reading for %.0f s: dropping %s", server.send_timeout_s, self.peer)
+                    server._log.log("client stopped reading", _LOG_LINES_PER_S, logging.INFO,
+                                    "client stopped reading for %.0f s: dropping %s", server.send_timeout_s,
+                                    self.peer)
                     self.transport.abort()
                     return
             if server.idle_timeout_s and not self.busy and now - self.last_message > server.idle_timeout_s:
                 self.shut(1001, "idle timeout")
-        elif self.close_deadline is None:
+        else:
             self.close_deadline = now + server.close_timeout_s
-        elif now > self.close_deadline:
-            self.transport.abort()
 
     def shut(self, code: int, reason: str) -> None:
         """Start the closing handshake (or drop a connection still in its handshake)."""
         if self.proto.state == _OPEN:
             self.proto.send_close(code, reason)
+            self.closing = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
             self._flush()
         elif self.proto.state == _CONNECTING:
@@ -1671,7 +2463,7 @@ def _http_response(status: int, body: Any, head: bool = False) -> Any:
     from websockets.datastructures import Headers
     from websockets.http11 import Response
 
-    payload = body if isinstance(body, bytes) else _dumps(body).encode()
+    payload = body if isinstance(body, bytes) else _json_bytes(body)
     headers = Headers([
         ("Date", email.utils.formatdate(usegmt=True)),
         ("Server", f"chatenv/{__version__}"),
@@ -1704,19 +2496,39 @@ def _on_signal(server: ChatServer, signum: int) -> None:
     asyncio.ensure_future(server.close(_SHUTDOWN_CODE, "server shutting down"))
 
 
-def serve(tokenizer: Any = None, workers: int = 1, **options: Any) -> None:
+def _loop_runner(loop: str = "asyncio") -> Any:
+    """``asyncio.run`` on the event loop named: "asyncio" (the standard one) or "uvloop"."""
+    import asyncio
+
+    if loop == "asyncio":
+        return asyncio.run
+    if loop != "uvloop":
+        raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {_preview(loop)}")
+    try:
+        import uvloop
+    except ImportError:
+        raise ImportError("the uvloop event loop is not installed: pip install uvloop") from None
+
+    def run(main: Any) -> Any:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+
+    return run
+
+
+def serve(tokenizer: Any = None, workers: int = 1, loop: str = "asyncio", **options: Any) -> None:
     """Run a server until SIGTERM or SIGINT; each session is then closed with 1012, as OpenEnv does.
 
     ``workers`` above 1 forks that many servers onto the one port under a
     supervisor (``_Supervisor``); each has its own sessions and limits.
+    ``loop``: "asyncio" or "uvloop" (imported only then).
     """
-    import asyncio
-
+    run = _loop_runner(loop)
     server = ChatServer(tokenizer, **options)
     if workers != 1:
-        _Supervisor(server, workers).run()
+        _Supervisor(server, workers, run).run()
         return
-    asyncio.run(_serve_until_signalled(server))
+    run(_serve_until_signalled(server))
 
 
 # Workers: `chatenv serve --workers N` runs N ordinary servers on one port, forked
@@ -1743,60 +2555,66 @@ class _Supervisor:
     (SIGCHLD included) are written to, then reaps, restarts or stops workers.
     """
 
-    _STOP_SIGNALS = (15, 2)  # SIGTERM, SIGINT (their numbers on every POSIX system)
-
-    def __init__(self, server: ChatServer, workers: int) -> None:
+    def __init__(self, server: ChatServer, workers: int, run_loop: Any = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a whole number, at least 1, not {workers!r}")
         if not hasattr(os, "fork"):
             raise ValueError("more than one worker needs os.fork, which this platform does not have")
         self.server, self.workers = server, workers
+        self.run_loop = run_loop  # what runs each worker's event loop (serve's ``loop``); None: asyncio.run
         self.reuse_port = _REUSE_PORT
         self.sock: Any = None  # with reuse_port the port's reservation (bound, never listening), else the listener
-        self.address: Any = None
+        self.address: Any = None  # (family, address) every worker binds
         self.pids: dict[int, tuple[int, float]] = {}  # live workers: pid -> (slot, started at)
         self.failures = [0] * workers  # per slot: deaths in a row that came soon after a start
         self.due: dict[int, float] = {}  # slots waiting for a restart: slot -> when
+        self.stopping = False
         self.pipe: tuple[int, int] = (-1, -1)
 
     def run(self) -> None:
         import signal
 
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
         self._bind()
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)
-        handled = (signal.SIGCHLD, *self._STOP_SIGNALS)
-        previous_fd = signal.set_wakeup_fd(self.pipe[1])  # ValueError outside the main thread
-        previous = {signum: signal.signal(signum, _note_signal) for signum in handled}
         try:
-            import asyncio  # noqa: F401  (imported once here, not again in every worker)
+            previous_fd = signal.set_wakeup_fd(self.pipe[1])  # ValueError outside the main thread
+        except BaseException:
+            self._close()
+            raise
+        previous = {signum: signal.signal(signum, _note_signal) for signum in (signal.SIGCHLD, *stop_signals)}
+        try:
+            import asyncio  # noqa: F401  (imported once here rather than in every new worker)
 
             from websockets.server import ServerProtocol  # noqa: F401
 
             for slot in range(self.workers):
                 self._spawn(slot)
             logger.info("supervisor pid %d: %d workers on %s (%s)", os.getpid(), self.workers, self.server.url,
-                        "one SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
+                        "a SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
             while True:
                 received = self._wait(min([1.0, *(when - self._now() for when in self.due.values())]))
-                stop = received.intersection(self._STOP_SIGNALS)
-                if stop:
-                    logger.info("received %s: stopping %d workers", signal.Signals(min(stop)).name, len(self.pids))
+                if received & stop_signals:
+                    name = signal.Signals(min(received & stop_signals)).name
+                    logger.info("received %s: stopping %d workers", name, len(self.pids))
                     break
                 self._reap()
                 for slot, when in list(self.due.items()):
                     if when <= self._now():
                         del self.due[slot]
-                        self._spawn(slot)
+                        try:
+                            self._spawn(slot)
+                        except OSError as exc:  # out of processes or memory, for now
+                            logger.error("cannot start a worker (%s): trying again in %.0f s", exc, _RESTART_DELAY_S[1])
+                            self.due[slot] = self._now() + _RESTART_DELAY_S[1]
         finally:
-            self._stop()
+            self._stop(stop_signals)
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            for fd in self.pipe:
-                os.close(fd)
-            self.sock.close()
+            self._close()
         logger.info("supervisor stopped")
 
     @staticmethod
@@ -1805,7 +2623,14 @@ class _Supervisor:
 
         return time.monotonic()
 
-    def _socket(self, listen: bool) -> Any:
+    def _close(self) -> None:
+        for fd in self.pipe:
+            if fd != -1:
+                os.close(fd)
+        self.pipe = (-1, -1)
+        self.sock.close()
+
+    def _socket(self, listen: bool, reuse_port: bool) -> Any:
         import socket
 
         family, address = self.address
@@ -1814,7 +2639,7 @@ class _Supervisor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds "::"
-            if self.reuse_port:
+            if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             if listen:
@@ -1825,7 +2650,7 @@ class _Supervisor:
         return sock
 
     def _bind(self) -> None:
-        """Take the port (resolving 0) before any worker exists, and fail here if it is in use."""
+        """Take the port (resolving 0) before any worker exists; fail here if it is in use."""
         import socket
 
         server = self.server
@@ -1833,14 +2658,10 @@ class _Supervisor:
             server.host or None, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address = family, address
         if self.reuse_port and server.port:
-            # SO_REUSEPORT would let this bind share a port another server listens on
-            # (another supervisor's, say): a plain bind finds out whether it is taken
-            reuse_port, self.reuse_port = self.reuse_port, False
-            try:
-                self._socket(listen=False).close()
-            finally:
-                self.reuse_port = reuse_port
-        self.sock = self._socket(listen=not self.reuse_port)
+            # With SO_REUSEPORT this bind could share a port another server listens
+            # on (another supervisor's, say): a plain bind finds out if it is taken
+            self._socket(listen=False, reuse_port=False).close()
+        self.sock = self._socket(listen=not self.reuse_port, reuse_port=self.reuse_port)
         server.port = self.sock.getsockname()[1]
         self.address = family, (address[0], server.port, *address[2:])
 
@@ -1853,23 +2674,23 @@ class _Supervisor:
         logger.debug("worker %d started: pid %d", slot, pid)
 
     def _work(self, supervisor: int) -> None:
-        """The worker, in the child: an ordinary server on the supervisor's port; exits, never returns."""
+        """The worker, in the child: an ordinary server on the supervisor's port. Exits, never returns."""
         import asyncio
         import signal
 
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, *self._STOP_SIGNALS):
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
             for fd in self.pipe:
                 os.close(fd)
             if self.reuse_port:
-                self.server.sock = self._socket(listen=True)
+                self.server.sock = self._socket(listen=True, reuse_port=True)
                 self.sock.close()  # the reservation stays the supervisor's
             else:
                 self.server.sock = self.sock
-            asyncio.run(_serve_worker(self.server, supervisor))
+            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor))
             code = 0
         except BaseException:
             logger.exception("worker pid %d failed", os.getpid())
@@ -1878,7 +2699,7 @@ class _Supervisor:
             os._exit(code)  # never unwind into the supervisor's caller
 
     def _wait(self, timeout: float) -> set[int]:
-        """Sleep until a signal or ``timeout``; the signals received."""
+        """Sleep until a signal comes or ``timeout`` passes; the signals that came."""
         import select
 
         select.select([self.pipe[0]], [], [], max(0.0, timeout))
@@ -1888,6 +2709,7 @@ class _Supervisor:
             return set()
 
     def _reap(self) -> None:
+        """Collect dead workers; schedule their restarts, later for each quick death in a row."""
         import signal
 
         while self.pids:
@@ -1900,45 +2722,47 @@ class _Supervisor:
             if pid not in self.pids:
                 continue
             slot, started = self.pids.pop(pid)
-            if self.pipe[0] == -1:
-                continue  # stopping: not restarted
+            if self.stopping:
+                continue
             lived = self._now() - started
             self.failures[slot] = 0 if lived >= _WORKER_STABLE_S else self.failures[slot] + 1
-            first, last = _RESTART_DELAY_S
-            delay = 0.0 if not self.failures[slot] else min(last, first * 2 ** (self.failures[slot] - 1))
+            first, longest = _RESTART_DELAY_S
+            delay = min(longest, first * 2 ** (self.failures[slot] - 1)) if self.failures[slot] else 0.0
             code = os.waitstatus_to_exitcode(status)
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
             logger.warning("worker pid %d %s after %.1f s, losing its sessions; restarting it in %.1f s",
                            pid, how, lived, delay)
             self.due[slot] = self._now() + delay
 
-    def _stop(self) -> None:
-        """SIGTERM every worker (each closes its sessions with 1012), wait, SIGKILL stragglers."""
+    def _stop(self, stop_signals: set[int]) -> None:
+        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers."""
         import signal
 
+        self.stopping = True
         self.due.clear()
         for pid in self.pids:
-            with contextlib_suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        reading, self.pipe = self.pipe, (-1, -1)
+            self._kill(pid, signal.SIGTERM)
         deadline = self._now() + _WORKER_STOP_S
-        try:
-            while self.pids and self._now() < deadline:
-                self.pipe = reading
-                received = self._wait(min(0.1, deadline - self._now()))
-                self.pipe = (-1, -1)
-                self._reap()
-                if received.intersection(self._STOP_SIGNALS):
-                    break  # asked twice: do not wait
-        finally:
-            self.pipe = reading
+        while self.pids and self._now() < deadline:
+            received = self._wait(min(0.1, deadline - self._now()))
+            self._reap()
+            if received & stop_signals:
+                break  # asked again: do not wait
         for pid in list(self.pids):
             logger.warning("worker pid %d did not stop: killing it", pid)
-            with contextlib_suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib_suppress(ChildProcessError):
+            self._kill(pid, signal.SIGKILL)
+            try:
                 os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
             del self.pids[pid]
+
+    @staticmethod
+    def _kill(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 async def _serve_worker(server: ChatServer, supervisor: int) -> None:
@@ -1971,9 +2795,10 @@ class serve_in_thread:
     (``http://127.0.0.1:PORT``); leaving the block stops it and its sessions.
     """
 
-    def __init__(self, tokenizer: Any = None, **options: Any) -> None:
+    def __init__(self, tokenizer: Any = None, loop: str = "asyncio", **options: Any) -> None:
         options.setdefault("host", "127.0.0.1")
         options.setdefault("port", 0)
+        self._run_loop = _loop_runner(loop)  # "asyncio" or "uvloop"
         self.server = ChatServer(tokenizer, **options)
         self._thread: Any = None
         self._error: BaseException | None = None
@@ -1992,8 +2817,6 @@ class serve_in_thread:
         return url
 
     def _run(self, started: Any) -> None:
-        import asyncio
-
         async def main() -> None:
             try:
                 await self.server.start()
@@ -2005,7 +2828,7 @@ class serve_in_thread:
             await self.server.wait_stopped()
 
         try:
-            asyncio.run(main())
+            self._run_loop(main())
         except BaseException:
             if self._error is None:
                 logger.exception("in-process server crashed")
@@ -2034,6 +2857,18 @@ class serve_in_thread:
 # The ASGI application: the same protocol and sessions under any ASGI server. OpenEnv's
 # cloud launchers run `python -m uvicorn <app> --host 0.0.0.0 --port 8000`; the native
 # server above stays the default and the faster path
+
+
+def _asgi_headers(scope: dict[str, Any]) -> Any:
+    from websockets.datastructures import Headers
+
+    return Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
+
+
+def _asgi_loopback(scope: dict[str, Any]) -> bool:
+    """Whether the ASGI server was reached on a loopback address (its scope's "server")."""
+    server = scope.get("server")
+    return bool(server) and _is_loopback_host(str(server[0]))
 
 
 class ASGIApp:
@@ -2090,7 +2925,10 @@ class ASGIApp:
 
     async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body, limit = bytearray(), server.max_message_bytes
-        while True:
+        refusal = server._http_refusal(scope["method"], _asgi_headers(scope), "?", _asgi_loopback(scope))
+        if refusal is not None:  # a foreign Host or Origin: refused before the body is read
+            status, payload = refusal[0], {"detail": refusal[1].strip()}
+        while refusal is None:
             event = await receive()
             if event["type"] == "http.disconnect":
                 return
@@ -2101,7 +2939,7 @@ class ASGIApp:
             if not event.get("more_body"):
                 status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
                 break
-        data = payload if isinstance(payload, bytes) else _dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else _json_bytes(payload)
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
@@ -2109,14 +2947,13 @@ class ASGIApp:
     async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
         import asyncio
 
-        from websockets.datastructures import Headers
-
         if (await receive())["type"] != "websocket.connect":
             return
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "?"
-        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
-        refusal = server._handshake_refusal(headers, peer) if scope["path"] == "/ws" else (404, "", {})
+        headers = _asgi_headers(scope)
+        refusal = server._handshake_refusal(headers, peer, _asgi_loopback(scope)) if scope["path"] == "/ws" \
+            else (404, "", {})
         if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})  # the ASGI server answers 403
             return
@@ -2160,12 +2997,16 @@ def __getattr__(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------
-# Clients: ChatEnv (websockets' threading client) and AsyncChatEnv (asyncio)
+# Clients: ChatEnv (a blocking socket, Sans-I/O) and AsyncChatEnv (asyncio)
 # ------------------------------------------------------------------------------
 
 
 class ChatEnvError(RuntimeError):
-    """The server answered with an error frame; ``code`` is the protocol's error code."""
+    """The server answered with an error frame; ``code`` is the protocol's error code.
+
+    A reply the client cannot read (not JSON, nested too deeply, a field of the
+    wrong type) is one too, with the code ``PROTOCOL_ERROR``.
+    """
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -2174,11 +3015,39 @@ class ChatEnvError(RuntimeError):
 
 
 class EpisodeLostError(ConnectionError):
-    """The session's connection ended mid-episode; call reset() to start a new one."""
+    """The session's connection ended mid-episode; call reset() to start a new one.
+
+    ``close_code`` is the WebSocket close code that ended it (1006: the
+    connection dropped without one), None when this client's close() ended it.
+    """
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
 
 
+PROTOCOL_ERROR = "PROTOCOL_ERROR"  # the code of a ChatEnvError for a reply the client cannot read
 _CLOSING_CODES = (CAPACITY_REACHED, SESSION_ERROR)  # error frames the server closes after
-_SEND_TIMER_BYTES = 2**16  # frames this large may wait on the socket: their send is timed
+_SEND_TIMER_BYTES = 2**16  # requests this large may wait on the socket: their send gets the whole message timeout
+_CLIENT_READ_BYTES = 2**16  # most bytes the sync client takes from its socket per read
+_IDLE_S = 0.1  # a sync client quiet this long is tended by the keepalive thread
+_CLOSE_WAIT_S = 0.1  # close() waits this long for the server's close frame
+_BACKOFF_S = (0.05, 2.0)  # capacity waits: first and largest pause between rounds of tries
+_NO_LIMIT = 2**63  # a max_message_bytes of None
+_INTS = frozenset((int,))  # the only type of a token id (bool is not one)
+
+_CLOSE_MEANINGS = {  # what each close code a chatenv or OpenEnv server sends means for a session
+    1000: "closed normally",
+    1001: "going away: the server shut down, or closed the idle session",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1007: "invalid data",
+    1008: "policy violation",
+    1009: "message too big: a request was over the server's --max-message-bytes",
+    1011: "internal error on the server (or its keepalive timed out)",
+    1012: "service restart: the server is restarting or shutting down",
+    1013: "try again later",
+}
 
 
 def _ws_url(base_url: str) -> str:
@@ -2202,68 +3071,99 @@ def _websockets_major() -> int:
     return int(version.split(".")[0])
 
 
-def _closed(exc: BaseException) -> bool:
-    """Whether ``exc`` is websockets' ConnectionClosed (imported on this error path only)."""
-    from websockets.exceptions import ConnectionClosed
+class _Closed(Exception):
+    """A connection ended before its reply, as a shell saw it: the close code and reason
+    (1006 when no close frame came), whether this client closed it (a limit, keepalive),
+    and a data frame that arrived before the close (a server's refusal), if any."""
 
-    return isinstance(exc, ConnectionClosed)
+    def __init__(self, code: int, reason: str = "", ours: bool = False, leftover: Any = None) -> None:
+        super().__init__(code, reason)
+        self.code, self.reason, self.ours, self.leftover = code, reason, ours, leftover
 
 
-def _is_loopback(ws_url: str) -> bool:
-    import ipaddress
-    from urllib.parse import urlsplit
+class _Unsolicited(Exception):
+    """A data frame arrived while no call waited for one (a server refusing a session)."""
 
-    host = urlsplit(ws_url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    def __init__(self, frame: Any) -> None:
+        super().__init__("unsolicited frame")
+        self.frame = frame
 
 
 class _ClientCore:
-    """What both clients share: URL, connect options, request frames, reply parsing.
+    """What both clients share and decide, so their shells only move frames.
 
-    With ``delta`` it asks a chatenv server for delta observations and rebuilds
-    full ones; an OpenEnv server ignores the request and sends full ones.
+    It holds the options (listed here once), the servers and the episode as parsed
+    so far; it builds request frames and parses replies; and it decides what each
+    failure means: a close, an error frame, a timeout, a reset sent again once, a
+    server that is full (the next one, or a wait for room) or down. With ``delta``
+    it asks a chatenv server for delta observations and rebuilds full ones; an
+    OpenEnv server ignores the request and sends full ones.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | list[str] | tuple[str, ...],
         *,
-        connect_timeout_s: float | None,
-        message_timeout_s: float | None,
-        max_message_bytes: int | None,
-        ping_interval_s: float | None,
-        ping_timeout_s: float | None,
-        compression: str | None,
-        auth_token: str | None,
-        delta: bool,
+        auth_token: str | None = None,
+        delta: bool = True,
+        compression: str | None = None,
+        capacity_wait_s: float | None = None,
+        # Timeouts (seconds; None disables)
+        connect_timeout_s: float | None = 10.0,
+        message_timeout_s: float | None = 60.0,
+        ping_interval_s: float | None = 20.0,
+        ping_timeout_s: float | None = 20.0,
+        # Limits
+        max_message_bytes: int | None = 64 * 2**20,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.ws_url = _ws_url(base_url)
-        self.message_timeout_s = message_timeout_s
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls or not all(isinstance(url, str) for url in urls):
+            raise ValueError("give a server's base URL, or a non-empty sequence of them")
+        if compression not in (None, "none", "deflate"):
+            raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
+        self.base_urls = [url.strip().rstrip("/") for url in urls]
+        self.ws_urls = [_ws_url(url) for url in urls]
+        self.server = 0  # the server in use, or tried last
+        self._next_server = 0 if len(urls) == 1 else _random().randrange(len(urls))  # clients spread
         self.delta = delta
-        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
+        self.compression = None if compression == "none" else compression
+        self.capacity_wait_s = capacity_wait_s
+        self.connect_timeout_s = connect_timeout_s
+        self.message_timeout_s = message_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.headers = [("User-Agent", f"chatenv/{__version__}")]
+        if auth_token:
+            self.headers.append(("Authorization", f"Bearer {auth_token}"))
+        # websockets' asyncio connect(), for AsyncChatEnv; neither client uses a proxy
         self.connect_options = dict(
             open_timeout=connect_timeout_s,
             ping_interval=ping_interval_s,
             ping_timeout=ping_timeout_s,
             max_size=max_message_bytes,
-            compression=None if compression == "none" else compression,
-            additional_headers=headers,
-            user_agent_header=f"chatenv/{__version__}",
+            compression=self.compression,
+            additional_headers=dict(self.headers[1:]) or None,
+            user_agent_header=self.headers[0][1],
+            proxy=None,
+            close_timeout=_CLOSE_WAIT_S,  # once a close is under way (our limit, say), end it soon
         )
-        if _is_loopback(self.ws_url):
-            self.connect_options["proxy"] = None  # never send loopback through a proxy
-        self.lost = False  # the connection died mid-episode
+        # Why the session is gone, and its close code: None while there is one to use
+        self.lost: tuple[str, int | None] | None = None
+        self._refusal: ChatEnvError | None = None  # the error frame a server closed after
         # The episode as parsed so far, to rebuild deltas and to parse only what is new.
         # Append-only: observations share prefixes of these lists (a new episode gets new ones).
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
-        self._seen: tuple[bytes, int, int, int] | None = None  # the last full frame, its layout
+        self._seen: _Layout | None = None  # the last full observation frame and where its parts lie
+
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[self.server]
+
+    @property
+    def ws_url(self) -> str:
+        return self.ws_urls[self.server]
 
     # Frames
 
@@ -2281,145 +3181,437 @@ class _ClientCore:
 
     state_frame = _dumps({"type": "state"})
 
+    # Decisions: where a session goes, and what a failed call means
+
+    def check(self, new_episode: bool) -> None:
+        """Before a call: a step or state has no session to go to once the episode is
+        lost (or close() ended it); a reset always goes ahead."""
+        if self.lost is not None and not new_episode:
+            raise self.lost_error()
+
+    def plan(self, new_episode: bool) -> _Call:
+        """The plan of a call that needs a connection, or lost the one it had."""
+        return _Call(self, new_episode)
+
+    def replied(self) -> None:
+        """A reset got its reply: the session is usable again."""
+        self.lost = None
+        self._refusal = None
+
+    def lose(self, why: str, code: int | None = None) -> None:
+        self.lost = (why, code)
+
+    def lost_error(self) -> EpisodeLostError:
+        why, code = self.lost or ("the connection was lost", None)
+        return EpisodeLostError(
+            f"the session with {self.base_url} is gone ({why}); call reset() to start a new episode", code
+        )
+
+    def timeout_error(self) -> TimeoutError:
+        return TimeoutError(
+            f"no reply from {self.base_url} within message_timeout_s={self.message_timeout_s} s; the connection "
+            "was closed so a late reply cannot answer a later call; call reset() to start again"
+        )
+
+    def closed_text(self, closed: _Closed) -> str:
+        """Say how a connection ended: who closed it, its code and what the code means."""
+        if closed.ours:
+            return f"this client closed the connection with {closed.code}: {closed.reason}"
+        if closed.code == 1006:
+            text = ("the connection ended without a close frame (1006: the server was killed or the network "
+                    "failed, or the server's keepalive gave up on this client")
+        else:
+            meaning = _CLOSE_MEANINGS.get(closed.code, "no known meaning")
+            text = f"the server closed the connection with {closed.code} ({meaning}"
+        if closed.reason:
+            text += f"; {_preview(closed.reason, 120)}"
+        text += ")"
+        if self._refusal is not None:
+            text += f" after {self._refusal.code}: {_preview(self._refusal.message, 200)}"
+        return text
+
+    def refusal(self, frame: Any) -> ChatEnvError | None:
+        """The error frame a server sent before closing (CAPACITY_REACHED, SESSION_ERROR), if ``frame`` is one."""
+        if frame is None:
+            return None
+        try:
+            self._payload(frame, "error")
+        except ChatEnvError as exc:
+            return exc if exc.code in _CLOSING_CODES else None
+        return None
+
+    def connect_error(self, ws_url: str, exc: BaseException) -> ConnectionError:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None:
+            reason = " (missing or wrong auth token)" if status == 401 else ""
+            return ConnectionError(f"{ws_url} refused the WebSocket upgrade: HTTP {status}{reason}")
+        if isinstance(exc, TimeoutError):
+            return ConnectionError(
+                f"cannot connect to {ws_url}: no handshake within connect_timeout_s={self.connect_timeout_s} s"
+            )
+        return ConnectionError(f"cannot connect to {ws_url}: {exc}")
+
     # Replies
 
-    def _payload(self, reply: bytes | str, expected: str) -> dict[str, Any]:
+    def _payload(self, reply: bytes | bytearray | str, expected: str) -> dict[str, Any]:
         try:
-            frame = json.loads(reply.decode() if isinstance(reply, bytes) else reply)
+            frame = json.loads(reply if isinstance(reply, str) else reply.decode())
+        except UnicodeDecodeError as exc:
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent a text frame that is not UTF-8: {exc}") from None
+        except RecursionError:
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent JSON nested too deeply to read") from None
         except ValueError as exc:
-            raise ChatEnvError("PROTOCOL_ERROR", f"the server sent invalid JSON: {exc}") from None
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent invalid JSON: {exc}") from None
         if not isinstance(frame, dict):
-            raise ChatEnvError("PROTOCOL_ERROR", "the server sent a frame that is not an object")
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent a frame that is not an object")
         data = frame.get("data")
         if frame.get("type") == "error":
             data = data if isinstance(data, dict) else {}
             raise ChatEnvError(str(data.get("code", "ERROR")), str(data.get("message", "")))
         if frame.get("type") != expected or not isinstance(data, dict):
             raise ChatEnvError(
-                "PROTOCOL_ERROR",
+                PROTOCOL_ERROR,
                 f"the server sent a {_preview(frame.get('type'))} frame where {expected!r} was expected",
             )
         return data
 
-    def parse_result(self, data: bytes | str) -> StepResult:
-        """Parse an observation frame: a delta, an extension of the last one, or anew.
+    def parse_result(self, data: bytes | bytearray | str) -> StepResult:
+        """Parse an observation frame: an extension of the last one, a delta, or anew.
 
         A full observation repeats the whole conversation each step. When it starts
-        with the previous one's messages and tokens, byte for byte, only the new tail
-        is parsed: a long episode costs O(new) per step, not O(history).
+        with the previous one's messages and tokens, byte for byte, only what it adds
+        is parsed: a long episode costs O(new) per step, not O(history). Every field
+        is type-checked; any reply that cannot be read is a PROTOCOL_ERROR.
         """
         if isinstance(data, str):
             data = data.encode()
-        result = self._parse_extension(data)
-        if result is not None:
-            return result
+        try:
+            result = self._parse_extension(data) if self._seen is not None else None
+            return result if result is not None else self._parse_observation(data)
+        except ChatEnvError:
+            raise
+        except RecursionError:
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent JSON nested too deeply to read") from None
+        except Exception as exc:  # a reply must never escape as another error type
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent an observation the client cannot read: "
+                                               f"{type(exc).__name__}: {_preview(str(exc), 200)}") from None
+
+    def _parse_observation(self, data: bytes | bytearray) -> StepResult:
         payload = self._payload(data, "observation")
         body = payload.get("observation")
-        body = body if isinstance(body, dict) else {}
+        if not isinstance(body, dict):
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent an observation frame without an 'observation' object")
         messages, tokens = body.get("messages"), body.get("tokens")  # fresh: the client owns them
         if not isinstance(messages, list) or not isinstance(tokens, list):
-            raise ChatEnvError("PROTOCOL_ERROR", "the server sent an observation without lists of messages and tokens")
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent an observation without lists of messages and tokens")
+        _check_messages(messages, "observation.messages")
+        _check_tokens(tokens, "observation.tokens")
+        reward, done, metadata = _outcome(payload, body)
         totals = body.get("delta")
-        if isinstance(totals, dict):  # a delta: append, then check we are in sync
+        if totals is not None:  # a delta: append, then check we are in sync
+            if not isinstance(totals, dict):
+                raise ChatEnvError(PROTOCOL_ERROR,
+                                   f"the server sent observation.delta {_preview(totals)}, not an object")
+            self._seen = None
             self._messages += messages
             self._tokens += tokens
-            self._seen = None
             if totals.get("messages") != len(self._messages) or totals.get("tokens") != len(self._tokens):
                 raise ChatEnvError(
                     "DELTA_DESYNC",
                     f"rebuilt {len(self._messages)} messages / {len(self._tokens)} tokens, "
-                    f"server has {totals.get('messages')} / {totals.get('tokens')}",
+                    f"server has {_preview(totals.get('messages'))} / {_preview(totals.get('tokens'))}",
                 )
         else:
             self._messages, self._tokens = messages, tokens
-            layout = _frame_layout(data)
-            self._seen = (data, *layout) if layout else None
-        metadata = body.get("metadata")
-        return self._result(bool(payload.get("done", False)), payload.get("reward"),
-                            dict(metadata) if isinstance(metadata, dict) else None)
+            self._seen = _frame_layout(data, payload, body)
+        return self._result(done, reward, metadata)
 
-    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None = None) -> StepResult:
-        obs = ChatObservation._sharing(self._messages, self._tokens, done, reward, metadata)
+    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None) -> StepResult:
+        obs = ChatObservation._sharing(self._messages, self._tokens, done, reward,
+                                       dict(metadata) if metadata else None)
         return StepResult(obs, reward, done)
 
-    def _parse_extension(self, data: bytes) -> StepResult | None:
-        """Parse only what a frame adds to the previous one; None when it does not extend it."""
-        if self._seen is None or not data.startswith(_OBS_HEAD):
+    def _parse_extension(self, data: bytes | bytearray) -> StepResult | None:
+        """Parse only what a full frame adds to the previous one; None when it does not extend it.
+
+        The previous frame's layout says where its head (up to ``"messages":[``), its
+        messages, the bytes between messages and tokens, and its tokens lie. The new
+        frame must start with the same head and messages and hold the same bytes
+        between and the same tokens after its new messages; then [new messages, new
+        tokens, the rest as an object] is parsed as one small JSON document. The rest
+        (reward, done, metadata anywhere after the tokens) is read in full each time.
+        """
+        seen = self._seen
+        view = seen.view
+        if not data.startswith(view[:seen.messages_end]):
             return None
-        last, messages_end, tokens_start, tokens_end = self._seen
-        view = memoryview(last)
-        if not data.startswith(view[len(_OBS_HEAD):messages_end], len(_OBS_HEAD)):
+        between = view[seen.messages_end:seen.tokens_start]
+        messages_end = data.find(between, seen.messages_end)  # the first "]," + key: never inside a string
+        if messages_end < 0:
             return None
-        new_messages_end = data.find(_OBS_MID, messages_end)
-        new_tokens_start = new_messages_end + len(_OBS_MID)
-        if new_messages_end < 0 or not data.startswith(view[tokens_start:tokens_end], new_tokens_start):
+        tokens_start = messages_end + len(between)
+        old_tokens = view[seen.tokens_start:seen.tokens_end]
+        if not data.startswith(old_tokens, tokens_start):
             return None
-        old_tokens_end = new_tokens_start + tokens_end - tokens_start
-        new_tokens_end = data.find(b"]", old_tokens_end)
-        if new_tokens_end < 0:
+        old_tokens_end = tokens_start + len(old_tokens)
+        tokens_end = data.find(b"]", old_tokens_end)  # token ids are numbers: the first "]" ends them
+        if tokens_end < 0:
             return None
-        try:  # one small document: [new messages, new tokens, {reward, done}]
+        try:  # one small document: [new messages, new tokens, {"data": {"observation": {..}, ..}}]
             new_messages, new_tokens, outer = json.loads(b"".join((
-                b"[[", data[_items_start(data, messages_end, messages_end > len(_OBS_HEAD)):new_messages_end],
-                b"],[", data[_items_start(data, old_tokens_end, tokens_end > tokens_start):new_tokens_end],
-                b'],{"o":{', data[new_tokens_end + 1:-1], b"]",
+                b"[[", data[_items_start(data, seen.messages_end, seen.messages_end > seen.head_end):messages_end],
+                b"],[", data[_items_start(data, old_tokens_end, seen.tokens_end > seen.tokens_start):tokens_end],
+                b'],{"data":{"observation":{"\\u0000":0', data[tokens_end + 1:], b"]",
             )).decode())  # decoded first: json.loads sniffs the encoding of bytes, slowly
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             return None
-        if not isinstance(outer, dict):
+        fields = outer.get("data") if type(outer) is dict and "type" not in outer else None
+        body = fields.get("observation") if type(fields) is dict else None
+        if type(body) is not dict or body.pop("\x00", None) != 0 or not _only_new_items(body):
+            return None  # the rest repeats a key that changes what the head meant: read it all
+        if not (_valid_messages(new_messages) and _valid_tokens(new_tokens)):
+            return None  # the full parse names what is wrong
+        if seen.static_data:
+            fields = {**seen.static_data, **fields}
+        if seen.static_body:
+            body = {**seen.static_body, **body}
+        try:
+            reward, done, metadata = _outcome(fields, body)
+        except ChatEnvError:
             return None
         self._messages += new_messages
         self._tokens += new_tokens
-        self._seen = (data, new_messages_end, new_tokens_start, new_tokens_end)
-        return self._result(bool(outer.get("done", False)), outer.get("reward"))
+        seen.data, seen.view = data, memoryview(data)
+        seen.messages_end, seen.tokens_start, seen.tokens_end = messages_end, tokens_start, tokens_end
+        return self._result(done, reward, metadata)
 
-    def parse_state(self, text: str | bytes) -> ChatState:
-        return ChatState.from_dict(self._payload(text, "state"))
-
-    # Errors
-
-    def refusal(self, text: str | bytes | None) -> ChatEnvError | None:
-        """The error frame a server sent just before closing (CAPACITY_REACHED, SESSION_ERROR)."""
-        if text is None:
-            return None
+    def parse_state(self, text: str | bytes | bytearray) -> ChatState:
         try:
-            self._payload(text, "error")
-        except ChatEnvError as exc:
-            return exc if exc.code in _CLOSING_CODES else None
-        return None
+            payload = self._payload(text, "state")
+            episode_id, step_count = payload.get("episode_id"), payload.get("step_count", 0)
+            messages, tokens = payload.get("history_messages", []), payload.get("history_tokens", [])
+            if episode_id is not None and type(episode_id) is not str:
+                raise ChatEnvError(PROTOCOL_ERROR, f"the server sent state.episode_id {_preview(episode_id)}, "
+                                                   "not a string or null")
+            if type(step_count) is not int:
+                raise ChatEnvError(PROTOCOL_ERROR, f"the server sent state.step_count {_preview(step_count)}, "
+                                                   "not an integer")
+            if type(messages) is not list:
+                raise ChatEnvError(PROTOCOL_ERROR, f"the server sent state.history_messages {_preview(messages)}, "
+                                                   "not a list")
+            _check_messages(messages, "state.history_messages")
+            if type(tokens) is not list or not all(type(ids) is list for ids in tokens):
+                raise ChatEnvError(PROTOCOL_ERROR, f"the server sent state.history_tokens {_preview(tokens)}, "
+                                                   "not a list of token id lists")
+            for ids in tokens:
+                _check_tokens(ids, "state.history_tokens")
+            return ChatState(episode_id, step_count, messages, tokens)
+        except ChatEnvError:
+            raise
+        except RecursionError:
+            raise ChatEnvError(PROTOCOL_ERROR, "the server sent JSON nested too deeply to read") from None
+        except Exception as exc:  # a reply must never escape as another error type
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent a state the client cannot read: "
+                                               f"{type(exc).__name__}: {_preview(str(exc), 200)}") from None
 
-    def lost_error(self) -> EpisodeLostError:
-        return EpisodeLostError(
-            f"the connection to {self.base_url} was lost and the episode with it; "
-            "call reset() to start a new one"
-        )
 
-    def timeout_error(self) -> TimeoutError:
-        return TimeoutError(
-            f"no reply from {self.base_url} within {self.message_timeout_s} s; the connection "
-            "was closed so a late reply cannot answer a later call; call reset() to start again"
-        )
+class _Call:
+    """The core's plan for one call that needs a connection or lost one.
 
-    def connect_error(self, exc: BaseException) -> ConnectionError:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status is not None:
-            reason = " (missing or wrong auth token)" if status == 401 else ""
-            return ConnectionError(f"{self.ws_url} refused the WebSocket upgrade: HTTP {status}{reason}")
+    New sessions go to every server once a round, from a rotating start. A server
+    that refuses the connection or answers CAPACITY_REACHED is skipped. With
+    ``capacity_wait_s``, more rounds follow after jittered exponential backoff
+    while some server was full, until that deadline. A reset whose reused
+    connection turns out to be closed is sent again, once, on a new one.
+    """
+
+    def __init__(self, core: _ClientCore, new_episode: bool) -> None:
+        import time
+
+        self.core = core
+        self.new_episode = new_episode
+        wait = core.capacity_wait_s
+        self.deadline = None if wait is None else time.monotonic() + wait
+        self.backoff_s = _BACKOFF_S[0]
+        self.round: list[int] = []  # servers still to try this round
+        self.rounds = 0
+        self.full: ChatEnvError | None = None  # this round's last CAPACITY_REACHED
+        self.errors: list[BaseException] = []  # this round's connection failures
+        self.retried = False
+
+    def next_server(self) -> tuple[int, float]:
+        """The server to open a session on, and how long to wait first; raises when none is left."""
+        wait_s = 0.0
+        if not self.round:
+            if self.rounds:
+                wait_s = self._pause()
+            core, count = self.core, len(self.core.ws_urls)
+            start, core._next_server = core._next_server, (core._next_server + 1) % count
+            self.round = [(start + k) % count for k in range(count)]
+            self.rounds += 1
+            self.full, self.errors = None, []
+        index = self.round.pop(0)
+        self.core.server = index
+        return index, wait_s
+
+    def _pause(self) -> float:
+        import time
+
+        if self.full is None:  # every server is down: waiting for room cannot help
+            if len(self.errors) == 1:
+                raise self.errors[0]
+            raise ConnectionError("; ".join(str(exc) for exc in self.errors) or "no server to connect to")
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        if remaining is None or remaining <= 0:
+            raise self.full
+        wait_s = min(remaining, self.backoff_s * (0.5 + _random().random() / 2))
+        self.backoff_s = min(2 * self.backoff_s, _BACKOFF_S[1])
+        return wait_s
+
+    def connect_failed(self, exc: BaseException) -> None:
+        """The connection was refused or its handshake failed: the next server."""
+        self.errors.append(exc)
+
+    def refused(self, error: ChatEnvError, closed: _Closed | None) -> None:
+        """The server sent CAPACITY_REACHED or SESSION_ERROR, then closed (``closed``, if
+        it came in time): the next server (a reset refused for room), or raise."""
+        core = self.core
+        core._refusal = error
+        if self.new_episode and error.code == CAPACITY_REACHED:
+            self.full = error
+            return
+        if closed is None:
+            core.lose(f"the server sent {error.code}: {_preview(error.message, 200)}, then closed the session")
+        else:
+            core.lose(core.closed_text(closed), closed.code)
+        raise error
+
+    def failed(self, exc: BaseException, fresh: bool) -> None:
+        """A call's request got no reply; the connection is dropped. Returns to try again
+        (a reset), or raises what the caller should see."""
+        core = self.core
+        leftover = exc.frame if isinstance(exc, _Unsolicited) else getattr(exc, "leftover", None)
+        if leftover is not None:
+            refusal = core.refusal(leftover)
+            if refusal is not None:
+                return self.refused(refusal, exc if isinstance(exc, _Closed) else None)
+            core.lose("the server sent a frame no request asked for")
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent a frame no request asked for: "
+                                               f"{_preview(bytes(leftover[:200]))}") from None
+        if isinstance(exc, _Closed):
+            if exc.ours and exc.code in (1002, 1007):  # the server broke the WebSocket protocol
+                core.lose(core.closed_text(exc), exc.code)
+                raise ChatEnvError(PROTOCOL_ERROR, f"the server's reply broke the WebSocket protocol: "
+                                                   f"{exc.reason}; the connection was closed") from None
+            if self.new_episode and not exc.ours:
+                if not fresh and not self.retried:  # the reused connection had ended: once more, anew
+                    self.retried = True
+                    return None
+                if fresh:  # this server took the connection and closed it: the next one
+                    core.lose(core.closed_text(exc), exc.code)
+                    self.errors.append(core.lost_error())
+                    return None
+            core.lose(core.closed_text(exc), exc.code)
+            raise core.lost_error() from None
         if isinstance(exc, TimeoutError):
-            return ConnectionError(f"cannot connect to {self.ws_url}: no handshake within the connect timeout")
-        return ConnectionError(f"cannot connect to {self.ws_url}: {exc}")
+            core.lose(f"no reply within message_timeout_s={core.message_timeout_s} s")
+            raise core.timeout_error() from None
+        core.lose(f"a call was interrupted by {type(exc).__name__} between its request and its reply")
+        raise exc
 
 
-def _frame_layout(data: bytes) -> tuple[int, int, int] | None:
-    """Where a compact full observation frame's messages end and its tokens start and end."""
-    messages_end = data.find(_OBS_MID, len(_OBS_HEAD))  # cannot occur inside a JSON string
-    tokens_end = data.find(b"]", messages_end + len(_OBS_MID))
-    if not data.startswith(_OBS_HEAD) or messages_end < 0 or tokens_end < 0:
+class _Layout:
+    """Where a full observation frame's parts lie (byte offsets), to parse the next one
+    only past them: its head ends after ``"messages":[``, its messages end at
+    ``messages_end`` (their "]"), its tokens lie in ``[tokens_start, tokens_end)``.
+    ``static_data`` and ``static_body`` are the members of ``data`` and
+    ``observation`` that lie before the tokens end: the same bytes next time, so
+    the same values."""
+
+    __slots__ = ("data", "view", "head_end", "messages_end", "tokens_start", "tokens_end",
+                 "static_data", "static_body")
+
+    def __init__(self, data: Any, head_end: int, messages_end: int, tokens_start: int, tokens_end: int,
+                 static_data: dict[str, Any], static_body: dict[str, Any]) -> None:
+        self.data, self.view = data, memoryview(data)
+        self.head_end, self.messages_end = head_end, messages_end
+        self.tokens_start, self.tokens_end = tokens_start, tokens_end
+        self.static_data, self.static_body = static_data, static_body
+
+
+_json_decoder = json.JSONDecoder()
+
+
+def _frame_layout(data: bytes | bytearray, payload: dict[str, Any], body: dict[str, Any]) -> _Layout | None:
+    """The layout of a full observation frame, found by walking its JSON, whatever its
+    spacing or key order; None when its messages do not come before its tokens.
+
+    The walk reads ``data`` as latin-1, which maps bytes to characters one to one,
+    so the offsets it finds in the text are byte offsets; values come from
+    ``payload`` and ``body`` (the frame as json.loads read it).
+    """
+    text = data.decode("latin-1")
+    try:
+        frame = _members(text, _skip(text, 0))
+        data_at = frame.get("data")
+        if data_at is None or text[data_at[0]] != "{":
+            return None
+        fields = _members(text, data_at[0])
+        body_at = fields.get("observation")
+        if body_at is None or text[body_at[0]] != "{":
+            return None
+        members = _members(text, body_at[0])
+        messages_at, tokens_at = members.get("messages"), members.get("tokens")
+        if messages_at is None or tokens_at is None or messages_at[1] > tokens_at[0]:
+            return None
+    except (ValueError, IndexError):
         return None
-    return messages_end, messages_end + len(_OBS_MID), tokens_end
+    messages_end, tokens_end = messages_at[1] - 1, tokens_at[1] - 1  # the closing "]" of each
+    if text[messages_end] != "]" or text[tokens_end] != "]":
+        return None
+    static_data = {k: payload[k] for k, at in fields.items() if at[0] < body_at[0] and k in payload}
+    static_body = {k: body[k] for k, at in members.items()
+                   if at[0] < tokens_at[1] and k not in ("messages", "tokens") and k in body}
+    return _Layout(data, messages_at[0] + 1, messages_end, tokens_at[0] + 1, tokens_end, static_data, static_body)
 
 
-def _items_start(data: bytes, pos: int, had_items: bool) -> int:
+def _skip(text: str, pos: int) -> int:
+    """The position of the next non-whitespace character (JSON's whitespace)."""
+    return json.decoder.WHITESPACE.match(text, pos).end()
+
+
+def _members(text: str, pos: int) -> dict[str, tuple[int, int]]:
+    """Where each member's value of the JSON object at ``pos`` lies: key -> (start, end).
+
+    The values are skipped with the C decoder; a repeated key keeps the last one, as
+    json.loads does.
+    """
+    if text[pos] != "{":
+        raise ValueError("not an object")
+    members: dict[str, tuple[int, int]] = {}
+    pos = _skip(text, pos + 1)
+    if text[pos] == "}":
+        return members
+    while True:
+        if text[pos] != '"':
+            raise ValueError("a key must be a string")
+        key, pos = _json_decoder.raw_decode(text, pos)
+        pos = _skip(text, pos)
+        if text[pos] != ":":
+            raise ValueError("a key must be followed by ':'")
+        start = _skip(text, pos + 1)
+        _, end = _json_decoder.raw_decode(text, start)
+        members.pop(key, None)
+        members[key] = (start, end)
+        pos = _skip(text, end)
+        if text[pos] == "}":
+            return members
+        if text[pos] != ",":
+            raise ValueError("members must be separated by ','")
+        pos = _skip(text, pos + 1)
+
+
+def _items_start(data: bytes | bytearray, pos: int, had_items: bool) -> int:
     """Where the array items after earlier ones begin: past their comma, if any follow."""
     if had_items and data[pos] != 0x5D:  # "]": none follow
         if data[pos] != 0x2C:  # ","
@@ -2428,45 +3620,70 @@ def _items_start(data: bytes, pos: int, had_items: bool) -> int:
     return pos
 
 
+def _only_new_items(body: dict[str, Any]) -> bool:
+    """Whether an observation's members after its tokens leave messages and tokens as they were."""
+    return "messages" not in body and "tokens" not in body and "delta" not in body
+
+
+def _valid_messages(items: Any) -> bool:
+    return type(items) is list and all(
+        type(m) is dict and type(m.get("role")) is str and type(m.get("content")) is str for m in items
+    )
+
+
+def _valid_tokens(items: Any) -> bool:
+    return type(items) is list and set(map(type, items)) <= _INTS
+
+
+def _check_messages(items: list[Any], what: str) -> None:
+    if not _valid_messages(items):
+        bad = next(m for m in items if not _valid_messages([m]))
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent {what} holding {_preview(bad)}, "
+                                           "not a message with string role and content")
+
+
+def _check_tokens(items: list[Any], what: str) -> None:
+    if not _valid_tokens(items):
+        bad = next(t for t in items if type(t) is not int)
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent {what} holding {_preview(bad)}, not a token id")
+
+
+def _outcome(fields: dict[str, Any], body: dict[str, Any]) -> tuple[Any, bool, dict[str, Any] | None]:
+    """An observation's reward, done and metadata, type-checked (OpenEnv 0.10 sends
+    metadata inside the observation and, when not empty, beside reward too)."""
+    reward, done = fields.get("reward"), fields.get("done", False)
+    if reward is not None and type(reward) not in (int, float):
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, not a number or null")
+    if type(done) is not bool:
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent done {_preview(done)}, not a boolean")
+    metadata = body.get("metadata") if "metadata" in body else fields.get("metadata")
+    if metadata is not None and type(metadata) is not dict:
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
+    return reward, done, metadata
+
+
+def _random() -> Any:
+    import random
+
+    return random
+
+
 def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
     """Tokenize a chat message (``role``, ``content``) into a ChatAction."""
     return ChatAction(tokens=_tokenize_message(tokenizer, message))
 
 
 class _ClientBase:
-    """Constructor, docker ownership and helpers common to ChatEnv and AsyncChatEnv."""
+    """What ChatEnv and AsyncChatEnv share: the core (options, decisions, parsing),
+    docker ownership, helpers."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        auth_token: str | None = None,
-        delta: bool = True,
-        compression: str | None = None,
-        # Timeouts (seconds; None disables)
-        connect_timeout_s: float | None = 10.0,
-        message_timeout_s: float | None = 60.0,
-        ping_interval_s: float | None = 20.0,
-        ping_timeout_s: float | None = 20.0,
-        # Limits
-        max_message_bytes: int | None = 64 * 2**20,
-    ) -> None:
-        self._core = _ClientCore(
-            base_url,
-            connect_timeout_s=connect_timeout_s,
-            message_timeout_s=message_timeout_s,
-            max_message_bytes=max_message_bytes,
-            ping_interval_s=ping_interval_s,
-            ping_timeout_s=ping_timeout_s,
-            compression=compression,
-            auth_token=auth_token,
-            delta=delta,
-        )
-        self._ws: Any = None
+    def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
+        self._core = _ClientCore(base_url, **options)
         self._container: Any = None
 
     @property
     def base_url(self) -> str:
+        """The server in use (or tried last): one of the base URLs the client was given."""
         return self._core.base_url
 
     message_to_action = staticmethod(message_to_action)
@@ -2498,8 +3715,654 @@ class _ClientBase:
         return f"{type(self).__name__}({self.base_url!r})"
 
 
+class _SocketWire:
+    """One WebSocket on a blocking socket, for ChatEnv.
+
+    websockets' Sans-I/O ClientProtocol does the handshake and every frame that is
+    not a whole, plain data frame (control frames, fragments, compressed frames);
+    whole data frames are written and read directly. The protocol is only ever fed
+    whole frames, so it always stands at a frame boundary, as the direct reads
+    need. The caller's thread drives the wire during a call; the keepalive thread
+    only while no call holds ``lock``.
+    """
+
+    def __init__(self, core: _ClientCore, lock: Any) -> None:
+        import time
+
+        from websockets.frames import apply_mask  # in C when websockets' speedups are built
+
+        self.core = core
+        # The client's lock: held by each call, tried by the keepalive thread
+        self.lock = lock
+        self.sock: Any = None
+        self.proto: Any = None
+        # Received bytes not parsed yet; they always start at a frame boundary
+        self.buffer: bytes | bytearray = b""
+        # The payloads of a fragmented message being received
+        self.fragments: list[Any] | None = None
+        # Data frames that arrived while no call waited, for the next call
+        self.unsolicited: list[Any] = []
+        # How the connection ended (a _Closed), None while it is open
+        self.closed: _Closed | None = None
+        # Keepalive: when the last call started, when bytes last came, the ping in flight
+        self.clock = time.monotonic
+        self.last_io = self.last_rx = self.clock()
+        self.ping: bytes | None = None
+        self.ping_sent_at = 0.0
+        self.max_bytes = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        waits = [t for t in (core.message_timeout_s, core.ping_interval_s) if t is not None]
+        self.wait_s = min(waits) if waits else None  # one blocking read at most; then keepalive and deadline
+        self.wait_changed = False
+        self.interrupted = False  # close() from another thread cut the connection
+        self.fast = True  # no extension: whole data frames are read and written directly
+        self.would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+        self.urandom, self.mask = os.urandom, apply_mask
+
+    # Opening
+
+    def open(self, ws_url: str) -> None:
+        """Connect and handshake within connect_timeout_s; raises ConnectionError."""
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        core = self.core
+        uri = parse_uri(ws_url)
+        timeout = core.connect_timeout_s
+        deadline = None if timeout is None else self.clock() + timeout
+        try:
+            sock = socket.create_connection((uri.host, uri.port), timeout)  # never through a proxy
+        except OSError as exc:
+            raise core.connect_error(ws_url, exc) from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if uri.secure:
+                import ssl
+
+                sock.settimeout(self._remaining(deadline))
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
+                self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+            extensions = None
+            if core.compression == "deflate":
+                from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
+
+                extensions = enable_client_permessage_deflate(None)
+            proto = ClientProtocol(uri, extensions=extensions, max_size=core.max_message_bytes, logger=_wire_logger)
+            request = proto.connect()
+            for name, value in core.headers:
+                request.headers[name] = value
+            proto.send_request(request)
+            sock.settimeout(self._remaining(deadline))
+            sock.sendall(b"".join(proto.data_to_send()))
+            self._handshake(sock, proto, deadline)
+        except Exception as exc:
+            sock.close()
+            raise core.connect_error(ws_url, exc) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.proto = sock, proto
+        self.fast = not proto.extensions
+        sock.settimeout(self.wait_s)
+        if self.buffer:  # frames that came with the handshake's answer (a refusal)
+            self._absorb()
+
+    def _remaining(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - self.clock()
+        if remaining <= 0:
+            raise TimeoutError("connect timeout")
+        return remaining
+
+    def _handshake(self, sock: Any, proto: Any, deadline: float | None) -> None:
+        """Read the server's answer to the upgrade; frames that follow it stay in the buffer."""
+        received, whole = b"", False
+        while True:
+            sock.settimeout(self._remaining(deadline))
+            data = sock.recv(_CLIENT_READ_BYTES)
+            if not data:
+                proto.receive_eof()
+            elif whole:  # a refusal's body
+                proto.receive_data(data)
+            else:
+                received += data
+                end = received.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(received) > _CLIENT_READ_BYTES:
+                        raise ValueError("the server's answer to the upgrade has no end")
+                    continue
+                if received.startswith(b"HTTP/1.1 101"):  # the answer alone: frames follow it
+                    proto.receive_data(received[:end + 4])
+                    self.buffer = received[end + 4:]
+                else:  # a refusal, with its body
+                    proto.receive_data(received)
+                    whole = True
+            if proto.handshake_exc is not None:
+                raise proto.handshake_exc
+            if proto.events_received():
+                return
+            if not data:
+                raise EOFError("the server closed the connection during the handshake")
+
+    # Calls (under the client's lock)
+
+    def call(self, frame: str) -> bytes | bytearray:
+        """Send one request and return the next data frame's payload: its reply."""
+        if self.buffer:
+            self._absorb()  # frames that came after the last reply: pings, a close, a refusal
+        if self.closed is not None:
+            raise self.closed
+        if self.unsolicited:
+            raise _Unsolicited(self.unsolicited.pop(0))
+        if self.wait_changed:
+            self.sock.settimeout(self.wait_s)
+            self.wait_changed = False
+        self.last_io = start = self.clock()
+        payload = frame.encode()
+        if self.fast:
+            size, mask = len(payload), self.urandom(4)
+            if size < 126:
+                head = bytes((0x81, 0x80 | size))
+            elif size < 65536:
+                head = bytes((0x81, 0xFE)) + size.to_bytes(2, "big")
+            else:
+                head = bytes((0x81, 0xFF)) + size.to_bytes(8, "big")
+            data = head + mask + self.mask(payload, mask)
+        else:
+            self.proto.send_text(payload)
+            data = b"".join(self.proto.data_to_send())
+        self._send(data)
+        return self._read_message(start)
+
+    def _send(self, data: bytes) -> None:
+        sock = self.sock
+        try:
+            if len(data) < _SEND_TIMER_BYTES or self.core.message_timeout_s is None:
+                sock.sendall(data)
+            else:  # a big request may wait on the server reading it: give it the whole message timeout
+                sock.settimeout(self.core.message_timeout_s)
+                self.wait_changed = True
+                sock.sendall(data)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise self._shut(_Closed(1006, str(exc), leftover=self._leftover())) from None
+
+    def _read_message(self, start: float) -> bytes | bytearray:
+        sock = self.sock
+        timeout = self.core.message_timeout_s
+        deadline = None if timeout is None else start + timeout
+        while True:
+            try:
+                data = sock.recv(_CLIENT_READ_BYTES)
+            except TimeoutError:
+                self._waited(deadline)
+                continue
+            except OSError as exc:
+                raise self._shut(_Closed(1006, str(exc))) from None
+            if not data:
+                raise self._eof()
+            if not self.buffer:
+                # The hot path: the reply is one whole, final, unmasked text frame
+                if data[0] == 0x81:
+                    size, head = data[1], 2
+                    if size == 126 and len(data) >= 4:
+                        size, head = (data[2] << 8) | data[3], 4
+                    elif size == 127 and len(data) >= 10:
+                        size, head = int.from_bytes(data[2:10], "big"), 10
+                    if head + size == len(data) and size <= self.max_bytes:
+                        return data[head:]
+                self.buffer = data
+            else:
+                self._append(data)
+            message = self._frames(deadline)
+            if message is not None:
+                return message
+
+    def _append(self, data: bytes) -> None:
+        """Add received bytes to the buffer (a bytearray once it holds more than one read)."""
+        if not self.buffer:
+            self.buffer = data
+        elif type(self.buffer) is bytearray:
+            self.buffer += data
+        else:
+            self.buffer = bytearray(self.buffer) + data
+
+    def _waited(self, deadline: float | None) -> None:
+        """A read waited ``wait_s`` for nothing: past the deadline, a timeout; before it,
+        keepalive (a ping, or a peer that stopped answering them)."""
+        now = self.clock()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError("no reply within the message timeout")
+        self._keepalive(now, idle=False)
+        wait = self.wait_s
+        if deadline is not None:
+            wait = deadline - now if wait is None else min(wait, deadline - now)
+        self.sock.settimeout(wait)
+        self.wait_changed = True
+
+    # Frames
+
+    def _frames(self, deadline: Any, idle: bool = False) -> Any:
+        """Take the whole frames at the head of the buffer: control frames are handled
+        here; the first data message is returned (kept as unsolicited when ``idle``).
+        None when more bytes are needed."""
+        while True:
+            buf = self.buffer
+            have = len(buf)
+            if have < 2:
+                return None
+            first, second = buf[0], buf[1]
+            size, head = second & 0x7F, 2
+            if size == 126:
+                if have < 4:
+                    return None
+                size, head = (buf[2] << 8) | buf[3], 4
+            elif size == 127:
+                if have < 10:
+                    return None
+                size, head = int.from_bytes(buf[2:10], "big"), 10
+            if second & 0x80:
+                head += 4  # a masked frame: the protocol refuses it below
+            if size > self.max_bytes:  # refused at its header: its bytes are never waited for
+                raise self._fail(1009, f"the server's reply of {size} bytes is over this client's "
+                                       f"max_message_bytes={self.core.max_message_bytes}")
+            if first & 0x08 and size > 125:
+                raise self._fail(1002, f"the server sent a control frame of {size} bytes (at most 125)")
+            end = head + size
+            plain = self.fast and self.fragments is None and (first == 0x81 or first == 0x82) and not second & 0x80
+            if have < end:
+                if plain and not idle and end - have > _CLIENT_READ_BYTES:
+                    return self._read_rest(head, size, deadline)
+                return None
+            if plain:
+                message = buf[head:end]
+            else:
+                message = self._protocol_frame(buf[:end], idle)
+            self.buffer = buf[end:] if end < have else b""
+            if message is not None:
+                if not idle:
+                    return message
+                self.unsolicited.append(message)
+
+    def _read_rest(self, head: int, size: int, deadline: Any) -> bytearray:
+        """Read the rest of a big data frame straight into its payload: one copy, few reads."""
+        payload = bytearray(size)
+        got = len(self.buffer) - head
+        payload[:got] = self.buffer[head:]
+        self.buffer = b""
+        view = memoryview(payload)[got:]
+        sock = self.sock
+        while view:
+            try:
+                count = sock.recv_into(view)
+            except TimeoutError:
+                self._waited(deadline)
+                continue
+            except OSError as exc:
+                raise self._shut(_Closed(1006, str(exc))) from None
+            if not count:
+                raise self._eof()
+            view = view[count:]
+        return payload
+
+    def _protocol_frame(self, frame: Any, idle: bool) -> Any:
+        """Feed one whole frame to the Sans-I/O protocol and act on what it parsed."""
+        proto = self.proto
+        proto.receive_data(frame)
+        message = None
+        for event in proto.events_received():
+            opcode = event.opcode
+            if opcode == _OP_TEXT or opcode == _OP_BINARY:
+                if event.fin:
+                    message = event.data
+                else:
+                    self.fragments = [event.data]
+            elif opcode == _OP_CONT and self.fragments is not None:
+                self.fragments.append(event.data)
+                if event.fin:
+                    message, self.fragments = b"".join(self.fragments), None
+            elif opcode == _OP_PONG and self.ping is not None and event.data == self.ping:
+                self.ping = None
+        self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
+        if proto.state != _OPEN:
+            raise self._closing(message)
+        return message
+
+    def _absorb(self) -> None:
+        """Handle whole frames received after the last reply (never a partial one)."""
+        try:
+            self._frames(None, idle=True)
+        except _Closed:
+            pass  # recorded in self.closed
+
+    def _flush(self, idle: bool) -> None:
+        """Send what the protocol has queued (the end of stream is ours to do: close)."""
+        data = b"".join(self.proto.data_to_send())
+        if not data:
+            return
+        try:
+            if idle:  # the keepalive thread never blocks: a tiny frame fits, or the peer is stuck
+                if self.sock.send(data) != len(data):
+                    raise BlockingIOError("partial send")
+            else:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise self._shut(_Closed(1006, f"cannot send to the server: {exc}")) from None
+
+    # Keepalive (calls and the keepalive thread)
+
+    def _keepalive(self, now: float, idle: bool) -> float | None:
+        """Send a ping after ping_interval_s of quiet; give up on a peer that does not
+        answer within ping_timeout_s. Returns when to look again (None: never)."""
+        core = self.core
+        interval, timeout = core.ping_interval_s, core.ping_timeout_s
+        if interval is None or self.closed is not None:
+            return None
+        if self.ping is not None:
+            if timeout is None:
+                return None
+            if now - self.ping_sent_at > timeout:
+                raise self._fail(1011, f"keepalive: no pong within ping_timeout_s={timeout} s")
+            return self.ping_sent_at + timeout
+        quiet_since = max(self.last_io, self.last_rx)
+        if now - quiet_since < interval:
+            return quiet_since + interval
+        self.ping, self.ping_sent_at = self.urandom(4), now
+        self.proto.send_ping(self.ping)
+        self._flush(idle)
+        return None if timeout is None else now + timeout
+
+    def tend(self, now: float) -> float | None:
+        """The keepalive thread's upkeep of an idle wire, under its lock and never blocking:
+        read what came (answering pings, keeping data frames for the next call, noting a
+        close), send keepalive pings, give up on a dead peer. Returns when to come back."""
+        if self.closed is not None:
+            return None
+        sock = self.sock
+        try:
+            sock.settimeout(0.0)
+            while True:
+                try:
+                    data = sock.recv(_CLIENT_READ_BYTES)
+                except self.would_block:
+                    break
+                if not data:
+                    raise self._eof()
+                self.last_rx = now
+                self._append(data)
+            if self.buffer:
+                self._frames(None, idle=True)
+            return self._keepalive(now, idle=True)
+        except _Closed:
+            return None
+        except OSError as exc:
+            self._shut(_Closed(1006, str(exc)))
+            return None
+        finally:
+            if self.closed is None:
+                sock.settimeout(self.wait_s)
+                self.wait_changed = False
+
+    # Endings
+
+    def _leftover(self) -> Any:
+        """A data frame that arrived before the connection broke, if one can still be read."""
+        try:
+            self.sock.settimeout(0.0)
+            while True:
+                data = self.sock.recv(_CLIENT_READ_BYTES)
+                if not data:
+                    break
+                self._append(data)
+        except (OSError, ValueError):
+            pass
+        try:
+            self._frames(None, idle=True)
+        except Exception:
+            pass
+        return self.unsolicited[0] if self.unsolicited else None
+
+    def _eof(self) -> _Closed:
+        """The server closed the TCP connection without a close frame (or close() cut it)."""
+        self.proto.receive_eof()
+        if self.interrupted:
+            return self._shut(_Closed(1000, "close() was called from another thread", ours=True))
+        return self._shut(_Closed(1006, "", leftover=self.unsolicited[0] if self.unsolicited else None))
+
+    def interrupt(self) -> None:
+        """End a call another thread has under way (its blocking read returns at once)."""
+        import socket
+
+        self.interrupted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
+
+    def _closing(self, message: Any) -> _Closed:
+        """The protocol left OPEN: the server's close frame, or our own after a broken frame."""
+        proto = self.proto
+        leftover = message if message is not None else (self.unsolicited[0] if self.unsolicited else None)
+        if proto.close_rcvd is not None and proto.close_rcvd_then_sent is not False:
+            closed = _Closed(proto.close_rcvd.code, proto.close_rcvd.reason, leftover=leftover)
+        else:
+            sent = proto.close_sent
+            code, reason = (sent.code, sent.reason) if sent else (1006, "")
+            if code == 1009:
+                limit = self.core.max_message_bytes
+                reason = f"the server's reply is over this client's max_message_bytes={limit} ({reason})"
+            closed = _Closed(code, reason, ours=True, leftover=leftover)
+        return self._shut(closed)
+
+    def _fail(self, code: int, reason: str) -> _Closed:
+        """Close the connection ourselves (a limit, keepalive), telling the server why."""
+        try:
+            if self.proto.state == _OPEN:
+                self.proto.fail(code, reason[:120])
+                self.sock.settimeout(0.0)
+                self.sock.send(b"".join(self.proto.data_to_send()))
+        except (OSError, ValueError):
+            pass
+        return self._shut(_Closed(code, reason, ours=True))
+
+    def _shut(self, closed: _Closed) -> _Closed:
+        if self.closed is None:
+            self.closed = closed
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        return closed
+
+    def await_close(self) -> _Closed | None:
+        """After an error frame the server closes after: its close, if it comes within
+        _CLOSE_WAIT_S; then the connection is dropped."""
+        deadline = self.clock() + _CLOSE_WAIT_S
+        try:
+            self.sock.settimeout(_CLOSE_WAIT_S)
+            if self.buffer:
+                self._frames(None, idle=True)
+            while self.closed is None and self.clock() < deadline:
+                data = self.sock.recv(_CLIENT_READ_BYTES)
+                if not data:
+                    self._eof()
+                    break
+                self._append(data)
+                self._frames(None, idle=True)
+        except (_Closed, OSError):
+            pass
+        closed = self.closed
+        self.abort()
+        return None if closed is None or closed.ours else closed
+
+    def abort(self) -> None:
+        """Drop the connection now, telling the server (best effort, never blocking)."""
+        if self.closed is None:
+            self._fail(1000, "")
+
+    def close(self) -> None:
+        """Close the session: a close frame, then the server's answer for a moment."""
+        if self.closed is not None:
+            return
+        proto, sock = self.proto, self.sock
+        try:
+            proto.send_close(1000)
+            sock.settimeout(_CLOSE_WAIT_S)
+            sock.sendall(b"".join(proto.data_to_send()))
+            deadline = self.clock() + _CLOSE_WAIT_S
+            while self.clock() < deadline:
+                data = sock.recv(_CLIENT_READ_BYTES)
+                if not data:
+                    break
+                proto.receive_data(data)
+                if proto.close_rcvd is not None:
+                    break
+        except Exception:  # a dead or stuck server: the socket is closed all the same
+            pass
+        self._shut(_Closed(1000, "closed by close()", ours=True))
+
+
+class _Keepalive:
+    """The one daemon thread that keeps idle ChatEnv connections alive.
+
+    A sync client reads its socket only inside its calls. While user code sleeps
+    or computes between calls, this thread waits on the sockets of clients that
+    have been quiet for _IDLE_S (and whose lock it can take without waiting),
+    answers the server's pings, sends the client's own per ping_interval_s, and
+    gives up on a peer that stops answering. It holds the wires weakly, takes a
+    client's lock only to do non-blocking work, and never blocks interpreter exit.
+    Pure-Python user code holding the GIL still lets it run (the GIL's switch
+    interval, 5 ms by default).
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import time
+        import weakref
+
+        self.clock = time.monotonic
+        self.wires: Any = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.thread = threading.Thread(target=self._run, name="chatenv-keepalive", daemon=True)
+        self.thread.start()
+
+    def watch(self, wire: _SocketWire) -> None:
+        with self.lock:
+            self.wires.add(wire)
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass  # already awake, or its buffer is full of wake-ups
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._turn()
+            except Exception:  # one bad turn must not end every client's keepalive
+                logger.exception("keepalive thread error")
+                import time
+
+                time.sleep(_IDLE_S)
+
+    def _turn(self) -> None:
+        now = self.clock()
+        with self.lock:
+            wires = list(self.wires)
+        due: float | None = None
+        sockets = [self.wake_r]
+        for wire in wires:
+            if wire.closed is not None:
+                with self.lock:
+                    self.wires.discard(wire)
+                continue
+            idle_at = wire.last_io + _IDLE_S
+            when: float | None = idle_at
+            if now >= idle_at:
+                if wire.lock.acquire(blocking=False):
+                    try:
+                        when = wire.tend(now)
+                    finally:
+                        wire.lock.release()
+                    if wire.closed is None:
+                        sockets.append(wire.sock)
+                else:  # a call is under way: look again once it may have ended
+                    when = now + _IDLE_S
+            if when is not None and (due is None or when < due):
+                due = when
+        wires = wire = None  # held weakly only, while waiting
+        _wait_readable(sockets, None if due is None else max(0.0, due - self.clock()))
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def _wait_readable(sockets: list[Any], timeout: float | None) -> None:
+    """Block until one of ``sockets`` is readable or ``timeout`` passes (poll: no fd limit)."""
+    import select
+
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        for sock in sockets:
+            fd = sock.fileno()
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+        poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+    else:
+        select.select([s for s in sockets if s.fileno() >= 0], [], [], timeout)
+
+
+_keepalive: _Keepalive | None = None  # the process's keepalive thread, started with its first client
+_keepalive_lock = threading.Lock()
+_keepalive_forks: list[bool] = []  # holds True once a forked child is told to start its own
+
+
+def _watch(wire: _SocketWire) -> None:
+    """Hand a new connection to the keepalive thread (started on first use, once per process)."""
+    global _keepalive
+    with _keepalive_lock:
+        if _keepalive is None:
+            if not _keepalive_forks and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget_keepalive)
+                _keepalive_forks.append(True)
+            _keepalive = _Keepalive()
+        keepalive = _keepalive
+    keepalive.watch(wire)
+
+
+def _forget_keepalive() -> None:
+    """In a forked child the keepalive thread is gone: the child's first client starts its own."""
+    global _keepalive, _keepalive_lock
+    _keepalive, _keepalive_lock = None, threading.Lock()
+
+
 class ChatEnv(_ClientBase):
-    """Synchronous client: one WebSocket session with a chat environment server."""
+    """Synchronous client: one WebSocket session with a chat environment server.
+
+    ``ChatEnv(base_url, **options)``: ``base_url`` is one server (http(s)://,
+    ws(s):// or host:port) or a sequence of them (a new session goes to one with
+    room). Options, the same for AsyncChatEnv: ``auth_token``, ``delta`` (True),
+    ``compression`` (None or "deflate"), ``capacity_wait_s`` (None: no wait),
+    ``connect_timeout_s`` (10), ``message_timeout_s`` (60), ``ping_interval_s``
+    (20), ``ping_timeout_s`` (20), ``max_message_bytes`` (64 MiB); each timeout and
+    limit is None to disable.
+
+    Its I/O runs in the caller's thread, on a blocking socket; between calls a
+    process-wide keepalive thread answers the server's pings. Calls from several
+    threads are serialised by a lock.
+    """
+
+    def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
+        super().__init__(base_url, **options)
+        self._lock = threading.Lock()
+        self._wire: _SocketWire | None = None
 
     @classmethod
     def from_docker_image(cls, image: str, **options: Any) -> ChatEnv:
@@ -2510,110 +4373,64 @@ class ChatEnv(_ClientBase):
         """
         return cls._launch(image, **options)
 
-    def _connect(self) -> None:
-        from websockets.sync.client import connect
+    def _connect(self, plan: _Call) -> _SocketWire:
+        """A new connection on the plan's next server (waiting first when it says so)."""
+        import time
 
-        options = self._core.connect_options
-        if _websockets_major() >= 17:  # 17 deprecates connect() outside `with` unless told
-            options = dict(options, legacy=True)
-        try:
-            self._ws = connect(self._core.ws_url, **options)
-        except Exception as exc:
-            raise self._core.connect_error(exc) from exc
+        while True:
+            index, wait_s = plan.next_server()
+            if wait_s:
+                time.sleep(wait_s)
+            wire = _SocketWire(self._core, self._lock)
+            try:
+                wire.open(self._core.ws_urls[index])
+            except ConnectionError as exc:
+                plan.connect_failed(exc)
+                continue
+            _watch(wire)
+            self._wire = wire
+            return wire
 
     def _drop(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            ws.close_timeout = 0.1
-            try:
-                ws.close()
-            except Exception:
-                pass
-
-    def _leftover(self) -> str | bytes | None:
-        """A frame that arrived before the close (recv still returns buffered frames)."""
-        try:
-            return self._ws.recv(timeout=0, decode=False)
-        except Exception:
-            return None
-
-    def _roundtrip(self, frame: str, new_episode: bool) -> bytes:
-        core = self._core
-        for attempt in (1, 2):
-            if self._ws is None:
-                if core.lost and not new_episode:
-                    raise core.lost_error()
-                self._connect()
-            try:
-                self._send(frame)
-                return self._ws.recv(timeout=core.message_timeout_s, decode=False)
-            except TimeoutError:
-                self._drop()
-                core.lost = True
-                raise core.timeout_error() from None
-            except Exception as exc:
-                if not _closed(exc):
-                    raise
-                refusal = core.refusal(self._leftover())
-                self._drop()
-                core.lost = True
-                if refusal is not None:  # the server said why it closed: say it too
-                    raise refusal from exc
-                if not new_episode or attempt == 2:
-                    raise core.lost_error() from exc
-        raise AssertionError("unreachable")
-
-    def _send(self, frame: str) -> None:
-        """Send within message_timeout_s: a server that stopped reading cannot hold a big
-        frame's send forever (past the deadline the socket is shut, TimeoutError raised).
-
-        Only a frame larger than the socket buffers can block; smaller ones skip the timer.
-        """
-        ws, timeout = self._ws, self._core.message_timeout_s
-        if timeout is None or len(frame) < _SEND_TIMER_BYTES:
-            ws.send(frame)
-            return
-        import socket
-
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            try:
-                ws.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            ws.send(frame)
-        except Exception:
-            if expired.is_set():
-                raise TimeoutError("send timed out") from None
-            raise
-        finally:
-            timer.cancel()
-        if expired.is_set():
-            raise TimeoutError("send timed out")
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.abort()
 
     def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
-        text = self._roundtrip(frame, new_episode)
-        try:
-            return parse(text)
-        except ChatEnvError as exc:
-            if exc.code in _CLOSING_CODES:  # the server closes after these
-                self._drop()
-                self._core.lost = True
-            raise
+        core = self._core
+        with self._lock:
+            core.check(new_episode)
+            plan = None
+            while True:
+                wire, fresh = self._wire, False
+                if wire is None:
+                    plan = plan or core.plan(new_episode)
+                    wire = self._connect(plan)
+                    fresh = True
+                try:
+                    data = wire.call(frame)
+                except BaseException as exc:  # no reply was read: the connection cannot be trusted
+                    self._drop()
+                    plan = plan or core.plan(new_episode)
+                    plan.failed(exc, fresh)
+                    continue
+                try:
+                    result = parse(data)
+                except ChatEnvError as exc:
+                    if exc.code not in _CLOSING_CODES:
+                        raise
+                    self._wire = None  # the server closes after these: its close says how
+                    plan = plan or core.plan(new_episode)
+                    plan.refused(exc, wire.await_close())
+                    continue
+                if new_episode:
+                    core.replied()
+                return result
 
     def reset(self, **kwargs: Any) -> StepResult:
-        """Start a new episode (reconnecting if the connection was lost)."""
+        """Start a new episode, on a new connection if the last one ended (close() included)."""
         core = self._core
-        result = self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
-        core.lost = False
-        return result
+        return self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
 
     def step(self, action: ChatAction | Any) -> StepResult:
         """Append one message; raises EpisodeLostError if the session is gone."""
@@ -2623,27 +4440,74 @@ class ChatEnv(_ClientBase):
         return self._call(self._core.state_frame, self._core.parse_state)
 
     def close(self) -> None:
-        """Close the session (and stop the container this client started, if any)."""
-        self._drop()
+        """Close the session (and stop the container this client started, if any).
+
+        Afterwards step() and state() raise EpisodeLostError; reset() connects anew.
+        A call another thread has under way is ended first (it raises EpisodeLostError).
+        """
+        if not self._lock.acquire(timeout=_CLOSE_WAIT_S):
+            wire = self._wire
+            if wire is not None:
+                wire.interrupt()
+            self._lock.acquire()
+        try:
+            wire, self._wire = self._wire, None
+            if wire is not None:
+                wire.close()
+            self._core.lose("this client's close() ended it")
+        finally:
+            self._lock.release()
         container, self._container = self._container, None
         if container is not None:
             container.stop()
 
     def __enter__(self) -> ChatEnv:
-        if self._ws is None:
-            self._connect()
+        with self._lock:
+            if self._wire is None:
+                self._connect(self._core.plan(True))
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_ws", None) is not None:
-            self._drop()
+        try:
+            wire = self.__dict__.get("_wire")
+            if wire is not None:
+                wire.abort()  # no lock: this may run in any thread, the keepalive one included
+        except Exception:
+            pass
+
+
+def _failing_fast() -> Any:
+    """websockets' asyncio client connection, dropped at once when this side fails it (a
+    reply over max_message_bytes, a broken frame) rather than when the server closes TCP."""
+    global _FailingFast
+    if _FailingFast is None:
+        from websockets.asyncio.client import ClientConnection
+
+        class _FailingFast(ClientConnection):  # type: ignore[no-redef]
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                proto = self.protocol
+                if proto.state == _CLOSING and proto.close_rcvd is None and proto.parser_exc is not None:
+                    self.transport.abort()
+
+    return _FailingFast
+
+
+_FailingFast: Any = None
 
 
 class AsyncChatEnv(_ClientBase):
-    """Asynchronous client: the same API as ChatEnv with ``await`` and ``async with``."""
+    """Asynchronous client: the same API and options as ChatEnv with ``await`` and
+    ``async with``, on websockets' asyncio client (its keepalive runs while the loop
+    does). Calls from several tasks are serialised by a lock."""
+
+    def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
+        super().__init__(base_url, **options)
+        self._ws: Any = None
+        self._lock: Any = None  # an asyncio.Lock, made in the loop of the first call
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -2654,81 +4518,120 @@ class AsyncChatEnv(_ClientBase):
         launch = functools.partial(cls._launch, image, **options)
         return await asyncio.get_running_loop().run_in_executor(None, launch)
 
-    async def _connect(self) -> None:
+    async def _connect(self, plan: _Call) -> Any:
+        import asyncio
+
         from websockets.asyncio.client import connect
 
-        try:
-            self._ws = await connect(self._core.ws_url, **self._core.connect_options)
-        except Exception as exc:
-            raise self._core.connect_error(exc) from exc
+        core = self._core
+        while True:
+            index, wait_s = plan.next_server()
+            if wait_s:
+                await asyncio.sleep(wait_s)
+            try:
+                self._ws = await connect(core.ws_urls[index], create_connection=_failing_fast(),
+                                         **core.connect_options)
+                return self._ws
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                plan.connect_failed(core.connect_error(core.ws_urls[index], exc))
 
-    async def _drop(self) -> None:
-        import asyncio
-
+    def _drop(self) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:
-            ws.close_timeout = 0.1
-            try:
-                # close() first drains the write buffer, which a stuck server never empties
-                async with asyncio.timeout(0.5):
-                    await ws.close()
-            except Exception:
-                ws.transport.abort()
+            ws.transport.abort()  # at once: the reply, if any, must never be read
 
-    async def _leftover(self) -> str | bytes | None:
-        """A frame that arrived before the close (recv still returns buffered frames)."""
+    async def _roundtrip(self, ws: Any, frame: str) -> Any:
         import asyncio
 
+        from websockets.exceptions import ConnectionClosed
+
+        messages = getattr(getattr(ws, "recv_messages", None), "frames", None)
+        if messages is not None and len(messages):  # a frame came that no request asked for
+            raise _Unsolicited(await ws.recv(decode=False))
+        try:
+            async with asyncio.timeout(self._core.message_timeout_s):
+                await ws.send(frame)
+                return await ws.recv(decode=False)
+        except ConnectionClosed as exc:
+            raise await self._closed(ws, exc) from None
+
+    async def _await_close(self, ws: Any) -> _Closed | None:
+        """After an error frame the server closes after: its close, if it comes within _CLOSE_WAIT_S."""
+        import asyncio
+
+        try:
+            async with asyncio.timeout(_CLOSE_WAIT_S):
+                await ws.wait_closed()
+        except Exception:
+            pass
+        ws.transport.abort()
+        received = ws.protocol.close_rcvd
+        return None if received is None else _Closed(received.code, received.reason)
+
+    async def _closed(self, ws: Any, exc: Any) -> _Closed:
+        """How the connection ended, and a frame the server sent before (recv still returns it)."""
+        import asyncio
+
+        leftover = None
         try:
             async with asyncio.timeout(0.1):
-                return await self._ws.recv(decode=False)
+                leftover = await ws.recv(decode=False)
         except Exception:
-            return None
+            pass
+        received, sent = exc.rcvd, exc.sent
+        if received is not None and exc.rcvd_then_sent is not False:
+            return _Closed(received.code, received.reason, leftover=leftover)
+        if sent is not None:
+            reason = sent.reason
+            if sent.code == 1009:
+                reason = (f"the server's reply is over this client's max_message_bytes="
+                          f"{self._core.max_message_bytes} ({sent.reason})")
+            elif sent.code == 1011 and "keepalive" in sent.reason:
+                reason = f"keepalive: no pong within ping_timeout_s={self._core.ping_timeout_s} s"
+            return _Closed(sent.code, reason, ours=True, leftover=leftover)
+        return _Closed(1006, "", leftover=leftover)
 
-    async def _roundtrip(self, frame: str, new_episode: bool) -> bytes:
+    async def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
         import asyncio
 
         core = self._core
-        for attempt in (1, 2):
-            if self._ws is None:
-                if core.lost and not new_episode:
-                    raise core.lost_error()
-                await self._connect()
-            try:
-                async with asyncio.timeout(core.message_timeout_s):
-                    await self._ws.send(frame)
-                    return await self._ws.recv(decode=False)
-            except TimeoutError:
-                await self._drop()
-                core.lost = True
-                raise core.timeout_error() from None
-            except Exception as exc:
-                if not _closed(exc):
-                    raise
-                refusal = core.refusal(await self._leftover())
-                await self._drop()
-                core.lost = True
-                if refusal is not None:  # the server said why it closed: say it too
-                    raise refusal from exc
-                if not new_episode or attempt == 2:
-                    raise core.lost_error() from exc
-        raise AssertionError("unreachable")
-
-    async def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
-        text = await self._roundtrip(frame, new_episode)
-        try:
-            return parse(text)
-        except ChatEnvError as exc:
-            if exc.code in _CLOSING_CODES:  # the server closes after these
-                await self._drop()
-                self._core.lost = True
-            raise
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            core.check(new_episode)
+            plan = None
+            while True:
+                ws, fresh = self._ws, False
+                if ws is None:
+                    plan = plan or core.plan(new_episode)
+                    ws = await self._connect(plan)
+                    fresh = True
+                try:
+                    data = await self._roundtrip(ws, frame)
+                except BaseException as exc:  # no reply was read: the connection cannot be trusted
+                    self._drop()
+                    plan = plan or core.plan(new_episode)
+                    plan.failed(exc, fresh)
+                    continue
+                try:
+                    result = parse(data)
+                except ChatEnvError as exc:
+                    if exc.code not in _CLOSING_CODES:
+                        raise
+                    self._ws = None  # the server closes after these: its close says how
+                    plan = plan or core.plan(new_episode)
+                    plan.refused(exc, await self._await_close(ws))
+                    continue
+                if new_episode:
+                    core.replied()
+                return result
 
     async def reset(self, **kwargs: Any) -> StepResult:
+        """Start a new episode, on a new connection if the last one ended (close() included)."""
         core = self._core
-        result = await self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
-        core.lost = False
-        return result
+        return await self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
 
     async def step(self, action: ChatAction | Any) -> StepResult:
         return await self._call(self._core.step_frame(action), self._core.parse_result)
@@ -2737,16 +4640,32 @@ class AsyncChatEnv(_ClientBase):
         return await self._call(self._core.state_frame, self._core.parse_state)
 
     async def close(self) -> None:
-        await self._drop()
+        """Close the session (and stop the container); then step() and state() raise
+        EpisodeLostError and reset() connects anew."""
+        import asyncio
+
+        ws, self._ws = self._ws, None
+        self._core.lose("this client's close() ended it")
+        if ws is not None:
+            ws.close_timeout = 0.1
+            try:
+                # close() first drains the write buffer, which a stuck server never empties
+                async with asyncio.timeout(0.5):
+                    await ws.close()
+            except Exception:
+                ws.transport.abort()
         container, self._container = self._container, None
         if container is not None:
-            import asyncio
-
             await asyncio.get_running_loop().run_in_executor(None, container.stop)
 
     async def __aenter__(self) -> AsyncChatEnv:
-        if self._ws is None:
-            await self._connect()
+        import asyncio
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._ws is None:
+                await self._connect(self._core.plan(True))
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -3043,24 +4962,212 @@ _ENV_FALLBACKS = {
     "max_sessions": ("CHATENV_MAX_SESSIONS",),
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
     "max_episode_tokens": ("CHATENV_MAX_EPISODE_TOKENS",),
+    "max_memory_bytes": ("CHATENV_MAX_MEMORY_BYTES",),
     "compression": ("CHATENV_COMPRESSION",),
     "idle_timeout_s": ("CHATENV_IDLE_TIMEOUT_S",),
+    "workers": ("CHATENV_WORKERS",),
+    "loop": ("CHATENV_LOOP",),
+    "allow_origins": ("CHATENV_ALLOW_ORIGIN",),
+    "allow_hosts": ("CHATENV_ALLOW_HOST",),
+    "auth_token": ("CHATENV_AUTH_TOKEN",),
     "log_level": ("CHATENV_LOG_LEVEL",),
 }
 
 
-def _from_env(name: str, default: Any) -> Any:
+class _ConfigError(ValueError):
+    """A bad flag or variable value: ``chatenv serve`` prints it as one line and exits 2."""
+
+
+# Validators, one per kind of setting: text in, value out, ValueError saying what is
+# wanted. Flags and variables go through the same ones, so they fail the same way
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be an integer") from None
+
+
+def _port(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port from 0 to 65535 (0: a free one)")
+    return value
+
+
+def _sessions(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise ValueError("must be 0 (no limit) or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise ValueError("must be 0 (off) or a positive number of seconds")
+    return value
+
+
+def _compression(text: str) -> str:
+    if text.lower() not in ("none", "deflate"):
+        raise ValueError("must be 'none' or 'deflate'")
+    return text.lower()
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return text.upper()
+
+
+def _auth_token(text: str) -> str:
+    if not text.strip():  # a secret that was never filled in must not mean "no auth"
+        raise ValueError("is empty: an empty auth token would let everyone in; set a token, or leave it unset")
+    return text
+
+
+def _host(text: str) -> str:
+    if not text.strip():  # "" would bind every interface
+        raise ValueError("must not be empty")
+    return text
+
+
+def _workers(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _loop_name(text: str) -> str:
+    if text.lower() not in ("asyncio", "uvloop"):
+        raise ValueError("must be 'asyncio' or 'uvloop'")
+    return text.lower()
+
+
+def _origin(text: str) -> str:
+    text = text.strip().rstrip("/")
+    if text != "*" and text != "null" and ("://" not in text or text.endswith("://")):
+        raise ValueError("must be an origin such as https://example.com, or * for any")
+    return text
+
+
+def _host_allowed(text: str) -> str:
+    text = text.strip()
+    if not text or "/" in text:
+        raise ValueError("must be a host name such as example.com (any port), or * for any")
+    return text
+
+
+def _each(validate: Any) -> Any:
+    """A comma-separated variable's validator, from one value's (the flag repeats instead)."""
+    def convert(text: str) -> list[Any]:
+        return [validate(item) for item in text.split(",") if item.strip()]
+
+    convert.__name__ = validate.__name__
+    return convert
+
+
+def _text(text: str) -> str:
+    return text
+
+
+# Each setting of `chatenv serve`: its validator and its default (flags default to
+# None, so a variable is read, and checked, only when its flag is not given)
+_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "host": (_host, "127.0.0.1"),
+    "port": (_port, 8000),
+    "tokenizer": (_text, None),
+    "system_prompt": (_text, None),
+    "max_sessions": (_sessions, 256),
+    "max_message_bytes": (_size, 2**24),
+    "max_episode_tokens": (_size, 2**20),
+    "max_memory_bytes": (_size, 2**31),
+    "compression": (_compression, "none"),
+    "idle_timeout_s": (_seconds, 0.0),
+    "auth_token": (_auth_token, None),
+    "workers": (_workers, 1),
+    "loop": (_loop_name, "asyncio"),
+    "allow_origins": (_each(_origin), ()),
+    "allow_hosts": (_each(_host_allowed), ()),
+    "log_level": (_log_level, "INFO"),
+}
+
+
+def _flag_type(validate: Any) -> Any:
+    """An argparse ``type`` from a validator: its error names the value given."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return validate(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}, not {_preview(text)}") from None
+
+    convert.__name__ = validate.__name__.strip("_")
+    return convert
+
+
+def _setting(args: Any, name: str) -> Any:
+    """A setting's value: its flag, else its environment variable (validated), else its default."""
+    given = getattr(args, name, None)
+    if given is not None:
+        return given  # a flag, already checked by its argparse type
+    validate, default = _SETTINGS[name]
     for variable in _ENV_FALLBACKS[name]:
-        value = os.environ.get(variable)
-        if value not in (None, ""):
-            return value
+        raw = os.environ.get(variable)
+        if raw is None or (raw == "" and name != "auth_token"):  # empty: unset, as docker -e X= means
+            continue
+        try:
+            return validate(raw)
+        except ValueError as exc:
+            shown = "" if name == "auth_token" else f", not {_preview(raw)}"  # never echo a secret
+            raise _ConfigError(f"{variable}: {exc}{shown}") from None
     return default
+
+
+def _pin_malloc_threshold() -> None:
+    """Keep glibc's mmap threshold at its default, 128 KiB, for this server process.
+
+    glibc raises it each time a large block is freed (up to 32 MiB); from then on
+    growing history buffers live on the heap and leave holes it never gives back,
+    and RSS drifts tens of MB past what the memory bound counts. Pinned, each large
+    buffer is a mapping of its own, returned whole when its episode ends.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: elsewhere mallopt's numbers mean other things
+        libc.mallopt(-3, 2**17)  # M_MMAP_THRESHOLD; setting it also stops the dynamic adjustment
+    except Exception:  # no ctypes, not glibc: nothing to do
+        pass
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one bounded line (library errors span several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parser() -> Any:
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one line, the same prefix flags and variables get
+            self.exit(2, f"chatenv: error: {' '.join(message.split())}\n")
+
+    parser = Parser(
         prog="chatenv",
         description="Serve OpenEnv's chat environment over its WebSocket protocol "
         "(ws://HOST:PORT/ws, GET /health), with an embedded byte-level tokenizer by default.",
@@ -3073,52 +5180,92 @@ def _parser() -> Any:
     serve_cmd = commands.add_parser(
         "serve", help="run the server until SIGTERM or Ctrl-C",
         description="Run a chat environment server until SIGTERM or Ctrl-C (sessions then "
-        "close with 1001). Flags fall back to environment variables, shown in brackets.",
+        "close with 1012). Flags fall back to environment variables, shown in brackets.",
     )
-    serve_cmd.add_argument("--host", default=_from_env("host", "127.0.0.1"),
-                           help="interface to bind; 0.0.0.0 opens it to the network [CHATENV_HOST] (default: %(default)s)")
-    serve_cmd.add_argument("--port", type=int, default=int(_from_env("port", 8000)),
-                           help="TCP port, 0 for a free one [CHATENV_PORT] (default: %(default)s)")
-    serve_cmd.add_argument("--tokenizer", default=_from_env("tokenizer", None),
+    sizes = _flag_type(_size)
+    serve_cmd.add_argument("--host", type=_flag_type(_host), help="interface to bind; 0.0.0.0 opens it to the network "
+                           "[CHATENV_HOST] (default: 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=_flag_type(_port),
+                           help="TCP port, 0 for a free one [CHATENV_PORT] (default: 8000)")
+    serve_cmd.add_argument("--tokenizer",
                            help="'default' (embedded, byte-level), a tokenizer.json, a local directory "
                            "or a model name for transformers [CHATENV_TOKENIZER, TOKENIZER_NAME]")
-    serve_cmd.add_argument("--system-prompt", default=_from_env("system_prompt", None),
+    serve_cmd.add_argument("--system-prompt",
                            help="first message of every episode [CHATENV_SYSTEM_PROMPT, SYSTEM_PROMPT]")
-    serve_cmd.add_argument("--max-sessions", type=int, default=int(_from_env("max_sessions", 256)),
+    serve_cmd.add_argument("--max-sessions", type=_flag_type(_sessions),
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
-                           "(default: %(default)s)")
-    serve_cmd.add_argument("--max-message-bytes", type=int,
-                           default=int(_from_env("max_message_bytes", 2**24)),
-                           help="largest incoming message; larger ones close the session with 1009 "
-                           "[CHATENV_MAX_MESSAGE_BYTES] (default: %(default)s)")
-    serve_cmd.add_argument("--max-episode-tokens", type=int,
-                           default=int(_from_env("max_episode_tokens", 2**20)),
-                           help="tokens one episode may hold; a step past it is an EXECUTION_ERROR, so one "
-                           "session cannot grow the server's memory forever; 0 for no limit "
-                           "[CHATENV_MAX_EPISODE_TOKENS] (default: %(default)s)")
-    serve_cmd.add_argument("--compression", choices=("none", "deflate"),
-                           default=_from_env("compression", "none"),
-                           help="permessage-deflate negotiation [CHATENV_COMPRESSION] (default: %(default)s)")
-    serve_cmd.add_argument("--idle-timeout-s", type=float, default=_from_env("idle_timeout_s", None),
-                           help="close sessions silent this long; off by default [CHATENV_IDLE_TIMEOUT_S]")
-    serve_cmd.add_argument("--auth-token", default=os.environ.get("CHATENV_AUTH_TOKEN"),  # set but empty: refused
+                           "(default: 256)")
+    serve_cmd.add_argument("--max-message-bytes", type=sizes,
+                           help="largest incoming message; larger ones close the session with 1009; 0 for "
+                           "no limit [CHATENV_MAX_MESSAGE_BYTES] (default: 16777216)")
+    serve_cmd.add_argument("--max-episode-tokens", type=sizes,
+                           help="tokens one episode may hold; a step past it is an EXECUTION_ERROR; 0 for "
+                           "no limit [CHATENV_MAX_EPISODE_TOKENS] (default: 1048576)")
+    serve_cmd.add_argument("--max-memory-bytes", type=sizes,
+                           help="bytes all episodes together may hold; a step past it is an EXECUTION_ERROR "
+                           "and a session that cannot fit gets CAPACITY_REACHED; 0 for no limit "
+                           "[CHATENV_MAX_MEMORY_BYTES] (default: 2147483648)")
+    serve_cmd.add_argument("--compression", type=_flag_type(_compression),
+                           help="'none' or 'deflate' (permessage-deflate) [CHATENV_COMPRESSION] (default: none)")
+    serve_cmd.add_argument("--idle-timeout-s", type=_flag_type(_seconds),
+                           help="close sessions silent this long; 0, the default, for never "
+                           "[CHATENV_IDLE_TIMEOUT_S]")
+    serve_cmd.add_argument("--auth-token", type=_auth_token_flag,
                            help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
-    serve_cmd.add_argument("--log-level", default=_from_env("log_level", "INFO"),
-                           choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
-                           help="[CHATENV_LOG_LEVEL] (default: %(default)s)")
+    serve_cmd.add_argument("--workers", type=_flag_type(_workers),
+                           help="server processes on the one port, each with its own sessions and limits "
+                           "(--max-sessions and --max-memory-bytes are per worker), under a supervisor that "
+                           "restarts those that die [CHATENV_WORKERS] (default: 1: no fork)")
+    serve_cmd.add_argument("--loop", type=_flag_type(_loop_name),
+                           help="the event loop: 'asyncio' or 'uvloop' (when installed) [CHATENV_LOOP] "
+                           "(default: asyncio)")
+    serve_cmd.add_argument("--allow-origin", dest="allow_origins", action="append", type=_flag_type(_origin),
+                           help="a web page origin (https://example.com) allowed to open sessions and POST; "
+                           "repeat for more, * for any; requests that carry no Origin (non-browser clients) "
+                           "are never refused [CHATENV_ALLOW_ORIGIN, comma-separated] (default: none)")
+    serve_cmd.add_argument("--allow-host", dest="allow_hosts", action="append", type=_flag_type(_host_allowed),
+                           help="a Host name answered besides loopback ones when listening on a loopback "
+                           "address (behind a proxy); repeat for more, * for any [CHATENV_ALLOW_HOST, "
+                           "comma-separated] (default: none)")
+    serve_cmd.add_argument("--log-level", type=_flag_type(_log_level),
+                           help="DEBUG, INFO, WARNING or ERROR [CHATENV_LOG_LEVEL] (default: INFO)")
     return parser
 
 
+def _auth_token_flag(text: str) -> str:
+    """--auth-token's argparse type: like the others, but never echoes the token."""
+    import argparse
+
+    try:
+        return _auth_token(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
-    """The tokenizer and ChatServer options that ``chatenv serve``'s arguments ask for."""
-    tokenizer = load_tokenizer(args.tokenizer)
+    """The tokenizer and ChatServer options that ``chatenv serve``'s arguments ask for.
+
+    Flags win over environment variables; each value is checked here (the ASGI app
+    builds its server the same way), and a bad one raises _ConfigError naming it.
+    """
+    value = {name: _setting(args, name) for name in _SETTINGS}
+    spec = value["tokenizer"]
+    try:
+        tokenizer = load_tokenizer(spec)
+    except (ImportError, OSError, ValueError, TypeError) as exc:
+        given = getattr(args, "tokenizer", None) is not None
+        source = "argument --tokenizer" if given else next(
+            v for v in _ENV_FALLBACKS["tokenizer"] if os.environ.get(v))
+        raise _ConfigError(f"{source}: {_one_line(exc)}") from None
     options = dict(
-        host=args.host, port=args.port, system_prompt=args.system_prompt,
-        max_sessions=args.max_sessions, max_message_bytes=args.max_message_bytes,
-        max_episode_tokens=args.max_episode_tokens or None,
-        compression=args.compression, auth_token=args.auth_token,
-        idle_timeout_s=float(args.idle_timeout_s) if args.idle_timeout_s else None,
+        host=value["host"], port=value["port"], system_prompt=value["system_prompt"],
+        max_sessions=value["max_sessions"], max_message_bytes=value["max_message_bytes"] or None,
+        max_episode_tokens=value["max_episode_tokens"] or None,
+        max_memory_bytes=value["max_memory_bytes"] or None,
+        compression=value["compression"], auth_token=value["auth_token"],
+        idle_timeout_s=value["idle_timeout_s"] or None,
+        allow_origins=value["allow_origins"], allow_hosts=value["allow_hosts"],
     )
     return tokenizer, options
 
@@ -3132,19 +5279,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         parser.print_help()
         return 2
+    try:  # configuration: a bad value is one line and exit 2, never a traceback
+        log_level, workers, loop = _setting(args, "log_level"), _setting(args, "workers"), _setting(args, "loop")
+        tokenizer, options = _server_arguments(args)
+    except _ConfigError as exc:
+        print(f"chatenv: error: {exc}", file=sys.stderr)
+        return 2
+    _pin_malloc_threshold()
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=log_level,  # with workers, each line says which process wrote it
+        format="%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if workers != 1 else "") + ": %(message)s",
     )
     try:
-        tokenizer, options = _server_arguments(args)
-        serve(tokenizer, **options)
-    except (ImportError, ValueError, TypeError, OSError) as exc:
-        print(f"chatenv: error: {exc}", file=sys.stderr)
+        serve(tokenizer, workers=workers, loop=loop, **options)
+    except (ImportError, ValueError, TypeError) as exc:  # an option ChatServer refused
+        print(f"chatenv: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # could not listen: the port is taken, the host unknown
+        print(f"chatenv: error: cannot listen on {options['host']}:{options['port']}: {_one_line(exc)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,10 @@ own; each is stopped (SIGTERM, then SIGKILL) before the script ends. Phases:
    descriptors back, RSS compared, full capacity, a clean log;
 4. shutdown: SIGTERM with sessions mid-episode, some stuck: every one closed
    with 1001 and the process gone within a second.
+5. memory bound (alone with ``--memory-only``): sessions at 1-token and large steps
+   drive episodes to their limits against a small ``max_memory_bytes``; steps
+   and newcomers are refused, resets free memory, and peak RSS is printed
+   against the bound.
 
 Needs only chatenv and websockets. Exit status 0 when every check held.
 """
@@ -55,10 +59,17 @@ def upgrade_request(headers: bytes = b"", path: bytes = b"/ws") -> bytes:
 
 UPGRADE = upgrade_request()
 SERVE_SCRIPT = (  # argv: the serve() options as JSON, the log level
-    "import json, logging, sys, chatenv\n"
+    "import inspect, json, logging, os, sys, chatenv\n"
     "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
-    "chatenv.serve(**json.loads(sys.argv[1]))\n"
+    "options = json.loads(sys.argv[1])\n"
+    "if os.environ.get('CHATENV_SOAK_BASELINE'):  # an older chatenv (--baseline): drop what it lacks\n"
+    "    known = set(inspect.signature(chatenv.ChatServer).parameters) | set(inspect.signature(chatenv.serve).parameters)\n"
+    "    if options.get('loop') == 'uvloop' and 'loop' not in known:\n"
+    "        import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+    "    options = {k: v for k, v in options.items() if k in known}\n"
+    "chatenv.serve(**options)\n"
 )
+CHATENV_DIR = HERE  # where the servers' chatenv.py is: --baseline points it at an older one
 RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
 TYPES = ("reset", "step", "state", "close")
 FAILURES: list[str] = []
@@ -83,17 +94,30 @@ class ServerProcess:
     ``stop()`` or as a context manager: SIGTERM, then SIGKILL.
     """
 
-    def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", **options):
+    def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", nofile=None, cpus=None,
+                 **options):
+        """``nofile``: the process's limit on open files (soft and hard); ``cpus``: the CPUs it may run on."""
         if cli is not None:
-            argv = [sys.executable, str(HERE / "chatenv.py"), "serve", *cli]
+            argv = [sys.executable, str(CHATENV_DIR / "chatenv.py"), "serve", *cli]
         else:
             options.setdefault("host", "127.0.0.1")
             options.setdefault("port", 0)
             argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
         self.log_path = Path(logdir) / f"{name}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, cwd=HERE, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        def limit() -> None:  # in the child, before it runs Python
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
+        if CHATENV_DIR != HERE:
+            env = dict(os.environ if env is None else env, CHATENV_SOAK_BASELINE="1")
+        self.proc = subprocess.Popen(argv, cwd=CHATENV_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL,
+                                     preexec_fn=limit if nofile is not None or cpus is not None else None)
         deadline = time.monotonic() + 20
         while True:
             match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
@@ -115,6 +139,11 @@ class ServerProcess:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user and system) the process has used."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def active(self) -> int:
         import urllib.request
@@ -144,6 +173,13 @@ class ServerProcess:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+def count_logged(log: str, what: str) -> int:
+    """How many lines starting ``what`` a server logged, counting those it held back
+    ("<what>: N more in the last 1.0 s, not logged one by one ...": a rate limit)."""
+    held_back = [int(n) for n in re.findall(re.escape(what) + r": (\d+) more in the last ", log)]
+    return log.count(what) - len(held_back) + sum(held_back)
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
@@ -581,13 +617,15 @@ def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
             for sock in socks:
                 sock.close()
         check(wait_until(lambda: server.active() == 0), "churn: capacity sessions not freed")
+        fds_after = server.fds()
+        server.stop()  # lines held back by the log's rate limit are counted as it stops
         log = server.output()
-        opened, closed = log.count("session opened"), log.count("session closed")
+        opened, closed = count_logged(log, "session opened"), count_logged(log, "session closed")
         check(opened == closed == warm + churned + max_sessions, f"churn: opened {opened}, closed {closed}")
         check("Traceback" not in log and " ERROR " not in log, "churn: traceback in the log")
         return {"sessions": churned, "warm_up": warm, "seconds": seconds, "rss_start_kb": rss_start,
                 "rss_before_kb": rss_before, "rss_rounds_kb": rounds, "rss_after_stuck_kb": rss_after_stuck,
-                "fds_before": fds_before, "fds_after": server.fds()}
+                "fds_before": fds_before, "fds_after": fds_after}
     finally:
         server.stop()
 
@@ -650,6 +688,623 @@ def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
             "exit_seconds_max": max(times), "exit_seconds_mean": sum(times) / len(times), "close_codes": closes}
 
 
+# --- memory bound ------------------------------------------------------------------------------
+# Sessions drive episodes to their limits against a server with a small memory bound
+# (--max-memory-bytes): the bound refuses steps and newcomers, resets free memory, and
+# the server's peak RSS (VmHWM) stays under the bound plus a fixed overhead (the idle
+# process and what is in flight)
+
+MEMORY_KINDS = (  # (name, tokens a step, requests in flight, delta replies, sessions for each 64 MiB)
+    ("1-token", 1, 32, True, 1), ("4096-token", 4096, 2, True, 12), ("4096-token full", 4096, 1, False, 1),
+    ("65536-token", 65536, 1, True, 2),
+)  # one episode holds at most 2^20 tokens (about 7.7 MB at large steps): 11 large sessions outgrow 64 MiB
+_OBSERVATION = b'{"type":"observation"'
+
+
+async def _read_message(reader) -> bytes:
+    """One whole server message (a large one may come in fragments)."""
+    pieces = []
+    while True:
+        head = await reader.readexactly(2)
+        size = head[1] & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", await reader.readexactly(8))[0]
+        pieces.append(await reader.readexactly(size))
+        if head[0] & 0x0F == 8:
+            raise ConnectionError(f"closed by the server: {pieces[-1][:2]!r}")
+        if head[0] & 0x80:
+            return b"".join(pieces)
+
+
+async def _memory_open(port: int):
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
+    writer.write(UPGRADE)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(head[:200])
+    return reader, writer
+
+
+async def _memory_session(port: int, kind, stats: dict, stop_at: float, rng: random.Random) -> None:
+    import asyncio
+
+    name, size, depth, delta, _ = kind
+    steps = [text({"type": "step", "data": {"tokens": [rng.randrange(256) for _ in range(size)]}}) for _ in range(4)]
+    reset = text({"type": "reset", "data": {"chatenv_delta": delta}})
+    reader, writer = await _memory_open(port)
+    count = stats[name]
+    try:
+        writer.write(reset)
+        await _read_message(reader)
+        held = 0  # steps in this episode
+        while time.monotonic() < stop_at:
+            writer.write(b"".join(steps[(held + i) % 4] for i in range(depth)))
+            full = False
+            for _ in range(depth):
+                data = await _read_message(reader)
+                if data.startswith(_OBSERVATION):  # a full one may be megabytes: not parsed
+                    count["steps"] += 1
+                    held += 1
+                    continue
+                message = json.loads(data)["data"]["message"]
+                if "--max-memory-bytes" in message:
+                    count["memory refusals"] += 1
+                    full = True
+                elif "limit of" in message:
+                    count["episode limits"] += 1
+                    full = True
+                else:
+                    count["unexpected"] += 1
+                    stats["unexpected"].append(message[:200])
+            if full:
+                await asyncio.sleep(0.3)  # hold the episode a while: the server stays full, newcomers are refused
+                if count["memory refusals"] % 4 == 1:  # sometimes read the whole episode back first
+                    writer.write(text({"type": "state"}))
+                    state = await _read_message(reader)
+                    count["states"] += 1
+                    step_count = re.search(rb'"step_count":(\d+)', state[:400])
+                    if not state.startswith(b'{"type":"state"') or int(step_count.group(1)) != held:
+                        stats["unexpected"].append(f"{name}: state {state[:120]!r}, {held} steps sent")
+                writer.write(reset)
+                await _read_message(reader)
+                count["resets"] += 1
+                held = 0
+            await asyncio.sleep(0)
+    finally:
+        writer.close()
+
+
+async def _memory_newcomers(port: int, stats: dict, stop_at: float) -> None:
+    """Open a new session now and then: admitted (then closed) or refused for memory."""
+    import asyncio
+
+    while time.monotonic() < stop_at:
+        reader, writer = await _memory_open(port)
+        writer.write(text({"type": "reset"}))
+        answer = json.loads(await _read_message(reader))
+        if answer["type"] == "observation":
+            stats["newcomers"]["admitted"] += 1
+        elif answer["data"]["code"] == "CAPACITY_REACHED" and "--max-memory-bytes" in answer["data"]["message"]:
+            stats["newcomers"]["refused for memory"] += 1
+        else:
+            stats["unexpected"].append(f"newcomer: {answer}")
+        writer.close()
+        await asyncio.sleep(0.2)
+
+
+def phase_memory(logdir: str, seconds: float, bound_mib: int, seed: int) -> dict:
+    import asyncio
+
+    bound = bound_mib * 2**20
+    stats: dict = {kind[0]: dict.fromkeys(("steps", "memory refusals", "episode limits", "states", "resets",
+                                           "unexpected"), 0) for kind in MEMORY_KINDS}
+    stats.update(newcomers={"admitted": 0, "refused for memory": 0}, unexpected=[])
+    cli = ["--port", "0", "--max-memory-bytes", str(bound)]  # as deployments run it
+    with ServerProcess(logdir, "memory", cli=cli) as server:
+        idle_kb = server.rss_kb()
+
+        async def drive() -> None:
+            stop_at = time.monotonic() + seconds
+            rng = random.Random(seed)
+            runs = [_memory_session(server.port, kind, stats, stop_at, random.Random(rng.random()))
+                    for kind in MEMORY_KINDS for _ in range(max(1, kind[4] * bound_mib // 64))]
+            # a reply that never comes fails the phase rather than hanging it
+            await asyncio.wait_for(asyncio.gather(_memory_newcomers(server.port, stats, stop_at), *runs),
+                                   seconds + 60)
+            stats["sessions"] = len(runs)
+
+        asyncio.run(drive())
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+        alive = server.proc.poll() is None
+        log = server.output()
+    sessions = stats["sessions"]
+    check(alive, "memory: the server is still running")
+    check("Traceback" not in log, "memory: no traceback in the server log")
+    check(not stats["unexpected"], f"memory: unexpected replies {stats['unexpected'][:3]}")
+    check(sum(stats[k[0]]["memory refusals"] for k in MEMORY_KINDS) > 0, "memory: the bound was reached")
+    check(stats["newcomers"]["admitted"] > 0, "memory: a newcomer was admitted after resets freed memory")
+    overhead_kb = peak_kb - bound // 1024
+    return {"bound_mib": bound_mib, "sessions": sessions, "seconds": seconds, "idle_rss_kb": idle_kb,
+            "peak_rss_kb": peak_kb, "peak_over_bound_kb": overhead_kb,
+            "by_kind": {k[0]: stats[k[0]] for k in MEMORY_KINDS}, "newcomers": stats["newcomers"]}
+
+
+# --- attacks: clients that try to exhaust the server, each phase's figures beside their targets ---------
+
+
+def quantile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def legit_round_trip(port: int, timeout=10.0) -> float:
+    """Seconds for a new client to connect, reset and step (``timeout`` if it could not)."""
+    started = time.monotonic()
+    try:
+        sock, rest = open_session(port, timeout)
+        with sock:
+            buffer = bytearray(rest)
+            sock.sendall(text({"type": "reset"}))
+            recv_frame(sock, buffer)
+            sock.sendall(text({"type": "step", "data": {"tokens": [72, 105]}}))
+            if json.loads(recv_frame(sock, buffer)[1])["type"] != "observation":
+                return timeout
+    except (OSError, ConnectionError, ValueError):
+        return timeout
+    return time.monotonic() - started
+
+
+def stall_connections(port: int, count: int, reopen: bool, stop, counts, partial=UPGRADE[:60]) -> None:
+    """Hold ``count`` connections in the handshake (``partial`` of a request sent, then
+    nothing); with ``reopen``, open a new one for each the server drops (a flood).
+    ``counts[0]`` counts drops. Runs in a child process until ``stop`` is set."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+
+    def open_one() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        selector.register(sock, selectors.EVENT_WRITE)
+
+    for _ in range(count):
+        open_one()
+    while not stop.is_set():
+        for key, events in selector.select(0.1):
+            sock = key.fileobj
+            try:
+                if events & selectors.EVENT_WRITE:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        raise ConnectionError
+                    sock.send(partial)
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                if sock.recv(65536):
+                    continue
+            except OSError:
+                pass
+            selector.unregister(sock)
+            sock.close()
+            counts[0] += 1
+            if reopen:
+                open_one()
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()
+
+
+def start_child(target, *args):
+    """``target(*args, stop, counts)`` in a forked child process; returns (process, stop, counts)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    stop, counts = context.Event(), context.Array("l", 4)
+    process = context.Process(target=target, args=(*args, stop, counts), daemon=True)
+    process.start()
+    return process, stop, counts
+
+
+def phase_stalled_handshakes(logdir: str, stalled: int, reopen: bool, probes: int, window_s: float,
+                             **options) -> dict:
+    """Stalled handshakes under a small file-descriptor limit, while a client keeps trying to get in."""
+    server = ServerProcess(logdir, f"stalled-{reopen}-{options.get('max_handshakes', 'default')}", nofile=1024,
+                           **options)
+    try:
+        attacker, stop, counts = start_child(stall_connections, server.port, stalled, reopen)
+        time.sleep(min(2.0, window_s / 2))  # let the attack fill the server
+        log_before, cpu_before, started = server.log_path.stat().st_size, server.cpu_s(), time.monotonic()
+        trips = []
+        while (time.monotonic() - started < window_s or len(trips) < probes) and time.monotonic() - started < 60:
+            trips.append(legit_round_trip(server.port))
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        log_growth, cpu = server.log_path.stat().st_size - log_before, server.cpu_s() - cpu_before
+        fds = server.fds()
+        exit_s = server.stop(signal.SIGTERM)
+        stop.set()
+        attacker.join(10)
+        log = server.output()
+        return {"stalled": stalled, "reopened": reopen, "probes": len(trips), "p50_s": quantile(trips, 0.5), "p95_s": quantile(trips, 0.95),
+                "failed": sum(t >= 10.0 for t in trips), "log_bytes_per_s": log_growth / seconds,
+                "cpu_percent": 100 * cpu / seconds, "sigterm_exit_s": exit_s, "server_fds": fds,
+                "dropped_by_server": counts[0], "tracebacks": log.count("Traceback")}
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def phase_big_headers(logdir: str, connections: int, header_bytes: int) -> dict:
+    """Connections that each send ``header_bytes`` of header lines and never end the request."""
+    server = ServerProcess(logdir, "big-headers")
+    socks = []
+    try:
+        rss_before = server.rss_kb()
+        line = b"X-Pad: " + b"a" * 8000 + b"\r\n"  # under websockets' 8 KiB line limit
+        head = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line * (header_bytes // len(line))
+        answered = 0
+        for _ in range(connections):
+            sock = connect(server.port)
+            socks.append(sock)
+            try:
+                sock.sendall(head)
+            except OSError:  # the server answered and closed before it had all of it
+                pass
+        time.sleep(1.0)
+        rss_after = server.rss_kb()
+        for sock in socks:
+            sock.settimeout(0.5)
+            try:
+                answered += sock.recv(64).startswith(b"HTTP/1.1 431")
+            except OSError:
+                pass
+        return {"connections": connections, "header_bytes": len(head), "answered_431": answered,
+                "rss_kb_per_connection": (rss_after - rss_before) / connections}
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
+def phase_fragments(logdir: str, tiny: int, big_mib: int) -> dict:
+    """A message in one-byte fragments, a stream of empty continuation frames, a big fragmented message."""
+    result = {"tracebacks": 0}
+    for name, first, rest, count in (
+        ("one_byte", b"x", b"x", tiny), ("empty", b"", b"", tiny),
+        ("4k", b"x" * 4096, b"x" * 4096, big_mib * 256 - 1),
+    ):
+        server = ServerProcess(logdir, f"fragments-{name}")  # its own: RSS not recycled from another case
+        try:
+            sock, leftover = open_session(server.port)
+            rss_before = server.rss_kb()
+            stream = frame(first, 1, fin=False) + b"".join(frame(rest, 0, fin=False) for _ in range(min(count, 4096)))
+            sent, code = 0, None
+            try:
+                sock.sendall(stream)
+                sent = min(count, 4096)
+                piece = b"".join(frame(rest, 0, fin=False) for _ in range(4096))
+                while sent < count:
+                    sock.sendall(piece)
+                    sent += 4096
+            except OSError:
+                pass
+            time.sleep(0.5)
+            rss = server.rss_kb() - rss_before
+            sock.settimeout(2)
+            try:
+                data = leftover + read_all(sock, 2)
+                frames = parse_server_frames(data) or []
+                closes = [p for op, p in frames if op == 8]
+                code = struct.unpack("!H", closes[0][:2])[0] if closes else None
+            except OSError:
+                pass
+            sock.close()
+            payload = len(first) + len(rest) * sent
+            result[name] = {"fragments_sent": sent + 1, "payload_bytes": payload, "rss_growth_kb": rss,
+                            "close_code": code}
+            check(wait_until(lambda: server.active() == 0), "fragments: sessions left behind")
+            result["tracebacks"] += server.output().count("Traceback")
+        finally:
+            server.stop()
+    return result
+
+
+def pull_states(port: int, episode_bytes: int, stop, counts) -> None:
+    """Grow an episode to ``episode_bytes`` of state, then ask for its state until ``stop``,
+    reading each reply and discarding it (no parsing: the server, not this, is the bottleneck)."""
+    sock, rest = open_session(port, 60)
+    buffer = bytearray(rest)
+    sock.sendall(text({"type": "reset", "data": {"chatenv_delta": True}}))
+    recv_frame(sock, buffer)
+    grown = 0
+    while grown < episode_bytes:  # token 1 is "\\u0001" in the history, 8 bytes of state a token
+        sock.sendall(text({"type": "step", "data": {"tokens": [1] * 200_000}}))
+        recv_frame(sock, buffer)
+        grown += 200_000 * 8
+    counts[3] += 1
+    request, scratch = text({"type": "state"}), memoryview(bytearray(1 << 20))
+    while not stop.is_set():
+        sock.sendall(request)
+        head = sock.recv(2)
+        while len(head) < 2:
+            head += sock.recv(2 - len(head))
+        length, extra = head[1] & 0x7F, {126: 2, 127: 8}.get(head[1] & 0x7F, 0)
+        if extra:
+            tail = b""
+            while len(tail) < extra:
+                tail += sock.recv(extra - len(tail))
+            length = int.from_bytes(tail, "big")
+        while length:
+            got = sock.recv_into(scratch, min(length, len(scratch)))
+            if not got:
+                return
+            length -= got
+        counts[0] += 1
+    sock.close()
+
+
+def phase_amplification(logdir: str, pullers: int, episode_mib: int, window_s: float) -> dict:
+    """Clients pulling the state of big episodes nonstop; another steps, others connect."""
+    server = ServerProcess(logdir, "amplification", max_episode_tokens=None, max_memory_bytes=None)
+    children = []
+    try:
+        for i in range(pullers):
+            children.append(start_child(pull_states, server.port, episode_mib * 2**20))
+        check(wait_until(lambda: all(c[2][3] for c in children), timeout=120), "amplification: episodes not grown")
+        time.sleep(0.5)
+        sock, rest = open_session(server.port)
+        buffer = bytearray(rest)
+        sock.sendall(text({"type": "reset"}))
+        recv_frame(sock, buffer)
+        steps, started = [], time.monotonic()
+        pulled = sum(c[2][0] for c in children)
+        while time.monotonic() - started < window_s:
+            began = time.monotonic()
+            sock.sendall(text({"type": "step", "data": {"tokens": [72]}}))
+            recv_frame(sock, buffer)
+            steps.append(time.monotonic() - began)
+            time.sleep(0.01)
+        pulled = sum(c[2][0] for c in children) - pulled
+        seconds = time.monotonic() - started
+        sock.close()
+        newcomers = []
+        for _ in range(30):
+            newcomers.append(legit_round_trip(server.port))
+            time.sleep(0.05)
+        return {"pullers": pullers, "episode_mib": episode_mib, "step_p50_s": quantile(steps, 0.5),
+                "step_p95_s": quantile(steps, 0.95), "newcomer_p50_s": quantile(newcomers, 0.5),
+                "newcomer_p95_s": quantile(newcomers, 0.95),
+                "states_per_s": pulled / seconds, "state_mb_per_s": pulled * episode_mib * 1.07 / seconds}
+    finally:
+        for process, stop, _ in children:
+            stop.set()
+        for process, _, _ in children:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        server.stop()
+
+
+OVERSIZE_CLIENT = """
+import asyncio, sys
+import websockets
+from websockets.asyncio.client import connect
+
+async def one(url):
+    async with connect(url, max_size=None, open_timeout=10, close_timeout=10) as ws:
+        try:
+            await ws.send(b"x" * 20_000_000)
+            await asyncio.wait_for(ws.recv(), 20)
+            return "a reply"
+        except websockets.ConnectionClosedError as exc:
+            return f"ConnectionClosedError {exc.rcvd.code if exc.rcvd else None}"
+
+for _ in range(int(sys.argv[2])):
+    try:
+        print(asyncio.run(one(sys.argv[1])), flush=True)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def phase_oversize_close(logdir: str, rounds: int) -> dict:
+    """A websockets asyncio client sends 20 MB over the 16 MiB limit, client and server on one CPU."""
+    server = ServerProcess(logdir, "oversize", cpus={0})
+    try:
+        client = subprocess.run([sys.executable, "-c", OVERSIZE_CLIENT, f"ws://127.0.0.1:{server.port}/ws",
+                                 str(rounds)], capture_output=True, text=True, timeout=60 * rounds,
+                                preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+        outcomes = client.stdout.split("\n")[:rounds]
+        return {"rounds": rounds, "closed_1009": sum(o == "ConnectionClosedError 1009" for o in outcomes),
+                "outcomes": sorted(set(outcomes)), "tracebacks": server.output().count("Traceback")}
+    finally:
+        server.stop()
+
+
+def phase_log_volume(logdir: str, attempts: int) -> dict:
+    """Refusals of every kind and session churn, as fast as one client can make them."""
+    result = {}
+    token = "soak-token-5e1f"
+    with ServerProcess(logdir, "logs-auth", auth_token=token) as server:
+        before, started = server.log_path.stat().st_size, time.monotonic()
+        for _ in range(attempts):
+            with connect(server.port) as sock:
+                sock.sendall(UPGRADE)
+                read_all(sock, 5)
+        result["auth"] = (server.log_path.stat().st_size - before, time.monotonic() - started)
+    with ServerProcess(logdir, "logs", max_sessions=8) as server:
+        for kind, headers in (("origin", b"Origin: https://evil.example\r\n"), ("host", None)):
+            before, started = server.log_path.stat().st_size, time.monotonic()
+            request = UPGRADE.replace(b"Host: 127.0.0.1", b"Host: rebound.example") if headers is None \
+                else upgrade_request(headers)
+            for _ in range(attempts):
+                with connect(server.port) as sock:
+                    sock.sendall(request)
+                    read_all(sock, 5)
+            result[kind] = (server.log_path.stat().st_size - before, time.monotonic() - started)
+        before, started = server.log_path.stat().st_size, time.monotonic()
+        for _ in range(attempts):  # sessions opened and closed at once
+            sock, _ = open_session(server.port)
+            sock.sendall(frame(struct.pack("!H", 1000), 8))
+            read_all(sock, 5)
+            sock.close()
+        result["churn"] = (server.log_path.stat().st_size - before, time.monotonic() - started)
+        held = [open_session(server.port)[0] for _ in range(8)]
+        before, started = server.log_path.stat().st_size, time.monotonic()
+        for _ in range(attempts):
+            sock, rest = open_session(server.port)
+            buffer = bytearray(rest)
+            while recv_frame(sock, buffer)[0] != 8:  # CAPACITY_REACHED, then the server's close
+                pass
+            sock.sendall(frame(struct.pack("!H", 1000), 8))
+            read_all(sock, 5)
+            sock.close()
+        result["capacity"] = (server.log_path.stat().st_size - before, time.monotonic() - started)
+        for sock in held:
+            sock.close()
+        check(wait_until(lambda: server.active() == 0), "logs: sessions left behind")
+    return {kind: {"attempts": attempts, "log_bytes": size, "seconds": round(seconds, 2),
+                   "log_bytes_per_attempt": size / attempts} for kind, (size, seconds) in result.items()}
+
+
+def phase_uvloop(logdir: str, sessions: int, steps: int) -> dict:
+    """A server on uvloop: sessions, each a reset, a fragmented step and more steps."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {"skipped": "uvloop is not installed"}
+    with ServerProcess(logdir, "uvloop", loop="uvloop") as server:
+        ok, started = 0, time.monotonic()
+        for _ in range(sessions):
+            try:
+                sock, rest = open_session(server.port, 5)
+            except (OSError, ConnectionError):
+                continue
+            with sock:
+                buffer = bytearray(rest)
+                sock.sendall(text({"type": "reset"}) + frame(b'{"type":"step",', 1, fin=False)
+                             + frame(b'"data":{"tokens":[72]}}', 0))
+                replies = [json.loads(recv_frame(sock, buffer)[1])["type"] for _ in range(2)]
+                for _ in range(steps):
+                    sock.sendall(text({"type": "step", "data": {"tokens": [65] * 400}}))
+                    replies.append(json.loads(recv_frame(sock, buffer)[1])["type"])
+                ok += set(replies) == {"observation"}
+        seconds = time.monotonic() - started
+        log = server.output()
+    return {"sessions": sessions, "sessions_ok": ok, "steps_per_s": sessions * (steps + 2) / seconds,
+            "errors": log.count("Traceback") + log.count(" ERROR ")}
+
+
+def phase_buffered(logdir: str, sessions: int, frame_mib: int) -> dict:
+    """Sessions that each send all but the last byte of a big frame, then stall."""
+    with ServerProcess(logdir, "buffered") as server:
+        rss_before = server.rss_kb()
+        socks, codes = [], {}
+        body = b"x" * (frame_mib * 2**20)
+        whole = frame(body, 1)
+        for _ in range(sessions):
+            sock, _ = open_session(server.port)
+            socks.append(sock)
+            try:
+                sock.sendall(whole[:-1])
+            except OSError:
+                pass
+        time.sleep(1.0)
+        rss_growth = server.rss_kb() - rss_before
+        newcomer = legit_round_trip(server.port)
+        for sock in socks:
+            sock.settimeout(0.2)
+            try:
+                data = sock.recv(64)
+                code = struct.unpack("!H", data[2:4])[0] if data[:1] == b"\x88" else None
+            except OSError:
+                code = None
+            codes[code] = codes.get(code, 0) + 1
+            sock.close()
+        log = server.output()
+    return {"sessions": sessions, "held_mib_offered": sessions * frame_mib, "rss_growth_mib": rss_growth / 1024,
+            "close_codes": codes, "newcomer_s": newcomer, "tracebacks": log.count("Traceback")}
+
+
+def attack_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, target) for each attack phase that ran."""
+    rows = []
+
+    def add(figure, value, target):
+        rows.append((figure, value, target))
+
+    for key, label in (("stalled", "held"), ("stalled flood", "each dropped one reopened at once"),
+                       ("stalled flood, 256", "reopened, max_handshakes 256")):
+        r = results.get(key)
+        if r:
+            add(f"{r['stalled']} stalled handshakes ({label}), nofile 1024: new client connect+reset+step p95",
+                f"{r['p95_s']:.3f} s (p50 {r['p50_s']:.3f} s, {r['failed']}/{r['probes']} failed)", "<= 1 s")
+            add("  same: server log growth", f"{r['log_bytes_per_s'] / 1024:.1f} KiB/s", "a few KB")
+            add("  same: server CPU", f"{r['cpu_percent']:.0f} % ({r['dropped_by_server']} stalled connections "
+                "dropped)", "no spinning")
+            add("  same: SIGTERM to exit", f"{r['sigterm_exit_s']:.2f} s" if r['sigterm_exit_s'] else "killed",
+                "<= 1 s")
+    r = results.get("big headers")
+    if r:
+        add(f"{r['connections']} stalled handshakes of {r['header_bytes'] // 1024} KiB headers: RSS per connection",
+            f"{r['rss_kb_per_connection']:.1f} KiB ({r['answered_431']} got 431)", f"<= {16 + 16} KiB")
+    r = results.get("fragments")
+    if r:
+        one, empty, big = r["one_byte"], r["empty"], r["4k"]
+        add(f"{one['fragments_sent']} one-byte fragments: RSS held", f"{one['rss_growth_kb']} KiB, close "
+            f"{one['close_code']}", "closed (1009) before it costs memory")
+        add(f"{empty['fragments_sent']} empty continuation frames", f"close {empty['close_code']}", "1009")
+        add(f"{big['payload_bytes'] >> 20} MiB in 4 KiB fragments: RSS held / payload",
+            f"{big['rss_growth_kb'] * 1024 / big['payload_bytes']:.2f}", "<= 2")
+    r = results.get("amplification")
+    if r:
+        add(f"{r['pullers']} clients pulling {r['episode_mib']} MiB states: another client's step p95",
+            f"{r['step_p95_s'] * 1000:.0f} ms (p50 {r['step_p50_s'] * 1000:.0f} ms; {r['state_mb_per_s']:.0f} MB/s "
+            "of state out)", "<= 100 ms")
+        add("  same: new client connect+reset+step p95",
+            f"{r['newcomer_p95_s'] * 1000:.0f} ms (p50 {r['newcomer_p50_s'] * 1000:.0f} ms)", "<= 100 ms")
+    r = results.get("oversize close")
+    if r:
+        add("websockets asyncio client sends 20 MB over 16 MiB, one CPU: ConnectionClosedError 1009",
+            f"{r['closed_1009']}/{r['rounds']} ({'; '.join(r['outcomes'])})", f"{r['rounds']}/{r['rounds']}")
+    r = results.get("log volume")
+    if r:
+        for kind, v in r.items():
+            add(f"{v['attempts']} {kind} refusals or sessions in {v['seconds']} s: log bytes",
+                f"{v['log_bytes']} ({v['log_bytes_per_attempt']:.1f} per attempt)", "a few lines a second")
+    r = results.get("uvloop")
+    if r:
+        add("server on uvloop: sessions that worked",
+            r.get("skipped") or f"{r['sessions_ok']}/{r['sessions']} ({r['steps_per_s']:.0f} steps/s, "
+            f"{r['errors']} errors)", "all")
+    r = results.get("buffered")
+    if r:
+        add(f"{r['sessions']} sessions stalled 1 byte short of a {r['held_mib_offered'] // r['sessions']} MiB frame: "
+            "RSS growth", f"{r['rss_growth_mib']:.0f} MiB (offered {r['held_mib_offered']} MiB; closes "
+            f"{r['close_codes']})", "<= max_buffered_bytes (256 MiB) + a little")
+    return rows
+
+
+def attack_phases(logdir: str, quick: bool) -> list[tuple[str, Any]]:
+    stalled, window = (1100, 4.0) if not quick else (1100, 2.0)
+    return [
+        ("stalled", lambda: phase_stalled_handshakes(logdir, stalled, False, 10 if quick else 30, window)),
+        ("stalled flood", lambda: phase_stalled_handshakes(logdir, stalled, True, 10 if quick else 30, window)),
+        ("stalled flood, 256", lambda: phase_stalled_handshakes(logdir, stalled, True, 10 if quick else 30, window,
+                                                                max_handshakes=256)),
+        ("big headers", lambda: phase_big_headers(logdir, 50 if quick else 200, 2**20)),
+        ("fragments", lambda: phase_fragments(logdir, 2**17 if quick else 2**20, 8)),
+        ("amplification", lambda: phase_amplification(logdir, 4, 10, 4.0 if quick else 8.0)),
+        ("oversize close", lambda: phase_oversize_close(logdir, 5)),
+        ("log volume", lambda: phase_log_volume(logdir, 300 if quick else 2000)),
+        ("uvloop", lambda: phase_uvloop(logdir, 20 if quick else 100, 20)),
+        ("buffered", lambda: phase_buffered(logdir, 10 if quick else 24, 15)),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts: under a minute")
@@ -659,7 +1314,17 @@ def main(argv=None) -> int:
     parser.add_argument("--wire-sessions", type=int)
     parser.add_argument("--churn", type=int, help="sessions churned")
     parser.add_argument("--shutdown-sessions", type=int)
+    parser.add_argument("--memory-only", action="store_true", help="run only the memory-bound phase")
+    parser.add_argument("--memory-bound-mib", type=int, help="the memory phase's --max-memory-bytes, in MiB")
+    parser.add_argument("--attacks", action="store_true", help="run only the attack phases (stalled handshakes, "
+                        "fragments, amplification, oversize close, log volume, uvloop, buffered)")
+    parser.add_argument("--phase", action="append", help="run only this phase (repeatable), e.g. 'stalled'")
+    parser.add_argument("--baseline", type=Path, help="serve from the chatenv.py in this folder (an older one, "
+                        "for before/after figures); options it lacks are dropped")
     args = parser.parse_args(argv)
+    if args.baseline:
+        global CHATENV_DIR
+        CHATENV_DIR = args.baseline.resolve()
     q = args.quick
     frames = args.frames or (10_000 if q else 100_000)
     socket_frames = args.socket_frames or (1_000 if q else 10_000)
@@ -674,7 +1339,15 @@ def main(argv=None) -> int:
             ("socket fuzz", lambda: phase_socket_fuzz(rng, logdir, socket_frames, wire_sessions)),
             ("churn", lambda: phase_churn(logdir, churn)),
             ("shutdown", lambda: phase_shutdown(logdir, shutdown_sessions, 4, 3 if q else 5)),
+            ("memory", lambda: phase_memory(logdir, 20 if q else 60, args.memory_bound_mib or (64 if q else 256),
+                                            args.seed)),
+            *attack_phases(logdir, q),
         ]:
+            if args.memory_only and name != "memory":
+                continue
+            attack = name in dict(attack_phases(logdir, q))
+            if (args.phase and name not in args.phase) or (args.attacks and not attack):
+                continue
             print(f"{name} ...", flush=True)
             started = time.monotonic()
             try:
@@ -704,6 +1377,18 @@ def main(argv=None) -> int:
         print(f"| shutdown | {r['rounds']} x ({r['sessions_per_round']} sessions + {r['stuck_per_round']} stuck): "
               f"exit max {r['exit_seconds_max']:.3f} s, mean {r['exit_seconds_mean']:.3f} s; close codes "
               f"{r['close_codes']} |")
+    if "memory" in results:
+        r = results["memory"]
+        print(f"| memory bound | {r['sessions']} sessions for {r['seconds']} s against {r['bound_mib']} MiB: peak RSS "
+              f"{r['peak_rss_kb']} kB, {r['peak_over_bound_kb']} kB over the bound (idle {r['idle_rss_kb']} kB); "
+              f"newcomers {r['newcomers']}; by kind {r['by_kind']} |")
+    rows = attack_rows(results)
+    if rows:
+        print()
+        print(f"| attack{' (baseline ' + str(CHATENV_DIR) + ')' if CHATENV_DIR != HERE else ''} | figure | target |")
+        print("| --- | --- | --- |")
+        for figure, value, target in rows:
+            print(f"| {figure} | {value} | {target} |")
     print()
     print("FAILED: " + "; ".join(FAILURES) if FAILURES else "all checks held")
     return 1 if FAILURES else 0

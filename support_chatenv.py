@@ -1,0 +1,976 @@
+"""Support for chatenv's tests, soak and benchmark: OpenEnv's releases, each in a venv.
+
+OpenEnv ships as ``openenv`` 0.10.0 (current) and ``openenv-core`` 0.3.0
+(older); both install into the same ``openenv`` package, so each lives in its
+own virtual environment under ``~/.cache/chatenv/venvs/`` (``CHATENV_VENVS``), and the test process
+itself never imports OpenEnv. This module is both halves of that split:
+
+* in the main process (stdlib only): ``venv_python(release)`` finds a release's
+  interpreter, ``PeerProcess`` runs the OpenEnv peer in it, ``OpenEnvClients``
+  drives OpenEnv's own clients in it, ``launcher_commands`` asks it for the
+  commands OpenEnv's launchers run;
+* in a venv's interpreter (the subcommands below): the OpenEnv peer, the chat
+  environment written on OpenEnv's public API (``create_app`` and an
+  ``Environment`` subclass) and served under uvicorn, since OpenEnv's own
+  ``chat_env`` package is not on the package index; and an ``EnvClient``
+  subclass for it.
+
+Commands::
+
+    python support_chatenv.py venvs [--release R]    # create the venvs (idempotent, fast when present)
+    python support_chatenv.py where [--release R]    # print the interpreters
+    VENV_PYTHON support_chatenv.py serve-peer --port 0 [--server JSON ...] [--chat-env PATH]
+    VENV_PYTHON support_chatenv.py openenv-clients [--scenario FILE]
+    VENV_PYTHON support_chatenv.py launcher-commands --root DIR --port P
+
+``serve-peer`` prints one JSON line, ``{"urls": [...]}``, once every server
+answers, and exits 0 on SIGTERM. ``openenv-clients`` reads one JSON request a
+line (``{"client": "a", "op": "open", "url": ..., "mode": "sync"}``, then
+``reset``/``step``/``state``/``close``) and answers each with one JSON line; with
+``--scenario FILE`` it runs the file's requests and prints the list of answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = [
+    # OpenEnv's releases and their venvs
+    "RELEASES",
+    "VenvMissing",
+    "venv_dir",
+    "venv_python",
+    "venv_ready",
+    "require_venv",
+    "create_venv",
+    # The OpenEnv peer (run inside a venv)
+    "ByteTokenizer",
+    "openenv_chat_types",
+    "openenv_chat_app",
+    "openenv_chat_server",
+    "make_openenv_chat_client_class",
+    # Driving a venv from the main process
+    "PeerProcess",
+    "OpenEnvClients",
+    "RemoteError",
+    "launcher_commands",
+    "main",
+]
+
+HERE = Path(__file__).resolve().parent
+_COMPACT = (",", ":")
+
+
+###############################################################################
+# OpenEnv's releases and their virtual environments
+###############################################################################
+
+# release -> (distribution, venv directory name, what pip installs)
+RELEASES = {
+    "0.10.0": ("openenv", "openenv-0.10.0", ("openenv==0.10.0", "uvicorn")),
+    "0.3.0": ("openenv-core", "openenv-core-0.3.0", ("openenv-core==0.3.0", "uvicorn")),
+}
+
+
+class VenvMissing(RuntimeError):
+    """A release's venv is not built: the message says how to build it."""
+
+
+def _venvs_root() -> Path:
+    # Outside the repository: `openenv validate <repo>` digests every file of the package
+    # and refuses the symbolic links a venv holds. CHATENV_VENVS points elsewhere.
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("CHATENV_VENVS") or cache / "chatenv" / "venvs")
+
+
+def venv_dir(release: str) -> Path:
+    return _venvs_root() / RELEASES[release][1]
+
+
+def venv_python(release: str) -> Path:
+    """The interpreter of a release's venv (which may not exist yet)."""
+    return venv_dir(release) / "bin" / "python"
+
+
+def _dist_info(release: str) -> str:
+    dist = RELEASES[release][0].replace("-", "_")
+    return f"{dist}-{release}.dist-info"
+
+
+def venv_ready(release: str) -> bool:
+    """True when the venv has its interpreter and the release installed (no subprocess: fast)."""
+    root = venv_dir(release)
+    if not venv_python(release).exists():
+        return False
+    return any(p.is_dir() for p in root.glob(f"lib/python3*/site-packages/{_dist_info(release)}"))
+
+
+def require_venv(release: str) -> Path:
+    """The interpreter of a built venv, else VenvMissing saying how to build it."""
+    if not venv_ready(release):
+        raise VenvMissing(
+            f"OpenEnv {release} is not installed in {venv_dir(release)}: build the venvs with "
+            f"`python {HERE / 'support_chatenv.py'} venvs` (CI does; the tests need both releases)"
+        )
+    return venv_python(release)
+
+
+def create_venv(release: str, python: str = sys.executable, log=print) -> Path:
+    """Create (or repair) a release's venv; a no-op when it is already built."""
+    if venv_ready(release):
+        log(f"{release}: ready at {venv_dir(release)}")
+        return venv_python(release)
+    root = venv_dir(release)
+    if not venv_python(release).exists():
+        log(f"{release}: creating {root}")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([python, "-m", "venv", str(root)], check=True)
+    requirements = RELEASES[release][2]
+    log(f"{release}: pip install {' '.join(requirements)}")
+    subprocess.run(
+        [str(venv_python(release)), "-m", "pip", "install", "--disable-pip-version-check", "-q", *requirements],
+        check=True,
+    )
+    if not venv_ready(release):
+        raise VenvMissing(f"pip finished but {_dist_info(release)} is not in {root}")
+    return venv_python(release)
+
+
+###############################################################################
+# The OpenEnv peer: chat_env on OpenEnv's public API (runs inside a venv)
+###############################################################################
+
+
+class ByteTokenizer:
+    """Token ids 0-255 are UTF-8 bytes ([72, 105] is "Hi"); no chat template.
+
+    The tokenizer the recordings were made with: chat_env falls back to
+    ``encode("role: content\\n")`` for a system prompt, and ``bytes()`` refuses
+    an id past 255 with "bytes must be in range(0, 256)", an EXECUTION_ERROR.
+    """
+
+    def encode(self, text, **_kwargs):
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids, skip_special_tokens=False, **_kwargs):
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+
+def _peer_tokenizer(name):
+    """``bytes`` (ByteTokenizer above) or ``chatenv`` (chatenv's embedded one, with its chat template)."""
+    if name in (None, "bytes"):
+        return ByteTokenizer()
+    if name == "chatenv":
+        sys.path.insert(0, str(HERE))
+        import chatenv
+
+        return chatenv.ByteTokenizer()
+    raise ValueError(f"unknown peer tokenizer {name!r}: 'bytes' or 'chatenv'")
+
+
+def _flatten_tokens(value):
+    """Token coercion as chat_env's action model does it: ``.tolist()``, tuples
+    and nested lists flattened, every leaf through ``int()`` (72.9 -> 72,
+    True -> 1, "105" -> 105). ``int("a")`` raises ValueError, which pydantic
+    wraps with the exception inside, so OpenEnv's error reply then fails to
+    serialise: SESSION_ERROR and a closed socket, as recorded; a TypeError
+    (``int(None)``) is not wrapped: EXECUTION_ERROR."""
+    if callable(getattr(value, "tolist", None)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [token for item in value for token in _flatten_tokens(item)]
+    return [int(value)]
+
+
+_OPENENV_TYPES = None  # the pydantic models and the environment, built once
+_OPENENV_CLIENT_CLASS = None  # the EnvClient subclass, built once
+
+
+def openenv_chat_types():
+    """Build (once) the chat models and environment on OpenEnv's API.
+
+    Returns a namespace with ``ChatAction``, ``ChatObservation``, ``ChatState``
+    (pydantic models on OpenEnv's Action/Observation/State, messages typed with
+    OpenEnv's ``Message``) and ``ChatEnvironment`` (an OpenEnv ``Environment``).
+    """
+    global _OPENENV_TYPES
+    if _OPENENV_TYPES is not None:
+        return _OPENENV_TYPES
+    from types import SimpleNamespace
+    from typing import List
+
+    from pydantic import Field, field_validator
+
+    from openenv.core.env_server.interfaces import Environment, Message
+    from openenv.core.env_server.types import Action, Observation, State
+
+    class ChatAction(Action):
+        """One message, as token ids."""
+
+        tokens: List[int] = Field(..., min_length=1)
+
+        @field_validator("tokens", mode="before")
+        @classmethod
+        def _coerce_tokens(cls, value):
+            if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+                return _flatten_tokens(value)
+            raise TypeError("tokens must be provided as a sequence of token ids")
+
+    class ChatObservation(Observation):
+        """The whole conversation: messages and flattened token ids."""
+
+        messages: List[Message] = Field(default_factory=list)
+        tokens: List[int] = Field(default_factory=list)
+
+    class ChatState(State):
+        """The history, one token list per step (and one for the system prompt)."""
+
+        history_messages: List[Message] = Field(default_factory=list)
+        history_tokens: List[List[int]] = Field(default_factory=list)
+
+    class ChatEnvironment(Environment):
+        """chat_env's behaviour, as observed on the wire and in its tests.
+
+        It leaves ``episode_id`` None and ``step_count`` 0; ``reset()`` takes
+        no arguments (so the server drops ``seed``/``episode_id``); a step
+        stores its tokens before decoding them, so a step the tokenizer refuses
+        leaves its tokens in ``history_tokens`` and adds no message. One
+        deliberate difference: it declares concurrent sessions safe, so one
+        server can hold several (chat_env's app runs with the default of one).
+        """
+
+        SUPPORTS_CONCURRENT_SESSIONS = True
+
+        def __init__(self, tokenizer=None, system_prompt=None, system_role="system", transform=None):
+            super().__init__(transform=transform)
+            self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+            self.system_prompt = system_prompt
+            self.system_role = system_role
+            self._state = ChatState()
+            self.reset()
+
+        def _tokenize(self, messages):
+            try:
+                ids = self.tokenizer.apply_chat_template(conversation=messages, tokenize=True)
+            except Exception:  # no chat template (or no method): "role: content\n"
+                ids = self.tokenizer.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
+            return _flatten_tokens(ids)
+
+        def reset(self):
+            self._state.history_messages = []
+            self._state.history_tokens = []
+            if self.system_prompt:
+                message = {"role": self.system_role, "content": self.system_prompt}
+                self._state.history_messages = [message]
+                self._state.history_tokens = [self._tokenize([message])]
+            return self._observation()
+
+        def step(self, action):
+            ids = [int(t) for t in action.tokens]
+            self._state.history_tokens.append(ids)  # kept even if decoding fails below
+            content = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self._state.history_messages.append({"role": "assistant", "content": content})
+            return self._observation()
+
+        @property
+        def state(self):
+            return self._state
+
+        def message_to_action(self, message):
+            for key in ("role", "content"):
+                if key not in message:
+                    raise ValueError(f"Message must contain a '{key}' key")
+            if message["content"] is None:
+                raise ValueError("Message content cannot be None")
+            return ChatAction(tokens=self._tokenize([message]))
+
+        def _observation(self):
+            flat = [t for ids in self._state.history_tokens for t in ids]
+            return self._apply_transform(ChatObservation(messages=list(self._state.history_messages), tokens=flat))
+
+    _OPENENV_TYPES = SimpleNamespace(
+        ChatAction=ChatAction,
+        ChatObservation=ChatObservation,
+        ChatState=ChatState,
+        ChatEnvironment=ChatEnvironment,
+    )
+    return _OPENENV_TYPES
+
+
+def openenv_chat_app(max_concurrent_envs=1, system_prompt=None, tokenizer=None):
+    """The FastAPI app OpenEnv's ``create_app`` builds for the chat environment.
+
+    ``tokenizer`` (an object, or ``"bytes"``/``"chatenv"``; default bytes) is
+    shared by every session.
+    """
+    from openenv.core.env_server import create_app
+
+    if tokenizer is None or isinstance(tokenizer, str):
+        tokenizer = _peer_tokenizer(tokenizer)
+    types = openenv_chat_types()
+    factory = functools.partial(types.ChatEnvironment, tokenizer=tokenizer, system_prompt=system_prompt)
+    return create_app(
+        factory,
+        types.ChatAction,
+        types.ChatObservation,
+        env_name="chat_env",
+        max_concurrent_envs=max_concurrent_envs,
+    )
+
+
+def _real_chat_env_app(path, tokenizer=None):
+    """OpenEnv's own chat_env app (``<path>/server/app.py``) with ``get_tokenizer``
+    patched to return a byte-level tokenizer (it would load gpt2 otherwise).
+    SYSTEM_PROMPT is read from the environment, as chat_env does."""
+    import importlib
+
+    path = Path(path).resolve()
+    sys.path.insert(0, str(path.parent))
+    module = importlib.import_module(f"{path.name}.server.app")
+    tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+    module.get_tokenizer = lambda: tokenizer
+    return module.app
+
+
+def _bound_socket(host, port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _uvicorn_server(app, log_level="warning"):
+    """A uvicorn server that leaves signals to its host process (uvicorn would
+    re-raise SIGTERM after a graceful stop, so the process would die by it)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+        def install_signal_handlers(self):  # uvicorn before 0.29
+            pass
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
+    return Server(config)
+
+
+@contextlib.contextmanager
+def openenv_chat_server(port=0, max_concurrent_envs=1, system_prompt=None, *, tokenizer=None, host="127.0.0.1",
+                        log_level="warning"):
+    """Run the OpenEnv peer under uvicorn in a background thread (in a venv).
+
+    Yields its base URL ``"http://127.0.0.1:PORT"``; stops it on exit.
+    """
+    app = openenv_chat_app(max_concurrent_envs=max_concurrent_envs, system_prompt=system_prompt, tokenizer=tokenizer)
+    sock = _bound_socket(host, port)
+    server = _uvicorn_server(app, log_level)
+    errors = []
+
+    def run():
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # reported to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=f"openenv-chat-{sock.getsockname()[1]}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"OpenEnv chat server did not start: {errors!r}")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def make_openenv_chat_client_class():
+    """An ``openenv.core.EnvClient`` subclass speaking the chat payloads.
+
+    Async by default (``async with Client(url) as env``), synchronous through
+    ``Client(url).sync()``.  Results are OpenEnv ``StepResult`` objects holding
+    the peer's pydantic ``ChatObservation``; ``state()`` returns ``ChatState``.
+    Any action with ``.tokens`` and ``.metadata`` works, chatenv's included.
+    """
+    global _OPENENV_CLIENT_CLASS
+    if _OPENENV_CLIENT_CLASS is not None:
+        return _OPENENV_CLIENT_CLASS
+    from openenv.core.client_types import StepResult
+    from openenv.core.env_client import EnvClient
+
+    types = openenv_chat_types()
+
+    class OpenEnvChatClient(EnvClient):
+        """OpenEnv's client for the chat environment (token ids as JSON lists)."""
+
+        action_cls = types.ChatAction
+
+        def _step_payload(self, action):
+            return {"tokens": list(action.tokens), "metadata": dict(getattr(action, "metadata", None) or {})}
+
+        def _parse_result(self, payload):
+            obs = payload.get("observation") or {}
+            tokens = obs.get("tokens")
+            done = bool(payload.get("done", False))
+            observation = types.ChatObservation(
+                messages=obs.get("messages") or [],
+                tokens=tokens if isinstance(tokens, list) else [],
+                done=done,
+                reward=payload.get("reward"),
+                metadata=obs.get("metadata") or {},
+            )
+            return StepResult(observation=observation, reward=payload.get("reward"), done=done)
+
+        def _parse_state(self, payload):
+            history_tokens = [ids if isinstance(ids, list) else [] for ids in payload.get("history_tokens") or []]
+            return types.ChatState(
+                episode_id=payload.get("episode_id"),
+                step_count=payload.get("step_count") or 0,
+                history_messages=payload.get("history_messages") or [],
+                history_tokens=history_tokens,
+            )
+
+    _OPENENV_CLIENT_CLASS = OpenEnvChatClient
+    return OpenEnvChatClient
+
+
+def _serve_peer_main(args):
+    """``serve-peer``: one or more servers in one process (importing OpenEnv costs
+    seconds), the first line of stdout their URLs; SIGTERM stops them, exit 0."""
+    import asyncio
+
+    configs = [json.loads(s) for s in args.server] or [{}]
+    servers, sockets = [], []
+    for i, config in enumerate(configs):
+        if args.chat_env:
+            app = _real_chat_env_app(args.chat_env, _peer_tokenizer(config.get("tokenizer")))
+        else:
+            app = openenv_chat_app(
+                max_concurrent_envs=config.get("max_concurrent_envs", 1),
+                system_prompt=config.get("system_prompt", os.environ.get("SYSTEM_PROMPT")),  # as chat_env
+                tokenizer=config.get("tokenizer"),
+            )
+        sockets.append(_bound_socket(args.host, args.port if i == 0 else 0))
+        servers.append(_uvicorn_server(app, args.log_level))
+
+    def stop(signum, frame):
+        for server in servers:
+            server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    async def run():
+        tasks = [asyncio.ensure_future(s.serve(sockets=[sock])) for s, sock in zip(servers, sockets)]
+        while not all(s.started for s in servers):
+            done = [t for t in tasks if t.done()]
+            if done:
+                done[0].result()  # a server failed to start: raise its error
+                raise RuntimeError("a server stopped before it started")
+            await asyncio.sleep(0.01)
+        urls = [f"http://{args.host}:{sock.getsockname()[1]}" for sock in sockets]
+        print(json.dumps({"urls": urls, "pid": os.getpid()}), flush=True)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    return 0
+
+
+###############################################################################
+# OpenEnv's clients driven by JSON requests (runs inside a venv)
+###############################################################################
+
+
+def _error_json(exc):
+    return {
+        "type": type(exc).__name__,
+        "mro": [c.__name__ for c in type(exc).__mro__],
+        "message": str(exc),
+    }
+
+
+def _result_json(result):
+    obs = result.observation
+    return {
+        "observation": {
+            "messages": [dict(m) for m in obs.messages],
+            "tokens": list(obs.tokens),
+            "reward": obs.reward,
+            "done": obs.done,
+            "metadata": dict(obs.metadata or {}),
+        },
+        "reward": result.reward,
+        "done": result.done,
+        "observation_type": type(obs).__name__,
+    }
+
+
+def _state_json(state):
+    return dict(state.model_dump(), state_type=type(state).__name__)
+
+
+class _ClientHost:
+    """OpenEnv clients by name: sync ones through ``.sync()``, async ones on one loop thread."""
+
+    def __init__(self):
+        import asyncio
+
+        self.cls = make_openenv_chat_client_class()
+        self.types = openenv_chat_types()
+        self.clients = {}  # name -> (mode, client)
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="openenv-clients", daemon=True).start()
+
+    def _await(self, coro, timeout=120):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def handle(self, request):
+        op, name = request["op"], request.get("client", "default")
+        if op == "open":  # as `with Client(url).sync() as env` / `async with Client(url) as env`
+            mode = request.get("mode", "sync")
+            options = request.get("options") or {}
+            if mode == "sync":
+                client = self.cls(request["url"], **options).sync()
+                self.clients[name] = (mode, client)
+                client.__enter__()
+            else:
+                async def enter():
+                    return await self.cls(request["url"], **options).__aenter__()
+
+                self.clients[name] = (mode, self._await(enter()))
+            return None
+        mode, client = self.clients[name]
+        if op == "close":
+            del self.clients[name]
+            if mode == "sync":
+                client.__exit__(None, None, None)
+            else:
+                self._await(client.__aexit__(None, None, None))
+            return None
+        if op == "reset":
+            call = lambda: client.reset(**(request.get("kwargs") or {}))  # noqa: E731
+            wrap = _result_json
+        elif op == "step":
+            tokens, metadata = request["tokens"], request.get("metadata") or {}
+            if request.get("construct"):  # unvalidated, as a client may send what its model would refuse
+                action = self.types.ChatAction.model_construct(tokens=tokens, metadata=metadata)
+            else:
+                action = self.types.ChatAction(tokens=tokens, metadata=metadata)
+            call = lambda: client.step(action)  # noqa: E731
+            wrap = _result_json
+        elif op == "state":
+            call, wrap = client.state, _state_json
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        if mode == "sync":
+            return wrap(call())
+
+        async def run():
+            return wrap(await call())
+
+        return self._await(run())
+
+    def answer(self, request):
+        try:
+            return {"id": request.get("id"), "ok": True, "value": self.handle(request)}
+        except Exception as exc:  # reported to the driving process
+            return {"id": request.get("id"), "ok": False, "error": _error_json(exc)}
+
+    def close_all(self):
+        for name in list(self.clients):
+            with contextlib.suppress(Exception):
+                self.handle({"op": "close", "client": name})
+
+
+def _openenv_clients_main(args):
+    host = _ClientHost()
+    try:
+        if args.scenario:
+            with open(args.scenario) if args.scenario != "-" else contextlib.nullcontext(sys.stdin) as f:
+                requests = [json.loads(line) for line in f if line.strip()]
+            print(json.dumps([host.answer(r) for r in requests]), flush=True)
+            return 0
+        print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
+        for line in sys.stdin:
+            if line.strip():
+                print(json.dumps(host.answer(json.loads(line))), flush=True)
+        return 0
+    finally:
+        host.close_all()
+
+
+###############################################################################
+# The commands OpenEnv's launchers run, read from the installed package (in a venv)
+###############################################################################
+
+
+class _DirSandbox:
+    """A sandbox whose filesystem is a local directory standing in for the image's
+    ``/app``: a provider's probing commands run for real, with ``/app`` mapped there."""
+
+    def __init__(self, root):
+        self.root = str(root)
+
+    def run(self, command):
+        done = subprocess.run(["bash", "-c", command.replace("/app", self.root)], capture_output=True, text=True)
+        return done.stdout.replace(self.root, "/app")
+
+    # Daytona's SDK shape: sandbox.process.exec(cmd, timeout=...).result
+    @property
+    def process(self):
+        sandbox = self
+
+        class Process:
+            def exec(self, command, timeout=None):
+                from types import SimpleNamespace
+
+                return SimpleNamespace(result=sandbox.run(command))
+
+        return Process()
+
+
+def _launcher_commands_main(args):
+    """Print, as JSON, the server commands OpenEnv 0.10.0's launchers run for a
+    package laid out as ``/app/env`` = ``--root`` (its openenv.yaml, Dockerfile)."""
+    import tempfile
+
+    from openenv.core.containers.runtime import _server_config, daytona_provider, hf_sandbox_provider, modal_provider
+    from openenv.core.containers.runtime import providers, uv_provider
+
+    root = Path(args.root).resolve()
+    out = {}
+    with tempfile.TemporaryDirectory() as app_dir:
+        os.symlink(root, os.path.join(app_dir, "env"))  # the modern layout: /app/env/openenv.yaml
+        sandbox = _DirSandbox(app_dir)
+        # Daytona: _discover_server_cmd(sandbox, port) reads openenv.yaml's `app` inside the sandbox
+        daytona = daytona_provider.DaytonaProvider.__new__(daytona_provider.DaytonaProvider)
+        out["daytona"] = daytona._discover_server_cmd(sandbox, port=args.port)
+        # Modal: the same discovery through its adapter's exec(sandbox, command)
+        modal = modal_provider.ModalProvider.__new__(modal_provider.ModalProvider)
+        modal._sandbox = sandbox
+        modal._adapter = type("Adapter", (), {"exec": staticmethod(lambda sb, cmd, timeout=10: sb.run(cmd))})()
+        out["modal"] = modal._discover_server_cmd(port=args.port)
+    # Both fall back to the Dockerfile's last CMD (for images built from it)
+    dockerfile = root / "Dockerfile"
+    out["dockerfile_cmd"] = (
+        _server_config.parse_dockerfile_cmd(dockerfile.read_text()) if dockerfile.exists() else None
+    )
+    # Hugging Face sandboxes: a shell command that starts `server` from PATH
+    out["hf_sandbox_shell"] = hf_sandbox_provider._SERVER_COMMAND
+    words = shlex.split(hf_sandbox_provider._SERVER_COMMAND.rsplit(";", 1)[-1])
+    out["hf_sandbox"] = words[words.index("nohup") + 1]
+    out["hf_sandbox_port"] = hf_sandbox_provider._DEFAULT_PORT
+    # uv: `uv run --isolated --project P -- uvicorn APP --host H --port P --workers N`
+    out["uv"] = uv_provider._create_uv_command(
+        host="127.0.0.1", port=args.port, reload=False, workers=1, app=args.app, project_path=str(root)
+    )
+    # Local Docker: the `docker run` argv, captured instead of run
+    calls = []
+
+    def fake_run(cmd, *a, **k):
+        calls.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 0, stdout="0" * 64, stderr="")
+
+    real_run, real_sleep = subprocess.run, time.sleep
+    subprocess.run, time.sleep = fake_run, lambda s: None
+    try:
+        docker = providers.LocalDockerProvider.__new__(providers.LocalDockerProvider)
+        docker._container_id = docker._container_name = None
+        out["docker_url"] = docker.start_container("chat-env:latest", port=args.port, env_vars={"K": "V"})
+    finally:
+        subprocess.run, time.sleep = real_run, real_sleep
+    out["docker_run"] = calls[0] if calls else None
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+###############################################################################
+# Driving a venv from the main process (stdlib only)
+###############################################################################
+
+
+def _read_json_line(proc, what, timeout_s):
+    """The next stdout line of ``proc`` as JSON, within ``timeout_s``."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout_s)
+    except queue.Empty:
+        raise TimeoutError(f"{what} said nothing within {timeout_s} s") from None
+    if not line:
+        proc.wait(10)
+        raise RuntimeError(f"{what} exited with {proc.returncode} before answering: {_stderr_tail(proc)}")
+    return json.loads(line)
+
+
+def _stderr_tail(proc):
+    log = getattr(proc, "log", None)  # stderr goes to a file: an unread pipe would fill and block the child
+    if log is None:
+        return ""
+    with contextlib.suppress(Exception):
+        log.flush()
+        log.seek(0)
+        return log.read()[-3000:]
+    return ""
+
+
+def _popen(argv, **kwargs):
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, **kwargs)
+    proc.log = log
+    return proc
+
+
+def _close_streams(proc):
+    for stream in (proc.stdin, proc.stdout, getattr(proc, "log", None)):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+
+class PeerProcess:
+    """The OpenEnv peer of a release in a subprocess: ``with PeerProcess("0.10.0",
+    {"max_concurrent_envs": 8}, {...}) as urls``. Each dict is one server
+    (``max_concurrent_envs``, ``system_prompt``, ``tokenizer``: bytes or chatenv).
+    Leaving sends SIGTERM; ``returncode`` then holds its exit status."""
+
+    def __init__(self, release, *servers, chat_env=None, env=None, start_timeout_s=120):
+        self.release = release
+        self.servers = servers or ({},)
+        self.chat_env = chat_env
+        self.env = env
+        self.start_timeout_s = start_timeout_s
+        self.proc = None
+        self.urls = None
+        self.returncode = None
+        self.stderr_tail = ""
+
+    def start(self):
+        argv = [str(require_venv(self.release)), str(HERE / "support_chatenv.py"), "serve-peer", "--port", "0"]
+        for server in self.servers:
+            argv += ["--server", json.dumps(server)]
+        if self.chat_env:
+            argv += ["--chat-env", str(self.chat_env)]
+        self.proc = _popen(argv, stdin=subprocess.DEVNULL, env=self.env)
+        return self
+
+    def wait_started(self):
+        if self.urls is None:
+            try:
+                self.urls = _read_json_line(self.proc, f"the OpenEnv {self.release} peer", self.start_timeout_s)["urls"]
+            except BaseException:
+                self.stop()
+                raise
+        return self.urls
+
+    def stop(self, timeout_s=30):
+        if self.proc is None or self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.returncode = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait(10)
+        if self.returncode:
+            self.stderr_tail = _stderr_tail(self.proc)
+        _close_streams(self.proc)
+        return self.returncode
+
+    def __enter__(self):
+        if self.proc is None:
+            self.start()
+        return self.wait_started()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class RemoteError(Exception):
+    """An exception raised by OpenEnv's client in the venv: ``.type``, ``.mro``, ``.message``."""
+
+    def __init__(self, error):
+        super().__init__(f"{error['type']}: {error['message']}")
+        self.type, self.mro, self.message = error["type"], error["mro"], error["message"]
+
+    def isa(self, name):
+        return name in self.mro
+
+
+class _RemoteClient:
+    def __init__(self, host, name):
+        self._host, self.name = host, name
+
+    def reset(self, **kwargs):
+        return self._host.request(self.name, "reset", kwargs=kwargs)
+
+    def step(self, tokens, metadata=None, construct=False):
+        return self._host.request(self.name, "step", tokens=list(tokens), metadata=metadata or {}, construct=construct)
+
+    def state(self):
+        return self._host.request(self.name, "state")
+
+    def close(self):
+        return self._host.request(self.name, "close")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with contextlib.suppress(RemoteError, KeyError):
+            self.close()
+
+
+class OpenEnvClients:
+    """OpenEnv's own clients (a release's, in its venv), driven from this process.
+
+    ``with OpenEnvClients("0.3.0") as oe, oe.open(url, "sync") as env:
+    env.reset()`` returns what the client returned as plain JSON (observation
+    fields, reward, done; state fields); an exception in the client raises
+    RemoteError.
+    """
+
+    def __init__(self, release, start_timeout_s=120, call_timeout_s=180):
+        self.release = release
+        self.start_timeout_s = start_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self.proc = None
+        self._ready = False
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def start(self):
+        argv = [str(require_venv(self.release)), str(HERE / "support_chatenv.py"), "openenv-clients"]
+        self.proc = _popen(argv, stdin=subprocess.PIPE, bufsize=1)
+        return self
+
+    def wait_started(self):
+        if not self._ready:
+            _read_json_line(self.proc, f"OpenEnv {self.release}'s clients", self.start_timeout_s)
+            self._ready = True
+        return self
+
+    def request(self, client, op, **fields):
+        with self._lock:
+            self.wait_started()
+            self._count += 1
+            self.proc.stdin.write(json.dumps(dict(fields, id=self._count, client=client, op=op)) + "\n")
+            self.proc.stdin.flush()
+            try:
+                answer = _read_json_line(self.proc, f"OpenEnv {self.release}'s clients", self.call_timeout_s)
+            except TimeoutError:
+                self.proc.kill()  # a late answer must never be read as the next one's
+                raise
+            if answer.get("id") != self._count:
+                raise RuntimeError(f"OpenEnv {self.release}'s clients answered request {answer.get('id')}, "
+                                   f"not {self._count}")
+        if not answer["ok"]:
+            raise RemoteError(answer["error"])
+        return answer["value"]
+
+    def open(self, url, mode="sync", **options):
+        """A client on ``url`` (``mode`` sync or async), connected as ``with``/``async with`` would."""
+        self._count += 1
+        name = f"{mode}-{self._count}"
+        self.request(name, "open", url=url, mode=mode, options=options)
+        return _RemoteClient(self, name)
+
+    def stop(self):
+        if self.proc is None:
+            return None
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        _close_streams(self.proc)
+        self.proc = None
+        return code
+
+    def __enter__(self):
+        if self.proc is None:
+            self.start()
+        return self.wait_started()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
+    """The server commands OpenEnv 0.10.0's launchers run for ``root``, read from the
+    installed package at call time (see ``_launcher_commands_main``)."""
+    argv = [str(require_venv("0.10.0")), str(HERE / "support_chatenv.py"), "launcher-commands",
+            "--root", str(root), "--port", str(port), "--app", app]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    if done.returncode:
+        raise RuntimeError(f"launcher-commands failed ({done.returncode}): {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="support_chatenv.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("venvs", "where"):
+        sub = commands.add_parser(name, help="create the venvs" if name == "venvs" else "print the interpreters")
+        sub.add_argument("--release", choices=sorted(RELEASES), action="append")
+    peer = commands.add_parser("serve-peer", help="serve the OpenEnv peer (in a venv)")
+    peer.add_argument("--host", default="127.0.0.1")
+    peer.add_argument("--port", type=int, default=0, help="port of the first server (others get free ones)")
+    peer.add_argument("--server", action="append", default=[], help="JSON options of one more server")
+    peer.add_argument("--chat-env", help="serve OpenEnv's own chat_env from this checkout directory instead")
+    peer.add_argument("--log-level", default="warning")
+    clients = commands.add_parser("openenv-clients", help="drive OpenEnv's clients by JSON lines (in a venv)")
+    clients.add_argument("--scenario", help="a file of JSON requests (- for stdin); prints the answers as a list")
+    launch = commands.add_parser("launcher-commands", help="print OpenEnv's launcher commands (in the 0.10.0 venv)")
+    launch.add_argument("--root", default=str(HERE))
+    launch.add_argument("--port", type=int, default=8000)
+    launch.add_argument("--app", default="chatenv:app")
+    args = parser.parse_args(argv)
+
+    if args.command == "venvs":
+        for release in args.release or RELEASES:
+            create_venv(release)
+        return 0
+    if args.command == "where":
+        for release in args.release or RELEASES:
+            print(f"{release} {venv_python(release)} {'ready' if venv_ready(release) else 'missing'}")
+        return 0
+    if args.command == "serve-peer":
+        return _serve_peer_main(args)
+    if args.command == "openenv-clients":
+        return _openenv_clients_main(args)
+    return _launcher_commands_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

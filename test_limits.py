@@ -1,0 +1,438 @@
+"""Limits no client can get past: how much memory an episode's history takes, the
+server-wide memory bound, and configuration values refused in one line.
+
+Memory is measured as RSS in subprocesses of their own (never timings); the bound
+is driven over real sockets against a real server on a loopback port; bad flags
+and variables go through ``python -m chatenv serve`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+import chatenv
+from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
+
+HERE = Path(__file__).resolve().parent
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux)")
+
+
+def _ws(url: str):
+    kwargs = {"open_timeout": 5, "proxy": None, "max_size": None}
+    if chatenv._websockets_major() >= 17:
+        kwargs["legacy"] = True
+    return connect(url.replace("http://", "ws://") + "/ws", **kwargs)
+
+
+def _ask(ws, message, timeout: float = 10):
+    ws.send(json.dumps(message))
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def _wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# ------------------------------------------------------------------------------
+# The compact history: bytes a token, by RSS
+# ------------------------------------------------------------------------------
+
+# Runs in its own interpreter: one full episode first (it takes up whatever free
+# memory the heap already had), then the RSS growth of a second one is measured
+_RSS_SCRIPT = r"""
+import gc, json, random, sys
+import chatenv
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+steps, size = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(size)
+frames = [json.dumps({"type": "step", "data": {"tokens": [rng.randrange(256) for _ in range(size)]}})
+          for _ in range(64)]
+server = chatenv.ChatServer()  # the defaults: a 2^20-token episode, the memory bound on
+
+def episode(delta):
+    session = server._new_session()
+    handle_frame = chatenv.handle_frame
+    handle_frame(session, json.dumps({"type": "reset", "data": {"chatenv_delta": delta}}))
+    for i in range(steps):
+        reply = handle_frame(session, frames[i % 64])
+        if not reply.parts[0].startswith(b'{"type":"observation"'):
+            raise SystemExit(reply.data[:300])
+    return session
+
+kept = [episode(True)]
+gc.collect()
+before, used = rss(), server.memory_used
+kept.append(episode(False))  # full replies: each holds the history's buffers, not a copy
+gc.collect()
+env = kept[-1].env
+print(json.dumps({"tokens": env.token_count, "rss": rss() - before, "accounted": server.memory_used - used,
+                  "nbytes": env.nbytes}))
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("steps, size, bound", [(200_000, 1, 100), (256, 4096, 12)], ids=["1-token", "4096-token"])
+def test_history_bytes_per_token_by_rss(steps, size, bound):
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(steps), str(size)], capture_output=True,
+                         text=True, cwd=HERE, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["tokens"] == steps * size
+    per_token = result["rss"] / result["tokens"]
+    assert per_token <= bound, f"{per_token:.1f} bytes a token, over {bound}: {result}"
+    # The memory bound counts what the history really holds: its exact buffer sizes
+    # and a session's fixed overhead, never less than what RSS shows
+    assert result["accounted"] == result["nbytes"] + chatenv._SESSION_OVERHEAD_BYTES
+    assert result["rss"] <= result["accounted"] * 1.1 + 2**20, result
+
+
+@linux_only
+def test_session_fixed_overhead_covers_an_open_session_by_rss(tmp_path):
+    """What a session costs beyond its history (its connection, protocol, objects) is
+    at most what the memory bound charges it: measured over 1,000 open sessions."""
+    count = 1000
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "chatenv", "serve", "--port", str(port), "--max-sessions",
+                             str(count + 10), "--log-level", "WARNING"], cwd=HERE, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    sessions = []
+
+    def open_session():
+        ws = _ws(url)
+        _ask(ws, {"type": "reset", "data": {"chatenv_delta": True}})
+        _ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})
+        return ws
+
+    def rss() -> int:
+        with open(f"/proc/{proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    try:
+        assert _wait_until(lambda: proc.poll() is not None or _can_connect(port), 20), "server did not start"
+        for ws in [open_session() for _ in range(100)]:  # warm-up: allocator pools, caches
+            ws.close()
+        time.sleep(0.3)
+        before = rss()
+        sessions = [open_session() for _ in range(count)]
+        time.sleep(0.3)
+        per_session = (rss() - before) / count
+        env = ChatEnvironment()
+        env.step(ChatAction([72, 105]))
+        history = env.nbytes  # each session's episode: "Hi"
+        assert per_session - history <= chatenv._SESSION_OVERHEAD_BYTES, f"{per_session:.0f} bytes a session"
+    finally:
+        for ws in sessions:
+            ws.close()
+        proc.kill()
+        proc.wait(10)
+        log.close()
+
+
+def _can_connect(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------
+# ChatEnvironment's public behaviour over the compact history
+# ------------------------------------------------------------------------------
+
+
+def test_environment_views_equal_a_plain_python_history():
+    rng = random.Random(3)
+    env = ChatEnvironment(system_prompt='Be "brief"\n\u00e9\U0001f600')
+    system_ids = env.reset(episode_id="e").tokens
+    messages = [{"role": "system", "content": 'Be "brief"\n\u00e9\U0001f600'}]
+    tokens = [tuple(system_ids)]
+    for size in (1, 2, 7, 1, 300, 4096, 3):
+        ids = [rng.randrange(256) for _ in range(size)]
+        obs = env.step(ChatAction(ids))
+        messages.append({"role": "assistant", "content": bytes(ids).decode("utf-8", errors="replace")})
+        tokens.append(tuple(ids))
+        assert obs.messages == messages and obs.tokens == [t for ids in tokens for t in ids]
+    assert env.history_messages == messages and env.history_tokens == tokens
+    assert env.token_count == sum(map(len, tokens)) and env.message_count == len(messages)
+    state = env.state
+    assert (state.episode_id, state.step_count) == ("e", 7)
+    assert state.history_messages == messages and state.history_tokens == [list(t) for t in tokens]
+    # The JSON the protocol sends is json.dumps of the same values
+    assert json.loads(b"[" + env.messages_json + b"]") == messages
+    assert json.loads(b"[" + env.tokens_json + b"]") == [t for ids in tokens for t in ids]
+    assert json.loads(b"[" + env.history_tokens_json + b"]") == [list(t) for t in tokens]
+    message_json, token_text = env.last_json
+    assert json.loads(message_json) == messages[-1] and json.loads(b"[" + token_text + b"]") == list(tokens[-1])
+    # The views are fresh copies: changing one changes nothing
+    env.history_messages[0]["content"] = "changed"
+    env.observation().tokens.clear()
+    assert env.history_messages == messages and env.observation().tokens == [t for ids in tokens for t in ids]
+    assert env.message_to_action({"role": "user", "content": "Hi"}).tokens[0] == chatenv.ByteTokenizer.im_start_id
+
+
+def test_environment_large_last_step_is_sliced_and_equal():
+    env = ChatEnvironment()
+    env.reset()
+    big = [65] * (chatenv._LAST_KEPT_BYTES + 1)
+    env.step(ChatAction(big))
+    message_json, token_text = env.last_json
+    assert json.loads(message_json) == {"role": "assistant", "content": "A" * len(big)}
+    assert json.loads(b"[" + token_text + b"]") == big
+    env.step(ChatAction([66]))
+    assert env.last_json == (b'{"role":"assistant","content":"B"}', b"66")
+
+
+def test_environment_failed_steps_leave_every_view_unchanged():
+    env = ChatEnvironment(max_episode_tokens=10)
+    env.reset(episode_id="e")
+    env.step(ChatAction([72, 105]))
+    before = (env.state, env.observation(), bytes(env.messages_json), bytes(env.tokens_json), env.nbytes)
+    for bad in ([72, 4000], [65] * 9):  # the tokenizer refuses an id; the episode would pass its limit
+        with pytest.raises(ValueError):
+            env.step(ChatAction(bad))
+        assert (env.state, env.observation(), bytes(env.messages_json), bytes(env.tokens_json), env.nbytes) == before
+
+
+# ------------------------------------------------------------------------------
+# The server-wide memory bound
+# ------------------------------------------------------------------------------
+
+
+def test_memory_bound_options_and_accounting_without_sockets():
+    assert ChatServer().max_memory_bytes == 2**31  # bounded by default
+    assert ChatServer(max_memory_bytes=0).max_memory_bytes is None
+    assert ChatServer(max_memory_bytes=None).max_memory_bytes is None
+    with pytest.raises(ValueError, match="max_memory_bytes"):
+        ChatServer(max_memory_bytes=-1)
+    server = ChatServer(system_prompt="Be brief.", max_memory_bytes=2**20)
+    empty = server._prototype.nbytes
+    assert empty > 0  # the system prompt is part of every episode
+    session = server._new_session()
+    assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + empty  # reserved before the env exists
+    handle_frame(session, json.dumps({"type": "step", "data": {"tokens": [72, 105]}}))
+    assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + session.env.nbytes
+    handle_frame(session, '{"type":"reset"}')
+    assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + empty
+    # Named sessions (OpenEnv's MCP) are charged and freed the same way
+    named = server.create_named_session()
+    assert server.memory_used == 2 * (chatenv._SESSION_OVERHEAD_BYTES + empty)
+    assert server.close_named_session(named) == "closed"
+    server._close_session(session, None, "test", 1000, 1, 0.0)
+    assert server.memory_used == 0 and server.active_sessions == 0
+    # The stateless HTTP routes' fresh environments are not sessions: nothing is charged
+    assert chatenv.http_reply(server, "POST", "/step", b'{"action":{"tokens":[72]}}')[0] == 200
+    assert server.memory_used == 0
+
+
+def _fill(ws, tokens: list[int]) -> tuple[int, dict]:
+    """Step until the server refuses; (steps that succeeded, the refusal)."""
+    done = 0
+    while True:
+        answer = _ask(ws, {"type": "step", "data": {"tokens": tokens}})
+        if answer["type"] != "observation":
+            return done, answer
+        done += 1
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["inline", "offloaded"])
+def test_memory_bound_refuses_steps_and_sessions_and_loses_nothing(offload):
+    bound = 4 * 2**20  # under what one full episode (2^20 tokens) holds: the bound, not the episode, stops it
+    rng = random.Random(5)
+    big = [rng.randrange(256) for _ in range(4096)]
+    with serve_in_thread(max_memory_bytes=bound, offload=offload) as url:
+        server = url.server
+        first, second = _ws(url), _ws(url)
+        try:
+            for ws in (first, second):  # delta replies: the test's client reads only what is new
+                _ask(ws, {"type": "reset", "data": {"episode_id": "kept", "chatenv_delta": True}})
+            assert _ask(second, {"type": "step", "data": {"tokens": [72, 105]}})["type"] == "observation"
+            done, refusal = _fill(first, big)  # large steps fill most of it ...
+            small, refusal = _fill(first, [65])  # ... one-token steps the rest
+            assert done > 100 and small > 0
+            assert refusal["data"]["code"] == "EXECUTION_ERROR"
+            message = refusal["data"]["message"]
+            assert "--max-memory-bytes" in message and str(bound) in message and "memory" in message
+            assert server.memory_used <= bound
+            # Nothing stored is lost and the session stays usable
+            state = _ask(first, {"type": "state"})["data"]
+            assert state["episode_id"] == "kept" and state["step_count"] == done + small
+            assert state["history_tokens"] == [big] * done + [[65]] * small
+            # Other sessions go on: the one already open answers, and is refused a step the same way
+            assert _ask(second, {"type": "state"})["data"]["history_tokens"] == [[72, 105]]
+            assert _ask(second, {"type": "step", "data": {"tokens": big}})["data"]["code"] == "EXECUTION_ERROR"
+            # A newcomer that the bound cannot hold is refused clearly, then closed
+            with _ws(url) as newcomer:
+                refused = json.loads(newcomer.recv(timeout=10))
+                assert refused["data"]["code"] == "CAPACITY_REACHED"
+                assert "--max-memory-bytes" in refused["data"]["message"]
+                assert "memory" in refused["data"]["message"] or "bytes" in refused["data"]["message"]
+                with pytest.raises(Exception):
+                    newcomer.recv(timeout=10)
+            assert server.active_sessions == 2
+            # A reset frees its episode: the other session steps again, newcomers get in
+            assert _ask(first, {"type": "reset"})["type"] == "observation"
+            assert server.memory_used < 2 * (chatenv._SESSION_OVERHEAD_BYTES + 2**14)
+            assert _ask(second, {"type": "step", "data": {"tokens": big}})["type"] == "observation"
+            with _ws(url) as newcomer:
+                _ask(newcomer, {"type": "reset"})
+                assert _ask(newcomer, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
+        finally:
+            first.close()
+            second.close()
+        # Closed sessions free what they held
+        assert _wait_until(lambda: server.memory_used == 0 and server.active_sessions == 0), server.memory_used
+
+
+# ------------------------------------------------------------------------------
+# Configuration errors: one line, exit 2, never a traceback
+# ------------------------------------------------------------------------------
+
+_NOT_A_TOKENIZER = '{"not": "a tokenizer"}'
+
+_BAD_CONFIG = [
+    # (flags, environment, the name the error must give, the value it must show)
+    (["--port", "abc"], {}, "--port", "abc"),
+    (["--port", "70000"], {}, "--port", "70000"),
+    (["--port", "-1"], {}, "--port", "-1"),
+    (["--max-sessions", "0"], {}, "--max-sessions", "0"),
+    (["--max-message-bytes", "-1"], {}, "--max-message-bytes", "-1"),
+    (["--max-episode-tokens", "-3"], {}, "--max-episode-tokens", "-3"),
+    (["--max-memory-bytes", "-1"], {}, "--max-memory-bytes", "-1"),
+    (["--max-memory-bytes", "2GiB"], {}, "--max-memory-bytes", "2GiB"),
+    (["--idle-timeout-s", "-5"], {}, "--idle-timeout-s", "-5"),
+    (["--idle-timeout-s", "nan"], {}, "--idle-timeout-s", "nan"),
+    (["--compression", "gzip"], {}, "--compression", "gzip"),
+    (["--log-level", "loud"], {}, "--log-level", "loud"),
+    (["--workers", "0"], {}, "--workers", "0"),
+    (["--host", ""], {}, "--host", "''"),
+    (["--tokenizer", "/no/such/dir"], {}, "--tokenizer", "/no/such/dir"),
+    (["--tokenizer", "{tmp}/missing.json"], {}, "--tokenizer", "missing.json"),
+    (["--tokenizer", "{tmp}/not-a-tokenizer.json"], {}, "--tokenizer", "not-a-tokenizer.json"),
+    (["--tokenizer", "{tmp}/plain.txt"], {}, "--tokenizer", "plain.txt"),
+    (["--max-sessions"], {}, "--max-sessions", ""),
+    (["--no-such-flag"], {}, "--no-such-flag", ""),
+    ([], {"CHATENV_PORT": "abc"}, "CHATENV_PORT", "abc"),
+    ([], {"CHATENV_PORT": "99999"}, "CHATENV_PORT", "99999"),
+    ([], {"CHATENV_MAX_SESSIONS": "-2"}, "CHATENV_MAX_SESSIONS", "-2"),
+    ([], {"CHATENV_MAX_MESSAGE_BYTES": "-1"}, "CHATENV_MAX_MESSAGE_BYTES", "-1"),
+    ([], {"CHATENV_MAX_EPISODE_TOKENS": "1e6"}, "CHATENV_MAX_EPISODE_TOKENS", "1e6"),
+    ([], {"CHATENV_MAX_MEMORY_BYTES": "lots"}, "CHATENV_MAX_MEMORY_BYTES", "lots"),
+    ([], {"CHATENV_IDLE_TIMEOUT_S": "-5"}, "CHATENV_IDLE_TIMEOUT_S", "-5"),
+    ([], {"CHATENV_COMPRESSION": "zip"}, "CHATENV_COMPRESSION", "zip"),
+    ([], {"CHATENV_LOG_LEVEL": "noisy"}, "CHATENV_LOG_LEVEL", "noisy"),
+    ([], {"CHATENV_WORKERS": "none"}, "CHATENV_WORKERS", "none"),
+    ([], {"CHATENV_TOKENIZER": "/no/such/dir"}, "CHATENV_TOKENIZER", "/no/such/dir"),
+    ([], {"TOKENIZER_NAME": "{tmp}/not-a-tokenizer.json"}, "TOKENIZER_NAME", "not-a-tokenizer.json"),
+    (["--auth-token", " "], {}, "--auth-token", ""),
+    ([], {"CHATENV_AUTH_TOKEN": ""}, "CHATENV_AUTH_TOKEN", ""),
+]
+
+
+def _without_chatenv_variables() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("CHATENV_") and k not in ("TOKENIZER_NAME", "SYSTEM_PROMPT")}
+
+
+@pytest.fixture
+def config_files(tmp_path):
+    (tmp_path / "not-a-tokenizer.json").write_text(_NOT_A_TOKENIZER)
+    (tmp_path / "plain.txt").write_text("not JSON at all\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("flags, variables, name, value", _BAD_CONFIG,
+                         ids=[" ".join(f) or " ".join(f"{k}={v}" for k, v in e.items()) for f, e, _, _ in _BAD_CONFIG])
+def test_cli_bad_value_is_one_error_line_and_exit_2(config_files, flags, variables, name, value):
+    flags = [f.replace("{tmp}", str(config_files)) for f in flags]
+    env = _without_chatenv_variables()
+    env.update({k: v.replace("{tmp}", str(config_files)) for k, v in variables.items()})
+    # --port 0 unless the case is about the port: a bad value must fail before any bind
+    port = [] if any("PORT" in k for k in variables) or "--port" in flags else ["--port", "0"]
+    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", *port, *flags], capture_output=True,
+                         text=True, env=env, cwd=HERE, timeout=60)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatenv: error: "), out.stderr
+    assert name in lines[0] and value in lines[0], lines[0]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_cli_bad_variable_does_not_break_version_or_help():
+    env = dict(_without_chatenv_variables(), CHATENV_PORT="abc", CHATENV_MAX_SESSIONS="-1")
+    out = subprocess.run([sys.executable, "-m", "chatenv", "--version"], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", out
+    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", "--help"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 0 and "--max-memory-bytes" in out.stdout and "CHATENV_MAX_MEMORY_BYTES" in out.stdout
+
+
+def test_cli_flag_wins_over_a_bad_variable_and_zero_lifts_limits():
+    env = dict(_without_chatenv_variables(), CHATENV_PORT="abc", CHATENV_MAX_MEMORY_BYTES="0",
+               CHATENV_MAX_MESSAGE_BYTES="0", CHATENV_IDLE_TIMEOUT_S="0")
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        _, options = chatenv._server_arguments(chatenv._parser().parse_args(["serve", "--port", "0"]))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert options["port"] == 0
+    assert options["max_memory_bytes"] is None and options["max_message_bytes"] is None
+    assert options["idle_timeout_s"] is None
+    _, options = chatenv._server_arguments(chatenv._parser().parse_args(["serve", "--max-memory-bytes", "1024"]))
+    assert options["max_memory_bytes"] == 1024
+
+
+def test_asgi_app_gets_the_same_one_line_error_from_a_bad_variable(monkeypatch):
+    for name in ("CHATENV_PORT", "CHATENV_TOKENIZER", "TOKENIZER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHATENV_MAX_MEMORY_BYTES", "-4")
+    app = chatenv.ASGIApp._from_environment()
+    with pytest.raises(ValueError) as info:
+        app._server()
+    assert str(info.value) == "CHATENV_MAX_MEMORY_BYTES: must be 0 (no limit) or more, not '-4'"
+
+
+def test_install_hints_name_the_package_needed(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_hf(name, *args, **kwargs):
+        if name in ("tokenizers", "transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(builtins, "__import__", no_hf)
+    with pytest.raises(ImportError, match=r"pip install tokenizers$"):
+        chatenv.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ImportError, match=r"pip install transformers$"):
+        chatenv.load_tokenizer("some-org/some-model")
+    with pytest.raises(FileNotFoundError, match="tokenizer path not found: /no/such/dir"):
+        chatenv.load_tokenizer("/no/such/dir")

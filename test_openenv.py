@@ -1,0 +1,1018 @@
+"""OpenEnv interoperability, both ways, against both OpenEnv releases.
+
+Real servers on loopback, real clients: OpenEnv's own clients (``openenv`` 0.10.0
+and ``openenv-core`` 0.3.0, each in its venv, driven through support_chatenv)
+against a chatenv server; chatenv's clients against the OpenEnv peer (chat_env
+on OpenEnv's API, served by uvicorn in each venv); chatenv's frames against the
+frames recorded from OpenEnv's own chat_env (``recordings/``); OpenEnv's
+validator and launchers against chatenv. This process never imports OpenEnv.
+CI builds the venvs (``python support_chatenv.py venvs``): a missing one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+import chatenv
+import record_openenv
+import support_chatenv
+from support_chatenv import OpenEnvClients, PeerProcess, RemoteError
+
+HERE = Path(__file__).resolve().parent
+RELEASES = ("0.10.0", "0.3.0")
+RECORDINGS = {
+    "0.10.0": HERE / "recordings" / "openenv-0.10.0.jsonl",
+    "0.3.0": HERE / "recordings" / "openenv-core-0.3.0.jsonl",
+}
+PROMPT = "You are terse."
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# Steps shared by both directions: "Hi", "!", "hello", and a UTF-8 "é"
+_STEPS = [[72, 105], [33], [104, 101, 108, 108, 111], [195, 169]]
+_OUT_OF_VOCAB = 10**6  # an id no byte-level tokenizer decodes: EXECUTION_ERROR on both servers
+_BIG_STEP = [104] * 300_000  # 1.5 MB as OpenEnv's client writes it ("104, " a token), under 16 MiB
+
+
+# ------------------------------------------------------------------------------
+# The venvs, the OpenEnv peers and OpenEnv's clients (started once, in parallel)
+# ------------------------------------------------------------------------------
+
+
+def _require_venv(release):
+    try:
+        return support_chatenv.require_venv(release)
+    except support_chatenv.VenvMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+class _OpenEnv:
+    """For each release: one peer process (three servers) and one client host."""
+
+    def __init__(self):
+        self.peers, self.clients = {}, {}
+        for release in RELEASES:
+            _require_venv(release)
+        for release in RELEASES:  # importing OpenEnv takes seconds: start all four at once
+            self.peers[release] = PeerProcess(
+                release,
+                {"max_concurrent_envs": 8},
+                {"max_concurrent_envs": 1},
+                {"max_concurrent_envs": 8, "system_prompt": PROMPT, "tokenizer": "chatenv"},
+            ).start()
+            self.clients[release] = OpenEnvClients(release).start()
+
+    def urls(self, release):
+        main, single, prompt = self.peers[release].wait_started()
+        return {"main": main, "single": single, "prompt": prompt}
+
+    def client_host(self, release):
+        return self.clients[release].wait_started()
+
+    def stop(self):
+        for clients in self.clients.values():
+            clients.stop()
+        return {release: peer.stop() for release, peer in self.peers.items()}
+
+
+@pytest.fixture(scope="session")
+def openenv():
+    hosts = _OpenEnv()
+    yield hosts
+    codes = hosts.stop()
+    logs = {release: peer.stderr_tail for release, peer in hosts.peers.items() if peer.stderr_tail}
+    assert codes == dict.fromkeys(RELEASES, 0), f"the peers should exit 0 on SIGTERM: {codes} {logs}"
+
+
+@pytest.fixture(params=RELEASES, scope="module")
+def release(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def peer(openenv, release):
+    """The OpenEnv peer of this release: URLs of its three servers."""
+    return openenv.urls(release)
+
+
+@pytest.fixture(scope="module")
+def openenv_url(peer):
+    return peer["main"]
+
+
+@pytest.fixture(scope="module")
+def oe(openenv, release):
+    """OpenEnv's own clients, this release's: ``oe.open(url, "sync"|"async")``."""
+    return openenv.client_host(release)
+
+
+@pytest.fixture(scope="module")
+def chatenv_url():
+    with chatenv.serve_in_thread(max_sessions=8) as url:
+        yield url
+
+
+def _recording(release):
+    with open(RECORDINGS[release]) as f:
+        return [json.loads(line) for line in f]
+
+
+def _cases(release):
+    cases = {}
+    for case in _recording(release):
+        cases.setdefault(case["case"], case)
+    return cases
+
+
+# ------------------------------------------------------------------------------
+# Helpers: what a result says, comparable across OpenEnv's (JSON) and chatenv's types
+# ------------------------------------------------------------------------------
+
+
+def _observed(result):
+    if isinstance(result, dict):  # from OpenEnv's client, as support_chatenv reports it
+        obs = result["observation"]
+        return ([dict(m) for m in obs["messages"]], list(obs["tokens"]), result["reward"], result["done"],
+                obs["reward"], obs["done"])
+    obs = result.observation
+    return ([dict(m) for m in obs.messages], list(obs.tokens), result.reward, result.done, obs.reward, obs.done)
+
+
+def _state_of(state):
+    if isinstance(state, dict):
+        return (state["episode_id"], state["step_count"], [dict(m) for m in state["history_messages"]],
+                [list(t) for t in state["history_tokens"]])
+    return (state.episode_id, state.step_count, [dict(m) for m in state.history_messages],
+            [list(t) for t in state.history_tokens])
+
+
+def _expected_history(steps):
+    messages = [{"role": "assistant", "content": bytes(ids).decode("utf-8")} for ids in steps]
+    return messages, [t for ids in steps for t in ids]
+
+
+def _ws_url(url):
+    return url.replace("http://", "ws://") + "/ws"
+
+
+def _raw(url, **kwargs):
+    kwargs.setdefault("open_timeout", 10)
+    kwargs.setdefault("proxy", None)
+    if chatenv._websockets_major() >= 17:
+        kwargs.setdefault("legacy", True)
+    return connect(_ws_url(url), **kwargs)
+
+
+def _until_admitted(open_session, budget_s=10.0):
+    """``open_session()`` on a one-session OpenEnv server, retried while the server
+    still counts a session that has just closed (it frees the slot only after that
+    session's handler finishes, asynchronously: a newcomer can be refused meanwhile)."""
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            return open_session()
+        except (chatenv.ChatEnvError, ConnectionError) as exc:
+            if getattr(exc, "code", "CAPACITY_REACHED") != "CAPACITY_REACHED" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _sync_session(url):
+    env = chatenv.ChatEnv(url)
+    try:
+        env.reset()
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's clients (both releases) -> a chatenv server
+# ------------------------------------------------------------------------------
+
+
+def test_openenv_sync_client_matches_chatenv_client(chatenv_url, oe):
+    with oe.open(chatenv_url, "sync") as theirs, chatenv.ChatEnv(chatenv_url) as ce:
+        assert _observed(theirs.reset(episode_id="ep-sync")) == _observed(ce.reset(episode_id="ep-sync"))
+        assert _observed(ce.reset(episode_id="ep-sync"))[:2] == ([], [])
+        for ids in _STEPS:
+            assert _observed(theirs.step(ids)) == _observed(ce.step(chatenv.ChatAction(tokens=ids)))
+        oe_state, ce_state = theirs.state(), ce.state()
+        assert _state_of(oe_state) == _state_of(ce_state)
+        messages, tokens = _expected_history(_STEPS)
+        assert _state_of(ce_state) == ("ep-sync", len(_STEPS), messages, [list(ids) for ids in _STEPS])
+        assert _observed(ce.step(chatenv.ChatAction(tokens=[33])))[1] == tokens + [33]
+        # OpenEnv's client reads the observation's metadata (0.10.0's first key) as {}
+        assert theirs.step([33])["observation"]["metadata"] == {}
+
+
+def test_openenv_async_client_matches_chatenv_async_client(chatenv_url, oe):
+    async def run():
+        with oe.open(chatenv_url, "async") as theirs:
+            async with chatenv.AsyncChatEnv(chatenv_url) as ce:
+                assert _observed(theirs.reset(episode_id="ep-async")) == _observed(await ce.reset(episode_id="ep-async"))
+                for ids in _STEPS:
+                    mine = theirs.step(ids)
+                    other = await ce.step(chatenv.ChatAction(tokens=ids))
+                    assert _observed(mine) == _observed(other)
+                assert _state_of(theirs.state()) == _state_of(await ce.state())
+                assert theirs.state()["step_count"] == len(_STEPS)
+
+    asyncio.run(run())
+
+
+def test_openenv_client_errors_from_chatenv_server(chatenv_url, oe):
+    with oe.open(chatenv_url, "sync") as theirs, chatenv.ChatEnv(chatenv_url) as ce:
+        theirs.reset()
+        ce.reset()
+        theirs.step([72, 105])
+        ce.step(chatenv.ChatAction(tokens=[72, 105]))
+        # The same error frame reaches both: OpenEnv raises RuntimeError with the code in its text
+        with pytest.raises(chatenv.ChatEnvError) as info:
+            ce.step(chatenv.ChatAction(tokens=[_OUT_OF_VOCAB]))
+        assert info.value.code == "EXECUTION_ERROR"
+        with pytest.raises(RemoteError, match=r"\(code: EXECUTION_ERROR\)") as oe_info:
+            theirs.step([_OUT_OF_VOCAB])
+        assert oe_info.value.type == "RuntimeError"
+        assert info.value.message in oe_info.value.message
+        # An empty token list, which chatenv's own client refuses to send
+        with pytest.raises(RemoteError, match=r"\(code: VALIDATION_ERROR\)"):
+            theirs.step([], construct=True)
+        # chatenv keeps the session after both errors, history unchanged
+        assert _observed(theirs.step([33])) == _observed(ce.step(chatenv.ChatAction(tokens=[33])))
+        assert theirs.state()["history_tokens"] == [[72, 105], [33]]
+
+
+def test_openenv_client_at_chatenv_capacity(oe):
+    """A full chatenv server answers as OpenEnv's does (recorded): the handshake
+    completes, one CAPACITY_REACHED frame comes unprompted, then a 1000 close."""
+    with chatenv.serve_in_thread(max_sessions=1) as url:
+        with oe.open(url, "sync") as first:
+            first.reset()
+            with _raw(url, compression=None) as raw:
+                frame = raw.recv(timeout=10)
+                assert frame == (
+                    '{"type":"error","data":{"message":"Server at capacity: 1/1 sessions active. '
+                    'Cannot accept new connections.","code":"CAPACITY_REACHED","active_sessions":1,'
+                    '"max_sessions":1}}'
+                )
+                with pytest.raises(ConnectionClosed):
+                    raw.recv(timeout=10)
+                assert raw.close_code == 1000
+            # OpenEnv's own client reads the frame if its reset is not yet refused by the
+            # close, else its send fails: against OpenEnv's own server exactly the same
+            with pytest.raises(RemoteError) as info:
+                with oe.open(url, "sync") as second:
+                    second.reset()
+            assert info.value.isa("RuntimeError") or info.value.isa("ConnectionClosed"), info.value
+            if not info.value.isa("ConnectionClosed"):
+                assert "(code: CAPACITY_REACHED)" in info.value.message
+            assert first.step([72, 105])["observation"]["tokens"] == [72, 105]
+
+
+def test_openenv_clients_run_a_scripted_scenario_from_a_file(chatenv_url, tmp_path):
+    """support_chatenv's batch form: JSON requests in a file, the answers printed as a list."""
+    requests = [
+        {"client": "a", "op": "open", "url": chatenv_url, "mode": "sync"},
+        {"client": "b", "op": "open", "url": chatenv_url, "mode": "async"},
+        {"client": "a", "op": "reset", "kwargs": {"episode_id": "file"}},
+        {"client": "b", "op": "reset"},
+        {"client": "a", "op": "step", "tokens": [72, 105]},
+        {"client": "b", "op": "step", "tokens": [_OUT_OF_VOCAB]},
+        {"client": "a", "op": "state"},
+        {"client": "a", "op": "close"},
+        {"client": "b", "op": "close"},
+    ]
+    scenario = tmp_path / "scenario.jsonl"
+    scenario.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "support_chatenv.py"), "openenv-clients",
+                           "--scenario", str(scenario)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [a["ok"] for a in answers] == [True, True, True, True, True, False, True, True, True]
+    assert answers[4]["value"]["observation"]["messages"] == [{"role": "assistant", "content": "Hi"}]
+    assert "(code: EXECUTION_ERROR)" in answers[5]["error"]["message"]
+    assert _state_of(answers[6]["value"]) == ("file", 1, [{"role": "assistant", "content": "Hi"}], [[72, 105]])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_openenv_client_big_step_is_accepted_by_a_chatenv_server(oe, mode):
+    """OpenEnv's server takes messages up to 16 MiB (uvicorn's limit, recorded); so does
+    chatenv by default: a 300,000-token step from OpenEnv's client goes through."""
+    assert len(json.dumps({"type": "step", "data": {"tokens": _BIG_STEP, "metadata": {}}})) > 2**20
+    with chatenv.serve_in_thread() as url, oe.open(url, mode) as theirs:
+        theirs.reset()
+        result = theirs.step(_BIG_STEP)
+        assert result["observation"]["tokens"] == _BIG_STEP
+        assert result["observation"]["messages"] == [{"role": "assistant", "content": "h" * len(_BIG_STEP)}]
+        assert theirs.step([33])["observation"]["tokens"][-2:] == [104, 33]
+
+
+# ------------------------------------------------------------------------------
+# chatenv's clients -> the OpenEnv peer (both releases)
+# ------------------------------------------------------------------------------
+
+
+def test_chatenv_client_against_openenv_server(openenv_url):
+    with chatenv.ChatEnv(openenv_url) as env:
+        first = env.reset(seed=1, episode_id="ep-1")
+        assert _observed(first) == ([], [], None, False, None, False)
+        seen = []
+        for ids in _STEPS:
+            seen.append(ids)
+            result = env.step(chatenv.ChatAction(tokens=ids))
+            assert (result.observation.messages, result.observation.tokens) == _expected_history(seen)
+            assert (result.reward, result.done) == (None, False)
+        state = env.state()
+        messages, _ = _expected_history(_STEPS)
+        # OpenEnv's chat environment leaves episode_id empty and step_count at 0
+        assert _state_of(state) == (None, 0, messages, _STEPS)
+        assert env.reset().observation.messages == []
+
+
+def test_chatenv_async_client_against_openenv_server(openenv_url):
+    async def run():
+        async with chatenv.AsyncChatEnv(openenv_url) as env:
+            assert (await env.reset()).observation.tokens == []
+            for i, ids in enumerate(_STEPS, 1):
+                result = await env.step(chatenv.ChatAction(tokens=ids))
+                assert (result.observation.messages, result.observation.tokens) == _expected_history(_STEPS[:i])
+            state = await env.state()
+            assert state.history_tokens == _STEPS
+
+    asyncio.run(run())
+
+
+def test_chatenv_clients_see_openenv_error_frames(openenv_url):
+    with chatenv.ChatEnv(openenv_url) as env:
+        env.reset()
+        env.step(chatenv.ChatAction(tokens=[72, 105]))
+        with pytest.raises(chatenv.ChatEnvError) as info:
+            env.step(chatenv.ChatAction(tokens=[300]))  # bytes() refuses it: OpenEnv's EXECUTION_ERROR
+        assert info.value.code == "EXECUTION_ERROR"
+        assert "range(0, 256)" in info.value.message
+        # OpenEnv keeps the session after an execution error, and keeps the failed
+        # step's tokens (stored before decoding) without adding a message (recorded)
+        result = env.step(chatenv.ChatAction(tokens=[33]))
+        assert result.observation.tokens == [72, 105, 300, 33]
+        assert result.observation.messages == [{"role": "assistant", "content": "Hi"},
+                                               {"role": "assistant", "content": "!"}]
+        assert env.state().history_tokens == [[72, 105], [300], [33]]
+
+    async def run():
+        async with chatenv.AsyncChatEnv(openenv_url) as env:
+            await env.reset()
+            with pytest.raises(chatenv.ChatEnvError) as info:
+                await env.step(chatenv.ChatAction(tokens=[300]))
+            assert info.value.code == "EXECUTION_ERROR"
+            state = await env.state()
+            assert (state.history_messages, state.history_tokens) == ([], [[300]])
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_clients_at_openenv_capacity(peer, client):
+    url = peer["single"]  # max_concurrent_envs=1, chat_env's own default
+    first = _until_admitted(lambda: _sync_session(url))
+    with first:
+        if client == "sync":
+            with pytest.raises((chatenv.ChatEnvError, ConnectionError)) as info:
+                with chatenv.ChatEnv(url) as second:
+                    second.reset()
+        else:
+            async def run():
+                async with chatenv.AsyncChatEnv(url) as second:
+                    await second.reset()
+
+            with pytest.raises((chatenv.ChatEnvError, ConnectionError)) as info:
+                asyncio.run(run())
+        if isinstance(info.value, chatenv.ChatEnvError):
+            assert info.value.code == "CAPACITY_REACHED"
+        # the first session is unaffected
+        assert first.step(chatenv.ChatAction(tokens=[72, 105])).observation.tokens == [72, 105]
+    # and once it is gone, a newcomer gets in
+    with _until_admitted(lambda: _sync_session(url)) as third:
+        assert third.reset().observation.messages == []
+
+
+def test_chatenv_delta_client_against_openenv_server_gets_full_observations(openenv_url):
+    with chatenv.ChatEnv(openenv_url) as delta, chatenv.ChatEnv(openenv_url, delta=False) as full:
+        assert _observed(delta.reset()) == _observed(full.reset())
+        for ids in _STEPS * 3:
+            assert _observed(delta.step(chatenv.ChatAction(tokens=ids))) == _observed(full.step(chatenv.ChatAction(tokens=ids)))
+        assert _state_of(delta.state()) == _state_of(full.state())
+        # a new episode on the same connection starts from scratch
+        assert _observed(delta.reset()) == _observed(full.reset())
+        assert _observed(delta.step(chatenv.ChatAction(tokens=[33]))) == _observed(full.step(chatenv.ChatAction(tokens=[33])))
+
+
+def test_chatenv_async_delta_client_against_openenv_server(openenv_url):
+    async def run():
+        async with chatenv.AsyncChatEnv(openenv_url, delta=True) as env:
+            await env.reset()
+            for i, ids in enumerate(_STEPS, 1):
+                result = await env.step(chatenv.ChatAction(tokens=ids))
+                assert (result.observation.messages, result.observation.tokens) == _expected_history(_STEPS[:i])
+
+    asyncio.run(run())
+
+
+def test_chatenv_client_against_openenv_server_with_system_prompt(peer):
+    # Both servers tokenize the system prompt with chatenv's embedded tokenizer's chat template
+    with chatenv.serve_in_thread(system_prompt=PROMPT) as ce_url:
+        with chatenv.ChatEnv(peer["prompt"]) as theirs, chatenv.ChatEnv(ce_url) as ce:
+            oe_first, ce_first = theirs.reset(), ce.reset()
+            assert oe_first.observation.messages == [{"role": "system", "content": PROMPT}]
+            assert _observed(oe_first) == _observed(ce_first)
+            assert _observed(theirs.step(chatenv.ChatAction(tokens=[72, 105]))) == _observed(
+                ce.step(chatenv.ChatAction(tokens=[72, 105])))
+            assert _state_of(theirs.state())[2:] == _state_of(ce.state())[2:]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_client_big_step_against_openenv_server(openenv_url, client):
+    if client == "sync":
+        with chatenv.ChatEnv(openenv_url) as env:
+            env.reset()
+            assert env.step(chatenv.ChatAction(tokens=_BIG_STEP)).observation.tokens == _BIG_STEP
+    else:
+        async def run():
+            async with chatenv.AsyncChatEnv(openenv_url) as env:
+                await env.reset()
+                return (await env.step(chatenv.ChatAction(tokens=_BIG_STEP))).observation.tokens
+
+        assert asyncio.run(run()) == _BIG_STEP
+
+
+def _with_metadata(frame, release):
+    """A 0.3.0 observation frame as 0.10.0 writes it: ``"metadata":{}`` first in ``observation``."""
+    return frame.replace('{"observation":{', '{"observation":{"metadata":{},') if release == "0.10.0" else frame
+
+
+def test_openenv_peer_frames_match_recorded_transcripts(openenv_url, release):
+    """The peer is OpenEnv's chat_env: its frames equal ones recorded from OpenEnv
+    (the failed [300] step's tokens stay in the history, as chat_env stores them
+    before decoding)."""
+    recorded = [
+        ('{"type":"reset","data":{}}',
+         '{"type":"observation","data":{"observation":{"messages":[],"tokens":[]},"reward":null,"done":false}}'),
+        ('{"type":"step","data":{"tokens":[72,105],"metadata":{}}}',
+         '{"type":"observation","data":{"observation":{"messages":[{"role":"assistant","content":"Hi"}],'
+         '"tokens":[72,105]},"reward":null,"done":false}}'),
+        ('{"type":"step","data":{"tokens":[300]}}',
+         '{"type":"error","data":{"message":"bytes must be in range(0, 256)","code":"EXECUTION_ERROR"}}'),
+        ('{"type":"bogus"}',
+         '{"type":"error","data":{"message":"Unknown message type: bogus","code":"UNKNOWN_TYPE"}}'),
+        ('{"type":"step","data":{"tokens":[72.9,true,"105"]}}',
+         '{"type":"observation","data":{"observation":{"messages":[{"role":"assistant","content":"Hi"},'
+         '{"role":"assistant","content":"H\\u0001i"}],"tokens":[72,105,300,72,1,105]},"reward":null,"done":false}}'),
+        ('{"type":"state"}',
+         '{"type":"state","data":{"episode_id":null,"step_count":0,"history_messages":[{"role":"assistant",'
+         '"content":"Hi"},{"role":"assistant","content":"H\\u0001i"}],"history_tokens":[[72,105],[300],[72,1,105]]}}'),
+    ]
+    with _raw(openenv_url, compression=None) as ws:
+        for sent, received in recorded:
+            ws.send(sent)
+            assert ws.recv(timeout=10) == _with_metadata(received, release)
+
+
+@pytest.mark.timeout(900)
+def test_openenv_peer_answers_as_openenv_chat_env_recorded(release, tmp_path):
+    """record_openenv.py run against the peer gives the recording of OpenEnv's own
+    chat_env, case for case, except /schema (its docstrings are OpenEnv's text)."""
+    out = tmp_path / f"peer-{release}.jsonl"
+    done = subprocess.run([str(_require_venv(release)), str(HERE / "record_openenv.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peer = [json.loads(line) for line in out.read_text().splitlines()]
+    real = _recording(release)
+    assert [c["case"] for c in peer] == [c["case"] for c in real]
+    assert peer[0]["version"] == real[0]["version"] == release
+    for mine, theirs in zip(peer[1:], real[1:]):
+        if mine["case"] == "HTTP GET /schema":
+            assert json.loads(mine["received"]).keys() == json.loads(theirs["received"]).keys()
+            continue
+        assert mine == theirs
+
+
+# ------------------------------------------------------------------------------
+# A chatenv server's frames against the recorded frames of each release
+# ------------------------------------------------------------------------------
+
+# chatenv answers these exactly as OpenEnv 0.10.0 did, byte for byte
+SAME_FRAMES = [
+    "reset", "reset with seed and episode_id", "step tokens [72,105]", "step tokens [33] (second step)",
+    "step UTF-8 [195,169] (third step)", "step with characters JSON escapes", "reset after steps",
+    "close after a session", "invalid JSON text", "unknown type", "close message", "extra: type missing",
+    "extra: type not a string", "extra: step tokens nested lists flattened", "extra: reset unknown kwarg",
+    'new: step with metadata {"k":1}', "new: reset with chatenv_delta true, then probe state", "new: reset seed -1",
+    "new: reset without data", "new: mcp tools/list", "new: mcp tools/call", "new: mcp openenv/session/create",
+    "new: state then step before any reset", "new: /ws?session_id=does-not-exist", "second concurrent session",
+    "first session after the refusal", "a third session after both closed", "step of 300000 tokens",
+]
+# ... and these the same but for the state, where chatenv fills episode_id and step_count
+SAME_BUT_STATE = {"state after two steps": ("ep-1", 2), "state after four steps": ("ep-1", 4)}
+# the same error code; chatenv's message is its own (no pydantic "errors" list); session kept
+SAME_CODE = [
+    "step with tokens missing", "step with empty tokens list", "extra: step data not an object",
+    "extra: step unknown action field", "extra: message with extra top-level key", "new: step with metadata a list",
+    "new: step with data null", "new: type call_tool as a step", "new: step with metadata null",
+    "new: reset data null", "new: state with data {}", "new: close with data {}",
+]
+# OpenEnv answers SESSION_ERROR and closes; chatenv answers this error and keeps the session
+KEEPS_SESSION = {
+    'step with tokens ["a"]': "VALIDATION_ERROR",
+    "binary frame (bytes of a valid state message)": "INVALID_JSON",
+    "extra: JSON array frame": "VALIDATION_ERROR",
+    "extra: JSON number frame": "VALIDATION_ERROR",
+}
+# OpenEnv coerces (or fails executing); chatenv's checks are strict: VALIDATION_ERROR, history unchanged
+STRICT = [
+    "extra: step tokens as a string", "extra: step tokens floats/bools/strings coerced", "extra: step tokens with null",
+    "extra: step tokens negative", 'new: reset seed "x"', "new: reset episode_id 5",
+]
+
+
+@pytest.fixture(scope="module")
+def chatenv_recording():
+    """record_openenv.py's cases, recorded from a chatenv server (one session at a
+    time, as chat_env's app runs), keyed like the OpenEnv recordings."""
+    out = io.StringIO()
+    with chatenv.serve_in_thread(max_sessions=1) as url:
+        rec = record_openenv.Recorder(url, out)
+        record_openenv.record_http_routes(rec)
+        record_openenv.record_normal_session(rec)
+        record_openenv.record_errors(rec)
+        record_openenv.record_big_messages(rec)
+        record_openenv.record_sessions(rec)
+        record_openenv.record_capacity(rec)
+    cases = {}
+    for line in out.getvalue().splitlines():
+        case = json.loads(line)
+        cases.setdefault(case["case"], case)
+    return cases
+
+
+def _history(state_frame):
+    data = json.loads(state_frame)["data"]
+    return data["history_messages"], data["history_tokens"]
+
+
+def _strip_metadata(value):
+    """0.10.0's frames as 0.3.0 wrote them: no ``"metadata":{}`` in observations."""
+    if isinstance(value, str):
+        return value.replace('"observation":{"metadata":{},', '"observation":{')
+    if isinstance(value, list):
+        return [_strip_metadata(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip_metadata(v) for k, v in value.items()}
+    return value
+
+
+def _as_release(value, release):
+    return value if release == "0.10.0" else _strip_metadata(value)
+
+
+@pytest.mark.parametrize("name", SAME_FRAMES)
+def test_chatenv_frames_equal_openenv_recorded(chatenv_recording, release, name):
+    """0.10.0 byte for byte (observations with ``"metadata":{}`` first); 0.3.0 the
+    same frames without it. Probes agree on the history."""
+    if release == "0.3.0" and name == "new: /ws?session_id=does-not-exist":
+        # 0.3.0 ignored session_id (a new session, recorded); chatenv answers as 0.10.0
+        theirs = _cases("0.3.0")[name]
+        assert (theirs["received"], theirs["close"]) == ([], {"still_open_after_s": 3.0})
+        release = "0.10.0"
+    theirs, mine = _cases(release)[name], chatenv_recording[name]
+    received = _as_release(mine["received"], release)
+    if name == "step of 300000 tokens" and release == "0.3.0":  # a size: less 0.10.0's metadata
+        received = dict(received, bytes=received["bytes"] - len('"metadata":{},'))
+    assert received == theirs["received"]
+    assert mine.get("close") == theirs.get("close")
+    if isinstance(theirs.get("probe"), str):
+        assert _history(mine["probe"]) == _history(theirs["probe"])
+
+
+@pytest.mark.parametrize("name", sorted(SAME_BUT_STATE))
+def test_chatenv_state_frames_equal_openenv_recorded_but_episode_id_and_step_count(chatenv_recording, release, name):
+    episode_id, steps = SAME_BUT_STATE[name]
+    theirs = _cases(release)[name]["received"]
+    assert '"episode_id":null,"step_count":0,' in theirs  # OpenEnv's chat_env leaves them empty
+    expected = theirs.replace('"episode_id":null,"step_count":0,', f'"episode_id":"{episode_id}","step_count":{steps},')
+    assert chatenv_recording[name]["received"] == expected
+
+
+@pytest.mark.parametrize("name", SAME_CODE)
+def test_chatenv_error_codes_equal_openenv_recorded(chatenv_recording, release, name):
+    theirs, mine = _cases(release)[name], chatenv_recording[name]
+    assert json.loads(mine["received"])["data"]["code"] == json.loads(theirs["received"])["data"]["code"]
+    assert "close" not in theirs and "close" not in mine
+    assert _history(mine["probe"]) == _history(theirs["probe"])
+
+
+@pytest.mark.parametrize("name", sorted(KEEPS_SESSION))
+def test_chatenv_keeps_the_session_where_openenv_closed_it(chatenv_recording, release, name):
+    theirs, mine = _cases(release)[name], chatenv_recording[name]
+    assert json.loads(theirs["received"])["data"]["code"] == "SESSION_ERROR"
+    assert theirs["close"] == {"code": 1000, "reason": ""}
+    assert json.loads(mine["received"])["data"]["code"] == KEEPS_SESSION[name]
+    assert "close" not in mine
+    assert _history(mine["probe"]) == ([{"role": "assistant", "content": "Hi"}], [[72, 105]])
+
+
+@pytest.mark.parametrize("name", STRICT)
+def test_chatenv_refuses_what_openenv_coerced(chatenv_recording, release, name):
+    theirs, mine = _cases(release)[name], chatenv_recording[name]
+    assert json.loads(theirs["received"])["type"] in ("observation", "error")
+    if json.loads(theirs["received"])["type"] == "error":
+        assert json.loads(theirs["received"])["data"]["code"] == "EXECUTION_ERROR"
+    assert json.loads(mine["received"])["data"]["code"] == "VALIDATION_ERROR"
+    assert _history(mine["probe"]) == ([{"role": "assistant", "content": "Hi"}], [[72, 105]])
+
+
+def test_chatenv_failed_step_keeps_history_atomic_where_openenv_keeps_its_tokens(chatenv_recording, release):
+    """The documented difference: OpenEnv stores a step's tokens before decoding them,
+    so a step its tokenizer refuses leaves ``[300]`` in history_tokens with no message
+    (history_tokens then outgrows history_messages); chatenv changes nothing."""
+    name = "extra: token id out of byte range (byte tokenizer)"
+    theirs, mine = _cases(release)[name], chatenv_recording[name]
+    assert json.loads(theirs["received"])["data"] == {"message": "bytes must be in range(0, 256)",
+                                                      "code": "EXECUTION_ERROR"}
+    assert _history(theirs["probe"]) == ([{"role": "assistant", "content": "Hi"}], [[72, 105], [300]])
+    assert json.loads(mine["received"])["data"]["code"] == "EXECUTION_ERROR"
+    assert _history(mine["probe"]) == ([{"role": "assistant", "content": "Hi"}], [[72, 105]])
+
+
+def test_chatenv_delta_reset_is_the_one_thing_openenv_ignores(chatenv_recording, release):
+    """``chatenv_delta`` in reset data: OpenEnv ignores the key (full observations,
+    recorded); chatenv sends deltas, whose first frame is the full reset."""
+    theirs = _cases(release)["new: chatenv_delta reset then two steps"]["received"]
+    mine = chatenv_recording["new: chatenv_delta reset then two steps"]["received"]
+    assert _as_release(mine[0], release) == theirs[0]
+    assert all('"delta":' not in frame for frame in theirs)
+    assert all('"delta":' in frame for frame in mine[1:])
+
+
+def test_chatenv_mcp_errors_equal_openenv_recorded(chatenv_recording, release):
+    theirs = json.loads(_cases(release)["new: mcp bad request"]["received"])
+    mine = json.loads(chatenv_recording["new: mcp bad request"]["received"])
+    assert mine["type"] == theirs["type"] == "mcp"
+    assert (mine["data"]["id"], mine["data"]["error"]["code"]) == (theirs["data"]["id"], theirs["data"]["error"]["code"])
+
+
+def test_chatenv_http_mcp_session_attached_over_ws_as_openenv_0_10(chatenv_recording):
+    name = "new: /ws?session_id=<HTTP MCP session>: reset, step, state; reattach, state"
+    theirs, mine = _cases("0.10.0")[name]["received"], chatenv_recording[name]["received"]
+    assert mine[:2] == theirs[:2]
+    assert _history(mine[2]) == _history(theirs[2])
+    assert list(mine[3]) == list(theirs[3]) == ["reattached_state"]
+    assert _history(mine[3]["reattached_state"]) == _history(theirs[3]["reattached_state"])
+    for case in ("new: HTTP POST /mcp openenv/session/create", "new: HTTP POST /mcp openenv/session/close"):
+        assert chatenv_recording[case]["received"] == _cases("0.10.0")[case]["received"]
+
+
+def test_chatenv_message_limit_is_openenv_s_16_mib(chatenv_recording, release):
+    """A message of exactly 16 MiB is read (and refused for its unknown key); one byte
+    more closes the session with 1009, on both."""
+    theirs, mine = _cases(release)["message over 16 MiB"], chatenv_recording["message over 16 MiB"]
+    assert theirs["received"]["closed"]["code"] == mine["received"]["closed"]["code"] == 1009
+    theirs, mine = _cases(release)["message of exactly 16 MiB"], chatenv_recording["message of exactly 16 MiB"]
+    assert theirs["sent"] == mine["sent"] == {"bytes": 16 * 2**20}
+    assert theirs["received"] == mine["received"] == {"type": "error", "code": "VALIDATION_ERROR"}
+
+
+# HTTP answers equal to 0.10.0's (status, body, content type); the Server header aside
+SAME_HTTP = [
+    ("GET", "/health", None), ("GET", "/health?probe=1", None), ("POST", "/health", {}), ("GET", "/web", None),
+    ("GET", "/web/", None), ("GET", "/list_environments", None), ("GET", "/chat_env/splits", None),
+    ("POST", "/chat_env/num_tasks", {"split": "test"}), ("GET", "/chat_env/tasks", None),
+    ("POST", "/chat_env/tasks", {"split": "test"}), ("POST", "/chat_env/task", {"split": "test", "index": 0}),
+    ("POST", "/chat_env/task_range", {"split": "test", "start": 0, "stop": 1}), ("GET", "/other_env/splits", None),
+    ("POST", "/mcp", {"jsonrpc": "2.0", "method": "tools/list", "params": {}, "id": 1}),
+    ("POST", "/mcp", {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "x", "arguments": {}}, "id": 2}),
+    ("POST", "/mcp", "not json"), ("GET", "/mcp", None), ("GET", "/harness", None), ("GET", "/nonexistent", None),
+    ("HEAD", "/nonexistent", None), ("GET", "/", None), ("POST", "/reset", {}),
+    ("POST", "/reset", {"seed": 1, "episode_id": "ep-1"}), ("POST", "/step", {"action": {"tokens": [72, 105]}}),
+]
+
+
+def _http_cases(recording):
+    return {(c["case"], json.dumps(c.get("sent"))): c for c in recording if c["case"].startswith("HTTP ")}
+
+
+@pytest.mark.parametrize("method, path, body", SAME_HTTP, ids=lambda v: v if isinstance(v, str) else None)
+def test_chatenv_http_routes_equal_openenv_0_10_recorded(chatenv_url, method, path, body):
+    theirs = _http_cases(_recording("0.10.0"))[(f"HTTP {method} {path}", json.dumps(body))]
+    rec = record_openenv.Recorder(chatenv_url, io.StringIO())
+    raw = body if isinstance(body, str) else None
+    status, data, content_type, _ = rec.http(method, path, body=None if raw else body, raw=raw)
+    assert (status, data, content_type) == (theirs["http_status"], theirs["received"], theirs["content_type"])
+
+
+def test_chatenv_http_routes_openenv_0_10_added(chatenv_url):
+    """/openapi.json has every path 0.10.0 lists (same methods) and an info.version;
+    /metadata has its keys; /schema its four schemas; POST /mcp {} is JSON-RPC."""
+    rec = record_openenv.Recorder(chatenv_url, io.StringIO())
+    theirs = {c["case"]: c for c in _recording("0.10.0")}
+    status, data = rec.http("GET", "/openapi.json")[:2]
+    openapi = record_openenv._openapi_summary(data)
+    assert status == 200 and isinstance(openapi["info"]["version"], str)
+    for path, methods in theirs["HTTP GET /openapi.json"]["received"]["paths"].items():
+        assert openapi["paths"].get(path) == methods, path
+    status, data = rec.http("GET", "/metadata")[:2]
+    assert status == 200 and json.loads(data).keys() >= json.loads(theirs["HTTP GET /metadata"]["received"]).keys()
+    status, data = rec.http("GET", "/schema")[:2]
+    assert status == 200 and json.loads(data).keys() >= json.loads(theirs["HTTP GET /schema"]["received"]).keys()
+    status, data = rec.http("POST", "/mcp", body={})[:2]
+    expected = json.loads(_http_cases(_recording("0.10.0"))[("HTTP POST /mcp", "{}")]["received"])
+    assert status == 200
+    assert {k: v for k, v in json.loads(data).items() if k != "error"} == {"jsonrpc": "2.0", "id": None}
+    assert json.loads(data)["error"]["code"] == expected["error"]["code"] == -32600
+
+
+def test_chatenv_system_prompt_frames_equal_openenv_recorded(release):
+    """SYSTEM_PROMPT with the recordings' tokenizer (bytes, no chat template: chat_env
+    tokenizes ``"system: <prompt>\\n"``): the same frames, state aside."""
+    theirs = _cases(release)["system prompt (SYSTEM_PROMPT=You are terse.): reset, step, state, reset"]["received"]
+    with chatenv.serve_in_thread(support_chatenv.ByteTokenizer(), system_prompt=PROMPT) as url, _raw(url) as ws:
+        mine = [record_openenv.Recorder.ask(ws, frame) for frame in (
+            '{"type":"reset","data":{}}', '{"type":"step","data":{"tokens":[72,105]}}', '{"type":"state"}',
+            '{"type":"reset","data":{}}')]
+    assert [_as_release(mine[i], release) for i in (0, 1, 3)] == [theirs[i] for i in (0, 1, 3)]
+    assert _history(mine[2]) == _history(theirs[2])
+    assert json.loads(theirs[0])["data"]["observation"]["tokens"] == list(f"system: {PROMPT}\n".encode())
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHATENV_") and k not in ("SYSTEM_PROMPT", "TOKENIZER_NAME")}
+    env.update(extra)
+    return env
+
+
+def _server(argv, env):
+    """A server subprocess whose output goes to a file (a pipe nobody reads would fill)."""
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def _output(proc):
+    proc.log.seek(0)
+    return proc.log.read()[-3000:]
+
+
+def _wait_healthy(url, proc, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {_output(proc)}")
+        try:
+            with NO_PROXY.open(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url}/health did not answer within {timeout_s} s")
+
+
+def _stop(proc, timeout_s=30):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the server did not stop within {timeout_s} s of SIGTERM: {_output(proc)}")
+    finally:
+        proc.log.close()
+
+
+@pytest.mark.parametrize("release_", RELEASES)
+def test_chatenv_shutdown_close_code_equals_openenv_recorded(release_):
+    """SIGTERM with a session open: the session sees the close code OpenEnv's sessions saw."""
+    recorded = _cases(release_)["SIGTERM to the server with a session open"]
+    port = _free_port()
+    proc = _server([sys.executable, "-m", "chatenv", "serve", "--port", str(port), "--log-level", "WARNING"],
+                   _clean_env())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        with _raw(url) as ws:
+            ws.send('{"type":"reset","data":{}}')
+            ws.recv(timeout=10)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=30)
+            assert {"code": ws.close_code, "reason": ""} == {"code": recorded["close"]["code"], "reason": ""}
+        assert proc.wait(30) == recorded["server_exit_status"] == 0
+    finally:
+        _stop(proc)
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's validator (0.10.0): `openenv validate --url` and `openenv validate DIR`
+# ------------------------------------------------------------------------------
+
+
+def _openenv_cli():
+    return str(_require_venv("0.10.0").parent / "openenv")
+
+
+def _validate(*args, timeout_s=300):
+    return subprocess.run([_openenv_cli(), "validate", *args], capture_output=True, text=True, timeout=timeout_s,
+                          env=_clean_env(NO_PROXY="127.0.0.1,localhost"))
+
+
+RUNTIME_CHECKS = {"openapi_version_available", "health_endpoint", "metadata_endpoint", "schema_endpoint",
+                  "mcp_endpoint", "mode_endpoint_consistency"}
+
+
+@pytest.mark.timeout(600)
+def test_openenv_validate_url_json_passes_every_check(chatenv_url):
+    done = _validate("--url", chatenv_url, "--json")
+    report = json.loads(done.stdout)
+    failed = [c for c in report["criteria"] if not c["passed"]]
+    assert failed == [] and done.returncode == 0, json.dumps(failed, indent=1)
+    assert {c["id"] for c in report["criteria"]} == RUNTIME_CHECKS
+    assert report["passed"] is True
+    assert report["standard_profile"] == "openenv-http/1.x"  # info.version 1.x, as OpenEnv's
+    assert report["summary"]["passed_count"] == report["summary"]["total_count"] == len(RUNTIME_CHECKS)
+
+
+@pytest.mark.timeout(600)
+def test_openenv_validate_url_text_passes_every_check(chatenv_url):
+    done = _validate("--url", chatenv_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "Verdict: PASS"
+    assert {line.split()[1] for line in lines if line.strip().startswith("PASS")} == RUNTIME_CHECKS
+    assert not any(line.strip().startswith("FAIL") for line in lines)
+
+
+# The package as `openenv validate` sees it: the manifest and what it names
+PACKAGE_FILES = ("openenv.yaml", "chatenv.py", "pyproject.toml", "Dockerfile", "README.md", "PROTOCOL.md")
+
+
+@pytest.fixture(params=["repository", "package files"])
+def package_dir(request, tmp_path):
+    """The repository itself (`openenv validate .`), and its package files alone."""
+    if request.param == "repository":
+        return HERE
+    root = tmp_path / "chatenv"
+    root.mkdir()
+    for name in PACKAGE_FILES:
+        shutil.copy2(HERE / name, root / name)
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_openenv_validate_package_static_passes(package_dir):
+    done = _validate(str(package_dir), "--level", "static", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == "pass"
+    assert [(r["check_id"], r["status"]) for r in report["results"]] == [("static.manifest", "pass")]
+    assert report["manifest"]["name"] == "chat_env"
+
+
+@pytest.mark.timeout(600)
+def test_openenv_validate_package_default_level_passes(package_dir):
+    """The default (semantic) level: static.manifest passes; the runtime checks are
+    skipped (no `execution:` declaration), which the validator grades WARN, exit 0."""
+    done = _validate(str(package_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] in ("Verdict: PASS", "Verdict: WARN")
+    assert any(line.split()[:2] == ["PASS", "static.manifest"] for line in lines)
+    assert not any(line.strip().startswith(("FAIL", "ERROR")) for line in lines)
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's launchers: the exact commands its 0.10.0 providers run, read from the
+# installed package at test time, run here against chatenv (loopback, a free port)
+# ------------------------------------------------------------------------------
+
+_SENTINEL_PORT = 54321  # the port asked of OpenEnv's code, replaced by a free one to run here
+
+
+@pytest.fixture(scope="module")
+def launchers():
+    _require_venv("0.10.0")
+    return support_chatenv.launcher_commands(root=HERE, port=_SENTINEL_PORT, app="chatenv:app")
+
+
+def _local_argv(words, port):
+    """A launcher's argv, run here: OpenEnv's ``python`` is this interpreter (which
+    has chatenv and uvicorn), 0.0.0.0 is loopback, the port a free one."""
+    argv = []
+    for word in words:
+        word = {"python": sys.executable, "0.0.0.0": "127.0.0.1", str(_SENTINEL_PORT): str(port)}.get(word, word)
+        argv.append(word)
+    return argv
+
+
+def _executable(name):
+    """A console script: beside this interpreter (pip puts them there), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"no `{name}` executable: `pip install -e .` installs chatenv's console scripts"
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_launcher_commands_are_read_from_openenv(launchers):
+    """What the helper read: Daytona's and Modal's uvicorn command for openenv.yaml's
+    `app`, HF's `server`, uv's uvicorn, docker's `-p PORT:8000`."""
+    for name in ("daytona", "modal"):
+        assert launchers[name] == (f"cd /app/env && python -m uvicorn chatenv:app --host 0.0.0.0 "
+                                   f"--port {_SENTINEL_PORT}")
+    assert launchers["hf_sandbox"] == "server" and launchers["hf_sandbox_port"] == 8000
+    assert launchers["uv"][launchers["uv"].index("--") + 1:][:2] == ["uvicorn", "chatenv:app"]
+    assert launchers["docker_run"][:3] == ["docker", "run", "-d"]
+    assert f"{_SENTINEL_PORT}:8000" in launchers["docker_run"]
+    assert launchers["dockerfile_cmd"]  # Daytona/Modal's fallback: the Dockerfile's last CMD
+
+
+def _launch_argv(launchers, name, port):
+    if name in ("daytona", "modal"):
+        cd, _, command = launchers[name].partition(" && ")
+        assert shlex.split(cd) == ["cd", "/app/env"]  # /app/env holds the repo's files in the image
+        return _local_argv(shlex.split(command), port), {}
+    if name == "uv":  # `uv run --isolated --project P -- <command>`: the command uv runs
+        words = launchers["uv"][launchers["uv"].index("--") + 1:]
+        return [_executable(words[0])] + _local_argv(words[1:], port), {}
+    # `server` from PATH (HF sandboxes), and the Dockerfile's CMD (the image's `server`):
+    # port 8000 and all interfaces come from CHATENV_PORT/CHATENV_HOST in the image
+    words = shlex.split(launchers["hf_sandbox" if name == "hf_sandbox" else "dockerfile_cmd"])
+    return [_executable(words[0])] + words[1:], {"CHATENV_PORT": str(port), "CHATENV_HOST": "127.0.0.1"}
+
+
+@pytest.mark.parametrize("name", ["daytona", "modal", "uv", "hf_sandbox", "dockerfile_cmd"])
+def test_launcher_command_serves_a_working_session(launchers, name):
+    port = _free_port()
+    argv, env = _launch_argv(launchers, name, port)
+    proc = _server(argv, _clean_env(**env))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        with chatenv.ChatEnv(url) as env_:
+            assert env_.reset(episode_id="launched").observation.messages == []
+            assert env_.step(chatenv.ChatAction(tokens=[72, 105])).observation.messages == [
+                {"role": "assistant", "content": "Hi"}]
+            assert _state_of(env_.state()) == ("launched", 1, [{"role": "assistant", "content": "Hi"}], [[72, 105]])
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.timeout(600)
+def test_launched_asgi_app_passes_openenv_validate(launchers):
+    """Daytona's command (uvicorn serving chatenv:app) passes `openenv validate --url` too."""
+    port = _free_port()
+    argv, env = _launch_argv(launchers, "daytona", port)
+    proc = _server(argv, _clean_env(**env))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        report = json.loads(_validate("--url", url, "--json").stdout)
+        assert [c["id"] for c in report["criteria"] if not c["passed"]] == []
+        assert report["passed"] is True
+    finally:
+        _stop(proc)
+
+
+# ------------------------------------------------------------------------------
+# The split holds: this process never imported OpenEnv
+# ------------------------------------------------------------------------------
+
+
+def test_this_process_never_imported_openenv():
+    assert not any(name == "openenv" or name.startswith("openenv.") for name in sys.modules)
