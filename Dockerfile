@@ -12,7 +12,7 @@
 #   Daytona, Modal   `cd /app/env && python -m uvicorn chatenv:app --host 0.0.0.0 --port 8000`
 #                    (the `app` of /app/env/openenv.yaml), or the ENTRYPOINT without its CMD
 #   HF sandbox       an executable named `server` on PATH
-# UVICORN (default: uvicorn) is what makes the second form work, about 1 MB; build with
+# UVICORN (default: uvicorn) is what makes the second form work, about 2 MB; build with
 # --build-arg UVICORN= for the smallest image, served by chatenv's own server only.
 ARG BASE=python:3.11-slim
 FROM ${BASE}

@@ -139,8 +139,8 @@ async def _floor_session(ws, system_prompt=None):
             except (TypeError, ValueError) as exc:
                 await ws.send(_floor_error("EXECUTION_ERROR", str(exc)))
                 continue
-            history_messages.append(
-                json.dumps({"role": "assistant", "content": content}, separators=_COMPACT)
+            history_messages.append(  # raw UTF-8, as chatenv and OpenEnv write text
+                json.dumps({"role": "assistant", "content": content}, separators=_COMPACT, ensure_ascii=False)
             )
             history_tokens.append(",".join(map(str, tokens)))
             step_count += 1
@@ -150,7 +150,7 @@ async def _floor_session(ws, system_prompt=None):
             history_messages, history_tokens = [], []
             if system_prompt:
                 history_messages.append(
-                    json.dumps({"role": "system", "content": system_prompt}, separators=_COMPACT)
+                    json.dumps({"role": "system", "content": system_prompt}, separators=_COMPACT, ensure_ascii=False)
                 )
                 history_tokens.append(",".join(map(str, system_prompt.encode("utf-8"))))
             episode_id = data.get("episode_id") if isinstance(data.get("episode_id"), str) else uuid.uuid4().hex
@@ -326,6 +326,22 @@ async def _mode_long(base_url, steps, n_tokens, window, compression=None, reset_
         result["bins_ms"] = [statistics.median(latencies[i:i + bin_steps]) * 1e3
                              for i in range(0, steps - bin_steps + 1, bin_steps)]
     return result
+
+
+def _settle(servers, quiet_s=0.3, timeout_s=20):
+    """Wait until no server process uses CPU for ``quiet_s`` (at most ``timeout_s``): a
+    server still tearing down the sessions of the last measure (OpenEnv's threads take
+    seconds) would slow whichever server is measured next."""
+    pids = [server.proc.pid for server in servers.values()]
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout_s
+    before = _cpu_s(pids)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = _cpu_s(pids)
+        if now - before <= tick * len(pids):  # a tick each: timers and pings, not work
+            return
+        before = now
 
 
 def _proc_status(pid):
@@ -979,6 +995,7 @@ def plot_curve(curve, machine, path):
         ends.append([math.log10(values[-1]), f"{values[-1]:.2g} ms", style["color"]])
     ax.set_yscale("log")
     ax.set_xlim(0, curve["steps"][-1] + curve["bin_steps"] / 2)
+    ax.set_ylim(top=max(max(v) for v in curve["ms"].values()) * 3)  # room for the legend above the lines
     # Each line's last value at its right end, nudged apart so close ones stay legible
     low, high = (math.log10(v) for v in ax.get_ylim())
     gap = (high - low) * 11 / (fig.get_figheight() * 72 * 0.8)  # ~11 points, in decades
@@ -1039,6 +1056,7 @@ def run_curve(args):
     results = {"machine": _machine(), "counts": counts, "kinds": kinds, "openenv": args.openenv_peers, "modes": {}}
     log(f"# servers: {', '.join(kinds)}")
     servers = _start_servers(kinds, args, together=True)
+    _settle(servers)
     log(f"# long episodes, {counts['long_steps']} x {counts['long_tokens']} tokens")
     modes = results["modes"]
     modes["long"], modes["long_delta"], modes["curve"] = _long_episodes(servers, kinds, counts, log)
@@ -1092,6 +1110,7 @@ def run_benchmark(args):
         for kind in kinds
     }
 
+    _settle(servers)
     log("# one session (and chatenv --loop uvloop, in the same rounds)")
     modes["single"] = _interleaved(
         kinds + (["chatenv-uvloop"] if uvloop else []),
@@ -1107,6 +1126,7 @@ def run_benchmark(args):
     if uvloop:
         log(f"  uvloop/asyncio: {modes['uvloop']['uvloop_vs_asyncio']:.2f} (rounds {modes['uvloop']['round_ratios']})")
 
+    _settle(servers)
     log("# concurrent sessions")
     modes["concurrent"] = _interleaved(
         kinds, lambda kind: asyncio.run(_mode_concurrent(servers[kind].url, counts["conc_sessions"],
@@ -1114,6 +1134,7 @@ def run_benchmark(args):
         counts["repeats"], "steps_per_s")
     log(f"  {modes['concurrent']}")
 
+    _settle(servers)
     log("# long episode (and the step-cost curve, from the same runs)")
     modes["long"], modes["long_delta"], modes["curve"] = _long_episodes(servers, kinds, counts, log)
 
@@ -1255,7 +1276,7 @@ def render_table(results):
         f"chatenv benchmark, {mach['date']}: {mach['cpu']} ({mach['cpus']} cpus), Python {mach['python']}, "
         f"websockets {mach['websockets']}, {mach['platform']}",
         "replies byte-identical to the floor's on a few steps (OpenEnv 0.3.0 leaves out the observation's "
-        "\"metadata\":{}; OpenEnv writes non-ASCII text as UTF-8, chatenv and the floor as \\u escapes): "
+        "\"metadata\":{}): "
         + ", ".join(f"{k}: {'yes' if v['identical'] else 'NO'}"
                     f"{'' if v['identical_with_non_ascii'] else ' (differs on non-ASCII content)'}"
                     for k, v in ident.items()),
