@@ -1349,10 +1349,12 @@ class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
     It drives websockets' Sans-I/O protocol from asyncio transports directly:
-    no task or thread per connection; whole request frames are read without the
-    protocol's parser, and each loop turn's replies are written together, one
-    frame each. Embedded-tokenizer steps run inline; any other tokenizer runs in
-    a thread pool, so a slow tokenizer never stalls other sessions or pings.
+    no long-lived task or thread per connection; whole request frames are read
+    without the protocol's parser, and each loop turn's replies are written
+    together, one frame each (a large one a chunk a turn). It accepts from its
+    listening sockets itself, counting every connection from its first byte.
+    Embedded-tokenizer steps run inline; any other tokenizer runs in a thread
+    pool, so a slow tokenizer never stalls other sessions or pings.
     """
 
     def __init__(
@@ -2058,6 +2060,8 @@ class _Connection:
                 self.rx, self.rx_need = bytearray(data[pos:]), need
         if slow:
             self._count_held()
+            if self.inbox:  # a large request may have come whole: then one at a time
+                self._update_reading()
 
     def _fragment(self, opcode: int, fin: int, payload: bytes) -> None:
         """One frame of a fragmented message (uncompressed: the parser handles compressed ones)."""
@@ -2221,7 +2225,7 @@ class _Connection:
             return  # refused at capacity: its close is under way
         self.inbox.append((opcode, data))
         self.last_message = self.last_rx
-        if len(self.inbox) >= _INBOX_LIMIT or len(data) > _READ_BYTES:
+        if len(self.inbox) >= _INBOX_LIMIT:
             self._update_reading()
 
     def _drain(self) -> None:
