@@ -644,6 +644,10 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
     actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
     loop = asyncio.new_event_loop()
 
+    async def async_block(env, start):  # chatenv.AsyncChatEnv on the raw generator's loop
+        for i in range(start, start + block):
+            await env.step(actions[i % len(actions)])
+
     async def parse_block(ws, start):  # the raw generator plus json.loads of each reply
         for i in range(start, start + block):
             await ws.send(frames[i % len(frames)])
@@ -661,6 +665,8 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
         default, full = chatenv.ChatEnv(url), chatenv.ChatEnv(url, delta=False)
         default.reset()
         full.reset()
+        async_env = chatenv.AsyncChatEnv(url)
+        loop.run_until_complete(async_env.reset())
 
         def threading_block(start):
             for i in range(start, start + block):
@@ -673,11 +679,13 @@ def _sync_client_vs_raw(url, steps, n_tokens, repeats, block=50):
             threading_raw.close()
             default.close()
             full.close()
+            loop.run_until_complete(async_env.close())
 
         return {
             "raw": lambda start: loop.run_until_complete(_run_steps(raw, frames, block, first=start)),
             "sync": _client_block(default, actions, block),
             "sync_full": _client_block(full, actions, block),
+            "async": lambda start: loop.run_until_complete(async_block(async_env, start)),
             "threading_raw": threading_block,
             "raw_parse": lambda start: loop.run_until_complete(parse_block(raw_parse, start)),
         }, close
@@ -732,6 +740,57 @@ def _sync_client_main(steps, n_tokens, rounds):
     finally:
         server.stop()
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+def _keepalive_main(ping_s, pause_s):
+    """``bench_chatenv.py keepalive``: sessions held through a pause longer than the
+    server's ping interval plus ping timeout, while the caller sleeps or computes.
+
+    The server (in this process) pings every ``ping_s`` and drops a peer that has
+    not answered ``ping_s`` later; a raw socket that never reads stands beside the
+    clients as the control: it must be dropped, which proves the pause was long enough.
+    """
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import chatenv
+
+    with chatenv.serve_in_thread(ping_interval_s=ping_s, ping_timeout_s=ping_s) as url:
+        silent = socket.create_connection(("127.0.0.1", url.server.port))
+        silent.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        sleeper, worker = chatenv.ChatEnv(url), chatenv.ChatEnv(url)
+        for env in (sleeper, worker):
+            env.reset()
+            env.step([72, 105])
+        started = time.monotonic()
+        time.sleep(pause_s)  # sleeping: the keepalive thread answers for both clients
+        slept = time.monotonic() - started
+        started, spins = time.monotonic(), 0
+        while time.monotonic() - started < pause_s:  # computing in pure Python, holding the GIL
+            spins += sum(range(1000)) > 0
+        busy = time.monotonic() - started
+        result = {"ping_interval_s": ping_s, "ping_timeout_s": ping_s, "slept_s": round(slept, 2),
+                  "computed_s": round(busy, 2)}
+        for name, env in (("sleeping_client", sleeper), ("computing_client", worker)):
+            try:
+                env.step([33])
+                result[name] = f"held: step {env.state().step_count} answered"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                result[name] = f"lost: {type(exc).__name__}: {exc}"
+        silent.settimeout(1)
+        gone = False
+        try:
+            while not gone:  # the 101 and the pings it never answered, then the end
+                gone = silent.recv(65536) == b""
+        except socket.timeout:
+            pass
+        except OSError:  # reset: dropped
+            gone = True
+        result["silent_raw_socket"] = "dropped by the server" if gone else "still open"
+        sleeper.close()
+        worker.close()
+        silent.close()
+    return result
 
 
 ###############################################################################
@@ -1142,6 +1201,9 @@ def run_benchmark(args):
     modes["sync_client"] = _sync_client_vs_raw(servers["chatenv"].url, counts["single_steps"], counts["single_tokens"],
                                                counts["client_rounds"])
     log(f"  {modes['sync_client']}")
+    log("# keepalive: sessions held through pauses longer than ping interval + timeout")
+    modes["keepalive"] = _keepalive_main(1.0, 3.0)
+    log(f"  {modes['keepalive']}")
     if args.openenv_peers:  # OpenEnv's client of the main comparison (0.10.0 unless told otherwise)
         log("# chatenv's sync client vs OpenEnv's, on the chatenv server")
         modes["clients"] = _chatenv_vs_openenv_client(next(iter(args.openenv_peers.values())), servers["chatenv"].url,
@@ -1242,6 +1304,9 @@ def render_table(results):
     rows.append(["  same, ChatEnv(delta=False): full observations, as from an OpenEnv server",
                  _fmt(sc["sync_full_steps_per_s"]), "-", "-", "-", "-",
                  f"sync full/raw = {_fmt(sc['sync_full_vs_raw'], 2)} (>= 0.74)"])
+    rows.append(["  chatenv.AsyncChatEnv, on the raw generator's own event loop",
+                 _fmt(sc["async_steps_per_s"]), "-", "-", "-", "-",
+                 f"async/raw = {_fmt(sc['async_vs_raw'], 2)}"])
     rows.append(["  same steps on websockets' threading client, parsing nothing",
                  _fmt(sc["threading_raw_steps_per_s"]), "-", "-", "-", "-",
                  f"threading raw/raw = {_fmt(sc['threading_raw_vs_raw'], 2)}"])
@@ -1253,6 +1318,11 @@ def render_table(results):
     rows.append(["  same steps on the raw generator with json.loads of each reply",
                  _fmt(sc["raw_parse_steps_per_s"]), "-", "-", "-", "-",
                  f"raw+loads/raw = {_fmt(sc['raw_parse_vs_raw'], 2)}"])
+    if "keepalive" in m:
+        ka = m["keepalive"]
+        rows.append([f"keepalive: server pings every {ka['ping_interval_s']:g} s, drops {ka['ping_timeout_s']:g} s later; "
+                     f"ChatEnv sleeps {ka['slept_s']:g} s, computes {ka['computed_s']:g} s", ka["sleeping_client"],
+                     "-", "-", "-", "-", f"computing: {ka['computing_client']}; a silent socket: {ka['silent_raw_socket']}"])
     for label, imp in m["import_ms"].items():
         rows.append([f"cold import ms, bytecode {label} (min / median): chatenv vs `import dataclasses, json, logging`",
                      f"{_fmt(imp['chatenv'][0], 1)} / {_fmt(imp['chatenv'][1], 1)}", "-",
@@ -1543,6 +1613,13 @@ def main(argv=None):
             return _growth_main(sub.steps, sub.tokens, sub.window, sub.rounds)
         finally:
             _stop_all()
+    if argv and argv[0] == "keepalive":
+        parser = argparse.ArgumentParser(prog="bench_chatenv.py keepalive")
+        parser.add_argument("--ping-s", type=float, default=1.0, help="the server's ping interval and timeout")
+        parser.add_argument("--pause-s", type=float, default=3.0, help="each pause: above twice --ping-s")
+        sub = parser.parse_args(argv[1:])
+        print(json.dumps(_keepalive_main(sub.ping_s, sub.pause_s)))
+        return 0
     if argv and argv[0] == "clients":
         parser = argparse.ArgumentParser(prog="bench_chatenv.py clients")
         parser.add_argument("--url", required=True)
