@@ -933,6 +933,26 @@ def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
 
 
 ###############################################################################
+# A tokenizer for tests: slow on purpose
+###############################################################################
+
+
+class StallingTokenizer:
+    """Bytes in, bytes out; decoding an id 0 stalls (a server runs it in a worker thread)."""
+
+    def __init__(self, stall_s):
+        self.stall_s = stall_s
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=False):
+        if 0 in ids:
+            time.sleep(self.stall_s)
+        return bytes(ids).decode("latin-1")
+
+
+###############################################################################
 # Command line
 ###############################################################################
 

@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import chatenv
+from support_chatenv import StallingTokenizer
 from soak_chatenv import (
     RECOVERABLE,
     TYPES,
@@ -1181,21 +1182,6 @@ def test_client_detects_a_delta_out_of_sync(make_client):
             env.step([72, 105])  # the server claims 5 tokens; the client rebuilt 4
         assert info.value.code == "DELTA_DESYNC" and "server has 2 / 5" in str(info.value)
         env.close()
-
-
-class StallingTokenizer:
-    """Bytes in, bytes out; decoding an id 0 stalls (the server runs it in a worker thread)."""
-
-    def __init__(self, stall_s: float) -> None:
-        self.stall_s = stall_s
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids, skip_special_tokens=False):
-        if 0 in ids:
-            time.sleep(self.stall_s)
-        return bytes(ids).decode("latin-1")
 
 
 def _text_frame(payload: bytes) -> bytes:

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatenv
+from support_chatenv import StallingTokenizer
 from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError, EpisodeLostError, serve_in_thread
 
 HERE = Path(__file__).resolve().parent
@@ -424,21 +425,6 @@ def test_one_async_chatenv_shared_by_two_tasks_serialises_their_calls():
 
     with serve_in_thread() as url:
         asyncio.run(main(url))
-
-
-class StallingTokenizer:
-    """Bytes in, bytes out; decoding an id 0 stalls (the server runs it in a worker thread)."""
-
-    def __init__(self, stall_s: float) -> None:
-        self.stall_s = stall_s
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids, skip_special_tokens=False):
-        if 0 in ids:
-            time.sleep(self.stall_s)
-        return bytes(ids).decode("latin-1")
 
 
 def test_a_sync_call_interrupted_before_its_reply_drops_the_connection():

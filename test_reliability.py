@@ -30,6 +30,7 @@ from websockets.sync.client import connect as ws_connect
 import chatenv
 from chatenv import ChatEnv, serve_in_thread
 from soak_chatenv import (
+    answer_head,
     OVERSIZE_CLIENT,
     UPGRADE,
     ServerProcess,
@@ -73,15 +74,8 @@ def http_request(method: str, path: str, headers: bytes = b"", body: bytes = b""
 
 def upgrade_status(port: int, request: bytes) -> int:
     """The status a WebSocket upgrade gets (the connection is closed after)."""
-    with tcp_connect(port, TIMEOUT) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
+    head = answer_head(port, request)
+    return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") else 0
 
 
 def close_code(payload: bytes) -> int | None:
