@@ -20,13 +20,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Imports: the standard library modules that `import dataclasses, json, logging` loads
+# anyway are imported here; every other one (asyncio, socket, select, signal, uuid, ...)
+# inside the function that needs it, so `import chatenv` costs little more than those
+# three and a client that never serves never loads the server's modules. Optional
+# third-party packages (transformers, tokenizers, uvloop, uvicorn) are only ever
+# imported inside the function that was asked to use them.
 import atexit
+import collections
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
 import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -652,7 +663,17 @@ class ChatEnvironment:
 
     def message_to_action(self, message: Mapping[str, Any]) -> ChatAction:
         """Tokenize a chat message into an action with this environment's tokenizer."""
-        return ChatAction(tokens=_tokenize_message(self.tokenizer, message))
+        return message_to_action(message, self.tokenizer)
+
+
+def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
+    """Tokenize a chat message (``role``, ``content``) into a ChatAction.
+
+    The one implementation: ``ChatEnvironment.message_to_action(message)`` and the
+    clients' static ``message_to_action(message, tokenizer)`` are OpenEnv's two
+    spellings of it, kept so code written for OpenEnv runs unchanged.
+    """
+    return ChatAction(tokens=_tokenize_message(tokenizer, message))
 
 
 # ------------------------------------------------------------------------------
@@ -666,6 +687,9 @@ VALIDATION_ERROR = "VALIDATION_ERROR"
 EXECUTION_ERROR = "EXECUTION_ERROR"
 CAPACITY_REACHED = "CAPACITY_REACHED"
 SESSION_ERROR = "SESSION_ERROR"
+# ... and the codes a chatenv client gives a ChatEnvError it detects itself
+PROTOCOL_ERROR = "PROTOCOL_ERROR"  # a reply the client cannot read (not JSON, a field of the wrong type)
+DELTA_DESYNC = "DELTA_DESYNC"  # a delta observation that does not extend the history the client holds
 
 _MESSAGE_TYPES = ("reset", "step", "state", "close", "mcp")
 _STEP_KEYS = frozenset(("tokens", "metadata"))
@@ -1261,7 +1285,6 @@ class _LogLimiter:
     """
 
     def __init__(self) -> None:
-        import time
 
         self._clock = time.monotonic
         self.window = self._clock()
@@ -1616,7 +1639,6 @@ class ChatServer:
             account.close()
 
     def _new_environment(self) -> ChatEnvironment:
-        import copy
 
         env = copy.copy(self._prototype)  # shares the tokenizer and system tokens
         env._clear(None)
@@ -1749,7 +1771,6 @@ class ChatServer:
             self._free_session(entry[0])
 
     def _clock(self) -> float:
-        import time
 
         return time.monotonic()
 
@@ -1862,7 +1883,6 @@ class _Connection:
     # asyncio protocol callbacks
 
     def connection_made(self, transport: Any) -> None:
-        import collections
 
         self.transport = transport
         # asyncio's selector transport receives into a fresh 256 KiB bytes per read,
@@ -2623,7 +2643,6 @@ class _Supervisor:
 
     @staticmethod
     def _now() -> float:
-        import time
 
         return time.monotonic()
 
@@ -2837,15 +2856,6 @@ class serve_in_thread:
             if self._error is None:
                 logger.exception("in-process server crashed")
 
-    def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the server's loop and return its result."""
-        import asyncio
-
-        async def run() -> Any:
-            return fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.server._loop).result(5)
-
     def stop(self) -> None:
         import asyncio
 
@@ -3006,10 +3016,13 @@ def __getattr__(name: str) -> Any:
 
 
 class ChatEnvError(RuntimeError):
-    """The server answered with an error frame; ``code`` is the protocol's error code.
+    """An error in a reply, with its code (one of the protocol section's constants).
 
-    A reply the client cannot read (not JSON, nested too deeply, a field of the
-    wrong type) is one too, with the code ``PROTOCOL_ERROR``.
+    Two kinds share it. The server said so: an error frame, whose ``code`` is the
+    server's (``VALIDATION_ERROR``, ``CAPACITY_REACHED``, ...). The client saw it: a
+    reply it cannot read (not JSON, nested too deeply, a field of the wrong type) is
+    ``PROTOCOL_ERROR``, and a delta observation that does not extend the history it
+    holds is ``DELTA_DESYNC``.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -3030,7 +3043,6 @@ class EpisodeLostError(ConnectionError):
         self.close_code = close_code
 
 
-PROTOCOL_ERROR = "PROTOCOL_ERROR"  # the code of a ChatEnvError for a reply the client cannot read
 _CLOSING_CODES = (CAPACITY_REACHED, SESSION_ERROR)  # error frames the server closes after
 _SEND_TIMER_BYTES = 2**16  # requests this large may wait on the socket: their send gets the whole message timeout
 _CLIENT_READ_BYTES = 2**16  # most bytes the sync client takes from its socket per read
@@ -3321,7 +3333,7 @@ class _ClientCore:
             self._tokens += tokens
             if totals.get("messages") != len(self._messages) or totals.get("tokens") != len(self._tokens):
                 raise ChatEnvError(
-                    "DELTA_DESYNC",
+                    DELTA_DESYNC,
                     f"rebuilt {len(self._messages)} messages / {len(self._tokens)} tokens, "
                     f"server has {_preview(totals.get('messages'))} / {_preview(totals.get('tokens'))}",
                 )
@@ -3430,7 +3442,6 @@ class _Call:
     """
 
     def __init__(self, core: _ClientCore, new_episode: bool) -> None:
-        import time
 
         self.core = core
         self.new_episode = new_episode
@@ -3459,7 +3470,6 @@ class _Call:
         return index, wait_s
 
     def _pause(self) -> float:
-        import time
 
         if self.full is None:  # every server is down: waiting for room cannot help
             if len(self.errors) == 1:
@@ -3672,11 +3682,6 @@ def _random() -> Any:
     return random
 
 
-def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
-    """Tokenize a chat message (``role``, ``content``) into a ChatAction."""
-    return ChatAction(tokens=_tokenize_message(tokenizer, message))
-
-
 class _ClientBase:
     """What ChatEnv and AsyncChatEnv share: the core (options, decisions, parsing),
     docker ownership, helpers."""
@@ -3731,7 +3736,6 @@ class _SocketWire:
     """
 
     def __init__(self, core: _ClientCore, lock: Any) -> None:
-        import time
 
         from websockets.frames import apply_mask  # in C when websockets' speedups are built
 
@@ -4244,8 +4248,6 @@ class _Keepalive:
 
     def __init__(self) -> None:
         import socket
-        import time
-        import weakref
 
         self.clock = time.monotonic
         self.wires: Any = weakref.WeakSet()
@@ -4270,7 +4272,6 @@ class _Keepalive:
                 self._turn()
             except Exception:  # one bad turn must not end every client's keepalive
                 logger.exception("keepalive thread error")
-                import time
 
                 time.sleep(_IDLE_S)
 
@@ -4379,7 +4380,6 @@ class ChatEnv(_ClientBase):
 
     def _connect(self, plan: _Call) -> _SocketWire:
         """A new connection on the plan's next server (waiting first when it says so)."""
-        import time
 
         while True:
             index, wait_s = plan.next_server()
@@ -4517,7 +4517,6 @@ class AsyncChatEnv(_ClientBase):
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
         """The async twin of ChatEnv.from_docker_image (docker runs in a worker thread)."""
         import asyncio
-        import functools
 
         launch = functools.partial(cls._launch, image, **options)
         return await asyncio.get_running_loop().run_in_executor(None, launch)
@@ -4929,7 +4928,6 @@ def _start_container(image, *, port=None, env_vars=None, ready_timeout_s=60.0,
 def _wait_healthy(exe, container, ready_timeout_s):
     """Poll /health (short timeouts, small backoff) until 200; raise DockerError with
     the log tail if the container exits first or the deadline passes."""
-    import time
 
     deadline = time.monotonic() + ready_timeout_s
     delay = 0.05
