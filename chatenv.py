@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 __all__ = [
     # Models
@@ -51,16 +51,30 @@ __all__ = [
     "ByteTokenizer",
     "load_tokenizer",
     "tokens_to_list",
+    "message_to_action",
     # Environment
     "ChatEnvironment",
-    # Protocol
+    # Protocol: pure, frame in and reply out
     "Session",
     "Reply",
     "handle_frame",
+    "http_reply",
+    # ... its error codes: the server's, then those a client detects itself
+    "INVALID_JSON",
+    "UNKNOWN_TYPE",
+    "VALIDATION_ERROR",
+    "EXECUTION_ERROR",
+    "CAPACITY_REACHED",
+    "SESSION_ERROR",
+    "PROTOCOL_ERROR",
+    "DELTA_DESYNC",
+    # ... and the reset key that asks a chatenv server for delta observations
+    "DELTA_KEY",
     # Server
     "ChatServer",
     "serve",
     "serve_in_thread",
+    "ServerURL",
     "ASGIApp",
     # Clients
     "ChatEnv",
@@ -258,9 +272,57 @@ class StepResult:
         return cls(observation, observation.reward, observation.done)
 
 
+
+# The models' JSON schemas, as GET /schema serves them (OpenEnv's validator reads them)
+_ACTION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "metadata": {"type": "object"},
+    },
+    "required": ["tokens"],
+    "additionalProperties": False,
+}
+_MESSAGE_SCHEMA = {
+    "type": "object",
+    "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+    "required": ["role", "content"],
+}
+_OBSERVATION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "done": {"type": "boolean"},
+        "reward": {"type": ["number", "null"]},
+        "metadata": {"type": "object"},
+    },
+}
+_STATE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "episode_id": {"type": ["string", "null"]},
+        "step_count": {"type": "integer"},
+        "history_messages": {"type": "array", "items": _MESSAGE_SCHEMA},
+        "history_tokens": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    },
+}
+
 # ------------------------------------------------------------------------------
 # Tokenizers: an embedded byte-level default, duck typing, optional HF loaders
 # ------------------------------------------------------------------------------
+
+if TYPE_CHECKING:  # for type checkers only: at run time a tokenizer is duck-typed
+    from typing import Protocol
+
+    class Tokenizer(Protocol):
+        """What chatenv calls on a tokenizer (``_check_tokenizer`` checks it at run time):
+        ``decode``, and ``apply_chat_template`` (preferred) or ``encode``. ByteTokenizer,
+        Hugging Face's tokenizers and ``tokenizers.Tokenizer`` all qualify."""
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+        def encode(self, text: str) -> Any: ...
 
 
 class ByteTokenizer:
@@ -321,7 +383,7 @@ class ByteTokenizer:
 _DEFAULT_TOKENIZER_NAMES = {"", "default", "embedded", "bytes", ByteTokenizer.name}
 
 
-def load_tokenizer(spec: Any = None) -> Any:
+def load_tokenizer(spec: Any = None) -> Tokenizer:
     """Return a tokenizer: the embedded default, a tokenizer object, or one loaded by name.
 
     ``spec`` is None or "default" (embedded), a path to a ``tokenizer.json``
@@ -383,7 +445,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
         )
 
 
-def _tokenize_message(tokenizer: Any, message: Mapping[str, Any]) -> list[int]:
+def _tokenize_message(tokenizer: Tokenizer, message: Mapping[str, Any]) -> list[int]:
     """Tokenize one chat message: the chat template, else ``encode("role: content\\n")``."""
     if not isinstance(message, Mapping):
         raise ValueError("message must be a dict with 'role' and 'content'")
@@ -406,7 +468,7 @@ def _tokenize_message(tokenizer: Any, message: Mapping[str, Any]) -> list[int]:
     return tokens_to_list(tokenizer.encode(f"{message['role']}: {message['content']}\n"))
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
+def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
     """Decode ids with special tokens skipped, as OpenEnv does."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if not isinstance(text, str):
@@ -666,7 +728,7 @@ class ChatEnvironment:
         return message_to_action(message, self.tokenizer)
 
 
-def message_to_action(message: Mapping[str, Any], tokenizer: Any) -> ChatAction:
+def message_to_action(message: Mapping[str, Any], tokenizer: Tokenizer) -> ChatAction:
     """Tokenize a chat message (``role``, ``content``) into a ChatAction.
 
     The one implementation: ``ChatEnvironment.message_to_action(message)`` and the
@@ -1114,40 +1176,6 @@ _LOG_LINES_PER_S = 20  # lines a second of one kind about sessions (opened, clos
 _CLOSE_PROTOCOL_ERROR, _CLOSE_TOO_BIG, _CLOSE_TRY_AGAIN = 1002, 1009, 1013
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
-
-_ACTION_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        "metadata": {"type": "object"},
-    },
-    "required": ["tokens"],
-    "additionalProperties": False,
-}
-_MESSAGE_SCHEMA = {
-    "type": "object",
-    "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
-    "required": ["role", "content"],
-}
-_OBSERVATION_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
-        "tokens": {"type": "array", "items": {"type": "integer"}},
-        "done": {"type": "boolean"},
-        "reward": {"type": ["number", "null"]},
-        "metadata": {"type": "object"},
-    },
-}
-_STATE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "episode_id": {"type": ["string", "null"]},
-        "step_count": {"type": "integer"},
-        "history_messages": {"type": "array", "items": _MESSAGE_SCHEMA},
-        "history_tokens": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-    },
-}
 
 
 def _frame_header(length: int) -> bytes:
@@ -4679,11 +4707,12 @@ class AsyncChatEnv(_ClientBase):
 # Docker: launch a server image with `docker run`, own it, remove it
 # ------------------------------------------------------------------------------
 
-_CONTAINER_PORT = 8000
-_STOP_TIMEOUT_S = 2          # `docker stop -t`: grace before SIGKILL; chatenv exits in < 1 s
-_LOG_TAIL_LINES = 20
-_DOCKER_CALL_TIMEOUT_S = 30.0
+_CONTAINER_PORT = 8000  # the port the image's server listens on inside the container
+_STOP_TIMEOUT_S = 2  # `docker stop -t`: grace before SIGKILL; chatenv exits in < 1 s
+_LOG_TAIL_LINES = 20  # container log lines quoted in a DockerError
+_DOCKER_CALL_TIMEOUT_S = 30.0  # most any docker CLI call but `docker run` may take
 
+# What the docker CLI's stderr says when the daemon, an image or a container is missing
 _DAEMON_DOWN_MARKERS = (
     "cannot connect to the docker daemon",
     "is the docker daemon running",
@@ -4705,8 +4734,8 @@ class DockerError(RuntimeError):
     """A Docker operation failed; the message says what and why."""
 
 
-def _docker_exe(docker):
-    """The docker CLI's full path, or DockerError if it is not installed."""
+def _docker_exe(docker: str) -> str:
+    """Return the docker CLI's full path; DockerError if it is not installed."""
     import shutil
 
     exe = shutil.which(docker)
@@ -4717,9 +4746,13 @@ def _docker_exe(docker):
     return exe
 
 
-def _docker(exe, *args, timeout=_DOCKER_CALL_TIMEOUT_S, check=True):
-    """Run `docker ARGS`; return the CompletedProcess (text). With check, a non-zero
-    exit raises DockerError; a daemon that cannot be reached is always named as such."""
+def _docker(exe: str, *args: str, timeout: float = _DOCKER_CALL_TIMEOUT_S,
+            check: bool = True) -> Any:
+    """Run ``docker ARGS`` and return its CompletedProcess (text).
+
+    With ``check`` a non-zero exit raises DockerError; a daemon that cannot be
+    reached is always named as such.
+    """
     import subprocess
 
     try:
@@ -4741,15 +4774,16 @@ def _docker(exe, *args, timeout=_DOCKER_CALL_TIMEOUT_S, check=True):
     return proc
 
 
-def _last_line(text):
+def _last_line(text: str) -> str:
+    """The last meaningful line of the docker CLI's stderr, for an error message."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     # The docker CLI ends some errors with a "Run/See 'docker run --help'" hint: skip it.
     lines = [ln for ln in lines if not ln.startswith(("Run '", "See '"))]
     return lines[-1] if lines else "(no output)"
 
 
-def _logs_tail(exe, name, lines=_LOG_TAIL_LINES):
-    """The last lines the container wrote (stdout and stderr interleaved), best effort."""
+def _logs_tail(exe: str, name: str, lines: int = _LOG_TAIL_LINES) -> str:
+    """Return the last lines the container wrote (stdout and stderr interleaved), best effort."""
     import subprocess
 
     try:
@@ -4761,29 +4795,30 @@ def _logs_tail(exe, name, lines=_LOG_TAIL_LINES):
         return f"(could not read the container's logs: {exc})"
 
 
-def _remove(exe, name):
-    """`docker rm -f NAME`, ignoring a container that is already gone. Raises
-    DockerError for any other failure."""
+def _remove(exe: str, name: str) -> None:
+    """``docker rm -f NAME``, ignoring a container that is already gone; DockerError otherwise."""
     proc = _docker(exe, "rm", "-f", name, check=False)
     if proc.returncode != 0 and not any(m in proc.stderr.lower() for m in _GONE_MARKERS):
         raise DockerError(f"could not remove container {name}: {_last_line(proc.stderr)}")
 
 
 # Containers started by this process and not yet stopped: removed at interpreter exit.
-_live_containers = {}
+_live_containers: dict[str, _Container] = {}
 _live_lock = threading.Lock()
 
 
 @atexit.register
-def _stop_live_containers():
-    """Remove every container this process started and did not stop (one `docker rm
-    -f` call: at exit, speed beats a graceful shutdown). Never raises."""
+def _stop_live_containers() -> None:
+    """Remove every container this process started and did not stop; never raises.
+
+    One ``docker rm -f`` call: at exit, speed beats a graceful shutdown.
+    """
     if not _live_containers:
         return
     import subprocess
 
     with _live_lock:
-        by_exe = {}
+        by_exe: dict[str, list[str]] = {}
         for c in _live_containers.values():
             by_exe.setdefault(c._docker, []).append(c.name)
         _live_containers.clear()
@@ -4798,7 +4833,7 @@ def _stop_live_containers():
 class _Container:
     """Handle to one running server container: where it listens and how to stop it."""
 
-    def __init__(self, name, host_port, image, docker_exe):
+    def __init__(self, name: str, host_port: int, image: str, docker_exe: str) -> None:
         self.name = name
         self.image = image
         self.host_port = host_port
@@ -4809,9 +4844,11 @@ class _Container:
         with _live_lock:
             _live_containers[name] = self
 
-    def stop(self):
-        """`docker stop` (short grace: the server exits on SIGTERM) then `docker rm -f`.
-        Idempotent; a container that is already gone is not an error."""
+    def stop(self) -> None:
+        """``docker stop`` (short grace: the server exits on SIGTERM), then ``docker rm -f``.
+
+        Idempotent; a container that is already gone is not an error.
+        """
         with self._lock:
             if self._stopped:
                 return
@@ -4825,23 +4862,19 @@ class _Container:
                 pass  # rm -f below kills it anyway, and reports a real failure
             _remove(self._docker, self.name)
 
-    def logs(self, lines=_LOG_TAIL_LINES):
-        """The last `lines` lines of the container's output (for diagnostics)."""
-        return _logs_tail(self._docker, self.name, lines)
-
-    def __enter__(self):
+    def __enter__(self) -> _Container:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "stopped" if self._stopped else "running"
         return f"<_Container {self.name} {self.image} at {self.base_url} ({state})>"
 
 
-def _health_ok(base_url, timeout):
-    """True if GET /health answers 200 within `timeout` seconds (never via a proxy)."""
+def _health_ok(base_url: str, timeout: float) -> bool:
+    """Whether GET /health answers 200 within ``timeout`` seconds (never via a proxy)."""
     import urllib.error
     import urllib.request
 
@@ -4855,8 +4888,8 @@ def _health_ok(base_url, timeout):
         return False
 
 
-def _container_state(exe, name):
-    """(status, exit_code) of the container, e.g. ("running", 0) or ("exited", 2)."""
+def _container_state(exe: str, name: str) -> tuple[str, int | None]:
+    """Return the container's (status, exit code), e.g. ("running", 0) or ("exited", 2)."""
     proc = _docker(exe, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name,
                    check=False)
     if proc.returncode != 0:
@@ -4865,8 +4898,8 @@ def _container_state(exe, name):
     return status, int(code) if code.lstrip("-").isdigit() else None
 
 
-def _published_port(exe, name):
-    """The loopback host port Docker mapped to the container's port 8000."""
+def _published_port(exe: str, name: str) -> int:
+    """Return the loopback host port Docker mapped to the container's port 8000."""
     out = _docker(exe, "port", name, f"{_CONTAINER_PORT}/tcp").stdout
     for line in out.splitlines():           # e.g. "127.0.0.1:49153"
         host, _, port = line.strip().rpartition(":")
@@ -4876,20 +4909,22 @@ def _published_port(exe, name):
                       f"{out.strip()!r}")
 
 
-def _start_container(image, *, port=None, env_vars=None, ready_timeout_s=60.0,
-                     docker="docker", name_prefix="chatenv"):
-    """Start IMAGE detached with its port 8000 published on 127.0.0.1:PORT (a free port,
-    chosen by Docker, when port is None), passing env_vars as -e K=V, and wait until
-    GET /health answers 200. Returns a _Container. On any failure (docker missing,
-    daemon unreachable, unknown image, container exits, not healthy in time, interrupt)
-    raises DockerError with the reason and the container's last log lines, and the
-    container is removed: nothing is left behind."""
+def _start_container(image: str, *, port: int | None = None, env_vars: Mapping[str, str] | None = None,
+                     ready_timeout_s: float = 60.0, docker: str = "docker") -> _Container:
+    """Start ``image`` and return its _Container once GET /health answers 200.
+
+    The container's port 8000 is published on 127.0.0.1:``port`` (a free port Docker
+    picks when None); ``env_vars`` are passed as ``-e K=V``. On any failure (docker
+    missing, daemon unreachable, unknown image, the container exits, not healthy in
+    time, an interrupt) it raises DockerError with the reason and the container's
+    last log lines, and removes the container: nothing is left behind.
+    """
     import uuid
 
     exe = _docker_exe(docker)
     if not image or not isinstance(image, str):
         raise DockerError(f"image must be a non-empty string, not {image!r}")
-    name = f"{name_prefix}-{uuid.uuid4().hex[:12]}"
+    name = f"chatenv-{uuid.uuid4().hex[:12]}"
     publish = f"127.0.0.1:{'' if port is None else int(port)}:{_CONTAINER_PORT}"
     args = ["run", "-d", "--name", name, "-p", publish, "--label", "chatenv.launcher=1"]
     for key, value in (env_vars or {}).items():
@@ -4925,10 +4960,11 @@ def _start_container(image, *, port=None, env_vars=None, ready_timeout_s=60.0,
         raise
 
 
-def _wait_healthy(exe, container, ready_timeout_s):
-    """Poll /health (short timeouts, small backoff) until 200; raise DockerError with
-    the log tail if the container exits first or the deadline passes."""
+def _wait_healthy(exe: str, container: _Container, ready_timeout_s: float) -> None:
+    """Poll /health (short timeouts, small backoff) until it answers 200.
 
+    DockerError, with the log tail, if the container exits first or the deadline passes.
+    """
     deadline = time.monotonic() + ready_timeout_s
     delay = 0.05
     while True:
