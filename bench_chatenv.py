@@ -1351,14 +1351,12 @@ def _start_replay(shape, steps, n_tokens, window):
         raise
 
 
-def _growth_one(kind, url, steps, window, frames, actions, chatenv=None):
-    """Per-step ms of the first and the last ``window`` steps of one episode, for one client
-    (``chatenv``: the module whose ChatEnv runs, by default the one ``import chatenv`` finds)."""
+def _growth_one(kind, url, steps, window, frames, actions):
+    """Per-step ms of the first and the last ``window`` steps of one episode, for one client."""
     perf = time.perf_counter
     times = []
     if kind == "chatenv":
-        if chatenv is None:
-            import chatenv
+        import chatenv
 
         env = chatenv.ChatEnv(url, delta=False)
         try:
@@ -1527,21 +1525,103 @@ def _import_round(trees, runs):
     return result
 
 
-def _compare_clients(trees, urls, steps, n_tokens, block=50):
-    """ChatEnv (sync, its delta default) and AsyncChatEnv of each tree, each on its tree's
-    server, all holding a session at once and taking turns in blocks: steps/s of each."""
-    _, token_lists = _step_frames(n_tokens)
-    loop = asyncio.new_event_loop()
+def _alternating(runners, steps, block):
+    """Seconds each runner spends on ``steps`` steps: ``runners[key](start, n)`` runs steps
+    ``start`` to ``start + n``; the runners take turns in blocks of ``block`` steps, their
+    order reversed every block, so load drifting on this shared machine hits all alike."""
+    elapsed = dict.fromkeys(runners, 0.0)
+    keys = list(runners)
+    for b, start in enumerate(range(0, steps, block)):
+        for key in keys if b % 2 == 0 else keys[::-1]:
+            began = time.perf_counter()
+            runners[key](start, min(block, steps - start))
+            elapsed[key] += time.perf_counter() - began
+    return elapsed
 
-    async def async_block(env, actions, start):
-        for i in range(start, start + block):
+
+def _compare_servers(servers, counts, block=50):
+    """The raw generator on each tree's server, sessions held on both at once and the trees
+    taking turns in blocks: steps/s with 1 session and with ``conc_sessions``, and a long
+    episode's last-window ms/step."""
+    c = counts
+    loop = asyncio.new_event_loop()
+    run = loop.run_until_complete
+    frames, _ = _step_frames(c["single_tokens"])
+    long_frames, _ = _step_frames(c["long_tokens"])
+    result, opened = {}, []
+
+    async def together(coroutines, return_exceptions=False):
+        return await asyncio.gather(*coroutines, return_exceptions=return_exceptions)
+
+    def open_sessions(n):
+        groups = {key: [run(_open_session(server.url)) for _ in range(n)] for key, server in servers.items()}
+        opened.extend(ws for group in groups.values() for ws in group)
+        return groups
+
+    def close_sessions():
+        run(together((ws.close() for ws in opened), return_exceptions=True))
+        opened.clear()
+        _settle(servers)
+
+    def steps_of(group, frames, latencies=None):
+        if len(group) == 1:
+            return lambda start, n: run(_run_steps(group[0], frames, n, latencies, first=start))
+        return lambda start, n: run(together(_run_steps(ws, frames[i:] + frames[:i], n, first=start)
+                                             for i, ws in enumerate(group)))
+
+    try:
+        groups = open_sessions(1)
+        elapsed = _alternating({key: steps_of(group, frames) for key, group in groups.items()}, c["single_steps"],
+                               block)
+        result["single"] = {key: c["single_steps"] / seconds for key, seconds in elapsed.items()}
+        close_sessions()
+        groups = open_sessions(c["conc_sessions"])
+        elapsed = _alternating({key: steps_of(group, frames) for key, group in groups.items()}, c["conc_steps"],
+                               max(1, block // 5))  # each block is that many steps of every session
+        result["concurrent"] = {key: c["conc_sessions"] * c["conc_steps"] / seconds for key, seconds in elapsed.items()}
+        close_sessions()
+        groups, latencies = open_sessions(1), {key: [] for key in servers}
+        _alternating({key: steps_of(group, long_frames, latencies[key]) for key, group in groups.items()},
+                     c["long_steps"], block)
+        # medians of the window, not means: on a shared machine one preempted step would outweigh the rest
+        result["long_last_ms"] = {key: statistics.median(s[-c["window"]:]) * 1e3 for key, s in latencies.items()}
+        close_sessions()
+    finally:
+        run(together((ws.close() for ws in opened), return_exceptions=True))
+        loop.close()
+    return result
+
+
+def _compare_clients(trees, urls, replay_url, counts, block=50):
+    """Each tree's clients, all holding a session at once and taking turns in blocks:
+    ChatEnv (sync, its delta default) and AsyncChatEnv steps/s, each on its tree's server;
+    then ChatEnv(delta=False) on the replay server's growing full observations, the
+    last-window ms/step and its growth over the first window."""
+    c = counts
+    _, token_lists = _step_frames(c["single_tokens"])
+    _, long_token_lists = _step_frames(c["long_tokens"])
+    loop = asyncio.new_event_loop()
+    result, sync_envs, async_envs = {"sync": {}, "async": {}}, [], []
+
+    async def async_steps(env, actions, start, n):
+        for i in range(start, start + n):
             await env.step(actions[i % len(actions)])
 
     def async_runner(env, actions):
-        return lambda start: loop.run_until_complete(async_block(env, actions, start))
+        return lambda start, n: loop.run_until_complete(async_steps(env, actions, start, n))
 
-    def open_runners():
-        runners, sync_envs, async_envs = {}, [], []
+    def sync_steps(env, actions, latencies=None):
+        def steps(start, n):
+            perf = time.perf_counter
+            for i in range(start, start + n):
+                began = perf()
+                env.step(actions[i % len(actions)])
+                if latencies is not None:
+                    latencies.append(perf() - began)
+        return steps
+
+    try:
+        runners = {}
         for tree in trees:
             chatenv = tree.module
             actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
@@ -1550,65 +1630,53 @@ def _compare_clients(trees, urls, steps, n_tokens, block=50):
             async_envs.append(async_env)
             sync_env.reset()
             loop.run_until_complete(async_env.reset())
-            runners[f"{tree.key}_sync"] = _client_block(sync_env, actions, block)
-            runners[f"{tree.key}_async"] = async_runner(async_env, actions)
-
-        def close():
-            for env in sync_envs:
-                env.close()
-            for env in async_envs:
-                loop.run_until_complete(env.close())
-
-        return runners, close
-
-    try:
-        return {name: rates[0] for name, rates in _take_turns(open_runners, steps, 1, block).items()}
+            runners[(tree.key, "sync")] = sync_steps(sync_env, actions)
+            runners[(tree.key, "async")] = async_runner(async_env, actions)
+        for (key, kind), seconds in _alternating(runners, c["single_steps"], block).items():
+            result[kind][key] = c["single_steps"] / seconds
+        runners, latencies = {}, {tree.key: [] for tree in trees}
+        for tree in trees:
+            actions = [tree.module.ChatAction(tokens=ids) for ids in long_token_lists]
+            env = tree.module.ChatEnv(replay_url, delta=False)
+            sync_envs.append(env)
+            env.reset()
+            runners[tree.key] = sync_steps(env, actions, latencies[tree.key])
+        _alternating(runners, c["growth_steps"], block)
+        window = c["window"]
+        result["growth_last_ms"] = {key: statistics.median(s[-window:]) * 1e3 for key, s in latencies.items()}
+        result["growth"] = {key: statistics.median(s[-window:]) / statistics.median(s[:window])
+                            for key, s in latencies.items()}
     finally:
+        for env in sync_envs:
+            env.close()
+        for env in async_envs:
+            loop.run_until_complete(env.close())
         loop.close()
+    return result
 
 
 def _compare_round(trees, counts, replay_url, log):
-    """One round of every measure, the trees taking turns in the order given: ``{measure:
-    {tree key: value}}``. Each round starts fresh servers (their start is a measure) and
-    measures their idle sessions first, as the main run does, before any other load."""
+    """One round of every measure, the trees taking turns (``trees`` in the order to begin
+    with): ``{measure: {tree key: value}}``. Each round starts fresh servers (their start is
+    a measure) and measures their idle sessions first, as the main run does."""
     c = counts
-    sample = {}
-
-    def each(measure, run):
-        sample[measure] = {tree.key: run(tree) for tree in trees}
-
-    servers = {}
+    sample, servers, starts = {}, {}, {tree.key: [] for tree in trees}
     try:
-        for tree in trees:
-            servers[tree.key] = tree.server().start(timeout_s=60)
-        sample["start_ms"] = {key: server.start_s * 1e3 for key, server in servers.items()}
-        each("idle_rss_kb", lambda tree: asyncio.run(_mode_idle_rss(
-            servers[tree.key].url, servers[tree.key].proc.pid, c["idle_sessions"]))["rss_kb_per_session"])
+        for run in range(c["start_runs"]):  # taking turns; the last servers stay up for the measures
+            for tree in trees:
+                servers[tree.key] = tree.server().start(timeout_s=60)
+                starts[tree.key].append(servers[tree.key].start_s * 1e3)
+                if run < c["start_runs"] - 1:
+                    servers.pop(tree.key).stop()
+        sample["start_ms"] = {key: min(values) for key, values in starts.items()}
+        sample["idle_rss_kb"] = {key: asyncio.run(_mode_idle_rss(server.url, server.proc.pid, c["idle_sessions"]))
+                                 ["rss_kb_per_session"] for key, server in servers.items()}
         _settle(servers)
-        each("single", lambda tree: asyncio.run(_mode_single(
-            servers[tree.key].url, c["single_steps"], c["single_tokens"]))["steps_per_s"])
-        _settle(servers)
-        each("concurrent", lambda tree: asyncio.run(_mode_concurrent(
-            servers[tree.key].url, c["conc_sessions"], c["conc_steps"], c["single_tokens"]))["steps_per_s"])
-        _settle(servers)
-        each("long_last_ms", lambda tree: asyncio.run(_mode_long(
-            servers[tree.key].url, c["long_steps"], c["long_tokens"], c["window"]))["last_ms"])
-        _settle(servers)
-        rates = _compare_clients(trees, {key: server.url for key, server in servers.items()}, c["single_steps"],
-                                 c["single_tokens"])
-        for kind in ("sync", "async"):
-            sample[kind] = {tree.key: rates[f"{tree.key}_{kind}"] for tree in trees}
+        sample.update(_compare_servers(servers, c))
+        sample.update(_compare_clients(trees, {key: server.url for key, server in servers.items()}, replay_url, c))
     finally:
         for server in servers.values():
             server.stop()
-    frames, token_lists = _step_frames(c["long_tokens"])
-    growth = {}
-    for tree in trees:
-        actions = [tree.module.ChatAction(tokens=ids) for ids in token_lists]
-        growth[tree.key] = _growth_one("chatenv", replay_url, c["growth_steps"], c["window"], frames, actions,
-                                       chatenv=tree.module)
-    sample["growth"] = {key: last / first for key, (first, last) in growth.items()}
-    sample["growth_last_ms"] = {key: last for key, (_, last) in growth.items()}
     imports = _import_round(trees, c["import_runs"])
     sample["import_cached_ms"], sample["import_uncached_ms"] = imports["cached"], imports["uncached"]
     log("  " + ", ".join(f"{m} {_fmt(_ratio(v['new'], v['baseline']), 3)}" for m, v in sample.items()))
@@ -1618,16 +1686,16 @@ def _compare_round(trees, counts, replay_url, log):
 _COMPARE_ROWS = [  # measure: label (formatted with the counts)
     ("single", "server, 1 session x {single_steps} steps x {single_tokens} tok (raw generator): steps/s"),
     ("concurrent", "server, {conc_sessions} sessions x {conc_steps} steps: aggregate steps/s"),
-    ("long_last_ms", "server, long episode {long_steps} x {long_tokens} tok: last-{window} ms/step"),
+    ("long_last_ms", "server, long episode {long_steps} x {long_tokens} tok: last-{window} ms/step (median)"),
     ("idle_rss_kb", "server RSS per idle session ({idle_sessions} open): KB"),
-    ("start_ms", "server start until /health 200: ms"),
+    ("start_ms", "server start until /health 200 (least of {start_runs}): ms"),
     ("import_cached_ms", "`import chatenv`, bytecode cached (least of {import_runs}): ms"),
     ("import_uncached_ms", "`import chatenv`, no bytecode (least of {import_runs}): ms"),
     ("sync", "ChatEnv (sync, delta) on its tree's server, taking turns: steps/s"),
     ("async", "AsyncChatEnv on its tree's server, same turns: steps/s"),
     ("growth", "ChatEnv(delta=False), {growth_steps} x {long_tokens} tok full observations: "
-               "last-/first-{window} ms (growth)"),
-    ("growth_last_ms", "  same, last-{window} ms/step"),
+               "last-{window} / first-{window} ms/step (growth; medians)"),
+    ("growth_last_ms", "  same, last-{window} ms/step (median)"),
 ]
 
 
@@ -1666,11 +1734,15 @@ def run_compare(args):
         proc.wait(10)
     results["medians"] = {measure: {key: statistics.median(values) for key, values in by_tree.items()}
                           for measure, by_tree in results["samples"].items()}
+    # The ratio: the median of each round's, since a round's two figures were taken in turns
+    results["ratios"] = {measure: statistics.median(_ratio(n, b) for b, n in zip(by_tree["baseline"], by_tree["new"]))
+                         for measure, by_tree in results["samples"].items()}
     return results
 
 
 def render_compare(results):
-    """The comparison as a Markdown table: each tree's median, their ratio, each round's ratio."""
+    """The comparison as a Markdown table: each tree's median, the median and each of the
+    rounds' ratios."""
     trees, counts, medians, samples = results["trees"], results["counts"], results["medians"], results["samples"]
     mach = results["machine"]
     lines = [f"chatenv compare, {mach['date']}: {mach['cpu']} ({mach['cpus']} cpus), Python {mach['python']}, "
@@ -1680,13 +1752,13 @@ def render_compare(results):
         modified = " (chatenv.py modified)" if tree["chatenv_py_modified"] else ""
         lines.append(f"{name}: {tree['path']} at {tree['commit']}{modified}, chatenv.py sha256 {tree['sha256']}; "
                      f"`import chatenv` there: {tree['import_chatenv']}")
-    lines += ["", "| measure | baseline | this tree | this tree / baseline | each round |",
+    lines += ["", "| measure | baseline | this tree | this tree / baseline (median of the rounds') | each round |",
               "| --- | ---: | ---: | ---: | --- |"]
     for measure, label in _COMPARE_ROWS:
         base, new = medians[measure]["baseline"], medians[measure]["new"]
-        each = ", ".join(_fmt(n / b, 2) for b, n in zip(samples[measure]["baseline"], samples[measure]["new"]))
-        lines.append(f"| {label.format(**counts)} | {_fmt(base)} | {_fmt(new)} | {_fmt(_ratio(new, base), 3)} | "
-                     f"{each} |")
+        each = ", ".join(_fmt(_ratio(n, b), 2) for b, n in zip(samples[measure]["baseline"], samples[measure]["new"]))
+        ratio = _fmt(results["ratios"][measure], 3)
+        lines.append(f"| {label.format(**counts)} | {_fmt(base)} | {_fmt(new)} | {ratio} | {each} |")
     return "\n".join(lines)
 
 
@@ -2041,7 +2113,7 @@ def _parser():
                   "say): server steps/s (1 and 32 sessions, the raw generator), long-episode late steps, RSS per "
                   "idle session, start until /health, `import chatenv` (bytecode cached and not), ChatEnv and "
                   "AsyncChatEnv steps/s each on its tree's server, and ChatEnv's growth over full observations; the "
-                  "trees take turns, each tree's median over the rounds and their ratio (about 25 s a round).")
+                  "trees take turns in blocks of steps; each tree's median over the rounds and the median of the rounds' ratios (about 35 s a round on 2 busy cores).")
     sub.add_argument("--baseline", metavar="DIR", required=True, help="the tree to compare with (holds chatenv.py)")
     sub.add_argument("--rounds", type=int, help="rounds of every measure (default: 5; 1 with --quick)")
     _quick_option(sub)
