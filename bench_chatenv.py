@@ -2112,8 +2112,9 @@ def _parser():
                   "This tree's chatenv.py against the one in --baseline DIR (a `git worktree` of an older commit, "
                   "say): server steps/s (1 and 32 sessions, the raw generator), long-episode late steps, RSS per "
                   "idle session, start until /health, `import chatenv` (bytecode cached and not), ChatEnv and "
-                  "AsyncChatEnv steps/s each on its tree's server, and ChatEnv's growth over full observations; the "
-                  "trees take turns in blocks of steps; each tree's median over the rounds and the median of the rounds' ratios (about 35 s a round on 2 busy cores).")
+                  "AsyncChatEnv steps/s each on its tree's server, and ChatEnv's growth over full observations. The "
+                  "trees take turns in blocks of steps; the table gives each tree's median over the rounds and the "
+                  "median of the rounds' ratios (about 35 s a round on 2 busy cores).")
     sub.add_argument("--baseline", metavar="DIR", required=True, help="the tree to compare with (holds chatenv.py)")
     sub.add_argument("--rounds", type=int, help="rounds of every measure (default: 5; 1 with --quick)")
     _quick_option(sub)
