@@ -1458,11 +1458,10 @@ class _Tree:
         dirty = git(["git", "status", "--porcelain", "--", "chatenv.py"]).stdout.strip()
         return {"path": self.path, "commit": head or "-", "chatenv_py_modified": bool(dirty), "sha256": digest}
 
-    def imported_file(self, dont_write=False):
-        """``chatenv.__file__`` as a subprocess of this tree imports it (and caches it)."""
-        env = dict(self.env, PYTHONDONTWRITEBYTECODE="1") if dont_write else self.env
-        out = subprocess.run([sys.executable, "-c", "import chatenv; print(chatenv.__file__)"], cwd=self.cwd, env=env,
-                             capture_output=True, text=True, check=True)
+    def imported_file(self):
+        """``chatenv.__file__`` as a subprocess of this tree imports it (and caches its bytecode)."""
+        out = subprocess.run([sys.executable, "-c", "import chatenv; print(chatenv.__file__)"], cwd=self.cwd,
+                             env=self.env, capture_output=True, text=True, check=True)
         return out.stdout.strip()
 
     def load(self):
@@ -1470,7 +1469,7 @@ class _Tree:
         one beside this file), ``chatenv_<key>`` for the other, no bytecode written."""
         import importlib.util
 
-        name = "chatenv" if self.path == HERE else f"chatenv_{self.key}"
+        name = "chatenv" if os.path.realpath(self.path) == os.path.realpath(HERE) else f"chatenv_{self.key}"
         if name in sys.modules:
             self.module = sys.modules[name]
         else:
