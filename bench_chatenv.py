@@ -19,19 +19,24 @@ peer (``openenv_chat_server`` and ``make_openenv_chat_client_class``) imports
 it lazily, and the tests use both to prove wire compatibility in each
 direction.
 
-Flags: ``--quick`` (small counts, a smoke run), ``--no-openenv``, ``--json
+Its options: ``--quick`` (small counts, a smoke run), ``--no-openenv``, ``--json
 FILE``, ``--openenv-release R`` (repeatable; default: both), ``--openenv-python
 PATH`` (an interpreter with OpenEnv instead of the venvs), ``--plot PATH`` /
 ``--no-plot`` (the picture of per-step cost against episode length, drawn with
 matplotlib from the long-episode runs; default docs/step-cost.png, a temporary
-file with ``--quick``). ``python bench_chatenv.py curve`` runs only the long
-episodes and draws the picture.
+file with ``--quick``).
 
-Client modes: ``python bench_chatenv.py sync-client`` runs only the comparison
-of ``ChatEnv`` with the raw generator (taking turns on one chatenv server);
-``python bench_chatenv.py growth`` measures how a client's step time grows over
-a long episode of full observations in both of OpenEnv's frame shapes (a server
-replaying pre-built frames), ``ChatEnv`` against a bare websockets client.
+The other modes are subcommands (``--help`` lists them, ``COMMAND --help`` their
+options): ``curve`` runs only the long episodes and draws the picture; ``scale``
+measures workers, nginx and memory; ``sync-client`` compares ``ChatEnv`` and
+``AsyncChatEnv`` with the raw generator (taking turns on one chatenv server);
+``growth`` measures how a client's step time grows over a long episode of full
+observations in both of OpenEnv's frame shapes (a server replaying pre-built
+frames), ``ChatEnv`` against a bare websockets client; ``keepalive`` holds
+sessions through pauses longer than the server's pings allow; ``compare
+--baseline DIR`` measures this tree against an older one (a ``git worktree``),
+the two taking turns, for a refactor's "figures within noise". ``floor``,
+``growth-server`` and ``clients`` are subprocesses the benchmark starts itself.
 """
 
 import argparse
@@ -72,9 +77,9 @@ CHATENV_PY = os.path.join(HERE, "chatenv.py")
 _COMPACT = (",", ":")  # compact JSON, as OpenEnv (pydantic) and chatenv send it
 
 
-###############################################################################
-# The OpenEnv peer: support_chatenv's (chat_env on OpenEnv's API, imported lazily)
-###############################################################################
+# ------------------------------------------------------------------------------
+# The OpenEnv peer: support_chatenv's chat_env on OpenEnv's API, imported lazily
+# ------------------------------------------------------------------------------
 
 # Re-exported under the names the benchmark has always had; support_chatenv is
 # stdlib-only until a peer is built, so this module still imports without OpenEnv.
@@ -93,9 +98,9 @@ from support_chatenv import (  # noqa: E402
 SUPPORT_PY = os.path.join(HERE, "support_chatenv.py")
 
 
-###############################################################################
+# ------------------------------------------------------------------------------
 # The floor: raw websockets, replies joined from pre-serialised history
-###############################################################################
+# ------------------------------------------------------------------------------
 
 # OpenEnv 0.10.0's shape, metadata first, which chatenv sends (0.3.0 left metadata out)
 _OBS_HEAD = '{"type":"observation","data":{"observation":{"metadata":{},"messages":['
@@ -105,16 +110,18 @@ _HEALTH_BODY = '{"status":"healthy"}'
 
 
 def _floor_error(code, message):
+    """An error frame, as chatenv and OpenEnv write it."""
     return json.dumps({"type": "error", "data": {"message": message, "code": code}}, separators=_COMPACT)
 
 
 def _floor_observation(history_messages, history_tokens):
+    """A full observation frame: the pre-serialised history joined, nothing encoded."""
     return _OBS_HEAD + ",".join(history_messages) + _OBS_MID + ",".join(history_tokens) + _OBS_TAIL
 
 
 async def _floor_session(ws, system_prompt=None):
-    # The history as pre-serialised strings: each message's JSON object, each
-    # message's token ids without brackets ("72,105"); replies are joins.
+    """One session of the floor: its history as pre-serialised strings (each message's
+    JSON object, each message's token ids without brackets, "72,105"); replies are joins."""
     history_messages, history_tokens = [], []
     episode_id = None
     step_count = 0
@@ -175,6 +182,7 @@ async def _floor_session(ws, system_prompt=None):
 
 
 def _floor_process_request(connection, request):
+    """/health answers 200, /ws upgrades, anything else is 404."""
     if request.path == "/health":
         response = connection.respond(200, _HEALTH_BODY)
         response.headers["Content-Type"] = "application/json"
@@ -209,6 +217,7 @@ async def floor_serve(port=0, host="127.0.0.1", compression=None, system_prompt=
 
 
 def _floor_main(port):
+    """``bench_chatenv.py floor``: serve the floor on ``port`` until SIGTERM or SIGINT."""
     async def run():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -219,12 +228,13 @@ def _floor_main(port):
     asyncio.run(run())
 
 
-###############################################################################
-# Load generator (raw websockets asyncio client)
-###############################################################################
+# ------------------------------------------------------------------------------
+# Load generator: a raw websockets asyncio client, and the modes it drives
+# ------------------------------------------------------------------------------
 
 
 def _ws_url(base_url):
+    """The WebSocket URL of a server's ``/ws`` from its ``http://`` base URL."""
     return base_url.replace("http://", "ws://", 1).rstrip("/") + "/ws"
 
 
@@ -240,16 +250,19 @@ def _step_frames(n_tokens, count=64, seed=1234):
 
 
 def _reset_frame(data=None):
+    """A reset request frame, compact as the step frames."""
     return json.dumps({"type": "reset", "data": data or {}}, separators=_COMPACT)
 
 
 def _check_reply(reply):
-    # Cheap: the type key comes first in every reply, error replies are short.
+    """Raise on an error reply. Cheap: the type key comes first in every reply, and error
+    replies are short."""
     if '"error"' in reply[:40]:
         raise RuntimeError(f"server answered an error: {reply[:300]}")
 
 
 async def _open_session(base_url, *, compression=None, reset_data=None):
+    """A raw websockets connection to the server's /ws, its episode reset."""
     from websockets.asyncio.client import connect
 
     ws = await connect(_ws_url(base_url), compression=compression, max_size=None, open_timeout=60, ping_interval=None)
@@ -259,6 +272,8 @@ async def _open_session(base_url, *, compression=None, reset_data=None):
 
 
 async def _run_steps(ws, frames, steps, latencies=None, first=0):
+    """``steps`` steps on ``ws`` from frame ``first`` on, each reply checked; each step's
+    seconds appended to ``latencies`` if given."""
     perf = time.perf_counter
     for i in range(first, first + steps):
         frame = frames[i % len(frames)]
@@ -271,10 +286,12 @@ async def _run_steps(ws, frames, steps, latencies=None, first=0):
 
 
 def _percentile(sorted_values, fraction):
+    """The value at ``fraction`` (0..1) of ``sorted_values``, nearest rank."""
     return sorted_values[min(len(sorted_values) - 1, int(round(fraction * (len(sorted_values) - 1))))]
 
 
 async def _mode_single(base_url, steps, n_tokens, compression=None):
+    """One session of ``steps`` steps: steps/s and p50/p99 latency."""
     frames, _ = _step_frames(n_tokens)
     ws = await _open_session(base_url, compression=compression)
     latencies = []
@@ -293,6 +310,7 @@ async def _mode_single(base_url, steps, n_tokens, compression=None):
 
 
 async def _mode_concurrent(base_url, sessions, steps, n_tokens):
+    """``sessions`` sessions stepping at once: aggregate steps/s."""
     frames, _ = _step_frames(n_tokens)
     sockets = [await _open_session(base_url) for _ in range(sessions)]
     try:
@@ -345,6 +363,7 @@ def _settle(servers, quiet_s=0.3, timeout_s=20):
 
 
 def _proc_status(pid):
+    """A process's resident set (KB) and thread count, from /proc."""
     fields = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -354,6 +373,7 @@ def _proc_status(pid):
 
 
 async def _mode_idle_rss(base_url, pid, sessions):
+    """The server's RSS per idle open session, and its threads before and with them."""
     frames, _ = _step_frames(16)
     warm = await _open_session(base_url)  # one-time allocations are not per session
     await _run_steps(warm, frames, 10)
@@ -390,20 +410,22 @@ async def _exchange(base_url, frames, compression=None):
     return replies
 
 
-###############################################################################
-# Server subprocesses
-###############################################################################
+# ------------------------------------------------------------------------------
+# Server subprocesses: one per kind on a free loopback port, stopped at exit
+# ------------------------------------------------------------------------------
 
 _CHILDREN = []  # every server subprocess started, stopped at exit whatever happens
 
 
 def _free_port():
+    """A loopback port free now (a server started right after binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _health_ok(port):
+    """Whether ``GET /health`` on the loopback ``port`` answers 200."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
     try:
         conn.request("GET", "/health")
@@ -417,10 +439,12 @@ def _health_ok(port):
 class _Server:
     """One server subprocess on a free loopback port."""
 
-    def __init__(self, name, argv, port):
+    def __init__(self, name, argv, port, env=None, cwd=HERE):
         self.name = name
         self.argv = argv
         self.port = port
+        self.env = env  # None: this process's environment
+        self.cwd = cwd
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile(mode="w+")
         self.start_s = None
@@ -432,7 +456,8 @@ class _Server:
     def launch(self):
         """Start the process and return at once (``wait_ready`` waits for /health)."""
         self.begin = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         _CHILDREN.append(self)
         return self
 
@@ -463,15 +488,19 @@ class _Server:
 
 
 def _stop_all():
+    """Stop every server subprocess still running, newest first."""
     for server in reversed(_CHILDREN):
         with contextlib.suppress(Exception):
             server.stop()
 
 
 def _server_argv(kind, port, args, compression="none"):
-    if kind in ("chatenv", "chatenv-uvloop"):
-        # the loop named always, so a CHATENV_LOOP in the environment changes nothing
-        return [sys.executable, CHATENV_PY, "serve", "--port", str(port), "--compression", compression,
+    """The command line of a server ``kind`` listening on ``port``."""
+    if kind in ("chatenv", "chatenv-uvloop") or kind.startswith("chatenv@"):
+        # chatenv@DIR: DIR's chatenv.py (compare). The loop named always, so a CHATENV_LOOP
+        # in the environment changes nothing
+        script = os.path.join(kind[len("chatenv@"):], "chatenv.py") if "@" in kind else CHATENV_PY
+        return [sys.executable, script, "serve", "--port", str(port), "--compression", compression,
                 "--max-sessions", "4096", "--loop", "uvloop" if kind == "chatenv-uvloop" else "asyncio"]
     if kind == "floor":
         return [sys.executable, os.path.abspath(__file__), "floor", "--port", str(port)]
@@ -531,11 +560,13 @@ def _start_servers(kinds, args, together=False):
 
 
 def _start_server(kind, args, compression="none"):
+    """One server of ``kind`` on a free port, answering /health."""
     port = _free_port()
     return _Server(kind, _server_argv(kind, port, args, compression), port).start()
 
 
 def _min_start_s(kind, args, runs):
+    """The fastest of ``runs`` starts of ``kind``, launch until /health answers (s)."""
     times = []
     for _ in range(runs):
         server = _start_server(kind, args)
@@ -544,9 +575,9 @@ def _min_start_s(kind, args, runs):
     return min(times)
 
 
-###############################################################################
-# The benchmark
-###############################################################################
+# ------------------------------------------------------------------------------
+# Measures: import time, the clients taking turns, keepalive, identity, long episodes
+# ------------------------------------------------------------------------------
 
 _COUNTS = {
     "full": dict(single_steps=1000, single_tokens=16, conc_sessions=32, conc_steps=100, long_steps=2000,
@@ -627,6 +658,7 @@ def _medians(rates, base):
 
 
 def _client_block(env, actions, block):
+    """A runner for ``_take_turns``: ``block`` steps of a sync client from step ``start``."""
     def run(start):
         for i in range(start, start + block):
             env.step(actions[i % len(actions)])
@@ -726,6 +758,7 @@ def _clients_main(url, steps, n_tokens, repeats, block=50):
 
 
 def _chatenv_vs_openenv_client(python, url, steps, n_tokens, repeats):
+    """``_clients_main`` in a subprocess of ``python`` (an OpenEnv venv); its JSON result."""
     out = subprocess.run([python, os.path.join(HERE, "bench_chatenv.py"), "clients", "--url", url,
                           "--steps", str(steps), "--tokens", str(n_tokens), "--rounds", str(repeats)],
                          capture_output=True, text=True, timeout=600, check=True)
@@ -793,129 +826,6 @@ def _keepalive_main(ping_s, pause_s):
     return result
 
 
-###############################################################################
-# Client growth: early and late steps of a long episode of full observations
-###############################################################################
-
-_GROWTH_HEADS = {  # the head of a full observation frame, as each OpenEnv release writes it
-    "0.3.0": '{"type":"observation","data":{"observation":{"messages":[',
-    "0.10.0": '{"type":"observation","data":{"observation":{"metadata":{},"messages":[',
-}
-
-
-class _ReplayEpisode:
-    """One episode's full observation frames, byte for byte as OpenEnv's ``shape`` sends them.
-
-    The frames the benchmark times (the first and last ``window`` steps) are built
-    before any client connects, so the server answers them at once; the others are
-    joined on demand.
-    """
-
-    def __init__(self, shape, steps, n_tokens, window, seed=1234):
-        rng = random.Random(seed)
-        self.head = _GROWTH_HEADS[shape]
-        self.messages, self.tokens = [], []
-        for _ in range(steps):
-            ids = [rng.randint(97, 122) for _ in range(n_tokens)]
-            self.messages.append(json.dumps({"role": "assistant", "content": bytes(ids).decode()}, separators=_COMPACT))
-            self.tokens.append(",".join(map(str, ids)))
-        timed = set(range(window + 1)) | set(range(steps - window, steps + 1))
-        self.built = {i: self.build(i) for i in timed}
-
-    def build(self, i):
-        return "".join((self.head, ",".join(self.messages[:i]), '],"tokens":[', ",".join(self.tokens[:i]),
-                        ']},"reward":null,"done":false}}')).encode()
-
-    def frame(self, i):
-        frame = self.built.get(i)
-        return frame if frame is not None else self.build(i)
-
-
-async def _replay_serve(port, shape, steps, n_tokens, window):
-    """A websockets server answering each session's n-th request with its episode's n-th frame."""
-    from websockets.asyncio.server import serve
-
-    episode = _ReplayEpisode(shape, steps, n_tokens, window)
-
-    async def session(ws):
-        i = 0
-        async for _ in ws:
-            await ws.send(episode.frame(min(i, steps)), text=True)
-            i += 1
-
-    async with serve(session, "127.0.0.1", port, compression=None, max_size=None, ping_interval=None) as server:
-        print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
-        await asyncio.Future()
-
-
-def _growth_one(kind, url, steps, window, frames, actions):
-    """Per-step ms of the first and the last ``window`` steps of one episode, for one client."""
-    perf = time.perf_counter
-    times = []
-    if kind == "chatenv":
-        import chatenv
-
-        env = chatenv.ChatEnv(url, delta=False)
-        try:
-            env.reset()
-            for i in range(steps):
-                start = perf()
-                env.step(actions[i % len(actions)])
-                times.append(perf() - start)
-        finally:
-            env.close()
-    else:
-        async def bare():
-            ws = await _open_session(url)
-            try:
-                await _run_steps(ws, frames, steps, times)
-            finally:
-                await ws.close()
-
-        asyncio.run(bare())
-    return statistics.mean(times[:window]) * 1e3, statistics.mean(times[-window:]) * 1e3
-
-
-def _growth_main(steps, n_tokens, window, rounds):
-    """``bench_chatenv.py growth``: how a client's step time grows over a long episode of
-    full observations (OpenEnv's frames), for both frame shapes: chatenv's ChatEnv
-    (delta=False) against a bare websockets client receiving the same frames. The target:
-    chatenv's growth (last-window / first-window ms) within 1.5x of the bare client's."""
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    import chatenv
-
-    frames, token_lists = _step_frames(n_tokens)
-    actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
-    results = {}
-    for shape in _GROWTH_HEADS:
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "growth-server", "--shape", shape,
-                                 "--steps", str(steps), "--tokens", str(n_tokens), "--window", str(window)],
-                                cwd=HERE, stdout=subprocess.PIPE, text=True)
-        try:
-            url = f"http://127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
-            runs = {"chatenv": [], "bare": []}
-            for r in range(rounds):  # alternated, so drifting load hits both alike
-                for kind in (("chatenv", "bare") if r % 2 == 0 else ("bare", "chatenv")):
-                    runs[kind].append(_growth_one(kind, url, steps, window, frames, actions))
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        shape_result = {}
-        for kind, samples in runs.items():
-            first = statistics.median(f for f, _ in samples)
-            last = statistics.median(l for _, l in samples)
-            shape_result[kind] = {"first_ms": round(first, 4), "last_ms": round(last, 4), "growth": round(last / first, 2)}
-        shape_result["growth_ratio"] = round(shape_result["chatenv"]["growth"] / shape_result["bare"]["growth"], 2)
-        results[shape] = shape_result
-        print(f"# {shape}: {json.dumps(shape_result)}", file=sys.stderr, flush=True)
-    print(json.dumps({"steps": steps, "tokens": n_tokens, "window": window, "rounds": rounds, "shapes": results}))
-    ok = all(r["growth_ratio"] <= 1.5 for r in results.values())
-    print(f"chatenv growth / bare growth: " + ", ".join(f"{k} {v['growth_ratio']}" for k, v in results.items())
-          + f" (target <= 1.5: {'met' if ok else 'MISSED'})", file=sys.stderr)
-    return 0 if ok else 1
-
-
 def _identity_check(servers):
     """Byte-compare replies of the floor with chatenv (and OpenEnv) on a few steps."""
     frames, _ = _step_frames(16, count=5, seed=7)
@@ -944,6 +854,7 @@ def _identity_check(servers):
 
 
 def _machine():
+    """What the figures were measured on: date, CPU, Python, websockets, platform."""
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -1022,6 +933,10 @@ def _long_episodes(servers, kinds, counts, log):
     log(f"  {long_best}\n  chatenv delta: {long_delta}")
     return long_best, long_delta, curve
 
+
+# ------------------------------------------------------------------------------
+# The step-cost picture: the long episodes' curve, drawn with matplotlib
+# ------------------------------------------------------------------------------
 
 _CURVE_LINES = {  # kind: (legend label, line style), in legend order
     "openenv-0.3.0": ("OpenEnv 0.3.0 (openenv-core, older)", dict(color="tab:orange", linestyle=":")),
@@ -1125,6 +1040,7 @@ def run_curve(args):
 
 
 def render_curve(results):
+    """The step-cost curve at five episode lengths, as a Markdown table."""
     curve = results["modes"]["curve"]
     kinds = [k for k in _CURVE_LINES if k in curve["ms"]]
     picks = sorted({min(len(curve["steps"]) - 1, round(i * (len(curve["steps"]) - 1) / 4)) for i in range(5)})
@@ -1138,7 +1054,13 @@ def render_curve(results):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------
+# The benchmark: every server side by side, the clients taking turns, one table
+# ------------------------------------------------------------------------------
+
+
 def run_benchmark(args):
+    """``bench_chatenv.py``: every measure on every server kind; the results dict."""
     counts = _COUNTS["quick" if args.quick else "full"]
     kinds = ["chatenv", "floor"] + list(args.openenv_peers)
     uvloop = _uvloop_available()
@@ -1232,6 +1154,7 @@ def run_benchmark(args):
 
 
 def _fmt(value, digits=None):
+    """A figure for the table: fewer decimals the larger it is, ``-`` for none."""
     if value is None:
         return "-"
     if digits is None:
@@ -1240,10 +1163,12 @@ def _fmt(value, digits=None):
 
 
 def _ratio(a, b):
+    """``a / b``, or None when either is missing or ``b`` is zero."""
     return None if a is None or b is None or b == 0 else a / b
 
 
 def render_table(results):
+    """The main run's results as one Markdown table, chatenv beside the floor and OpenEnv."""
     m = results["modes"]
     openenv = [k for k in results["kinds"] if k.startswith("openenv-")]
     primary = openenv[0] if openenv else None  # the OpenEnv column: 0.10.0 unless told otherwise
@@ -1269,7 +1194,7 @@ def render_table(results):
     row("1 session: p99 latency ms", "single", "p99_ms")
     if "uvloop" in m:
         uv = m["uvloop"]
-        rows.append([f"1 session, chatenv `--loop uvloop` vs the default asyncio loop (same rounds): steps/s",
+        rows.append(["1 session, chatenv `--loop uvloop` vs the default asyncio loop (same rounds): steps/s",
                      f"{_fmt(uv['uvloop_steps_per_s'])} vs {_fmt(uv['asyncio_steps_per_s'])}", "-", "-", "-", "-",
                      f"uvloop/asyncio = {_fmt(uv['uvloop_vs_asyncio'], 2)}"])
     row(f"{c['conc_sessions']} sessions x {c['conc_steps']} steps: aggregate steps/s", "concurrent", "steps_per_s",
@@ -1358,9 +1283,487 @@ def render_table(results):
     return "\n".join(lines)
 
 
-###############################################################################
-# Scaling: `python bench_chatenv.py scale` (workers, nginx, memory per worker)
-###############################################################################
+# ------------------------------------------------------------------------------
+# Client growth: early and late steps of a long episode of full observations
+# ------------------------------------------------------------------------------
+
+_GROWTH_HEADS = {  # the head of a full observation frame, as each OpenEnv release writes it
+    "0.3.0": '{"type":"observation","data":{"observation":{"messages":[',
+    "0.10.0": '{"type":"observation","data":{"observation":{"metadata":{},"messages":[',
+}
+
+
+class _ReplayEpisode:
+    """One episode's full observation frames, byte for byte as OpenEnv's ``shape`` sends them.
+
+    The frames the benchmark times (the first and last ``window`` steps) are built
+    before any client connects, so the server answers them at once; the others are
+    joined on demand.
+    """
+
+    def __init__(self, shape, steps, n_tokens, window, seed=1234):
+        rng = random.Random(seed)
+        self.head = _GROWTH_HEADS[shape]
+        self.messages, self.tokens = [], []
+        for _ in range(steps):
+            ids = [rng.randint(97, 122) for _ in range(n_tokens)]
+            self.messages.append(json.dumps({"role": "assistant", "content": bytes(ids).decode()}, separators=_COMPACT))
+            self.tokens.append(",".join(map(str, ids)))
+        timed = set(range(window + 1)) | set(range(steps - window, steps + 1))
+        self.built = {i: self.build(i) for i in timed}
+
+    def build(self, i):
+        return "".join((self.head, ",".join(self.messages[:i]), '],"tokens":[', ",".join(self.tokens[:i]),
+                        ']},"reward":null,"done":false}}')).encode()
+
+    def frame(self, i):
+        frame = self.built.get(i)
+        return frame if frame is not None else self.build(i)
+
+
+async def _replay_serve(port, shape, steps, n_tokens, window):
+    """A websockets server answering each session's n-th request with its episode's n-th frame."""
+    from websockets.asyncio.server import serve
+
+    episode = _ReplayEpisode(shape, steps, n_tokens, window)
+
+    async def session(ws):
+        i = 0
+        async for _ in ws:
+            await ws.send(episode.frame(min(i, steps)), text=True)
+            i += 1
+
+    async with serve(session, "127.0.0.1", port, compression=None, max_size=None, ping_interval=None) as server:
+        print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+        await asyncio.Future()
+
+
+def _start_replay(shape, steps, n_tokens, window):
+    """``bench_chatenv.py growth-server`` in a subprocess: ``(process, base URL)``."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "growth-server", "--shape", shape,
+                             "--steps", str(steps), "--tokens", str(n_tokens), "--window", str(window)],
+                            cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        return proc, f"http://127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+
+
+def _growth_one(kind, url, steps, window, frames, actions):
+    """Per-step ms of the first and the last ``window`` steps of one episode, for one client."""
+    perf = time.perf_counter
+    times = []
+    if kind == "chatenv":
+        import chatenv
+
+        env = chatenv.ChatEnv(url, delta=False)
+        try:
+            env.reset()
+            for i in range(steps):
+                start = perf()
+                env.step(actions[i % len(actions)])
+                times.append(perf() - start)
+        finally:
+            env.close()
+    else:
+        async def bare():
+            ws = await _open_session(url)
+            try:
+                await _run_steps(ws, frames, steps, times)
+            finally:
+                await ws.close()
+
+        asyncio.run(bare())
+    return statistics.mean(times[:window]) * 1e3, statistics.mean(times[-window:]) * 1e3
+
+
+def _growth_main(steps, n_tokens, window, rounds):
+    """``bench_chatenv.py growth``: how a client's step time grows over a long episode of
+    full observations (OpenEnv's frames), for both frame shapes: chatenv's ChatEnv
+    (delta=False) against a bare websockets client receiving the same frames. The target:
+    chatenv's growth (last-window / first-window ms) within 1.5x of the bare client's."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import chatenv
+
+    frames, token_lists = _step_frames(n_tokens)
+    actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
+    results = {}
+    for shape in _GROWTH_HEADS:
+        proc, url = _start_replay(shape, steps, n_tokens, window)
+        try:
+            runs = {"chatenv": [], "bare": []}
+            for r in range(rounds):  # alternated, so drifting load hits both alike
+                for kind in (("chatenv", "bare") if r % 2 == 0 else ("bare", "chatenv")):
+                    runs[kind].append(_growth_one(kind, url, steps, window, frames, actions))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        shape_result = {}
+        for kind, samples in runs.items():
+            first = statistics.median(f for f, _ in samples)
+            last = statistics.median(l for _, l in samples)
+            shape_result[kind] = {"first_ms": round(first, 4), "last_ms": round(last, 4), "growth": round(last / first, 2)}
+        shape_result["growth_ratio"] = round(shape_result["chatenv"]["growth"] / shape_result["bare"]["growth"], 2)
+        results[shape] = shape_result
+        print(f"# {shape}: {json.dumps(shape_result)}", file=sys.stderr, flush=True)
+    print(json.dumps({"steps": steps, "tokens": n_tokens, "window": window, "rounds": rounds, "shapes": results}))
+    ok = all(r["growth_ratio"] <= 1.5 for r in results.values())
+    print("chatenv growth / bare growth: " + ", ".join(f"{k} {v['growth_ratio']}" for k, v in results.items())
+          + f" (target <= 1.5: {'met' if ok else 'MISSED'})", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------
+# Compare: this tree against a baseline tree, measure by measure, taking turns
+# ------------------------------------------------------------------------------
+
+
+class _Tree:
+    """One chatenv tree under comparison, and how its processes run.
+
+    Its subprocesses (servers, ``import chatenv``) run with ``PYTHONPATH`` set to the
+    tree and their working directory outside any repository, so ``import chatenv`` finds
+    the tree's module and no other; their bytecode goes to ``pycache`` (a
+    ``PYTHONPYCACHEPREFIX`` shared by both trees), never into the tree. In this process the
+    tree's module is loaded under a name of its own (``module``), so both trees' clients
+    take turns on one event loop.
+    """
+
+    def __init__(self, key, label, path, workdir, pycache):
+        self.key = key  # "baseline" or "new"
+        self.label = label
+        self.path = os.path.abspath(path)
+        self.script = os.path.join(self.path, "chatenv.py")
+        if not os.path.isfile(self.script):
+            raise SystemExit(f"bench_chatenv.py compare: no chatenv.py in {self.path}")
+        self.cwd = workdir
+        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.env.update(PYTHONPATH=self.path, PYTHONPYCACHEPREFIX=pycache)
+        # Where the interpreter caches this tree's chatenv.py under the prefix (the tree's
+        # directories mirrored beneath it, no __pycache__ level)
+        self.pyc = os.path.join(pycache, self.path.lstrip(os.sep), f"chatenv.{sys.implementation.cache_tag}.pyc")
+        self.module = None
+
+    def describe(self):
+        """The tree's commit (and whether its chatenv.py differs from it) and its chatenv.py's digest."""
+        import hashlib
+
+        with open(self.script, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:12]
+        git = functools.partial(subprocess.run, cwd=self.path, capture_output=True, text=True)
+        head = git(["git", "log", "-1", "--format=%h %s"]).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--", "chatenv.py"]).stdout.strip()
+        return {"path": self.path, "commit": head or "-", "chatenv_py_modified": bool(dirty), "sha256": digest}
+
+    def imported_file(self):
+        """``chatenv.__file__`` as a subprocess of this tree imports it (and caches its bytecode)."""
+        out = subprocess.run([sys.executable, "-c", "import chatenv; print(chatenv.__file__)"], cwd=self.cwd,
+                             env=self.env, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    def load(self):
+        """The tree's chatenv.py as a module of this process: ``chatenv`` for this tree (the
+        one beside this file), ``chatenv_<key>`` for the other, no bytecode written."""
+        import importlib.util
+
+        name = "chatenv" if os.path.realpath(self.path) == os.path.realpath(HERE) else f"chatenv_{self.key}"
+        if name in sys.modules:
+            self.module = sys.modules[name]
+        else:
+            spec = importlib.util.spec_from_file_location(name, self.script)
+            self.module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = self.module  # before running it: dataclasses look their module up
+            writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+            try:
+                spec.loader.exec_module(self.module)
+            finally:
+                sys.dont_write_bytecode = writes
+        if os.path.realpath(self.module.__file__) != os.path.realpath(self.script):
+            raise RuntimeError(f"{name} is {self.module.__file__}, not {self.script}")
+        return self.module
+
+    def server(self):
+        """A chatenv server of this tree as the main run's ``chatenv`` kind runs (not started)."""
+        port = _free_port()
+        return _Server(f"chatenv@{self.key}", _server_argv(f"chatenv@{self.path}", port, None), port, env=self.env,
+                       cwd=self.cwd)
+
+
+def _import_round(trees, runs):
+    """``import chatenv`` ms of each tree, the least of ``runs`` runs taking turns: with its
+    bytecode cached, then with none (its .pyc removed, none written; the standard
+    library's and websockets' stay cached, so only chatenv.py is compiled)."""
+
+    def once(tree, env):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import chatenv"], cwd=tree.cwd, env=env, check=True)
+        return (time.perf_counter() - start) * 1e3
+
+    result = {}
+    for label in ("cached", "uncached"):
+        envs = {}
+        for tree in trees:
+            if label == "cached":
+                if not os.path.exists(tree.pyc):
+                    tree.imported_file()
+                envs[tree.key] = tree.env
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tree.pyc)
+                envs[tree.key] = dict(tree.env, PYTHONDONTWRITEBYTECODE="1")
+            if os.path.exists(tree.pyc) != (label == "cached"):
+                raise RuntimeError(f"{tree.pyc}: the bytecode is not where `import chatenv` {label} needs it")
+        samples = {tree.key: [] for tree in trees}
+        for _ in range(runs):
+            for tree in trees:
+                samples[tree.key].append(once(tree, envs[tree.key]))
+        result[label] = {key: min(values) for key, values in samples.items()}
+    return result
+
+
+def _alternating(runners, steps, block):
+    """Seconds each runner spends on ``steps`` steps: ``runners[key](start, n)`` runs steps
+    ``start`` to ``start + n``; the runners take turns in blocks of ``block`` steps, their
+    order reversed every block, so load drifting on this shared machine hits all alike."""
+    elapsed = dict.fromkeys(runners, 0.0)
+    keys = list(runners)
+    for b, start in enumerate(range(0, steps, block)):
+        for key in keys if b % 2 == 0 else keys[::-1]:
+            began = time.perf_counter()
+            runners[key](start, min(block, steps - start))
+            elapsed[key] += time.perf_counter() - began
+    return elapsed
+
+
+def _compare_servers(servers, counts, block=50):
+    """The raw generator on each tree's server, sessions held on both at once and the trees
+    taking turns in blocks: steps/s with 1 session and with ``conc_sessions``, and a long
+    episode's last-window ms/step."""
+    c = counts
+    loop = asyncio.new_event_loop()
+    run = loop.run_until_complete
+    frames, _ = _step_frames(c["single_tokens"])
+    long_frames, _ = _step_frames(c["long_tokens"])
+    result, opened = {}, []
+
+    async def together(coroutines, return_exceptions=False):
+        return await asyncio.gather(*coroutines, return_exceptions=return_exceptions)
+
+    def open_sessions(n):
+        groups = {key: [run(_open_session(server.url)) for _ in range(n)] for key, server in servers.items()}
+        opened.extend(ws for group in groups.values() for ws in group)
+        return groups
+
+    def close_sessions():
+        run(together((ws.close() for ws in opened), return_exceptions=True))
+        opened.clear()
+        _settle(servers)
+
+    def steps_of(group, frames, latencies=None):
+        if len(group) == 1:
+            return lambda start, n: run(_run_steps(group[0], frames, n, latencies, first=start))
+        return lambda start, n: run(together(_run_steps(ws, frames[i:] + frames[:i], n, first=start)
+                                             for i, ws in enumerate(group)))
+
+    try:
+        groups = open_sessions(1)
+        elapsed = _alternating({key: steps_of(group, frames) for key, group in groups.items()}, c["single_steps"],
+                               block)
+        result["single"] = {key: c["single_steps"] / seconds for key, seconds in elapsed.items()}
+        close_sessions()
+        groups = open_sessions(c["conc_sessions"])
+        elapsed = _alternating({key: steps_of(group, frames) for key, group in groups.items()}, c["conc_steps"],
+                               max(1, block // 5))  # each block is that many steps of every session
+        result["concurrent"] = {key: c["conc_sessions"] * c["conc_steps"] / seconds for key, seconds in elapsed.items()}
+        close_sessions()
+        groups, latencies = open_sessions(1), {key: [] for key in servers}
+        _alternating({key: steps_of(group, long_frames, latencies[key]) for key, group in groups.items()},
+                     c["long_steps"], block)
+        # medians of the window, not means: on a shared machine one preempted step would outweigh the rest
+        result["long_last_ms"] = {key: statistics.median(s[-c["window"]:]) * 1e3 for key, s in latencies.items()}
+        close_sessions()
+    finally:
+        run(together((ws.close() for ws in opened), return_exceptions=True))
+        loop.close()
+    return result
+
+
+def _compare_clients(trees, urls, replay_url, counts, block=50):
+    """Each tree's clients, all holding a session at once and taking turns in blocks:
+    ChatEnv (sync, its delta default) and AsyncChatEnv steps/s, each on its tree's server;
+    then ChatEnv(delta=False) on the replay server's growing full observations, the
+    last-window ms/step and its growth over the first window."""
+    c = counts
+    _, token_lists = _step_frames(c["single_tokens"])
+    _, long_token_lists = _step_frames(c["long_tokens"])
+    loop = asyncio.new_event_loop()
+    result, sync_envs, async_envs = {"sync": {}, "async": {}}, [], []
+
+    async def async_steps(env, actions, start, n):
+        for i in range(start, start + n):
+            await env.step(actions[i % len(actions)])
+
+    def async_runner(env, actions):
+        return lambda start, n: loop.run_until_complete(async_steps(env, actions, start, n))
+
+    def sync_steps(env, actions, latencies=None):
+        def steps(start, n):
+            perf = time.perf_counter
+            for i in range(start, start + n):
+                began = perf()
+                env.step(actions[i % len(actions)])
+                if latencies is not None:
+                    latencies.append(perf() - began)
+        return steps
+
+    try:
+        runners = {}
+        for tree in trees:
+            chatenv = tree.module
+            actions = [chatenv.ChatAction(tokens=ids) for ids in token_lists]
+            sync_env, async_env = chatenv.ChatEnv(urls[tree.key]), chatenv.AsyncChatEnv(urls[tree.key])
+            sync_envs.append(sync_env)
+            async_envs.append(async_env)
+            sync_env.reset()
+            loop.run_until_complete(async_env.reset())
+            runners[(tree.key, "sync")] = sync_steps(sync_env, actions)
+            runners[(tree.key, "async")] = async_runner(async_env, actions)
+        for (key, kind), seconds in _alternating(runners, c["single_steps"], block).items():
+            result[kind][key] = c["single_steps"] / seconds
+        runners, latencies = {}, {tree.key: [] for tree in trees}
+        for tree in trees:
+            actions = [tree.module.ChatAction(tokens=ids) for ids in long_token_lists]
+            env = tree.module.ChatEnv(replay_url, delta=False)
+            sync_envs.append(env)
+            env.reset()
+            runners[tree.key] = sync_steps(env, actions, latencies[tree.key])
+        _alternating(runners, c["growth_steps"], block)
+        window = c["window"]
+        result["growth_last_ms"] = {key: statistics.median(s[-window:]) * 1e3 for key, s in latencies.items()}
+        result["growth"] = {key: statistics.median(s[-window:]) / statistics.median(s[:window])
+                            for key, s in latencies.items()}
+    finally:
+        for env in sync_envs:
+            env.close()
+        for env in async_envs:
+            loop.run_until_complete(env.close())
+        loop.close()
+    return result
+
+
+def _compare_round(trees, counts, replay_url, log):
+    """One round of every measure, the trees taking turns (``trees`` in the order to begin
+    with): ``{measure: {tree key: value}}``. Each round starts fresh servers (their start is
+    a measure) and measures their idle sessions first, as the main run does."""
+    c = counts
+    sample, servers, starts = {}, {}, {tree.key: [] for tree in trees}
+    try:
+        for run in range(c["start_runs"]):  # taking turns; the last servers stay up for the measures
+            for tree in trees:
+                servers[tree.key] = tree.server().start(timeout_s=60)
+                starts[tree.key].append(servers[tree.key].start_s * 1e3)
+                if run < c["start_runs"] - 1:
+                    servers.pop(tree.key).stop()
+        sample["start_ms"] = {key: min(values) for key, values in starts.items()}
+        sample["idle_rss_kb"] = {key: asyncio.run(_mode_idle_rss(server.url, server.proc.pid, c["idle_sessions"]))
+                                 ["rss_kb_per_session"] for key, server in servers.items()}
+        _settle(servers)
+        sample.update(_compare_servers(servers, c))
+        sample.update(_compare_clients(trees, {key: server.url for key, server in servers.items()}, replay_url, c))
+    finally:
+        for server in servers.values():
+            server.stop()
+    imports = _import_round(trees, c["import_runs"])
+    sample["import_cached_ms"], sample["import_uncached_ms"] = imports["cached"], imports["uncached"]
+    log("  " + ", ".join(f"{m} {_fmt(_ratio(v['new'], v['baseline']), 3)}" for m, v in sample.items()))
+    return sample
+
+
+_COMPARE_ROWS = [  # measure: label (formatted with the counts)
+    ("single", "server, 1 session x {single_steps} steps x {single_tokens} tok (raw generator): steps/s"),
+    ("concurrent", "server, {conc_sessions} sessions x {conc_steps} steps: aggregate steps/s"),
+    ("long_last_ms", "server, long episode {long_steps} x {long_tokens} tok: last-{window} ms/step (median)"),
+    ("idle_rss_kb", "server RSS per idle session ({idle_sessions} open): KB"),
+    ("start_ms", "server start until /health 200 (least of {start_runs}): ms"),
+    ("import_cached_ms", "`import chatenv`, bytecode cached (least of {import_runs}): ms"),
+    ("import_uncached_ms", "`import chatenv`, no bytecode (least of {import_runs}): ms"),
+    ("sync", "ChatEnv (sync, delta) on its tree's server, taking turns: steps/s"),
+    ("async", "AsyncChatEnv on its tree's server, same turns: steps/s"),
+    ("growth", "ChatEnv(delta=False), {growth_steps} x {long_tokens} tok full observations: "
+               "last-{window} / first-{window} ms/step (growth; medians)"),
+    ("growth_last_ms", "  same, last-{window} ms/step (median)"),
+]
+
+
+def run_compare(args):
+    """``bench_chatenv.py compare``: every measure, the trees taking turns (their order
+    swapped each round), ``rounds`` rounds; the results dict with each tree's medians."""
+    counts = dict(_COUNTS["quick" if args.quick else "full"])
+    counts.update(import_runs=2 if args.quick else 5, growth_steps=300 if args.quick else 1000)
+    rounds = args.rounds or (1 if args.quick else 5)
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    workdir = tempfile.mkdtemp(prefix="chatenv-compare-")  # outside any repository
+    pycache = os.path.join(workdir, "pycache")
+    trees = [_Tree("baseline", "baseline", args.baseline, workdir, pycache),
+             _Tree("new", "this tree", HERE, workdir, pycache)]
+    results = {"machine": _machine(), "counts": counts, "rounds": rounds, "trees": {}, "samples": {}}
+    for tree in trees:
+        found = {"server_script": tree.script, "import_chatenv": tree.imported_file(),
+                 "this_process": tree.load().__file__}
+        if os.path.realpath(found["import_chatenv"]) != os.path.realpath(tree.script):
+            raise RuntimeError(f"`import chatenv` with PYTHONPATH={tree.path} found {found['import_chatenv']}")
+        tree.server().start(timeout_s=60).stop()  # once unmeasured: the prefix caches what serving imports
+        results["trees"][tree.key] = dict(tree.describe(), **found)
+        log(f"# {tree.label}: {json.dumps(results['trees'][tree.key])}")
+    if results["trees"]["baseline"]["sha256"] == results["trees"]["new"]["sha256"]:
+        log("# the two chatenv.py are identical: the ratios are this machine's noise")
+    proc, replay_url = _start_replay("0.10.0", counts["growth_steps"], counts["long_tokens"], counts["window"])
+    try:
+        for r in range(rounds):
+            log(f"# round {r + 1} of {rounds} (this tree / baseline)")
+            sample = _compare_round(trees if r % 2 == 0 else trees[::-1], counts, replay_url, log)
+            for measure, values in sample.items():
+                for key, value in values.items():
+                    results["samples"].setdefault(measure, {}).setdefault(key, []).append(value)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    results["medians"] = {measure: {key: statistics.median(values) for key, values in by_tree.items()}
+                          for measure, by_tree in results["samples"].items()}
+    # The ratio: the median of each round's, since a round's two figures were taken in turns
+    results["ratios"] = {measure: statistics.median(_ratio(n, b) for b, n in zip(by_tree["baseline"], by_tree["new"]))
+                         for measure, by_tree in results["samples"].items()}
+    return results
+
+
+def render_compare(results):
+    """The comparison as a Markdown table: each tree's median, the median and each of the
+    rounds' ratios."""
+    trees, counts, medians, samples = results["trees"], results["counts"], results["medians"], results["samples"]
+    mach = results["machine"]
+    lines = [f"chatenv compare, {mach['date']}: {mach['cpu']} ({mach['cpus']} cpus), Python {mach['python']}, "
+             f"websockets {mach['websockets']}; medians of {results['rounds']} rounds, the trees taking turns"]
+    for key, name in (("baseline", "baseline"), ("new", "this tree")):
+        tree = trees[key]
+        modified = " (chatenv.py modified)" if tree["chatenv_py_modified"] else ""
+        lines.append(f"{name}: {tree['path']} at {tree['commit']}{modified}, chatenv.py sha256 {tree['sha256']}; "
+                     f"`import chatenv` there: {tree['import_chatenv']}")
+    lines += ["", "| measure | baseline | this tree | this tree / baseline (median of the rounds') | each round |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    for measure, label in _COMPARE_ROWS:
+        base, new = medians[measure]["baseline"], medians[measure]["new"]
+        each = ", ".join(_fmt(_ratio(n, b), 2) for b, n in zip(samples[measure]["baseline"], samples[measure]["new"]))
+        ratio = _fmt(results["ratios"][measure], 3)
+        lines.append(f"| {label.format(**counts)} | {_fmt(base)} | {_fmt(new)} | {ratio} | {each} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------
+# Scaling: workers, nginx, and RSS per byte of the memory bound
+# ------------------------------------------------------------------------------
 
 NGINX_CONF = os.path.join(HERE, "deploy", "nginx", "chatenv.conf")
 
@@ -1500,6 +1903,7 @@ def _scale_memory(bound, sessions=128, n_tokens=8192):
 
 
 def run_scale(args):
+    """``bench_chatenv.py scale``: steps/s and CPU per step with workers and nginx, and memory."""
     sessions, steps, rounds = (64, 40, 1) if args.quick else (64, 300, args.rounds)
     started = []
 
@@ -1544,6 +1948,7 @@ def run_scale(args):
 
 
 def render_scale(results):
+    """The scaling results as a Markdown table and a line per memory run."""
     base = results["steps_per_s"]["1 worker, direct"]
     lines = [
         f"{results['sessions']} sessions x {results['steps']} steps x 16 tokens, driven by "
@@ -1565,113 +1970,177 @@ def render_scale(results):
     return "\n".join(lines)
 
 
-def _scale_main(argv):
-    parser = argparse.ArgumentParser(prog="bench_chatenv.py scale", description="aggregate steps/s with workers "
-                                     "and behind nginx, and RSS per byte of the memory bound")
-    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--generators", type=int, default=2, help="load-generator processes (default: 2)")
-    parser.add_argument("--no-memory", action="store_true", help="leave out the memory measurement")
-    parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------------------
+# Command line: one subcommand per mode; the main benchmark without one
+# ------------------------------------------------------------------------------
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _measured(run, args):
+    """``run(args)`` with every server stopped after it, SIGTERM taken as an interrupt;
+    None when interrupted."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        results = run_scale(args)
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return None
     finally:
         _stop_all()
-    results["table"] = render_scale(results)
-    print(results["table"])
-    if args.json:
-        with open(args.json, "w") as f:
+
+
+def _report(results, table, json_path):
+    """Print the table, keep it in ``results``, and write those as JSON if asked."""
+    results["table"] = table
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 
 
-###############################################################################
-# Command line
-###############################################################################
+def _bench_command(args):
+    """The main benchmark (no subcommand) and ``curve``: the table and the picture."""
+    curve = args.command == "curve"
+    args.openenv_peers = _openenv_peers(args)
+    results = _measured(run_curve if curve else run_benchmark, args)
+    if results is None:
+        return 130
+    _draw(results, args, functools.partial(print, file=sys.stderr, flush=True))
+    return _report(results, render_curve(results) if curve else render_table(results) + "\n\n" + render_curve(results),
+                   args.json)
+
+
+def _scale_command(args):
+    """``scale``: the scaling table."""
+    results = _measured(run_scale, args)
+    return 130 if results is None else _report(results, render_scale(results), args.json)
+
+
+def _compare_command(args):
+    """``compare``: the two trees' table."""
+    results = _measured(run_compare, args)
+    return 130 if results is None else _report(results, render_compare(results), args.json)
+
+
+def _growth_command(args):
+    """``growth``: 0 when chatenv's growth is within its target on both frame shapes."""
+    try:
+        return _growth_main(args.steps, args.tokens, args.window, args.rounds)
+    finally:
+        _stop_all()
+
+
+def _run_options(parser, inherit=False):
+    """The options of the main run, which ``curve`` shares. ``inherit``: on a subcommand,
+    one left out keeps what was given before the subcommand's name."""
+    default = {"default": argparse.SUPPRESS} if inherit else {}
+    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run", **default)
+    parser.add_argument("--no-openenv", action="store_true", help="leave the OpenEnv peers out", **default)
+    parser.add_argument("--openenv-release", action="append", choices=list(OPENENV_RELEASES),
+                        help="an OpenEnv release to run, from its venv (`python support_chatenv.py venvs`); "
+                        "repeat for more (default: all of them, 0.10.0 the main comparison)", **default)
+    parser.add_argument("--openenv-python", metavar="PATH",
+                        help="an interpreter with OpenEnv installed, instead of the venvs (one release)", **default)
+    _json_option(parser, inherit)
+    parser.add_argument("--plot", metavar="PATH", help="the per-step cost picture (PNG; default: "
+                        "docs/step-cost.png, a temporary file with --quick)", **default)
+    parser.add_argument("--no-plot", action="store_true", help="draw no picture (its data is still in --json)",
+                        **default)
+
+
+def _quick_option(parser):
+    parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS, help="small counts, a smoke run")
+
+
+def _json_option(parser, inherit=True):
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON",
+                        **({"default": argparse.SUPPRESS} if inherit else {}))
+
+
+def _parser():
+    """The command line: the main run's options, and one subcommand per other mode."""
+    parser = argparse.ArgumentParser(
+        prog="bench_chatenv.py", description=__doc__.split("\n\n")[0] + " Without a subcommand, the main "
+        "benchmark runs (about six minutes on 2 cores): chatenv, the floor and the OpenEnv peers side by side.",
+        epilog="Started by the benchmark itself, not listed above: floor --port P (the floor server), growth-server "
+        "(growth's replay server), clients --url URL (ChatEnv against OpenEnv's sync client, run in an OpenEnv venv).")
+    parser.set_defaults(handler=_bench_command, command=None)
+    _run_options(parser.add_argument_group("the main benchmark's options (and curve's)"))
+    commands = parser.add_subparsers(title="subcommands", dest="command", metavar="[COMMAND]",
+                                     description="`bench_chatenv.py COMMAND --help` lists each one's options")
+
+    def command(name, handler, summary=None, description=None):
+        """A subcommand; one without a summary is left out of the list (a subprocess entry point)."""
+        listed = {} if summary is None else {"help": summary}
+        sub = commands.add_parser(name, description=description or summary, **listed)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    # Modes for people
+    sub = command("curve", _bench_command, "the long episodes alone, and the per-step cost picture (about two minutes)")
+    _run_options(sub, inherit=True)
+    sub = command("scale", _scale_command, "aggregate steps/s with workers and behind nginx, and RSS per byte of "
+                  "the memory bound (about four minutes)")
+    _quick_option(sub)
+    sub.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
+    sub.add_argument("--generators", type=int, default=2, help="load-generator processes (default: %(default)s)")
+    sub.add_argument("--no-memory", action="store_true", help="leave out the memory measurement")
+    _json_option(sub)
+    sub = command("growth", _growth_command, "how a client's step time grows over a long episode of full "
+                  "observations, ChatEnv against a bare websockets client, both OpenEnv frame shapes; exits 1 if "
+                  "chatenv's growth is above 1.5x the bare client's")
+    sub.add_argument("--steps", type=int, default=1000, help="steps per episode (default: %(default)s)")
+    sub.add_argument("--tokens", type=int, default=64, help="tokens per step (default: %(default)s)")
+    sub.add_argument("--window", type=int, default=100, help="steps timed at each end (default: %(default)s)")
+    sub.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
+    sub = command("sync-client", lambda a: _sync_client_main(a.steps, a.tokens, a.rounds) or 0,
+                  "ChatEnv and AsyncChatEnv against the raw generator, taking turns on one chatenv server")
+    sub.add_argument("--steps", type=int, default=1000, help="steps per episode (default: %(default)s)")
+    sub.add_argument("--tokens", type=int, default=16, help="tokens per step (default: %(default)s)")
+    sub.add_argument("--rounds", type=int, default=9, help="rounds (default: %(default)s)")
+    sub = command("keepalive", lambda a: print(json.dumps(_keepalive_main(a.ping_s, a.pause_s))) or 0,
+                  "ChatEnv sessions held through pauses (sleeping, computing) longer than the server's ping interval "
+                  "plus timeout")
+    sub.add_argument("--ping-s", type=float, default=1.0, help="the server's ping interval and timeout")
+    sub.add_argument("--pause-s", type=float, default=3.0, help="each pause: above twice --ping-s")
+    sub = command("compare", _compare_command, "this tree against an older one, measure by measure, taking turns",
+                  "This tree's chatenv.py against the one in --baseline DIR (a `git worktree` of an older commit, "
+                  "say): server steps/s (1 and 32 sessions, the raw generator), long-episode late steps, RSS per "
+                  "idle session, start until /health, `import chatenv` (bytecode cached and not), ChatEnv and "
+                  "AsyncChatEnv steps/s each on its tree's server, and ChatEnv's growth over full observations. The "
+                  "trees take turns in blocks of steps; the table gives each tree's median over the rounds and the "
+                  "median of the rounds' ratios (about 35 s a round on 2 busy cores).")
+    sub.add_argument("--baseline", metavar="DIR", required=True, help="the tree to compare with (holds chatenv.py)")
+    sub.add_argument("--rounds", type=int, help="rounds of every measure (default: 5; 1 with --quick)")
+    _quick_option(sub)
+    _json_option(sub)
+    # Subprocess entry points: the benchmark starts these itself
+    sub = command("floor", lambda a: _floor_main(a.port) or 0, description="the floor server, until SIGTERM")
+    sub.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    sub = command("growth-server", lambda a: asyncio.run(_replay_serve(0, a.shape, a.steps, a.tokens, a.window)) or 0,
+                  description="growth's replay server: prints its port as JSON, serves until killed")
+    sub.add_argument("--shape", choices=sorted(_GROWTH_HEADS), default="0.10.0",
+                     help="whose frames (default: %(default)s)")
+    sub.add_argument("--steps", type=int, default=1000, help="steps per episode (default: %(default)s)")
+    sub.add_argument("--tokens", type=int, default=64, help="tokens per step (default: %(default)s)")
+    sub.add_argument("--window", type=int, default=100, help="steps timed at each end (default: %(default)s)")
+    sub = command("clients", lambda a: _clients_main(a.url, a.steps, a.tokens, a.rounds) or 0,
+                  description="ChatEnv against OpenEnv's sync client on the server at --url (in an OpenEnv venv)")
+    sub.add_argument("--url", required=True, help="the chatenv server's base URL")
+    sub.add_argument("--steps", type=int, default=1000, help="steps per episode (default: %(default)s)")
+    sub.add_argument("--tokens", type=int, default=16, help="tokens per step (default: %(default)s)")
+    sub.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
+    return parser
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "scale":
-        return _scale_main(argv[1:])
-    if argv and argv[0] in ("growth", "growth-server", "sync-client"):
-        parser = argparse.ArgumentParser(prog=f"bench_chatenv.py {argv[0]}")
-        parser.add_argument("--steps", type=int, default=1000)
-        parser.add_argument("--tokens", type=int, default=64 if argv[0] != "sync-client" else 16)
-        parser.add_argument("--window", type=int, default=100)
-        parser.add_argument("--rounds", type=int, default=5 if argv[0] == "growth" else 9)
-        parser.add_argument("--shape", choices=sorted(_GROWTH_HEADS), default="0.10.0")
-        sub = parser.parse_args(argv[1:])
-        if argv[0] == "growth-server":
-            asyncio.run(_replay_serve(0, sub.shape, sub.steps, sub.tokens, sub.window))
-            return 0
-        if argv[0] == "sync-client":
-            _sync_client_main(sub.steps, sub.tokens, sub.rounds)
-            return 0
-        try:
-            return _growth_main(sub.steps, sub.tokens, sub.window, sub.rounds)
-        finally:
-            _stop_all()
-    if argv and argv[0] == "keepalive":
-        parser = argparse.ArgumentParser(prog="bench_chatenv.py keepalive")
-        parser.add_argument("--ping-s", type=float, default=1.0, help="the server's ping interval and timeout")
-        parser.add_argument("--pause-s", type=float, default=3.0, help="each pause: above twice --ping-s")
-        sub = parser.parse_args(argv[1:])
-        print(json.dumps(_keepalive_main(sub.ping_s, sub.pause_s)))
-        return 0
-    if argv and argv[0] == "clients":
-        parser = argparse.ArgumentParser(prog="bench_chatenv.py clients")
-        parser.add_argument("--url", required=True)
-        parser.add_argument("--steps", type=int, default=1000)
-        parser.add_argument("--tokens", type=int, default=16)
-        parser.add_argument("--rounds", type=int, default=5)
-        sub = parser.parse_args(argv[1:])
-        _clients_main(sub.url, sub.steps, sub.tokens, sub.rounds)
-        return 0
-    if argv and argv[0] == "floor":
-        parser = argparse.ArgumentParser(prog="bench_chatenv.py floor")
-        parser.add_argument("--port", type=int, default=8000)
-        _floor_main(parser.parse_args(argv[1:]).port)
-        return 0
-
-    curve = bool(argv) and argv[0] == "curve"
-    parser = argparse.ArgumentParser(
-        prog="bench_chatenv.py curve" if curve else None,
-        description="the long episodes alone: the per-step cost picture" if curve else __doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, a smoke run")
-    parser.add_argument("--no-openenv", action="store_true", help="leave the OpenEnv peers out")
-    parser.add_argument("--openenv-release", action="append", choices=list(OPENENV_RELEASES),
-                        help="an OpenEnv release to run, from its venv (`python support_chatenv.py venvs`); "
-                        "repeat for more (default: all of them, 0.10.0 the main comparison)")
-    parser.add_argument("--openenv-python", metavar="PATH",
-                        help="an interpreter with OpenEnv installed, instead of the venvs (one release)")
-    parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="the per-step cost picture (PNG; default: "
-                        "docs/step-cost.png, a temporary file with --quick)")
-    parser.add_argument("--no-plot", action="store_true", help="draw no picture (its data is still in --json)")
-    args = parser.parse_args(argv[1:] if curve else argv)
-    args.openenv_peers = _openenv_peers(args)
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        results = (run_curve if curve else run_benchmark)(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        _stop_all()
-    _draw(results, args, functools.partial(print, file=sys.stderr, flush=True))
-    table = render_curve(results) if curve else render_table(results) + "\n\n" + render_curve(results)
-    results["table"] = table
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    """``python bench_chatenv.py [COMMAND] [options]``: the mode's exit status."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.handler(args)
 
 
 if __name__ == "__main__":
