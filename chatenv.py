@@ -3585,6 +3585,7 @@ class _Call:
         return wait_s
 
     def on_connect(self) -> str:
+        """A connection opened: the request goes on it."""
         self.fresh = True
         return _SEND
 
@@ -3667,6 +3668,8 @@ class _Call:
         raise lost from None
 
     def on_timeout(self) -> str:
+        """No reply within message_timeout_s (the shell closed the connection: a late
+        reply must not answer a later call)."""
         core = self.core
         core.lose(f"no reply within message_timeout_s={core.message_timeout_s} s")
         raise core.timeout_error() from None
@@ -4494,7 +4497,8 @@ class ChatEnv(_ClientBase):
     """Synchronous client: one WebSocket session with a chat environment server.
 
     ``ChatEnv(base_url, **options)``: one server or several (a new session goes
-    to one with room); the options, the same for AsyncChatEnv, are __init__'s.
+    to one with room); the options, the same for AsyncChatEnv, are listed with
+    __init__.
 
     Its I/O runs in the caller's thread, on a blocking socket; between calls a
     process-wide keepalive thread answers the server's pings. Calls from several
