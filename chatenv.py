@@ -3072,6 +3072,7 @@ class EpisodeLostError(ConnectionError):
 
 
 _CLOSING_CODES = (CAPACITY_REACHED, SESSION_ERROR)  # error frames the server closes after
+_BROKEN_CODES = (1002, 1007)  # close codes this client sends when the server's frames break the WebSocket protocol
 _SEND_TIMER_BYTES = 2**16  # requests this large may wait on the socket: their send gets the whole message timeout
 _CLIENT_READ_BYTES = 2**16  # most bytes the sync client takes from its socket per read
 _IDLE_S = 0.1  # a sync client quiet this long is tended by the keepalive thread
@@ -3133,33 +3134,79 @@ class _Unsolicited(Exception):
         self.frame = frame
 
 
-class _ClientCore:
-    """What both clients share and decide, so their shells only move frames.
+# What a shell does next: the actions a call's plan (_Call) answers each report with.
+# The shells do the I/O an action names and report what happened; the plan decides.
+_CONNECT = "connect"
+"""Open a connection to the server ``call.next_server()`` names, after the pause it
+names; report ``call.on_connect()`` or ``call.on_connect_error(exc)``."""
 
-    It holds the options (listed here once), the servers and the episode as parsed
-    so far; it builds request frames and parses replies; and it decides what each
-    failure means: a close, an error frame, a timeout, a reset sent again once, a
-    server that is full (the next one, or a wait for room) or down. With ``delta``
-    it asks a chatenv server for delta observations and rebuilds full ones; an
-    OpenEnv server ignores the request and sends full ones.
+_SEND = "send"
+"""Send the request on the shell's connection and read one data frame: report
+``call.on_reply(data)``, or drop the connection and report ``call.on_failure(exc)``."""
+
+_AWAIT_CLOSE = "await close"
+"""The reply was an error frame the server closes after: let go of the connection,
+wait up to _CLOSE_WAIT_S for the server's close, report ``call.on_refusal_close(closed)``
+(None when no close came)."""
+
+_RETURN = "return"
+"""The call has its reply: return ``call.result``."""
+
+
+class _ClientCore:
+    """What both clients share and decide, so their shells only move frames (Sans-I/O).
+
+    It holds the options (listed here once: ChatEnv and AsyncChatEnv show this
+    signature), the servers, whether the session is lost, and the episode as parsed
+    so far; it builds request frames and parses replies. Each call gets a plan
+    (_Call) that decides, from what the shell reports, the shell's next action or
+    the error the call raises.
     """
 
     def __init__(
         self,
         base_url: str | list[str] | tuple[str, ...],
         *,
+        # Session
         auth_token: str | None = None,
         delta: bool = True,
         compression: str | None = None,
-        capacity_wait_s: float | None = None,
-        # Timeouts (seconds; None disables)
+        # Timeouts (seconds)
         connect_timeout_s: float | None = 10.0,
         message_timeout_s: float | None = 60.0,
         ping_interval_s: float | None = 20.0,
         ping_timeout_s: float | None = 20.0,
+        capacity_wait_s: float | None = None,
         # Limits
         max_message_bytes: int | None = 64 * 2**20,
     ) -> None:
+        """A client of one server or several; nothing connects before a call or ``with``.
+
+        Args:
+            base_url: a server (http(s)://, ws(s):// or host:port), or a non-empty
+                sequence of them: each new session goes to one with room, the
+                clients of a process spread over them from a random start.
+            auth_token: sent as ``Authorization: Bearer <token>``; None sends none.
+            delta: ask a chatenv server for delta observations (only what a step
+                adds) and rebuild the full ones; an OpenEnv server ignores the
+                request and sends full ones.
+            compression: "deflate" for permessage-deflate; None (or "none") sends
+                frames as they are.
+            connect_timeout_s: for TCP connect, TLS and the WebSocket handshake;
+                ConnectionError past it. None disables the timeout.
+            message_timeout_s: for each reply; past it the connection is closed
+                (a late reply must not answer a later call) and the call raises
+                TimeoutError. None disables the timeout.
+            ping_interval_s: how often a quiet connection is pinged, between
+                calls too, so idle sessions stay alive. None disables keepalive.
+            ping_timeout_s: a ping unanswered this long closes the connection
+                (1011) and loses the episode. None disables the timeout.
+            capacity_wait_s: how long a reset keeps trying, with backoff, while
+                every server answers CAPACITY_REACHED. None disables waiting: one
+                round over the servers, then CAPACITY_REACHED.
+            max_message_bytes: the largest reply accepted; a larger one closes the
+                connection (1009). None disables the limit.
+        """
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls or not all(isinstance(url, str) for url in urls):
             raise ValueError("give a server's base URL, or a non-empty sequence of them")
@@ -3225,25 +3272,45 @@ class _ClientCore:
 
     state_frame = _dumps({"type": "state"})
 
-    # Decisions: where a session goes, and what a failed call means
+    # Decisions: the session's state; each call's own are its plan's (_Call)
 
-    def check(self, new_episode: bool) -> None:
-        """Before a call: a step or state has no session to go to once the episode is
-        lost (or close() ended it); a reset always goes ahead."""
+    def call(self, parse: Any, new_episode: bool) -> _Call:
+        """Start a call whose reply ``parse`` reads (None: connect only): its plan. A
+        step or state has no session to go to once the episode is lost (or close()
+        ended it); a reset always goes ahead."""
         if self.lost is not None and not new_episode:
             raise self.lost_error()
-
-    def plan(self, new_episode: bool) -> _Call:
-        """The plan of a call that needs a connection, or lost the one it had."""
-        return _Call(self, new_episode)
+        return _Call(self, parse, new_episode)
 
     def replied(self) -> None:
         """A reset got its reply: the session is usable again."""
         self.lost = None
         self._refusal = None
 
-    def lose(self, why: str, code: int | None = None) -> None:
+    def lose(self, why: str, code: int | None = None) -> EpisodeLostError:
+        """The session is gone, ``why`` (and the close code that ended it): the one
+        place ``lost`` is set. Returns the error later steps and states raise."""
         self.lost = (why, code)
+        return self.lost_error()
+
+    def close(self) -> None:
+        """The shell's close() ended the session."""
+        self.lose("this client's close() ended it")
+
+    def closed(self, received: Any, sent: Any, received_then_sent: bool | None, leftover: Any) -> _Closed:
+        """How a connection that left OPEN ended, from websockets' close frames: the
+        server's close (it closed first), or this client's (why, in its words), or
+        none (1006); ``leftover`` is a data frame that came before."""
+        if received is not None and received_then_sent is not False:
+            return _Closed(received.code, received.reason, leftover=leftover)
+        if sent is None:
+            return _Closed(1006, "", leftover=leftover)
+        reason = sent.reason
+        if sent.code == 1009:
+            reason = f"the server's reply is over this client's max_message_bytes={self.max_message_bytes} ({reason})"
+        elif sent.code == 1011 and "keepalive" in reason:
+            reason = f"keepalive: no pong within ping_timeout_s={self.ping_timeout_s} s"
+        return _Closed(sent.code, reason, ours=True, leftover=leftover)
 
     def lost_error(self) -> EpisodeLostError:
         why, code = self.lost or ("the connection was lost", None)
@@ -3460,45 +3527,80 @@ class _ClientCore:
 
 
 class _Call:
-    """The core's plan for one call that needs a connection or lost one.
+    """One call's plan: from what its shell reports, the shell's next action
+    (_CONNECT, _SEND, _AWAIT_CLOSE, _RETURN) or the error the call raises.
+
+    Every rule of a call lives here, so that the shells hold none:
+
+    - a reply: returned (after a reset, the session is usable again);
+    - an error frame the server closes after (CAPACITY_REACHED, SESSION_ERROR),
+      as the reply or before it: a reset refused for room tries the next server;
+      otherwise the session is lost and the refusal raised, its close noted;
+    - any other error frame, or a reply that cannot be read: raised, the session
+      stays;
+    - the server closed a reused connection before the reply: a reset is sent
+      again, once, on a new one; the server closed one this call opened: a reset
+      tries the next server; otherwise EpisodeLostError;
+    - this client closed it for a broken frame (1002, 1007): PROTOCOL_ERROR; for
+      another reason (a limit, keepalive): EpisodeLostError;
+    - no reply within message_timeout_s: TimeoutError; an interruption (Ctrl-C,
+      a cancelled task): raised as it is. Both lose the session.
 
     New sessions go to every server once a round, from a rotating start. A server
     that refuses the connection or answers CAPACITY_REACHED is skipped. With
     ``capacity_wait_s``, more rounds follow after jittered exponential backoff
-    while some server was full, until that deadline. A reset whose reused
-    connection turns out to be closed is sent again, once, on a new one.
+    while some server was full, until that deadline.
     """
 
-    def __init__(self, core: _ClientCore, new_episode: bool) -> None:
+    __slots__ = ("core", "parse", "new_episode", "fresh", "result", "refusal", "round", "rounds", "full",
+                 "errors", "deadline", "backoff_s")
 
+    def __init__(self, core: _ClientCore, parse: Any, new_episode: bool) -> None:
         self.core = core
+        # The reply's parser (core.parse_result or core.parse_state), and the reply parsed
+        self.parse = parse
+        self.result: Any = None
+        # A reset: it may open its session on any server
         self.new_episode = new_episode
-        wait = core.capacity_wait_s
-        self.deadline = None if wait is None else time.monotonic() + wait
-        self.backoff_s = _BACKOFF_S[0]
-        self.round: list[int] = []  # servers still to try this round
+        # Whether the connection in use was opened by this call (not one reused)
+        self.fresh = False
+        # The error frame the reply was, while the server's close is awaited
+        self.refusal: ChatEnvError | None = None
+        # Servers: those still to try this round, the rounds so far, what this round met
+        self.round: list[int] = []
         self.rounds = 0
         self.full: ChatEnvError | None = None  # this round's last CAPACITY_REACHED
         self.errors: list[BaseException] = []  # this round's connection failures
-        self.retried = False
+        # Waiting for room: until when (capacity_wait_s from the first round), the next pause
+        self.deadline: float | None = None
+        self.backoff_s = _BACKOFF_S[0]
 
-    def next_server(self) -> tuple[int, float]:
-        """The server to open a session on, and how long to wait first; raises when none is left."""
+    def start(self, connected: bool) -> str:
+        """The first action: the request on the shell's connection, or a new one."""
+        return _SEND if connected else _CONNECT
+
+    # Connecting
+
+    def next_server(self) -> tuple[str, float]:
+        """The server to open a session on (its ws:// URL) and how long to wait first;
+        raises what the call raises when none is left."""
+        core = self.core
         wait_s = 0.0
         if not self.round:
             if self.rounds:
                 wait_s = self._pause()
-            core, count = self.core, len(self.core.ws_urls)
+            elif core.capacity_wait_s is not None:
+                self.deadline = time.monotonic() + core.capacity_wait_s
+            count = len(core.ws_urls)
             start, core._next_server = core._next_server, (core._next_server + 1) % count
             self.round = [(start + k) % count for k in range(count)]
             self.rounds += 1
             self.full, self.errors = None, []
-        index = self.round.pop(0)
-        self.core.server = index
-        return index, wait_s
+        core.server = index = self.round.pop(0)
+        return core.ws_urls[index], wait_s
 
     def _pause(self) -> float:
-
+        """A round is over: the pause before the next, or raise (no server up, or no room in time)."""
         if self.full is None:  # every server is down: waiting for room cannot help
             if len(self.errors) == 1:
                 raise self.errors[0]
@@ -3510,55 +3612,99 @@ class _Call:
         self.backoff_s = min(2 * self.backoff_s, _BACKOFF_S[1])
         return wait_s
 
-    def connect_failed(self, exc: BaseException) -> None:
+    def on_connect(self) -> str:
+        """A connection opened: the request goes on it."""
+        self.fresh = True
+        return _SEND
+
+    def on_connect_error(self, exc: BaseException) -> str:
         """The connection was refused or its handshake failed: the next server."""
         self.errors.append(exc)
+        return _CONNECT
 
-    def refused(self, error: ChatEnvError, closed: _Closed | None) -> None:
+    # Replies
+
+    def on_reply(self, data: bytes | bytearray | str) -> str:
+        """A data frame answered the request: the reply, a refusal, or an error raised."""
+        try:
+            self.result = self.parse(data)
+        except ChatEnvError as exc:
+            if exc.code not in _CLOSING_CODES:
+                raise  # the server answered: the session stays
+            self.refusal = exc
+            return _AWAIT_CLOSE
+        if self.new_episode:
+            self.core.replied()
+        return _RETURN
+
+    def on_refusal_close(self, closed: _Closed | None) -> str:
+        """After _AWAIT_CLOSE: the server's close, None if it did not come in time."""
+        return self._refused(self.refusal, closed)
+
+    def _refused(self, error: ChatEnvError, closed: _Closed | None) -> str:
         """The server sent CAPACITY_REACHED or SESSION_ERROR, then closed (``closed``, if
         it came in time): the next server (a reset refused for room), or raise."""
         core = self.core
         core._refusal = error
         if self.new_episode and error.code == CAPACITY_REACHED:
             self.full = error
-            return
+            return _CONNECT
         if closed is None:
             core.lose(f"the server sent {error.code}: {_preview(error.message, 200)}, then closed the session")
         else:
             core.lose(core.closed_text(closed), closed.code)
         raise error
 
-    def failed(self, exc: BaseException, fresh: bool) -> None:
-        """A call's request got no reply; the connection is dropped. Returns to try again
-        (a reset), or raises what the caller should see."""
-        core = self.core
-        leftover = exc.frame if isinstance(exc, _Unsolicited) else getattr(exc, "leftover", None)
-        if leftover is not None:
-            refusal = core.refusal(leftover)
-            if refusal is not None:
-                return self.refused(refusal, exc if isinstance(exc, _Closed) else None)
-            core.lose("the server sent a frame no request asked for")
-            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent a frame no request asked for: "
-                                               f"{_preview(bytes(leftover[:200]))}") from None
+    # Failures: the request got no reply, and the shell dropped the connection
+
+    def on_failure(self, exc: BaseException) -> str:
+        """What the shell caught instead of a reply: a frame before the close, the
+        close, a timeout or an interruption; each decides (see the class)."""
         if isinstance(exc, _Closed):
-            if exc.ours and exc.code in (1002, 1007):  # the server broke the WebSocket protocol
-                core.lose(core.closed_text(exc), exc.code)
-                raise ChatEnvError(PROTOCOL_ERROR, f"the server's reply broke the WebSocket protocol: "
-                                                   f"{exc.reason}; the connection was closed") from None
-            if self.new_episode and not exc.ours:
-                if not fresh and not self.retried:  # the reused connection had ended: once more, anew
-                    self.retried = True
-                    return None
-                if fresh:  # this server took the connection and closed it: the next one
-                    core.lose(core.closed_text(exc), exc.code)
-                    self.errors.append(core.lost_error())
-                    return None
-            core.lose(core.closed_text(exc), exc.code)
-            raise core.lost_error() from None
+            if exc.leftover is not None:
+                return self.on_unsolicited(exc.leftover, exc)
+            return self.on_close(exc)
+        if isinstance(exc, _Unsolicited):
+            return self.on_unsolicited(exc.frame, None)
         if isinstance(exc, TimeoutError):
-            core.lose(f"no reply within message_timeout_s={core.message_timeout_s} s")
-            raise core.timeout_error() from None
-        core.lose(f"a call was interrupted by {type(exc).__name__} between its request and its reply")
+            return self.on_timeout()
+        return self.on_interrupt(exc)
+
+    def on_unsolicited(self, frame: Any, closed: _Closed | None) -> str:
+        """A data frame no request asked for came first (then ``closed``, if it did): a
+        server's refusal of the session, or a server that broke the protocol."""
+        core = self.core
+        refusal = core.refusal(frame)
+        if refusal is not None:
+            return self._refused(refusal, closed)
+        core.lose("the server sent a frame no request asked for")
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent a frame no request asked for: "
+                                           f"{_preview(bytes(frame[:200]))}") from None
+
+    def on_close(self, closed: _Closed) -> str:
+        """The connection ended before the reply."""
+        core = self.core
+        if self.new_episode and not closed.ours and not self.fresh:
+            return _CONNECT  # the reused connection had ended: once more, anew (once: the next is fresh)
+        lost = core.lose(core.closed_text(closed), closed.code)
+        if closed.ours and closed.code in _BROKEN_CODES:
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server's reply broke the WebSocket protocol: "
+                                               f"{closed.reason}; the connection was closed") from None
+        if self.new_episode and not closed.ours:  # this server took the connection and closed it
+            self.errors.append(lost)
+            return _CONNECT
+        raise lost from None
+
+    def on_timeout(self) -> str:
+        """No reply within message_timeout_s (the shell closed the connection: a late
+        reply must not answer a later call)."""
+        core = self.core
+        core.lose(f"no reply within message_timeout_s={core.message_timeout_s} s")
+        raise core.timeout_error() from None
+
+    def on_interrupt(self, exc: BaseException) -> str:
+        """Ctrl-C, a cancelled task, or another exception between request and reply."""
+        self.core.lose(f"a call was interrupted by {type(exc).__name__} between its request and its reply")
         raise exc
 
 
@@ -3714,9 +3860,17 @@ class _ClientBase:
     """What ChatEnv and AsyncChatEnv share: the core (options, decisions, parsing),
     docker ownership, helpers."""
 
+    # The options are listed once, on the core: help() and inspect.signature() show its
+    # signature and its docstring here, and the core checks what is passed.
+    @functools.wraps(_ClientCore.__init__, assigned=("__doc__",), updated=())
     def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
         self._core = _ClientCore(base_url, **options)
         self._container: Any = None
+        self._init_shell()
+
+    def _init_shell(self) -> None:
+        """The shell's own state: its connection and its lock."""
+        raise NotImplementedError
 
     @property
     def base_url(self) -> str:
@@ -4182,16 +4336,7 @@ class _SocketWire:
         """The protocol left OPEN: the server's close frame, or our own after a broken frame."""
         proto = self.proto
         leftover = message if message is not None else (self.unsolicited[0] if self.unsolicited else None)
-        if proto.close_rcvd is not None and proto.close_rcvd_then_sent is not False:
-            closed = _Closed(proto.close_rcvd.code, proto.close_rcvd.reason, leftover=leftover)
-        else:
-            sent = proto.close_sent
-            code, reason = (sent.code, sent.reason) if sent else (1006, "")
-            if code == 1009:
-                limit = self.core.max_message_bytes
-                reason = f"the server's reply is over this client's max_message_bytes={limit} ({reason})"
-            closed = _Closed(code, reason, ours=True, leftover=leftover)
-        return self._shut(closed)
+        return self._shut(self.core.closed(proto.close_rcvd, proto.close_sent, proto.close_rcvd_then_sent, leftover))
 
     def _fail(self, code: int, reason: str) -> _Closed:
         """Close the connection ourselves (a limit, keepalive), telling the server why."""
@@ -4379,22 +4524,19 @@ def _forget_keepalive() -> None:
 class ChatEnv(_ClientBase):
     """Synchronous client: one WebSocket session with a chat environment server.
 
-    ``ChatEnv(base_url, **options)``: ``base_url`` is one server (http(s)://,
-    ws(s):// or host:port) or a sequence of them (a new session goes to one with
-    room). Options, the same for AsyncChatEnv: ``auth_token``, ``delta`` (True),
-    ``compression`` (None or "deflate"), ``capacity_wait_s`` (None: no wait),
-    ``connect_timeout_s`` (10), ``message_timeout_s`` (60), ``ping_interval_s``
-    (20), ``ping_timeout_s`` (20), ``max_message_bytes`` (64 MiB); each timeout and
-    limit is None to disable.
+    ``ChatEnv(base_url, **options)``: one server or several (a new session goes
+    to one with room); the options, the same for AsyncChatEnv, are listed with
+    __init__.
 
     Its I/O runs in the caller's thread, on a blocking socket; between calls a
     process-wide keepalive thread answers the server's pings. Calls from several
     threads are serialised by a lock.
     """
 
-    def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
-        super().__init__(base_url, **options)
+    def _init_shell(self) -> None:
+        # Held by each call; the keepalive thread tends the connection only while it is free
         self._lock = threading.Lock()
+        # The connection, None until a call opens one (or once it is dropped)
         self._wire: _SocketWire | None = None
 
     @classmethod
@@ -4406,22 +4548,23 @@ class ChatEnv(_ClientBase):
         """
         return cls._launch(image, **options)
 
-    def _connect(self, plan: _Call) -> _SocketWire:
-        """A new connection on the plan's next server (waiting first when it says so)."""
-
-        while True:
-            index, wait_s = plan.next_server()
+    def _connect(self, call: _Call) -> str:
+        """_CONNECT: a new connection on the plan's next server (after its pause), until one opens."""
+        action = _CONNECT
+        while action is _CONNECT:
+            ws_url, wait_s = call.next_server()
             if wait_s:
                 time.sleep(wait_s)
             wire = _SocketWire(self._core, self._lock)
             try:
-                wire.open(self._core.ws_urls[index])
+                wire.open(ws_url)
             except ConnectionError as exc:
-                plan.connect_failed(exc)
-                continue
-            _watch(wire)
-            self._wire = wire
-            return wire
+                action = call.on_connect_error(exc)
+            else:
+                _watch(wire)
+                self._wire = wire
+                action = call.on_connect()
+        return action
 
     def _drop(self) -> None:
         wire, self._wire = self._wire, None
@@ -4429,35 +4572,25 @@ class ChatEnv(_ClientBase):
             wire.abort()
 
     def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
-        core = self._core
+        """Send ``frame`` and return its reply, doing what the call's plan says (see _Call)."""
         with self._lock:
-            core.check(new_episode)
-            plan = None
-            while True:
-                wire, fresh = self._wire, False
-                if wire is None:
-                    plan = plan or core.plan(new_episode)
-                    wire = self._connect(plan)
-                    fresh = True
-                try:
-                    data = wire.call(frame)
-                except BaseException as exc:  # no reply was read: the connection cannot be trusted
-                    self._drop()
-                    plan = plan or core.plan(new_episode)
-                    plan.failed(exc, fresh)
-                    continue
-                try:
-                    result = parse(data)
-                except ChatEnvError as exc:
-                    if exc.code not in _CLOSING_CODES:
-                        raise
-                    self._wire = None  # the server closes after these: its close says how
-                    plan = plan or core.plan(new_episode)
-                    plan.refused(exc, wire.await_close())
-                    continue
-                if new_episode:
-                    core.replied()
-                return result
+            call = self._core.call(parse, new_episode)
+            action = call.start(self._wire is not None)
+            while action is not _RETURN:
+                if action is _SEND:
+                    try:
+                        data = self._wire.call(frame)
+                    except BaseException as exc:  # no reply was read: the connection cannot be trusted
+                        self._drop()
+                        action = call.on_failure(exc)
+                    else:
+                        action = call.on_reply(data)
+                elif action is _CONNECT:
+                    action = self._connect(call)
+                elif action is _AWAIT_CLOSE:
+                    wire, self._wire = self._wire, None
+                    action = call.on_refusal_close(wire.await_close())
+            return call.result
 
     def reset(self, **kwargs: Any) -> StepResult:
         """Start a new episode, on a new connection if the last one ended (close() included)."""
@@ -4486,7 +4619,7 @@ class ChatEnv(_ClientBase):
             wire, self._wire = self._wire, None
             if wire is not None:
                 wire.close()
-            self._core.lose("this client's close() ended it")
+            self._core.close()
         finally:
             self._lock.release()
         container, self._container = self._container, None
@@ -4496,7 +4629,7 @@ class ChatEnv(_ClientBase):
     def __enter__(self) -> ChatEnv:
         with self._lock:
             if self._wire is None:
-                self._connect(self._core.plan(True))
+                self._connect(self._core.call(None, new_episode=True))
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -4536,10 +4669,11 @@ class AsyncChatEnv(_ClientBase):
     ``async with``, on websockets' asyncio client (its keepalive runs while the loop
     does). Calls from several tasks are serialised by a lock."""
 
-    def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
-        super().__init__(base_url, **options)
+    def _init_shell(self) -> None:
+        # websockets' asyncio connection, None until a call opens one (or once it is dropped)
         self._ws: Any = None
-        self._lock: Any = None  # an asyncio.Lock, made in the loop of the first call
+        # Held by each call: an asyncio.Lock, made in the loop of the first call
+        self._lock: Any = None
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -4549,24 +4683,27 @@ class AsyncChatEnv(_ClientBase):
         launch = functools.partial(cls._launch, image, **options)
         return await asyncio.get_running_loop().run_in_executor(None, launch)
 
-    async def _connect(self, plan: _Call) -> Any:
+    async def _connect(self, call: _Call) -> str:
+        """_CONNECT: a new connection on the plan's next server (after its pause), until one opens."""
         import asyncio
 
         from websockets.asyncio.client import connect
 
         core = self._core
-        while True:
-            index, wait_s = plan.next_server()
+        action = _CONNECT
+        while action is _CONNECT:
+            ws_url, wait_s = call.next_server()
             if wait_s:
                 await asyncio.sleep(wait_s)
             try:
-                self._ws = await connect(core.ws_urls[index], create_connection=_failing_fast(),
-                                         **core.connect_options)
-                return self._ws
+                self._ws = await connect(ws_url, create_connection=_failing_fast(), **core.connect_options)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                plan.connect_failed(core.connect_error(core.ws_urls[index], exc))
+                action = call.on_connect_error(core.connect_error(ws_url, exc))
+            else:
+                action = call.on_connect()
+        return action
 
     def _drop(self) -> None:
         ws, self._ws = self._ws, None
@@ -4611,53 +4748,32 @@ class AsyncChatEnv(_ClientBase):
                 leftover = await ws.recv(decode=False)
         except Exception:
             pass
-        received, sent = exc.rcvd, exc.sent
-        if received is not None and exc.rcvd_then_sent is not False:
-            return _Closed(received.code, received.reason, leftover=leftover)
-        if sent is not None:
-            reason = sent.reason
-            if sent.code == 1009:
-                reason = (f"the server's reply is over this client's max_message_bytes="
-                          f"{self._core.max_message_bytes} ({sent.reason})")
-            elif sent.code == 1011 and "keepalive" in sent.reason:
-                reason = f"keepalive: no pong within ping_timeout_s={self._core.ping_timeout_s} s"
-            return _Closed(sent.code, reason, ours=True, leftover=leftover)
-        return _Closed(1006, "", leftover=leftover)
+        return self._core.closed(exc.rcvd, exc.sent, exc.rcvd_then_sent, leftover)
 
     async def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
+        """Send ``frame`` and return its reply, doing what the call's plan says (see _Call)."""
         import asyncio
 
-        core = self._core
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            core.check(new_episode)
-            plan = None
-            while True:
-                ws, fresh = self._ws, False
-                if ws is None:
-                    plan = plan or core.plan(new_episode)
-                    ws = await self._connect(plan)
-                    fresh = True
-                try:
-                    data = await self._roundtrip(ws, frame)
-                except BaseException as exc:  # no reply was read: the connection cannot be trusted
-                    self._drop()
-                    plan = plan or core.plan(new_episode)
-                    plan.failed(exc, fresh)
-                    continue
-                try:
-                    result = parse(data)
-                except ChatEnvError as exc:
-                    if exc.code not in _CLOSING_CODES:
-                        raise
-                    self._ws = None  # the server closes after these: its close says how
-                    plan = plan or core.plan(new_episode)
-                    plan.refused(exc, await self._await_close(ws))
-                    continue
-                if new_episode:
-                    core.replied()
-                return result
+            call = self._core.call(parse, new_episode)
+            action = call.start(self._ws is not None)
+            while action is not _RETURN:
+                if action is _SEND:
+                    try:
+                        data = await self._roundtrip(self._ws, frame)
+                    except BaseException as exc:  # no reply was read: the connection cannot be trusted
+                        self._drop()
+                        action = call.on_failure(exc)
+                    else:
+                        action = call.on_reply(data)
+                elif action is _CONNECT:
+                    action = await self._connect(call)
+                elif action is _AWAIT_CLOSE:
+                    ws, self._ws = self._ws, None
+                    action = call.on_refusal_close(await self._await_close(ws))
+            return call.result
 
     async def reset(self, **kwargs: Any) -> StepResult:
         """Start a new episode, on a new connection if the last one ended (close() included)."""
@@ -4676,7 +4792,7 @@ class AsyncChatEnv(_ClientBase):
         import asyncio
 
         ws, self._ws = self._ws, None
-        self._core.lose("this client's close() ended it")
+        self._core.close()
         if ws is not None:
             ws.close_timeout = 0.1
             try:
@@ -4696,7 +4812,7 @@ class AsyncChatEnv(_ClientBase):
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._ws is None:
-                await self._connect(self._core.plan(True))
+                await self._connect(self._core.call(None, new_episode=True))
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
