@@ -35,12 +35,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import chatenv
-from support_chatenv import StallingTokenizer
-from soak_chatenv import (
+from support_chatenv import (
     RECOVERABLE,
     TYPES,
     UPGRADE,
     ServerProcess,
+    StallingTokenizer,
     churn_mode,
     count_logged,
     open_session,
@@ -51,9 +51,9 @@ from soak_chatenv import (
     stuck_reader,
     upgrade_request,
 )
-from soak_chatenv import connect as tcp_connect
-from soak_chatenv import frame as _soak_frame
-from soak_chatenv import wait_until as _soak_wait_until
+from support_chatenv import connect as tcp_connect
+from support_chatenv import frame as _soak_frame
+from support_chatenv import wait_until as _soak_wait_until
 from chatenv import (
     ByteTokenizer,
     ChatAction,

@@ -29,7 +29,7 @@ from websockets.sync.client import connect as ws_connect
 
 import chatenv
 from chatenv import ChatEnv, serve_in_thread
-from soak_chatenv import (
+from support_chatenv import (
     answer_head,
     OVERSIZE_CLIENT,
     UPGRADE,
@@ -45,7 +45,7 @@ from soak_chatenv import (
     upgrade_request,
     wait_until,
 )
-from soak_chatenv import connect as tcp_connect
+from support_chatenv import connect as tcp_connect
 
 HERE = Path(__file__).resolve().parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets CPU affinity")
