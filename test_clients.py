@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatenv
+from conftest import SyncClient, free_port, wait_until
 from support_chatenv import StallingTokenizer
 from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError, EpisodeLostError, serve_in_thread
 
@@ -35,108 +36,8 @@ HERE = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------
-# Helpers: both clients behind one interface, scripted servers, frames
+# Helpers: scripted servers, frames (both clients behind one interface: conftest)
 # ------------------------------------------------------------------------------
-
-
-class SyncClient:
-    """ChatEnv as the tests drive it (``pause`` is user code running between calls)."""
-
-    kind = "sync"
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.client = ChatEnv(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
-
-    def pause(self, seconds: float, busy: bool = False) -> None:
-        if not busy:
-            time.sleep(seconds)
-            return
-        deadline, spins = time.monotonic() + seconds, 0
-        while time.monotonic() < deadline:  # pure Python: holds the GIL but for the switch interval
-            spins += 1
-
-    def __enter__(self):
-        self.client.__enter__()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.client.close()
-
-
-class AsyncClient:
-    """AsyncChatEnv on one event loop for its life; each call runs to completion on it.
-    ``pause`` awaits (an async client reads its socket only while its loop runs)."""
-
-    kind = "async"
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.client = AsyncChatEnv(*args, **kwargs)
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    @property
-    def base_url(self):
-        return self.client.base_url
-
-    def reset(self, **kwargs):
-        return self.run(self.client.reset(**kwargs))
-
-    def step(self, action):
-        return self.run(self.client.step(action))
-
-    def state(self):
-        return self.run(self.client.state())
-
-    def close(self):
-        if not self.loop.is_closed():
-            try:
-                self.run(self.client.close())
-            finally:
-                self.loop.close()
-
-    def pause(self, seconds: float, busy: bool = False) -> None:
-        assert not busy, "a busy loop blocks an async client's event loop: nothing can run"
-        self.run(asyncio.sleep(seconds))
-
-    def __enter__(self):
-        self.run(self.client.__aenter__())
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-CLIENTS = {"sync": SyncClient, "async": AsyncClient}
-
-
-@pytest.fixture(params=sorted(CLIENTS))
-def make_client(request):
-    """A factory for ChatEnv or AsyncChatEnv (the test runs once with each); closes them all."""
-    made = []
-
-    def make(url, **options):
-        client = CLIENTS[request.param](url, **options)
-        made.append(client)
-        return client
-
-    make.kind = request.param
-    yield make
-    for client in made:
-        client.close()
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def server_frame(payload: bytes | str, opcode: int = 1, fin: bool = True) -> bytes:
@@ -806,14 +707,8 @@ def test_capacity_wait_retries_with_jittered_exponential_backoff(make_client):
 # ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_several_servers_skip_a_full_one_and_a_down_one(make_client):
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     with serve_in_thread(max_sessions=1) as full, serve_in_thread() as room:
         make_client(full).reset()  # now full
         for _ in range(6):  # whatever server each starts from, each session lands on the one with room
@@ -832,7 +727,7 @@ def test_several_servers_spread_new_sessions(make_client):
 
 
 def test_several_servers_all_down_name_each(make_client):
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     env = make_client([f"http://127.0.0.1:{p}" for p in ports], connect_timeout_s=2, capacity_wait_s=5)
     started = time.monotonic()
     with pytest.raises(ConnectionError) as info:

@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import chatenv
 from chatenv import AsyncChatEnv, ChatEnv, EpisodeLostError
+from conftest import SLACK, free_port
 
 HERE = Path(__file__).resolve().parent
 NGINX_CONF = HERE / "deploy" / "nginx" / "chatenv.conf"
@@ -41,18 +42,11 @@ KUBERNETES = HERE / "deploy" / "kubernetes" / "chatenv.yaml"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and forks: Linux")
 
-# The bounds the README states, and how much slack a shared 2-core machine gets
+# The bound the README states (conftest.SLACK: how much slack a shared 2-core machine gets)
 SHUTDOWN_S = 1.0 + 0.5  # exit within a second, plus the close handshake (at most 0.5 s)
-SLACK = 5
 
 
 # ---------------------------------------------------------------- processes and /proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02):
