@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 # How much slack a wall-clock bound gets over the budget it checks: a shared 2-core machine
 # runs the suite beside other work, so a bound is "within its configured time", never a speed
 SLACK = 5
+SHUTDOWN_S = 1.0 + 0.5  # the README's bound: a server exits within a second, plus the close handshake (<= 0.5 s)
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _MASKS = random.Random(0)  # frame masks drawn inside hypothesis strategies: never the global random
 

@@ -89,6 +89,7 @@ FAILURES: list[str] = []
 
 
 def check(condition: bool, what: str) -> bool:
+    """Record ``what`` as a failure unless ``condition`` holds (the run goes on)."""
     if not condition:
         FAILURES.append(what)
         print(f"  FAIL: {what}", flush=True)
@@ -101,11 +102,13 @@ def check(condition: bool, what: str) -> bool:
 
 
 def rand_text(rng: random.Random, size=12) -> str:
+    """Up to ``size`` characters from mixed alphabets: JSON syntax, non-ASCII, controls, lone surrogates."""
     alphabets = ["abc", "\"\\{}[]:,", "é✓€😀", "\x00\x1f\x7f", "\ud800\udfff"]
     return "".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randint(0, size)))
 
 
 def rand_json(rng: random.Random, depth=0):
+    """A random JSON value, nested up to three levels."""
     kind = rng.randrange(9 if depth < 3 else 6)
     if kind == 0:
         return None
@@ -123,6 +126,7 @@ def rand_json(rng: random.Random, depth=0):
 
 
 def rand_tokens(rng: random.Random):
+    """A token list of some shape: valid, with bad ids, nested, too deep, or not a list at all."""
     kind = rng.randrange(8)
     if kind == 0:
         return [rng.randint(0, 258) for _ in range(rng.randint(1, 50))]
@@ -143,6 +147,8 @@ def rand_tokens(rng: random.Random):
 
 
 def deep(rng: random.Random) -> str:
+    """Deeply nested JSON (at, just past and far past the depth limit), unterminated or placed
+    where the protocol reads."""
     depth = rng.choice([31, 32, 33, 500, 990, 1000, 3000, 50_000])
     inner = "[" * depth + "1" + "]" * depth if rng.random() < 0.5 else '{"a":' * depth + "1" + "}" * depth
     return rng.choice([
@@ -153,6 +159,7 @@ def deep(rng: random.Random) -> str:
 
 
 def rand_frame(rng: random.Random, surrogates=True):
+    """A random frame for the protocol: bytes, text, or a request of any type with random fields."""
     kind = rng.randrange(10)
     if kind == 0:
         return rng.randbytes(rng.randint(0, 64))
@@ -189,6 +196,7 @@ def rand_frame(rng: random.Random, surrogates=True):
 
 
 def phase_pure_fuzz(rng: random.Random, count: int) -> dict:
+    """Phase 1: ``count`` random frames through ``handle_frame``; every reply one the protocol allows."""
     codes: dict = {}
     session = Session(chatenv.ChatEnvironment)
     started = time.monotonic()
@@ -220,6 +228,7 @@ def phase_pure_fuzz(rng: random.Random, count: int) -> dict:
 
 
 def phase_socket_fuzz(rng: random.Random, logdir: str, frames: int, wire_sessions: int) -> dict:
+    """Phase 2: random frames over real sessions, then random wire bytes after the handshake."""
     server = ServerProcess(logdir, "fuzz", max_message_bytes=1 << 20)
     codes: dict = {}
     close_codes: dict = {}
@@ -304,6 +313,7 @@ CHURN_MODES = {  # share of the sessions, batch size
 
 
 def churn_round(server: ServerProcess, total: int, modes) -> int:
+    """Churn ``total`` sessions spread over ``modes``; how many sessions (not handshakes) were churned."""
     churned = 0
     for mode in modes:
         share, batch = CHURN_MODES[mode]
@@ -315,6 +325,7 @@ def churn_round(server: ServerProcess, total: int, modes) -> int:
 
 
 def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
+    """Phase 3: rounds of churn; then zero sessions, descriptors back, RSS compared, full capacity, a clean log."""
     server = ServerProcess(logdir, "churn", max_sessions=max_sessions, ping_interval_s=0.3, ping_timeout_s=0.3,
                            send_timeout_s=0.5, open_timeout_s=0.5)
     cheap = [m for m in CHURN_MODES if m != "not-reading"]
@@ -370,6 +381,7 @@ def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
 
 
 def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
+    """Phase 4: SIGTERM with sessions mid-episode, some stuck; each closed with 1012, the process gone fast."""
     times, closes = [], {}
     for r in range(rounds):
         server = ServerProcess(logdir, f"shutdown-{r}", max_sessions=sessions + stuck + 8)
@@ -522,6 +534,7 @@ async def _memory_newcomers(port: int, stats: dict, stop_at: float) -> None:
 
 
 def phase_memory(logdir: str, seconds: float, bound_mib: int, seed: int) -> dict:
+    """Phase 5: sessions drive episodes against a small memory bound for ``seconds``; peak RSS against it."""
     import asyncio
 
     bound = bound_mib * 2**20
@@ -565,6 +578,7 @@ def phase_memory(logdir: str, seconds: float, bound_mib: int, seed: int) -> dict
 
 
 def quantile(values, q: float) -> float:
+    """The ``q`` quantile of ``values`` (NaN if there are none)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
@@ -987,6 +1001,7 @@ def attack_rows(results: dict) -> list[tuple[str, str, str]]:
 
 
 def attack_phases(logdir: str, quick: bool) -> list[tuple[str, Any]]:
+    """The attack phases by name, each a thunk returning its figures (smaller with ``quick``)."""
     stalled, window = (1100, 4.0) if not quick else (1100, 2.0)
     return [
         ("stalled", lambda: phase_stalled_handshakes(logdir, stalled, False, 10 if quick else 30, window)),
@@ -1009,6 +1024,7 @@ def attack_phases(logdir: str, quick: bool) -> list[tuple[str, Any]]:
 
 
 def main(argv=None) -> int:
+    """Run the phases the arguments choose, print each one's figures and every failed check; 0 if none failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts: under a minute")
     parser.add_argument("--seed", type=int, default=6)
@@ -1087,7 +1103,8 @@ def main(argv=None) -> int:
     rows = attack_rows(results)
     if rows:
         print()
-        print(f"| attack{' (baseline ' + str(ServerProcess.chatenv_dir) + ')' if ServerProcess.chatenv_dir != HERE else ''} | figure | target |")
+        baseline = ServerProcess.chatenv_dir
+        print(f"| attack{' (baseline ' + str(baseline) + ')' if baseline != HERE else ''} | figure | target |")
         print("| --- | --- | --- |")
         for figure, value, target in rows:
             print(f"| {figure} | {value} | {target} |")

@@ -1,4 +1,5 @@
-"""Support for chatenv's tests, soak and benchmark: OpenEnv's releases, each in a venv.
+"""Support for chatenv's tests, soak and benchmark: OpenEnv's releases, each in a venv,
+and the raw sockets and server subprocesses the three share.
 
 OpenEnv ships as ``openenv`` 0.10.0 (current) and ``openenv-core`` 0.3.0
 (older); both install into the same ``openenv`` package, so each lives in its
@@ -9,6 +10,10 @@ itself never imports OpenEnv. This module is both halves of that split:
   interpreter, ``PeerProcess`` runs the OpenEnv peer in it, ``OpenEnvClients``
   drives OpenEnv's own clients in it, ``launcher_commands`` asks it for the
   commands OpenEnv's launchers run;
+* in the main process too (stdlib; chatenv imported only by ``state_of``): WebSocket
+  frames and handshakes written by hand (``frame``, ``open_session``,
+  ``recv_frame``, ``answer_head``, churn and stuck clients), and ``ServerProcess``,
+  a chatenv server in a subprocess of its own (its RSS, descriptors, log);
 * in a venv's interpreter (the subcommands below): the OpenEnv peer, the chat
   environment written on OpenEnv's public API (``create_app`` and an
   ``Environment`` subclass) and served under uvicorn, since OpenEnv's own
@@ -778,7 +783,21 @@ def _close_streams(proc):
                 stream.close()
 
 
-class PeerProcess:
+class _VenvProcess:
+    """A process in a release's venv, started on entering ``with`` (unless ``start()``
+    already ran, so several can start in parallel) and stopped on leaving: the
+    value of ``with`` is ``wait_started()``'s."""
+
+    def __enter__(self):
+        if self.proc is None:
+            self.start()
+        return self.wait_started()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class PeerProcess(_VenvProcess):
     """The OpenEnv peer of a release in a subprocess: ``with PeerProcess("0.10.0",
     {"max_concurrent_envs": 8}, {...}) as urls``. Each dict is one server
     (``max_concurrent_envs``, ``system_prompt``, ``tokenizer``: bytes or chatenv).
@@ -828,14 +847,6 @@ class PeerProcess:
         _close_streams(self.proc)
         return self.returncode
 
-    def __enter__(self):
-        if self.proc is None:
-            self.start()
-        return self.wait_started()
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
 
 class RemoteError(Exception):
     """An exception raised by OpenEnv's client in the venv: ``.type``, ``.mro``, ``.message``."""
@@ -872,7 +883,7 @@ class _RemoteClient:
             self.close()
 
 
-class OpenEnvClients:
+class OpenEnvClients(_VenvProcess):
     """OpenEnv's own clients (a release's, in its venv), driven from this process.
 
     ``with OpenEnvClients("0.3.0") as oe, oe.open(url, "sync") as env:
@@ -940,14 +951,6 @@ class OpenEnvClients:
         self.proc = None
         return code
 
-    def __enter__(self):
-        if self.proc is None:
-            self.start()
-        return self.wait_started()
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
 
 def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
     """The server commands OpenEnv 0.10.0's launchers run for ``root``, read from the
@@ -997,6 +1000,7 @@ def frame(payload: bytes, opcode=1, fin=True, rsv=0, mask=True, rng=random) -> b
 
 
 def text(message) -> bytes:
+    """One masked text frame carrying ``message`` as JSON."""
     return frame(json.dumps(message).encode())
 
 
@@ -1207,6 +1211,7 @@ def churn_mode(server: ServerProcess, mode: str, count: int, batch: int, timeout
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 import chatenv
 from conftest import (
     HERE,
+    SHUTDOWN_S,
     SLACK,
     EncodeOnlyTokenizer,
     ask,
@@ -70,7 +71,7 @@ TRANSCRIPTS = HERE / "recordings" / "openenv-0.10.0.jsonl"
 
 
 # ------------------------------------------------------------------------------
-# Models
+# Models: the wire's dataclasses, their dicts and token normalising
 # ------------------------------------------------------------------------------
 
 
@@ -382,7 +383,7 @@ def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_serv
 
 
 # ------------------------------------------------------------------------------
-# Environment
+# Environment: reset, step, state, and the history's JSON
 # ------------------------------------------------------------------------------
 
 
@@ -423,7 +424,7 @@ def test_environment_json_matches_its_python_history():
 
 
 # ------------------------------------------------------------------------------
-# Protocol (pure: frames in, frames out, no sockets)
+# Protocol: frames in, frames out, no sockets (pure)
 # ------------------------------------------------------------------------------
 
 
@@ -532,7 +533,7 @@ def test_protocol_delta_observations_rebuild_the_full_ones():
 
 
 # ------------------------------------------------------------------------------
-# Server (a real server on a loopback port, raw websockets frames)
+# Server: a real server on a loopback port, raw websockets frames, ASGI, signals
 # ------------------------------------------------------------------------------
 
 
@@ -783,10 +784,12 @@ def test_server_episode_token_limit_refuses_the_step_and_keeps_the_session():
 
 
 def test_server_slow_tokenizer_does_not_stall_other_sessions():
+    stall_s = 1.5  # the slow step: the fast ones must all be answered well before it ends
+
     class SlowTokenizer(EncodeOnlyTokenizer):
         def decode(self, ids, skip_special_tokens=False):
             if ids[0] == 0:
-                time.sleep(1.5)
+                time.sleep(stall_s)
             return bytes(ids).decode("latin-1")
 
     with serve_in_thread(SlowTokenizer(), ping_interval_s=0.2, ping_timeout_s=0.5) as url:
@@ -795,7 +798,7 @@ def test_server_slow_tokenizer_does_not_stall_other_sessions():
             started = time.monotonic()
             for _ in range(5):
                 assert ask(fast, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
-            assert time.monotonic() - started < 1.0  # answered while the slow step runs
+            assert time.monotonic() - started < stall_s - 0.5  # answered while the slow step runs
             assert json.loads(slow.recv(timeout=5))["type"] == "observation"
 
 
@@ -886,7 +889,7 @@ def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
         started = time.monotonic()
         proc.send_signal(signum)
         assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < SHUTDOWN_S * SLACK
         for ws in sessions:
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=2)
@@ -898,7 +901,7 @@ def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
 
 
 # ------------------------------------------------------------------------------
-# Clients
+# Clients: ChatEnv and AsyncChatEnv, on chatenv's server and scripted ones, under faults
 # ------------------------------------------------------------------------------
 
 
@@ -1188,8 +1191,9 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
     server = serve_in_thread()
     url = server.__enter__()
     port = url.server.port
+    connect_timeout_s = 2
     try:
-        env = make_client(url, connect_timeout_s=2)
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         env.reset()
         env.step([72, 105])
     finally:
@@ -1201,7 +1205,7 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
         env.state()
     with pytest.raises(ConnectionError, match="cannot connect"):
         env.reset()  # the server is still down: refused, said so
-    assert time.monotonic() - started < 2  # nothing hung
+    assert time.monotonic() - started < connect_timeout_s  # nothing hung: no connect timeout waited out
     with serve_in_thread(port=port) as again:
         result = env.reset()
         assert result.observation.messages == [] and again.server.active_sessions == 1
@@ -1212,8 +1216,9 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
 def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client):
     proc, url = _start_cli("--system-prompt", "Be brief.")
     port = int(url.rsplit(":", 1)[1])
+    connect_timeout_s = 2
     try:
-        env = make_client(url, connect_timeout_s=2)
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         env.reset()
         env.step([72, 105])
         proc.kill()  # no close frame: the process is gone
@@ -1223,7 +1228,7 @@ def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client)
             env.step([33])
         with pytest.raises(EpisodeLostError):
             env.state()
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < connect_timeout_s  # lost at once, no connect timeout waited out
         _stop_cli(proc)
         proc, url = _start_cli("--system-prompt", "Be brief.", port=port)
         result = env.reset()
@@ -1235,11 +1240,12 @@ def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client)
 
 def test_client_connection_refused_is_a_clear_connection_error(make_client):
     port = free_port()  # nothing listens there
-    env = make_client(f"http://127.0.0.1:{port}", connect_timeout_s=2)
+    connect_timeout_s = 2
+    env = make_client(f"http://127.0.0.1:{port}", connect_timeout_s=connect_timeout_s)
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=f"cannot connect to ws://127.0.0.1:{port}/ws") as info:
         env.reset()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < connect_timeout_s  # refused at once, not timed out
     assert not isinstance(info.value, EpisodeLostError)
     with pytest.raises(ConnectionError):
         with make_client(f"127.0.0.1:{port}", connect_timeout_s=2):
@@ -1249,11 +1255,12 @@ def test_client_connection_refused_is_a_clear_connection_error(make_client):
 def test_client_handshake_never_answered_is_a_connection_error_within_the_connect_timeout(make_client):
     with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP accepted by the kernel, then silence
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        env = make_client(url, connect_timeout_s=0.5)
+        connect_timeout_s = 0.5
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         started = time.monotonic()
         with pytest.raises(ConnectionError, match="handshake"):
             env.reset()
-        assert 0.4 <= time.monotonic() - started < 2
+        assert connect_timeout_s - 0.1 <= time.monotonic() - started < SLACK * connect_timeout_s
 
 
 def test_client_keepalive_can_be_switched_off(make_client):

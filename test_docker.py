@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import chatenv
-from conftest import SLACK, wait_until
+from conftest import wait_until
 from chatenv import ChatAction, ChatEnv
 
 
@@ -30,6 +30,7 @@ from chatenv import ChatAction, ChatEnv
 # ------------------------------------------------------------------------------
 
 DOCKER_TEST_IMAGE = os.environ.get("CHATENV_DOCKER_TEST_IMAGE", "chatenv-test:latest")
+DOCKER_STOP_GRACE_S = 10  # `docker stop` waits this long after SIGTERM, then kills
 
 
 def _docker_cmd(*args, timeout=60):
@@ -179,7 +180,7 @@ def test_docker_stop_is_fast_and_container_is_removed(no_leftovers):
         elapsed = time.monotonic() - t0
         assert stop.returncode == 0, stop.stderr
         print(f"\ndocker stop took {elapsed:.2f} s")
-        assert elapsed < 5.0, f"docker stop took {elapsed:.1f} s: the server ignores SIGTERM?"
+        assert elapsed < DOCKER_STOP_GRACE_S / 2, f"docker stop took {elapsed:.1f} s: the server ignores SIGTERM?"
         exit_code = _docker_cmd("inspect", "-f", "{{.State.ExitCode}}", container.name)
         assert exit_code.stdout.strip() == "0"
     finally:
@@ -274,13 +275,14 @@ def test_docker_bad_image_name(no_leftovers):
 
 
 def test_docker_crash_at_start_reports_log_tail(no_leftovers):
+    ready_timeout_s = 60
     t0 = time.monotonic()
     with pytest.raises(chatenv.DockerError) as info:
         chatenv.ChatEnv.from_docker_image(
-            no_leftovers, env_vars={"CHATENV_TOKENIZER": "/nonexistent"}, ready_timeout_s=60)
+            no_leftovers, env_vars={"CHATENV_TOKENIZER": "/nonexistent"}, ready_timeout_s=ready_timeout_s)
     message = str(info.value)
     assert "log" in message and "/nonexistent" in message   # the server's own error line
-    assert time.monotonic() - t0 < 30, "a crash must be noticed, not waited out"
+    assert time.monotonic() - t0 < ready_timeout_s / 2, "a crash must be noticed, not waited out"
 
 
 def test_docker_not_healthy_in_time_is_removed(no_leftovers):

@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import chatenv
 from chatenv import AsyncChatEnv, ChatEnv, EpisodeLostError
-from conftest import SLACK, free_port
+from conftest import SHUTDOWN_S, SLACK, free_port
 
 HERE = Path(__file__).resolve().parent
 NGINX_CONF = HERE / "deploy" / "nginx" / "chatenv.conf"
@@ -42,8 +42,6 @@ KUBERNETES = HERE / "deploy" / "kubernetes" / "chatenv.yaml"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and forks: Linux")
 
-# The bound the README states (conftest.SLACK: how much slack a shared 2-core machine gets)
-SHUTDOWN_S = 1.0 + 0.5  # exit within a second, plus the close handshake (at most 0.5 s)
 
 
 # ---------------------------------------------------------------- processes and /proc
