@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import chatenv
 from conftest import SLACK, SyncClient, free_port, wait_until
-from support_chatenv import StallingTokenizer
+from support_chatenv import StallingTokenizer, open_session
 from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError, EpisodeLostError, serve_in_thread
 
 HERE = Path(__file__).resolve().parent
@@ -784,12 +784,7 @@ def test_a_reset_on_a_session_the_server_ended_goes_to_another_server(make_clien
 def _raw_session(url: str) -> socket.socket:
     """A WebSocket session on a bare socket that never reads after its handshake, so it
     never answers a ping: the control that shows the pause is long enough to be dropped."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: " + f"{host}:{port}".encode() + b"\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    sock, _ = open_session(int(url.rsplit(":", 1)[1]))  # raises unless the server answers 101
     return sock
 
 

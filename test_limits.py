@@ -18,26 +18,23 @@ import time
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
 
 import chatenv
 from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
-from conftest import wait_until
+from conftest import ask, raw, wait_until
 
 HERE = Path(__file__).resolve().parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux)")
 
 
 def _ws(url: str):
-    kwargs = {"open_timeout": 5, "proxy": None, "max_size": None}
-    if chatenv._websockets_major() >= 17:
-        kwargs["legacy"] = True
-    return connect(url.replace("http://", "ws://") + "/ws", **kwargs)
+    """conftest.raw without a limit on the size of a reply: big episodes."""
+    return raw(url, max_size=None)
 
 
 def _ask(ws, message, timeout: float = 10):
-    ws.send(json.dumps(message))
-    return json.loads(ws.recv(timeout=timeout))
+    """conftest.ask with a longer wait: big episodes."""
+    return ask(ws, message, timeout)
 
 
 # ------------------------------------------------------------------------------
