@@ -44,7 +44,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 
-# ---------------------------------------------------------------- processes and /proc
+# ------------------------------------------------------------------------------
+# Processes and /proc: which process holds a session, read from its file table
+# ------------------------------------------------------------------------------
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02):
@@ -257,7 +259,9 @@ def open_mapped(make, port: int, owners) -> tuple[object, int]:
     return session, owner[0]
 
 
-# ---------------------------------------------------------------- workers
+# ------------------------------------------------------------------------------
+# Workers: chatenv serve --workers N under a supervisor
+# ------------------------------------------------------------------------------
 
 
 def test_workers_serve_one_port_spread_sessions_and_answer_health(served):
@@ -474,7 +478,9 @@ def test_one_worker_by_default_means_no_fork(served):
     assert http_get(server.url + "/metadata")[1]["worker"] == server.pid
 
 
-# ---------------------------------------------------------------- nginx in front
+# ------------------------------------------------------------------------------
+# nginx in front: deploy/nginx/chatenv.conf before several chatenv servers
+# ------------------------------------------------------------------------------
 
 
 def nginx_executable() -> str:
@@ -717,7 +723,9 @@ def test_host_and_origin_checks_work_behind_nginx(behind_nginx):
     assert sum(established_on(b.port) for b in backends) == 0
 
 
-# ---------------------------------------------------------------- Kubernetes, as far as this machine allows
+# ------------------------------------------------------------------------------
+# Kubernetes: the manifest against the image and the server, as far as this machine allows
+# ------------------------------------------------------------------------------
 
 # Measured (README, "Scaling out": `python bench_chatenv.py scale`): a server's RSS
 # with its episodes at the memory bound is up to 1.27x the bound (many small
