@@ -91,6 +91,17 @@ def http_post(url: str, body, timeout: float = 5):
     return status, json.loads(payload or b"null")
 
 
+def server_frame(payload: bytes | str, opcode: int = 1, fin: bool = True) -> bytes:
+    """One unmasked frame, as a server sends it (RFC 6455 section 5.2)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    first, size = (0x80 if fin else 0) | opcode, len(payload)
+    if size < 126:
+        return bytes((first, size)) + payload
+    if size < 65536:
+        return bytes((first, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + size.to_bytes(8, "big") + payload
+
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
     """support_chatenv.wait_until with the tighter defaults of a test."""

@@ -46,6 +46,7 @@ from conftest import (
     new_session,
     raw,
     reply,
+    server_frame,
     wait_until,
 )
 from support_chatenv import StallingTokenizer
@@ -1098,13 +1099,6 @@ def test_client_detects_a_delta_out_of_sync(make_client):
         env.close()
 
 
-def _text_frame(payload: bytes) -> bytes:
-    """One unmasked, final text frame, as a server sends it (RFC 6455 section 5.2)."""
-    if len(payload) < 126:
-        return bytes((0x81, len(payload))) + payload
-    return bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
-
-
 class PonglessServer:
     """A hand-driven WebSocket server for one session: it answers reset and step like
     chatenv, records the opcode of every frame the client sends, and never answers
@@ -1150,7 +1144,7 @@ class PonglessServer:
                             tokens += request["data"]["tokens"]
                         observation = {"messages": [], "tokens": tokens}
                         reply = {"type": "observation", "data": {"observation": observation, "reward": None, "done": False}}
-                        conn.sendall(_text_frame(json.dumps(reply).encode()))
+                        conn.sendall(server_frame(json.dumps(reply).encode()))
                 proto.data_to_send()  # pongs are generated here: withhold them
 
     def close(self) -> None:

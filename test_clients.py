@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatenv
-from conftest import SLACK, SyncClient, free_port, wait_until
+from conftest import SLACK, SyncClient, free_port, server_frame, wait_until
 from support_chatenv import StallingTokenizer, open_session
 from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError, EpisodeLostError, serve_in_thread
 
@@ -36,20 +36,8 @@ HERE = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------
-# Helpers: scripted servers, frames (both clients behind one interface: conftest)
+# Helpers: scripted servers and frames (the client drivers and server_frame: conftest)
 # ------------------------------------------------------------------------------
-
-
-def server_frame(payload: bytes | str, opcode: int = 1, fin: bool = True) -> bytes:
-    """One unmasked frame, as a server sends it (RFC 6455 section 5.2)."""
-    if isinstance(payload, str):
-        payload = payload.encode()
-    first, size = (0x80 if fin else 0) | opcode, len(payload)
-    if size < 126:
-        return bytes((first, size)) + payload
-    if size < 65536:
-        return bytes((first, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((first, 127)) + size.to_bytes(8, "big") + payload
 
 
 class Peer:

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 import chatenv
-from conftest import free_port
+from conftest import free_port, raw
 import record_openenv
 import support_chatenv
 from support_chatenv import OpenEnvClients, PeerProcess, RemoteError
@@ -166,16 +165,10 @@ def _expected_history(steps):
     return messages, [t for ids in steps for t in ids]
 
 
-def _ws_url(url):
-    return url.replace("http://", "ws://") + "/ws"
-
-
 def _raw(url, **kwargs):
+    """conftest.raw with a longer wait for the opening handshake (a venv's peer is slower)."""
     kwargs.setdefault("open_timeout", 10)
-    kwargs.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
-        kwargs.setdefault("legacy", True)
-    return connect(_ws_url(url), **kwargs)
+    return raw(url, **kwargs)
 
 
 def _until_admitted(open_session, budget_s=10.0):
