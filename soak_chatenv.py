@@ -193,8 +193,6 @@ def rand_frame(rng: random.Random, surrogates=True):
     return json.dumps(message)
 
 
-
-
 def phase_pure_fuzz(rng: random.Random, count: int) -> dict:
     """Phase 1: ``count`` random frames through ``handle_frame``; every reply one the protocol allows."""
     codes: dict = {}
@@ -308,10 +306,6 @@ CHURN_MODES = {  # share of the sessions, batch size
 }
 
 
-
-
-
-
 def churn_round(server: ServerProcess, total: int, modes) -> int:
     """Churn ``total`` sessions spread over ``modes``; how many sessions (not handshakes) were churned."""
     churned = 0
@@ -376,8 +370,6 @@ def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
 # ------------------------------------------------------------------------------
 # Shutdown: SIGTERM with sessions mid-episode, some stuck
 # ------------------------------------------------------------------------------
-
-
 
 
 def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
@@ -581,8 +573,6 @@ def quantile(values, q: float) -> float:
     """The ``q`` quantile of ``values`` (NaN if there are none)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 
 
 def stall_connections(port: int, count: int, reopen: bool, stop, counts, partial=UPGRADE[:60]) -> None:
@@ -817,8 +807,6 @@ def phase_amplification(logdir: str, pullers: int, episode_mib: int, window_s: f
         server.stop()
 
 
-
-
 def phase_oversize_close(logdir: str, rounds: int) -> dict:
     """A websockets asyncio client sends 20 MB over the 16 MiB limit, client and server on one CPU."""
     server = ServerProcess(logdir, "oversize", cpus={0})
@@ -831,8 +819,6 @@ def phase_oversize_close(logdir: str, rounds: int) -> dict:
                 "outcomes": sorted(set(outcomes)), "tracebacks": server.output().count("Traceback")}
     finally:
         server.stop()
-
-
 
 
 def phase_log_volume(logdir: str, attempts: int) -> dict:

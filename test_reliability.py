@@ -77,7 +77,6 @@ TIMEOUT = 5  # seconds a raw socket waits for anything here (support_chatenv's h
 MAX_ERROR_MESSAGE = 300  # characters of an error message: a bounded slice, never the input
 
 
-
 # ------------------------------------------------------------------------------
 # Helpers: raw HTTP, upgrades, close codes, clean logs
 # ------------------------------------------------------------------------------
@@ -87,12 +86,17 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+def status_of(answer: bytes) -> int:
+    """The status code an HTTP answer starts with (0 if it is not one)."""
+    return int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
 def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
     """Send ``request`` whole; (status, everything the server sent until it closed)."""
     with tcp_connect(port, TIMEOUT) as sock:
         sock.sendall(request)
         data = read_all(sock, TIMEOUT)
-    return (int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0), data
+    return status_of(data), data
 
 
 def http_request(method: str, path: str, headers: bytes = b"", body: bytes = b"",
@@ -105,8 +109,7 @@ def http_request(method: str, path: str, headers: bytes = b"", body: bytes = b""
 
 def upgrade_status(port: int, request: bytes) -> int:
     """The status a WebSocket upgrade gets (the connection is closed after)."""
-    head = answer_head(port, request)
-    return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status_of(answer_head(port, request))
 
 
 def close_code(payload: bytes) -> int | None:
@@ -125,7 +128,7 @@ def upgrade_answer(port: int, headers: bytes, path: bytes = b"/ws") -> tuple[int
     """The status an upgrade with these extra header lines gets, and everything it was sent
     (a refusal's body too)."""
     data = answer_head(port, upgrade_request(headers, path), body=True, timeout=TIMEOUT)
-    return (int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0), data
+    return status_of(data), data
 
 
 def assert_clean_log(log: str) -> None:
@@ -1455,7 +1458,7 @@ def test_a_foreign_origin_is_refused_on_websockets_and_posts_and_clients_without
         assert raw_http(port, http_request("POST", "/reset", body=b"{}"))[0] == 200
         with ChatEnv(url) as env:
             assert env.step([72]).observation.tokens == [72]
-        assert wait_until(lambda: url.server.active_sessions == 0)
+        assert wait_until(lambda: url.server.active_sessions == 0, 10)  # support_chatenv.wait_until's default wait
     with serve_in_thread(allow_origins=["https://app.example"]) as url:
         port = port_of(url)
         assert upgrade_status(port, upgrade_request(b"Origin: https://app.example\r\n")) == 101

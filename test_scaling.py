@@ -43,7 +43,6 @@ KUBERNETES = HERE / "deploy" / "kubernetes" / "chatenv.yaml"
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and forks: Linux")
 
 
-
 # ------------------------------------------------------------------------------
 # Processes and /proc: which process holds a session, read from its file table
 # ------------------------------------------------------------------------------
