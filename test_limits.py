@@ -18,34 +18,23 @@ import time
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
 
 import chatenv
 from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
+from conftest import ask, raw, wait_until
 
 HERE = Path(__file__).resolve().parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux)")
 
 
 def _ws(url: str):
-    kwargs = {"open_timeout": 5, "proxy": None, "max_size": None}
-    if chatenv._websockets_major() >= 17:
-        kwargs["legacy"] = True
-    return connect(url.replace("http://", "ws://") + "/ws", **kwargs)
+    """conftest.raw without a limit on the size of a reply: big episodes."""
+    return raw(url, max_size=None)
 
 
 def _ask(ws, message, timeout: float = 10):
-    ws.send(json.dumps(message))
-    return json.loads(ws.recv(timeout=timeout))
-
-
-def _wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    """conftest.ask with a longer wait: big episodes."""
+    return ask(ws, message, timeout)
 
 
 # ------------------------------------------------------------------------------
@@ -130,7 +119,7 @@ def test_session_fixed_overhead_covers_an_open_session_by_rss(tmp_path):
             return int(f.read().split()[1]) * 4096
 
     try:
-        assert _wait_until(lambda: proc.poll() is not None or _can_connect(port), 20), "server did not start"
+        assert wait_until(lambda: proc.poll() is not None or _can_connect(port), 20), "server did not start"
         for ws in [open_session() for _ in range(100)]:  # warm-up: allocator pools, caches
             ws.close()
         time.sleep(0.3)
@@ -303,7 +292,7 @@ def test_memory_bound_refuses_steps_and_sessions_and_loses_nothing(offload):
             first.close()
             second.close()
         # Closed sessions free what they held
-        assert _wait_until(lambda: server.memory_used == 0 and server.active_sessions == 0), server.memory_used
+        assert wait_until(lambda: server.memory_used == 0 and server.active_sessions == 0), server.memory_used
 
 
 # ------------------------------------------------------------------------------

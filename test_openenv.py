@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 import chatenv
+from conftest import free_port, raw
 import record_openenv
 import support_chatenv
 from support_chatenv import OpenEnvClients, PeerProcess, RemoteError
@@ -166,16 +165,10 @@ def _expected_history(steps):
     return messages, [t for ids in steps for t in ids]
 
 
-def _ws_url(url):
-    return url.replace("http://", "ws://") + "/ws"
-
-
 def _raw(url, **kwargs):
+    """conftest.raw with a longer wait for the opening handshake (a venv's peer is slower)."""
     kwargs.setdefault("open_timeout", 10)
-    kwargs.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
-        kwargs.setdefault("legacy", True)
-    return connect(_ws_url(url), **kwargs)
+    return raw(url, **kwargs)
 
 
 def _until_admitted(open_session, budget_s=10.0):
@@ -759,12 +752,6 @@ def test_chatenv_system_prompt_frames_equal_openenv_recorded(release):
     assert json.loads(theirs[0])["data"]["observation"]["tokens"] == list(f"system: {PROMPT}\n".encode())
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CHATENV_") and k not in ("SYSTEM_PROMPT", "TOKENIZER_NAME")}
@@ -820,7 +807,7 @@ def _stop(proc, timeout_s=30):
 def test_chatenv_shutdown_close_code_equals_openenv_recorded(release_):
     """SIGTERM with a session open: the session sees the close code OpenEnv's sessions saw."""
     recorded = _cases(release_)["SIGTERM to the server with a session open"]
-    port = _free_port()
+    port = free_port()
     proc = _server([sys.executable, "-m", "chatenv", "serve", "--port", str(port), "--log-level", "WARNING"],
                    _clean_env())
     try:
@@ -978,7 +965,7 @@ def _launch_argv(launchers, name, port):
 
 @pytest.mark.parametrize("name", ["daytona", "modal", "uv", "hf_sandbox", "dockerfile_cmd"])
 def test_launcher_command_serves_a_working_session(launchers, name):
-    port = _free_port()
+    port = free_port()
     argv, env = _launch_argv(launchers, name, port)
     proc = _server(argv, _clean_env(**env))
     try:
@@ -996,7 +983,7 @@ def test_launcher_command_serves_a_working_session(launchers, name):
 @pytest.mark.timeout(600)
 def test_launched_asgi_app_passes_openenv_validate(launchers):
     """Daytona's command (uvicorn serving chatenv:app) passes `openenv validate --url` too."""
-    port = _free_port()
+    port = free_port()
     argv, env = _launch_argv(launchers, "daytona", port)
     proc = _server(argv, _clean_env(**env))
     try:

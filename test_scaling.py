@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import chatenv
 from chatenv import AsyncChatEnv, ChatEnv, EpisodeLostError
+from conftest import SHUTDOWN_S, SLACK, free_port
 
 HERE = Path(__file__).resolve().parent
 NGINX_CONF = HERE / "deploy" / "nginx" / "chatenv.conf"
@@ -41,18 +42,10 @@ KUBERNETES = HERE / "deploy" / "kubernetes" / "chatenv.yaml"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and forks: Linux")
 
-# The bounds the README states, and how much slack a shared 2-core machine gets
-SHUTDOWN_S = 1.0 + 0.5  # exit within a second, plus the close handshake (at most 0.5 s)
-SLACK = 5
 
-
-# ---------------------------------------------------------------- processes and /proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ------------------------------------------------------------------------------
+# Processes and /proc: which process holds a session, read from its file table
+# ------------------------------------------------------------------------------
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02):
@@ -265,7 +258,9 @@ def open_mapped(make, port: int, owners) -> tuple[object, int]:
     return session, owner[0]
 
 
-# ---------------------------------------------------------------- workers
+# ------------------------------------------------------------------------------
+# Workers: chatenv serve --workers N under a supervisor
+# ------------------------------------------------------------------------------
 
 
 def test_workers_serve_one_port_spread_sessions_and_answer_health(served):
@@ -482,7 +477,9 @@ def test_one_worker_by_default_means_no_fork(served):
     assert http_get(server.url + "/metadata")[1]["worker"] == server.pid
 
 
-# ---------------------------------------------------------------- nginx in front
+# ------------------------------------------------------------------------------
+# nginx in front: deploy/nginx/chatenv.conf before several chatenv servers
+# ------------------------------------------------------------------------------
 
 
 def nginx_executable() -> str:
@@ -725,7 +722,9 @@ def test_host_and_origin_checks_work_behind_nginx(behind_nginx):
     assert sum(established_on(b.port) for b in backends) == 0
 
 
-# ---------------------------------------------------------------- Kubernetes, as far as this machine allows
+# ------------------------------------------------------------------------------
+# Kubernetes: the manifest against the image and the server, as far as this machine allows
+# ------------------------------------------------------------------------------
 
 # Measured (README, "Scaling out": `python bench_chatenv.py scale`): a server's RSS
 # with its episodes at the memory bound is up to 1.27x the bound (many small

