@@ -29,7 +29,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 def _ws(url: str):
     kwargs = {"open_timeout": 5, "proxy": None, "max_size": None}
-    if chatenv._websockets_major() >= 17:
+    if chatenv._websockets_version() >= (17, 1):
         kwargs["legacy"] = True
     return connect(url.replace("http://", "ws://") + "/ws", **kwargs)
 

@@ -173,7 +173,7 @@ def _ws_url(url):
 def _raw(url, **kwargs):
     kwargs.setdefault("open_timeout", 10)
     kwargs.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
+    if chatenv._websockets_version() >= (17, 1):
         kwargs.setdefault("legacy", True)
     return connect(_ws_url(url), **kwargs)
 
