@@ -1096,100 +1096,90 @@ def _openapi_document() -> dict[str, Any]:
 # Server: asyncio transports driving websockets' Sans-I/O protocol
 # ------------------------------------------------------------------------------
 
-# websockets internals chatenv relies on. The server and both clients drive
-# websockets' documented Sans-I/O API (receive_data, events_received,
-# data_to_send and its SEND_EOF, send_*, accept, reject, fail, state,
-# handshake_exc) and, where that API says nothing, use only what is named here.
-# test_websockets_pins.py pins each against the installed websockets; CI runs the
-# in-process tiers on the oldest release pyproject allows as well as the newest.
-# "Since": the first release that has it (the Sans-I/O protocol: 11.0). Taken as
-# public: an asyncio connection's ``protocol`` and ``close_timeout``, the attributes
-# its documented constructor arguments are kept in.
+# websockets internals chatenv relies on. The server and both clients drive websockets'
+# documented Sans-I/O API (receive_data, events_received, data_to_send and its SEND_EOF,
+# send_*, accept, reject, fail, state, handshake_exc) and, where it says nothing, only
+# what is named here: each with what it is, why chatenv needs it and the first release
+# that has it (the Sans-I/O protocol is 11.0's). test_websockets_pins.py pins them all
+# against the installed websockets; CI runs the in-process tiers on the oldest release
+# pyproject allows and on the newest. Taken as public: an asyncio connection's
+# ``protocol`` and ``close_timeout``, where its documented constructor arguments are kept.
 
-# websockets.protocol.State as plain ints (an IntEnum with these values since 11.0),
-# so the hot path compares them without importing websockets with chatenv
+# websockets.protocol.State as plain ints (an IntEnum of these values since 11.0): the hot
+# path compares states without importing websockets with chatenv
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
-# websockets.frames.Opcode as plain ints (an IntEnum of RFC 6455's values since 10.0)
+# websockets.frames.Opcode as plain ints (an IntEnum of RFC 6455's values since 10.0), likewise
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
 
 
 def _apply_mask() -> Any:
-    """websockets.frames.apply_mask (since 10.0; not in that module's ``__all__``):
-    the C (un)masking of websockets' speedups when they are built, else the pure
-    Python websockets.utils.apply_mask. The direct frame reads and writes of the
-    server and ChatEnv mask with it."""
+    """websockets.frames.apply_mask, not exported (since 10.0): speedups' C masking when built,
+    for the frames the server and ChatEnv read and write directly."""
     from websockets.frames import apply_mask
 
     return apply_mask
 
 
 def _deflate_extensions(side: str) -> Any:
-    """websockets' permessage-deflate with its memory-saving settings (smaller windows
-    than zlib's default) for "server" or "client": enable_server_permessage_deflate and
-    enable_client_permessage_deflate (exported, undocumented; since 10.0)."""
+    """enable_{side}_permessage_deflate(None), exported, undocumented (since 10.0): permessage-deflate
+    with websockets' memory-saving settings, for "server" or "client"."""
     from websockets.extensions import permessage_deflate
 
     return getattr(permessage_deflate, f"enable_{side}_permessage_deflate")(None)
 
 
 def _eof_sent(proto: Any) -> bool:
-    """Protocol.eof_sent (since 11.0): the protocol has ended the stream (a refused
-    or failed handshake's answer is out), so what the client sends next is not read."""
+    """Protocol.eof_sent (since 11.0): a refused handshake is answered, so what follows is not read."""
     return proto.eof_sent
 
 
 def _extensions(proto: Any) -> list[Any]:
-    """Protocol.extensions (since 11.0): the extensions the handshake negotiated. None
-    means data frames go unchanged on the wire, so they are read and written directly."""
+    """Protocol.extensions (since 11.0): the negotiated extensions; none: data frames are plain,
+    read and written directly."""
     return proto.extensions
 
 
 def _close_received(proto: Any) -> Any:
-    """Protocol.close_rcvd (since 11.0): the peer's close frame (a websockets.frames.Close)
-    or None. The public close_code says nothing until the state is CLOSED; a shell needs
-    to know during the closing handshake whether the peer's close has come."""
+    """Protocol.close_rcvd (since 11.0): the peer's Close or None, known before the state is CLOSED
+    (the public close_code is not)."""
     return proto.close_rcvd
 
 
 def _close_sent(proto: Any) -> Any:
-    """Protocol.close_sent (since 11.0): our close frame (a Close) or None; when the
-    protocol itself failed the connection, its code and reason say why."""
+    """Protocol.close_sent (since 11.0): our Close or None; why the protocol failed a connection."""
     return proto.close_sent
 
 
 def _close_received_first(proto: Any) -> bool | None:
-    """Protocol.close_rcvd_then_sent (since 11.0): True when the peer closed first and we
-    answered, False when we closed first, None before both close frames."""
+    """Protocol.close_rcvd_then_sent (since 11.0): whether the peer closed first (None: not both yet)."""
     return proto.close_rcvd_then_sent
 
 
 def _parser_failed(proto: Any) -> bool:
-    """Protocol.parser_exc is set (since 11.0): the protocol failed the connection over a
-    frame it refused (too big, malformed), rather than over a close frame."""
+    """Protocol.parser_exc is set (since 11.0): the protocol failed the connection over a frame."""
     return proto.parser_exc is not None
 
 
 def _queued_frames(ws: Any) -> int:
-    """Frames an asyncio connection received that no recv() took yet: the length of its
-    ``recv_messages.frames`` queue (since 13.0, the new asyncio implementation); 0 when
-    a release keeps them elsewhere, so the check is skipped rather than wrong."""
+    """How many frames an asyncio connection holds for recv(): ``recv_messages.frames`` (since 13.0;
+    0 where absent), so AsyncChatEnv sees a frame no request asked for."""
     frames = getattr(getattr(ws, "recv_messages", None), "frames", None)
     return len(frames) if frames is not None else 0
 
 
 def _transport(ws: Any) -> Any:
-    """An asyncio connection's transport (``connection_made`` keeps it, since 13.0):
-    aborting it drops the connection at once, with no closing handshake to wait for."""
+    """An asyncio connection's transport (since 13.0): aborted to drop it without a closing handshake."""
     return ws.transport
 
 
 def _websockets_version() -> tuple[int, int]:
-    """The installed websockets' (major, minor), from websockets.version (since 10.0):
-    the tests pass the sync client's ``legacy`` flag only to releases that have it (17.1)."""
+    """websockets.version.version as (major, minor) (since 10.0): the tests' sync client takes
+    ``legacy`` from 17.1 on."""
     from websockets.version import version
 
     major, minor = version.split(".")[:2]
     return int(major), int(minor)
+
 
 _INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
 _SHUTDOWN_CODE = 1012  # "service restart": what OpenEnv 0.10 (uvicorn) closes sessions with on shutdown
