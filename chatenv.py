@@ -1128,6 +1128,12 @@ def _deflate_extensions(side: str) -> Any:
     return getattr(permessage_deflate, f"enable_{side}_permessage_deflate")(None)
 
 
+def _response_bytes(response: Any) -> bytes:
+    """websockets.http11.Response.serialize(), not in the docs (since 10.0): the bytes of the plain
+    HTTP answers written without the protocol."""
+    return response.serialize()
+
+
 def _eof_sent(proto: Any) -> bool:
     """Protocol.eof_sent (since 11.0): a refused handshake is answered, so what follows is not read."""
     return proto.eof_sent
@@ -2220,7 +2226,7 @@ class _Connection:
         """Answer a request ourselves (not through the protocol) and end the stream."""
         self.http_body = bytearray()  # what the client sends from now on is discarded
         self._count_held()
-        self._queue_write(_http_response(status, body, head).serialize())
+        self._queue_write(_response_bytes(_http_response(status, body, head)))
         self._queue_eof()
 
     # Frame phase: frames split from the bytes, plain data frames read here directly

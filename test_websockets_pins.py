@@ -140,6 +140,14 @@ def test_extensions_say_whether_data_frames_are_plain():
 # The end of stream and the close frames
 
 
+def test_response_bytes_are_the_http_response_on_the_wire():
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    response = Response(404, "Not Found", Headers([("Content-Length", "2")]), b"{}")
+    assert chatenv._response_bytes(response) == b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+
+
 def test_eof_sent_is_set_once_a_refused_handshake_is_answered():
     server = ServerProtocol()
     assert chatenv._eof_sent(server) is False
@@ -255,10 +263,10 @@ def test_the_module_reaches_websockets_internals_only_through_the_named_block():
     internals = re.compile(
         r"\.(eof_sent|close_rcvd|close_sent|close_rcvd_then_sent|parser_exc|extensions|recv_messages"
         r"|current_size|reader)\b"
-        r"|\bws\.transport\b|import apply_mask|permessage_deflate import enable_")
+        r"|\bws\.transport\b|import apply_mask|permessage_deflate import enable_|\.serialize\(\)")
     assert sorted({m.group(0) for m in internals.finditer(rest)}) == []
     for used in ("eof_sent", "close_rcvd", "close_sent", "close_rcvd_then_sent", "parser_exc", "extensions",
-                 "recv_messages", "transport", "apply_mask", "permessage_deflate"):
+                 "recv_messages", "transport", "apply_mask", "permessage_deflate", "serialize"):
         assert used in block
     assert "_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = " in block
     assert "_CONNECTING, _OPEN, _CLOSING, _CLOSED = " in block
