@@ -1128,6 +1128,27 @@ def _deflate_extensions(side: str) -> Any:
     return getattr(permessage_deflate, f"enable_{side}_permessage_deflate")(None)
 
 
+def _request_method(request: Any) -> str:
+    """Request.method (since 17.0): before it, the protocol parsed GET requests only."""
+    return getattr(request, "method", "GET")
+
+
+@functools.cache
+def _protocol_request_starts() -> tuple[bytes, ...]:
+    """The first bytes of the requests the protocol parses: GET, and HEAD since 17.0 (before, it
+    closed on a HEAD without an answer); chatenv reads every other request itself."""
+    return (b"G", b"H") if _websockets_version() >= (17, 0) else (b"G",)
+
+
+def _latin1_headers(request: Any) -> None:
+    """Header values as websockets decodes them since 17.0, latin-1: before, bytes past ASCII came
+    as surrogate escapes, which no encode() takes; re-decoded in place (Request is a dataclass)."""
+    raw = list(request.headers.raw_items())
+    if any(not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value) for _, value in raw):
+        request.headers = type(request.headers)(
+            [(name, value.encode("ascii", "surrogateescape").decode("latin-1")) for name, value in raw])
+
+
 def _response_bytes(response: Any) -> bytes:
     """websockets.http11.Response.serialize(), not in the docs (since 10.0): the bytes of the plain
     HTTP answers written without the protocol."""
@@ -2097,9 +2118,10 @@ class _Connection:
     def _receive_head(self, data: bytes) -> None:
         """Bytes before the protocol has answered the request: the head of a WebSocket
         upgrade or of a GET/HEAD, which go to the protocol, or a request with a body."""
-        if self.http_body is not None or (not self.head_bytes and data[:1] not in (b"G", b"H")):
+        if self.http_body is not None or (not self.head_bytes and data[:1] not in _protocol_request_starts()):
             # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
-            # WebSocket handshake parser would refuse with no answer at all
+            # WebSocket handshake parser would refuse with no answer at all (and a HEAD
+            # before websockets 17.0)
             self._receive_http_request(data)
             return
         # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
@@ -2133,14 +2155,16 @@ class _Connection:
         """Answer a whole request head: a plain GET or HEAD, or a WebSocket upgrade (accepted
         or refused); once accepted, the connection is in the frame phase, with a session."""
         server, proto = self.server, self.proto
+        _latin1_headers(request)
         path, _, query = request.path.partition("?")
         if path != "/ws":
-            refusal = server._http_refusal(request.method, request.headers, self.peer)
+            method = _request_method(request)
+            refusal = server._http_refusal(method, request.headers, self.peer)
             if refusal is not None:
                 status, body = refusal[0], {"detail": refusal[1].strip()}
             else:
-                status, body = http_reply(server, request.method, path)
-            proto.send_response(_http_response(status, body, head=request.method == "HEAD"))
+                status, body = http_reply(server, method, path)
+            proto.send_response(_http_response(status, body, head=method == "HEAD"))
             return
         refusal = server._handshake_refusal(request.headers, self.peer)
         if refusal is not None:
