@@ -1158,10 +1158,118 @@ def _openapi_document() -> dict[str, Any]:
 # Server: asyncio transports driving websockets' Sans-I/O protocol
 # ------------------------------------------------------------------------------
 
-# WebSocket opcodes and Sans-I/O connection states, as plain ints: websockets'
-# enums are IntEnums, so the hot path compares them without importing it early
-_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+# websockets internals chatenv relies on. The server and both clients drive websockets'
+# documented Sans-I/O API (receive_data, events_received, data_to_send and its SEND_EOF,
+# send_*, accept, reject, fail, state, handshake_exc) and, where it says nothing, only
+# what is named here: each with what it is, why chatenv needs it and the first release
+# that has it (the Sans-I/O protocol is 11.0's). test_websockets_pins.py pins them all
+# against the installed websockets; CI runs the in-process tiers on the oldest release
+# pyproject allows and on the newest. Taken as public: an asyncio connection's
+# ``protocol`` and ``close_timeout``, where its documented constructor arguments are kept.
+
+# websockets.protocol.State as plain ints (an IntEnum of these values since 11.0): the hot
+# path compares states without importing websockets with chatenv
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+# websockets.frames.Opcode as plain ints (an IntEnum of RFC 6455's values since 10.0), likewise
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+
+
+def _apply_mask() -> Any:
+    """websockets.frames.apply_mask, not exported (since 10.0): speedups' C masking when built,
+    for the frames the server and ChatEnv read and write directly."""
+    from websockets.frames import apply_mask
+
+    return apply_mask
+
+
+def _deflate_extensions(side: str) -> Any:
+    """enable_{side}_permessage_deflate(None), exported, undocumented (since 10.0): permessage-deflate
+    with websockets' memory-saving settings, for "server" or "client"."""
+    from websockets.extensions import permessage_deflate
+
+    return getattr(permessage_deflate, f"enable_{side}_permessage_deflate")(None)
+
+
+def _request_method(request: Any) -> str:
+    """Request.method (since 17.0): before it, the protocol parsed GET requests only."""
+    return getattr(request, "method", "GET")
+
+
+@functools.cache
+def _protocol_request_starts() -> tuple[bytes, ...]:
+    """The first bytes of the requests the protocol parses: GET, and HEAD since 17.0 (before, it
+    closed on a HEAD without an answer); chatenv reads every other request itself."""
+    return (b"G", b"H") if _websockets_version() >= (17, 0) else (b"G",)
+
+
+def _latin1_headers(request: Any) -> None:
+    """Header values as websockets decodes them since 17.0, latin-1: before, bytes past ASCII came
+    as surrogate escapes, which no encode() takes; re-decoded in place (Request is a dataclass)."""
+    raw = list(request.headers.raw_items())
+    if any(not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value) for _, value in raw):
+        request.headers = type(request.headers)(
+            [(name, value.encode("ascii", "surrogateescape").decode("latin-1")) for name, value in raw])
+
+
+def _response_bytes(response: Any) -> bytes:
+    """websockets.http11.Response.serialize(), not in the docs (since 10.0): the bytes of the plain
+    HTTP answers written without the protocol."""
+    return response.serialize()
+
+
+def _eof_sent(proto: Any) -> bool:
+    """Protocol.eof_sent (since 11.0): a refused handshake is answered, so what follows is not read."""
+    return proto.eof_sent
+
+
+def _extensions(proto: Any) -> list[Any]:
+    """Protocol.extensions (since 11.0): the negotiated extensions; none: data frames are plain,
+    read and written directly."""
+    return proto.extensions
+
+
+def _close_received(proto: Any) -> Any:
+    """Protocol.close_rcvd (since 11.0): the peer's Close or None, known before the state is CLOSED
+    (the public close_code is not)."""
+    return proto.close_rcvd
+
+
+def _close_sent(proto: Any) -> Any:
+    """Protocol.close_sent (since 11.0): our Close or None; why the protocol failed a connection."""
+    return proto.close_sent
+
+
+def _close_received_first(proto: Any) -> bool | None:
+    """Protocol.close_rcvd_then_sent (since 11.0): whether the peer closed first (None: not both yet)."""
+    return proto.close_rcvd_then_sent
+
+
+def _parser_failed(proto: Any) -> bool:
+    """Protocol.parser_exc is set (since 11.0): the protocol failed the connection over a frame."""
+    return proto.parser_exc is not None
+
+
+def _queued_frames(ws: Any) -> int:
+    """How many frames an asyncio connection holds for recv(): ``recv_messages.frames`` (since 13.0;
+    0 where absent), so AsyncChatEnv sees a frame no request asked for."""
+    frames = getattr(getattr(ws, "recv_messages", None), "frames", None)
+    return len(frames) if frames is not None else 0
+
+
+def _transport(ws: Any) -> Any:
+    """An asyncio connection's transport (since 13.0): aborted to drop it without a closing handshake."""
+    return ws.transport
+
+
+def _websockets_version() -> tuple[int, int]:
+    """websockets.version.version as (major, minor) (since 10.0): the tests' sync client takes
+    ``legacy`` from 17.1 on."""
+    from websockets.version import version
+
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 _INBOX_LIMIT = 16  # queued requests per session before its socket stops being read
 _SHUTDOWN_CODE = 1012  # "service restart": what OpenEnv 0.10 (uvicorn) closes sessions with on shutdown
 _NAMED_SESSION_TTL_S = 600.0  # an MCP-created session no WebSocket has used for this long is dropped
@@ -1485,7 +1593,7 @@ class ChatServer:
         self._named: dict[str, list[Any]] = {}  # named sessions: id -> [session, attached, closing, last used]
         self._unflushed: list[_Connection] = []  # connections with writes queued this loop turn
         self._handshakes: dict[_Connection, None] = {}  # connections not sessions (yet), oldest first
-        self._buffered_bytes = 0  # what max_buffered_bytes bounds: the sum of each connection's .held
+        self._buffered_bytes = 0  # what max_buffered_bytes bounds: the sum of each connection's .held_bytes
         self._log = _LogLimiter()
         self._listeners: list[Any] = []  # listening sockets, accepted from by _accept
         self._loopback = False  # whether every listening address is a loopback one (the Host check applies)
@@ -1507,15 +1615,12 @@ class ChatServer:
         """Bind and start accepting; ``port`` then holds the bound port."""
         import asyncio
 
-        from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-        from websockets.frames import apply_mask  # in C when websockets' speedups are built
-
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._unmask = apply_mask
+        self._unmask = _apply_mask()
         self._frame_limit = self.max_message_bytes if self.max_message_bytes is not None else 1 << 64
         # websockets' memory-saving deflate settings (smaller windows) when compressing
-        self._extensions = enable_server_permessage_deflate(None) if self.compression else None
+        self._extensions = _deflate_extensions("server") if self.compression else None
         descriptors = _raise_fd_limit()
         self._listeners = [self.sock] if self.sock is not None else _listen(self.host, self.port)
         for listener in self._listeners:
@@ -1550,7 +1655,7 @@ class ChatServer:
         self._log.flush()
         self._log.unlimited = True  # one line per session closed now: at most max_sessions of them
         for conn in list(self._connections):
-            conn.shut(code, reason)
+            conn.start_close(code, reason)
         deadline = self._loop.time() + min(self.close_timeout_s, 0.5)
         while self._connections and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
@@ -1812,7 +1917,7 @@ class ChatServer:
     # replies leave in bursts, as from a server whose handlers are tasks, and peers
     # handling many sessions wake once per burst rather than once per reply
 
-    def _queue_flush(self, conn: _Connection) -> None:
+    def _schedule_flush(self, conn: _Connection) -> None:
         if not self._unflushed:
             self._loop.call_soon(self._flush_writes)
         self._unflushed.append(conn)
@@ -1820,7 +1925,7 @@ class ChatServer:
     def _flush_writes(self) -> None:
         unflushed, self._unflushed = self._unflushed, []
         for conn in unflushed:
-            conn.write_out()
+            conn.flush()
 
     # Keepalive and timeouts: one timer for the whole server, not one per session
 
@@ -1858,55 +1963,115 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return name
 
 
+class _LargeReply:
+    """A reply over _LARGE_REPLY_BYTES on its way out, a chunk a loop turn, never joined whole."""
+
+    __slots__ = ("pieces", "index", "offset", "started")
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        # Its frame header (plain frames only) and payload parts, as the protocol made them
+        self.pieces = pieces
+        # Where the next chunk starts: pieces[index][offset:]
+        self.index = self.offset = 0
+        # Whether its first fragment is out (compressed, it goes as a fragment per chunk)
+        self.started = False
+
+
 class _Connection:
-    """One TCP connection: frames its bytes, feeds the Sans-I/O protocol, runs the session."""
+    """One TCP connection: frames its bytes, feeds the Sans-I/O protocol, runs the session.
+
+    It lives in two phases. The handshake phase reads the request head (bounded in
+    total), answers plain HTTP requests itself and hands the upgrade to websockets'
+    protocol. The frame phase splits the bytes into frames: whole plain data frames
+    are read here directly, everything else goes to the protocol, a whole frame at a
+    time. Replies are queued during a loop turn and flushed by the server at the next.
+    """
 
     def __init__(self, server: ChatServer) -> None:
         from websockets.server import ServerProtocol
 
+        # The server: its limits, clock and the loop turn's flush
         self.server = server
+        # websockets' Sans-I/O protocol: the handshake, control frames, compressed and
+        # malformed frames, the closing handshake; never fed a partial frame
         self.proto = ServerProtocol(
             max_size=server.max_message_bytes,
             extensions=server._extensions,
             logger=_wire_logger,
         )
+        # asyncio's transport, from connection_made
         self.transport: Any = None
+        # The client's address as "host:port", for the log
         self.peer = "?"
+
+        # Handshake phase. The last three bytes of the request head so far: its end,
+        # "\r\n\r\n", may straddle two reads
+        self.head_overlap = b""
+        # Bytes of the request line and headers so far: at most _HTTP_HEAD_BYTES
+        self.head_bytes = 0
+        # A plain HTTP request with a body, as read so far; once answered, an empty
+        # buffer that what the client still sends is discarded into
+        self.http_body: bytearray | None = None
+
+        # The session, from the accepted upgrade on (None: not yet, or refused)
         self.session: Session | None = None
+        # The named session this WebSocket attached to (MCP), None for its own session
+        self.named_id: str | None = None
+        # Requests answered, for the log line when the session closes
         self.requests = 0
-        # Incoming frames. The protocol's parser is given whole frames only, so this
-        # connection always knows where the next one starts
-        self.rx: bytearray | None = None  # the start of a frame not whole yet
-        self.rx_need = 0  # bytes rx must hold for that frame to be whole (0: its header is not whole yet)
-        self.skip = 0  # bytes of a refused frame's payload still to come, discarded as they do
-        self.fragments: bytearray | None = None  # a fragmented message so far
+
+        # Frame phase. No extension was negotiated: data frames are plain, read and
+        # written here directly rather than by the protocol
+        self.plain_frames = False
+        # The start of a frame not whole yet
+        self.partial_frame: bytearray | None = None
+        # The bytes partial_frame must hold to be whole (0: its header is not whole yet)
+        self.partial_frame_bytes = 0
+        # Bytes of a refused frame's payload still to come, discarded as they arrive
+        self.discard_bytes = 0
+        # A fragmented message so far, its opcode, and the frames it came in
+        self.fragments: bytearray | None = None
         self.fragment_opcode = _OP_TEXT
         self.fragment_count = 0
-        self.held = 0  # bytes of incomplete messages held here: this connection's part of max_buffered_bytes
-        self.closing = False  # our close frame is out: what comes before the client's close frame is discarded
-        self.eof_held = False  # the protocol gave up on the connection; the TCP close waits for the client's close
+        # Bytes of incomplete messages held here: this connection's part of max_buffered_bytes
+        self.held_bytes = 0
+
+        # Requests read and not handled yet, as (opcode, payload), one at a time and in order
         self.inbox: Any = None
-        self.busy = False
+        # A request is being handled in the server's offload pool
+        self.offloaded = False
+        # _drain is due in the next loop turn
         self.drain_scheduled = False
+        # Reading is paused: the inbox is full, a large request waits, or writes are paused
         self.reading_paused = False
+
+        # This loop turn's writes, flushed together by the server at the next turn
+        self.writes: list[bytes] = []
+        # A large reply going out a chunk a turn, and what is written meanwhile, sent after it
+        self.large_reply: _LargeReply | None = None
+        self.writes_after_large: list[bytes] = []
+        # When the transport asked us to stop writing (None: writing)
         self.write_paused_at: float | None = None
-        # Outgoing: replies queued this loop turn; a large one goes out a chunk a turn
-        # (large: [pieces, index, offset, whether its first fragment is out]), and what is
-        # written meanwhile waits in backlog
-        self.outgoing: list[bytes] = []
-        self.large: list[Any] | None = None
-        self.backlog: list[bytes] = []
+
+        # Closing. Our close frame is out (or the protocol failed the connection): what
+        # the client sends before its close frame is discarded
+        self.awaiting_close = False
+        # The protocol failed the connection and would close TCP now; that waits for the
+        # client's close frame instead (see _queue_protocol_output)
+        self.eof_deferred = False
+        # Our last word is queued: the end of stream follows the writes before it ...
         self.eof_queued = False
+        # ... and is written: the TCP connection is half-closed
         self.eof_written = False
-        self.fast_frames = False
+        # When the client must have closed the TCP connection (None: no closing under way)
+        self.close_deadline: float | None = None
+
+        # Timers, on the loop's clock: when the connection opened (then the session),
+        # when bytes last came, when the last request came, when our ping went (None:
+        # no ping in flight)
         now = server._loop.time()
         self.opened_at = self.last_rx = self.last_message = now
         self.ping_sent_at: float | None = None
-        self.close_deadline: float | None = None
-        self.head_tail = b""  # last bytes of the handshake so far, to find its end across reads
-        self.head_bytes = 0  # bytes of the request line and headers so far: at most _HTTP_HEAD_BYTES
-        self.http_body: bytearray | None = None  # a plain HTTP request with a body, as read so far
-        self.named_id: str | None = None  # the named session this WebSocket attached to
 
     # asyncio protocol callbacks
 
@@ -1934,39 +2099,126 @@ class _Connection:
             return  # we have said our last word; the rest is discarded until the client closes
         state = proto.state
         if state == _OPEN or state == _CLOSING:
-            self._take_frames(data)
-        elif state == _CONNECTING and not proto.eof_sent:
-            if self.http_body is not None or (not self.head_bytes and data[:1] not in (b"G", b"H")):
-                # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
-                # WebSocket handshake parser would refuse with no answer at all
-                self._receive_http_request(data)
-                return
-            # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
-            # pipelines them still gets the 101 first: feed the request alone, then the rest.
-            # The request is bounded in total, not only per line as websockets bounds it
-            window = self.head_tail + data
-            end = window.find(b"\r\n\r\n")
-            split = len(data) if end < 0 else end + 4 - len(self.head_tail)
-            self.head_bytes += split
-            if self.head_bytes > _HTTP_HEAD_BYTES:
-                self._refuse_head()
-                return
-            if end < 0:
-                self.head_tail = window[-3:]
-            elif split < len(data):
-                self._receive(data[:split])
-                if not self.transport.is_closing():
-                    self.data_received(data[split:])
-                return
-            self._receive(data)
-        if self.inbox and not self.busy and not self.drain_scheduled:
+            self._receive_frames(data)
+        elif state == _CONNECTING and not _eof_sent(proto):
+            self._receive_head(data)
+        if self.inbox and not self.offloaded and not self.drain_scheduled:
             self._drain()
 
-    def _refuse_head(self) -> None:
-        self.server._log.log("refused a request", 1, logging.WARNING,
-                             "refused a request from %s: its request line and headers are over %d bytes",
-                             self.peer, _HTTP_HEAD_BYTES)
-        self._answer_http(431, {"detail": f"Request Header Fields Too Large: over {_HTTP_HEAD_BYTES} bytes"})
+    def eof_received(self) -> None:
+        self.proto.receive_eof()
+        self._queue_protocol_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server._connections.discard(self)
+        server._handshakes.pop(self, None)
+        if self.held_bytes:
+            server._buffered_bytes -= self.held_bytes
+            self.held_bytes = 0
+        self.partial_frame = self.fragments = self.http_body = self.large_reply = None
+        if server._accept_paused:  # a descriptor is free
+            server._retry_accepting(0)
+        if self.session is not None:
+            received, sent = _close_received(self.proto), _close_sent(self.proto)
+            code = received.code if received else 1006
+            if sent is not None and received is None:
+                code = sent.code
+            server._close_session(self.session, self.named_id, self.peer, code, self.requests,
+                                  server._loop.time() - self.opened_at)
+            self.session = self.named_id = None
+        if self.inbox:
+            self.inbox.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.server._loop.time()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = None
+        self._update_reading()
+        if self.large_reply is not None:
+            self.server._loop.call_soon(self._write_large_chunk)
+        self._schedule_drain()
+
+    # Handshake phase: the request head, a plain HTTP request, the upgrade
+
+    def _receive_head(self, data: bytes) -> None:
+        """Bytes before the protocol has answered the request: the head of a WebSocket
+        upgrade or of a GET/HEAD, which go to the protocol, or a request with a body."""
+        if self.http_body is not None or (not self.head_bytes and data[:1] not in _protocol_request_starts()):
+            # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
+            # WebSocket handshake parser would refuse with no answer at all (and a HEAD
+            # before websockets 17.0)
+            self._receive_http_request(data)
+            return
+        # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
+        # pipelines them still gets the 101 first: feed the request alone, then the rest.
+        # The request is bounded in total, not only per line as websockets bounds it
+        window = self.head_overlap + data
+        end = window.find(b"\r\n\r\n")
+        split = len(data) if end < 0 else end + 4 - len(self.head_overlap)
+        self.head_bytes += split
+        if self.head_bytes > _HTTP_HEAD_BYTES:
+            self._refuse_head()
+            return
+        if end < 0:
+            self.head_overlap = window[-3:]
+        elif split < len(data):
+            self._feed_request(data[:split])
+            if not self.transport.is_closing():
+                self.data_received(data[split:])  # frames, or what a refused request is followed by
+            return
+        self._feed_request(data)
+
+    def _feed_request(self, data: bytes) -> None:
+        """Feed request-head bytes (never more) to the protocol; answer the request once whole."""
+        proto = self.proto
+        proto.receive_data(data)
+        for request in proto.events_received():
+            self._answer_request(request)
+        self._queue_protocol_output()
+
+    def _answer_request(self, request: Any) -> None:
+        """Answer a whole request head: a plain GET or HEAD, or a WebSocket upgrade (accepted
+        or refused); once accepted, the connection is in the frame phase, with a session."""
+        server, proto = self.server, self.proto
+        _latin1_headers(request)
+        path, _, query = request.path.partition("?")
+        if path != "/ws":
+            method = _request_method(request)
+            refusal = server._http_refusal(method, request.headers, self.peer)
+            if refusal is not None:
+                status, body = refusal[0], {"detail": refusal[1].strip()}
+            else:
+                status, body = http_reply(server, method, path)
+            proto.send_response(_http_response(status, body, head=method == "HEAD"))
+            return
+        refusal = server._handshake_refusal(request.headers, self.peer)
+        if refusal is not None:
+            status, text, headers = refusal
+            response = proto.reject(status, text)
+            for name, value in headers.items():
+                response.headers[name] = value
+            proto.send_response(response)
+            return
+        response = proto.accept(request)
+        response.headers["Server"] = f"chatenv/{__version__}"
+        if response.status_code != 101 and len(response.body) > 200:
+            # websockets' reason quotes the offending header whole: echo a bounded slice
+            response.body = response.body[:160] + b"...\n"
+            del response.headers["Content-Length"]
+            response.headers["Content-Length"] = str(len(response.body))
+        proto.send_response(response)
+        if response.status_code != 101:
+            return
+        self.plain_frames = not _extensions(proto)
+        self.opened_at = self.last_message = server._loop.time()
+        self.session, self.named_id, refused = server._open_session(query, self.peer)
+        if refused is not None:
+            self._send(refused)
+        else:
+            server._handshakes.pop(self, None)  # a session now, counted by max_sessions
 
     def _receive_http_request(self, data: bytes) -> None:
         """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
@@ -2016,13 +2268,22 @@ class _Connection:
         status, body = http_reply(self.server, method[:16], target, bytes(buffer[end + 4:end + 4 + length]))
         self._answer_http(status, body, head=method == "HEAD")
 
+    def _refuse_head(self) -> None:
+        self.server._log.log("refused a request", 1, logging.WARNING,
+                             "refused a request from %s: its request line and headers are over %d bytes",
+                             self.peer, _HTTP_HEAD_BYTES)
+        self._answer_http(431, {"detail": f"Request Header Fields Too Large: over {_HTTP_HEAD_BYTES} bytes"})
+
     def _answer_http(self, status: int, body: Any, head: bool = False) -> None:
+        """Answer a request ourselves (not through the protocol) and end the stream."""
         self.http_body = bytearray()  # what the client sends from now on is discarded
         self._count_held()
-        self._write(_http_response(status, body, head).serialize())
-        self._write_eof()
+        self._queue_write(_response_bytes(_http_response(status, body, head)))
+        self._queue_eof()
 
-    def _take_frames(self, data: Any) -> None:
+    # Frame phase: frames split from the bytes, plain data frames read here directly
+
+    def _receive_frames(self, data: Any) -> None:
         """Split the incoming bytes into frames and act on each whole one.
 
         The hot path: a request is one whole, masked, final data frame, read here
@@ -2031,22 +2292,22 @@ class _Connection:
         the limit is refused from its header and its payload discarded as it comes
         in, never buffered; so is everything between our close frame and the client's.
         """
-        slow = self.skip or self.rx is not None
+        slow = self.discard_bytes or self.partial_frame is not None
         if slow:
-            if self.skip:
-                if len(data) <= self.skip:
-                    self.skip -= len(data)
+            if self.discard_bytes:
+                if len(data) <= self.discard_bytes:
+                    self.discard_bytes -= len(data)
                     return
-                data, self.skip = data[self.skip:], 0
-            if self.rx is not None:
-                self.rx += data
-                if len(self.rx) < self.rx_need:
+                data, self.discard_bytes = data[self.discard_bytes:], 0
+            if self.partial_frame is not None:
+                self.partial_frame += data
+                if len(self.partial_frame) < self.partial_frame_bytes:
                     self._count_held()
                     return
-                data, self.rx = self.rx, None
+                data, self.partial_frame = self.partial_frame, None
         pos, size, need, top = 0, len(data), 0, self.server._frame_limit
         # fast: whole, final, uncompressed text or binary frames go straight to the inbox
-        fast = self.fast_frames and not self.closing and self.fragments is None
+        fast = self.plain_frames and not self.awaiting_close and self.fragments is None
         while size - pos >= 2:
             first, second = data[pos], data[pos + 1]
             length, head = second & 0x7F, pos + 2
@@ -2067,45 +2328,45 @@ class _Connection:
             else:
                 end = head + length
             slow, opcode, limit = True, first & 0x0F, self.server.max_message_bytes
-            refused = self.closing and opcode != _OP_CLOSE
+            refused = self.awaiting_close and opcode != _OP_CLOSE
             if opcode >= 8 and length > 125:
                 self._fail(_CLOSE_PROTOCOL_ERROR, "control frame too long")
                 refused = True
-            elif opcode < 8 and limit is not None and not self.closing:
+            elif opcode < 8 and limit is not None and not self.awaiting_close:
                 if length + (len(self.fragments) if opcode == _OP_CONT and self.fragments is not None else 0) > limit:
                     self._fail(_CLOSE_TOO_BIG, f"message over the server's limit of {limit} bytes")
                     refused = True
             if refused:  # discarded, what has come of it and what is still to come
                 fast = False
                 if end > size:
-                    self.skip, pos = end - size, size
+                    self.discard_bytes, pos = end - size, size
                     break
                 pos = end
                 continue
             if end > size:
                 need = end - pos
                 break
-            if self.closing:  # the client's close frame: the closing handshake is done
-                if not self.eof_held:
-                    self._receive(data[pos:end])
+            if self.awaiting_close:  # the client's close frame: the closing handshake is done
+                if not self.eof_deferred:
+                    self._feed_frame(data[pos:end])
                 if not self.eof_queued:
-                    self._write_eof()
+                    self._queue_eof()
                 pos = end
                 break
-            if self.fast_frames and opcode <= _OP_BINARY and not first & 0x70 and second & 0x80:
+            if self.plain_frames and opcode <= _OP_BINARY and not first & 0x70 and second & 0x80:
                 self._fragment(opcode, first & 0x80, self.server._unmask(data[head:end], data[mask:head]))
             else:
-                self._receive(data[pos:end])
-                if opcode == _OP_CLOSE and self.eof_held and not self.eof_queued:
-                    self._write_eof()  # a close frame the protocol refused is still the client's last word
+                self._feed_frame(data[pos:end])
+                if opcode == _OP_CLOSE and self.eof_deferred and not self.eof_queued:
+                    self._queue_eof()  # a close frame the protocol refused is still the client's last word
             pos = end
             if self.eof_queued:
                 break
-            fast = self.fast_frames and not self.closing and self.fragments is None
+            fast = self.plain_frames and not self.awaiting_close and self.fragments is None
         if pos < size:
             slow = True
-            if not self.eof_queued and not self.skip:
-                self.rx, self.rx_need = bytearray(data[pos:]), need
+            if not self.eof_queued and not self.discard_bytes:
+                self.partial_frame, self.partial_frame_bytes = bytearray(data[pos:]), need
         if slow:
             self._count_held()
             if self.inbox:  # a large request may have come whole: then one at a time
@@ -2131,50 +2392,13 @@ class _Connection:
         else:
             self.fragments, self.fragment_opcode, self.fragment_count = bytearray(payload), opcode, 1
 
-    def _count_held(self) -> None:
-        """Update this connection's part of max_buffered_bytes; close it if it takes the total past."""
-        held = len(self.rx) if self.rx is not None else 0
-        if self.fragments is not None:
-            held += len(self.fragments)
-        if self.http_body:
-            held += len(self.http_body)
-        server = self.server
-        server._buffered_bytes += held - self.held
-        self.held = held
-        limit = server.max_buffered_bytes
-        if limit is None or not held or server._buffered_bytes <= limit:
-            return
-        server._log.log("refused a large message", 1, logging.WARNING,
-                        "refused a large message from %s: incomplete messages would hold more than "
-                        "max_buffered_bytes (%d)", self.peer, limit)
-        if self.http_body:
-            self._answer_http(503, {"detail": "Service Unavailable: the server holds too much incoming data; "
-                                              "try again later"})
-            return
-        if self.rx is not None and self.rx_need:
-            self.skip = self.rx_need - len(self.rx)
-        self.rx = None
-        self._fail(_CLOSE_TRY_AGAIN, "the server holds too much incoming data; try again later")
-        self._count_held()
-
-    def _fail(self, code: int, reason: str) -> None:
-        """Close the session over a frame it may not send; the rest is discarded up to its close frame."""
-        self.fragments = None
-        if self.proto.state == _OPEN:
-            self.proto.send_close(code, reason)
-            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-            self._flush()
-        self.closing = True
-
-    def _receive(self, data: bytes) -> None:
-        """Feed bytes (a handshake, or one whole frame) to the Sans-I/O protocol; act on what it parsed."""
+    def _feed_frame(self, frame: bytes) -> None:
+        """Feed one whole frame to the protocol; act on what it parsed."""
         proto = self.proto
-        proto.receive_data(data)
+        proto.receive_data(frame)
         for event in proto.events_received():
-            opcode = getattr(event, "opcode", None)
-            if opcode is None:
-                self._on_request(event)
-            elif opcode == _OP_TEXT or opcode == _OP_BINARY:
+            opcode = event.opcode
+            if opcode == _OP_TEXT or opcode == _OP_BINARY:
                 if event.fin:
                     self._enqueue(opcode, event.data)
                 else:
@@ -2190,81 +2414,42 @@ class _Connection:
                         self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
             elif opcode == _OP_PONG:
                 self.ping_sent_at = None
-        self._flush()
+        self._queue_protocol_output()
 
-    def eof_received(self) -> None:
-        self.proto.receive_eof()
-        self._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _count_held(self) -> None:
+        """Update this connection's part of max_buffered_bytes; close it if it takes the total past."""
+        held = len(self.partial_frame) if self.partial_frame is not None else 0
+        if self.fragments is not None:
+            held += len(self.fragments)
+        if self.http_body:
+            held += len(self.http_body)
         server = self.server
-        server._connections.discard(self)
-        server._handshakes.pop(self, None)
-        if self.held:
-            server._buffered_bytes -= self.held
-            self.held = 0
-        self.rx = self.fragments = self.http_body = self.large = None
-        if server._accept_paused:  # a descriptor is free
-            server._retry_accepting(0)
-        if self.session is not None:
-            code = self.proto.close_rcvd.code if self.proto.close_rcvd else 1006
-            if self.proto.close_sent is not None and self.proto.close_rcvd is None:
-                code = self.proto.close_sent.code
-            server._close_session(self.session, self.named_id, self.peer, code, self.requests,
-                                  server._loop.time() - self.opened_at)
-            self.session = self.named_id = None
-        if self.inbox:
-            self.inbox.clear()
-
-    def pause_writing(self) -> None:
-        self.write_paused_at = self.server._loop.time()
-        self._update_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused_at = None
-        self._update_reading()
-        if self.large is not None:
-            self.server._loop.call_soon(self._write_large)
-        self._schedule_drain()
-
-    # Handshake and HTTP
-
-    def _on_request(self, request: Any) -> None:
-        server, proto = self.server, self.proto
-        path, _, query = request.path.partition("?")
-        if path != "/ws":
-            refusal = server._http_refusal(request.method, request.headers, self.peer)
-            if refusal is not None:
-                status, body = refusal[0], {"detail": refusal[1].strip()}
-            else:
-                status, body = http_reply(server, request.method, path)
-            proto.send_response(_http_response(status, body, head=request.method == "HEAD"))
+        server._buffered_bytes += held - self.held_bytes
+        self.held_bytes = held
+        limit = server.max_buffered_bytes
+        if limit is None or not held or server._buffered_bytes <= limit:
             return
-        refusal = server._handshake_refusal(request.headers, self.peer)
-        if refusal is not None:
-            status, text, headers = refusal
-            response = proto.reject(status, text)
-            for name, value in headers.items():
-                response.headers[name] = value
-            proto.send_response(response)
+        server._log.log("refused a large message", 1, logging.WARNING,
+                        "refused a large message from %s: incomplete messages would hold more than "
+                        "max_buffered_bytes (%d)", self.peer, limit)
+        if self.http_body:
+            self._answer_http(503, {"detail": "Service Unavailable: the server holds too much incoming data; "
+                                              "try again later"})
             return
-        response = proto.accept(request)
-        response.headers["Server"] = f"chatenv/{__version__}"
-        if response.status_code != 101 and len(response.body) > 200:
-            # websockets' reason quotes the offending header whole: echo a bounded slice
-            response.body = response.body[:160] + b"...\n"
-            del response.headers["Content-Length"]
-            response.headers["Content-Length"] = str(len(response.body))
-        proto.send_response(response)
-        if response.status_code != 101:
-            return
-        self.fast_frames = not proto.extensions
-        self.opened_at = self.last_message = server._loop.time()
-        self.session, self.named_id, refused = server._open_session(query, self.peer)
-        if refused is not None:
-            self._send(refused)
-        else:
-            server._handshakes.pop(self, None)  # a session now, counted by max_sessions
+        if self.partial_frame is not None and self.partial_frame_bytes:
+            self.discard_bytes = self.partial_frame_bytes - len(self.partial_frame)
+        self.partial_frame = None
+        self._fail(_CLOSE_TRY_AGAIN, "the server holds too much incoming data; try again later")
+        self._count_held()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close the session over a frame it may not send; the rest is discarded up to its close frame."""
+        self.fragments = None
+        if self.proto.state == _OPEN:
+            self.proto.send_close(code, reason)
+            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
+            self._queue_protocol_output()
+        self.awaiting_close = True
 
     # Requests and replies
 
@@ -2279,7 +2464,7 @@ class _Connection:
     def _drain(self) -> None:
         """Handle one queued request; schedule the next so others get the loop too."""
         self.drain_scheduled = False
-        if self.busy or self.write_paused_at is not None or self.large is not None or not self.inbox:
+        if self.offloaded or self.write_paused_at is not None or self.large_reply is not None or not self.inbox:
             return
         session = self.session
         if session is None or self.proto.state != _OPEN:
@@ -2295,13 +2480,13 @@ class _Connection:
         else:
             frame = bytes(data)
         if self.server.offload:
-            self.busy = True
+            self.offloaded = True
             self.server._run_offloaded(session, frame).add_done_callback(self._on_offloaded)
             return
         self._reply(handle_frame(session, frame))
 
     def _on_offloaded(self, future: Any) -> None:
-        self.busy = False
+        self.offloaded = False
         if future.cancelled() or self.transport.is_closing():
             return
         exc = future.exception()
@@ -2331,33 +2516,35 @@ class _Connection:
         if parts is not None:
             size = sum(map(len, parts))
             if size > _LARGE_REPLY_BYTES:
-                self._flush()  # what the protocol queued goes first
-                self.large = [[_frame_header(size), *parts] if self.fast_frames else list(parts), 0, 0, False]
-                self._write = self.backlog.append  # until it is out (an instance attribute: _write stays lean)
-                self.server._loop.call_soon(self._write_large)
-            elif self.fast_frames:  # header and payload in one piece, one copy
-                self._flush()  # whatever the protocol queued (the handshake) goes first
-                self._write(b"".join([_frame_header(size), *parts]))
+                self._queue_protocol_output()  # what the protocol queued goes first
+                self.large_reply = _LargeReply([_frame_header(size), *parts] if self.plain_frames else list(parts))
+                # Until it is out, writes wait behind it (an instance attribute, so that
+                # _queue_write itself stays lean)
+                self._queue_write = self.writes_after_large.append
+                self.server._loop.call_soon(self._write_large_chunk)
+            elif self.plain_frames:  # header and payload in one piece, one copy
+                self._queue_protocol_output()  # whatever the protocol queued (the handshake) goes first
+                self._queue_write(b"".join([_frame_header(size), *parts]))
             else:
                 proto.send_text(b"".join(parts))
         if reply.close:
             proto.send_close(1000)
-            self.closing = True
+            self.awaiting_close = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-        self._flush()
+        self._queue_protocol_output()
 
-    def _write_large(self) -> None:
+    def _write_large_chunk(self) -> None:
         """Write the next chunk of a large reply; later turns write the rest, so that no
         other session waits behind it and no reply is ever copied whole. The next
         request is not handled until it is out (its parts are the session's history)."""
-        large = self.large
+        large = self.large_reply
         if large is None or self.transport.is_closing():
             return
-        if self.outgoing:
-            self.write_out()  # replies queued before it go first
+        if self.writes:
+            self.flush()  # replies queued before it go first
         if self.write_paused_at is not None:
             return  # resume_writing calls again
-        pieces, index, offset, _ = large
+        pieces, index, offset = large.pieces, large.index, large.offset
         chunk, room = [], _LARGE_REPLY_BYTES
         while room and index < len(pieces):
             piece = pieces[index][offset:offset + room]
@@ -2366,69 +2553,74 @@ class _Connection:
             offset += len(piece)
             if offset >= len(pieces[index]):
                 index, offset = index + 1, 0
-        large[1], large[2] = index, offset
+        large.index, large.offset = index, offset
         done = index >= len(pieces)
         data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
-        if not self.fast_frames:  # compressed: a fragment per chunk, through the protocol
+        if not self.plain_frames:  # compressed: a fragment per chunk, through the protocol
             proto = self.proto
             if proto.state != _OPEN:
                 done, data = True, b""  # closed meanwhile: the rest of the message is moot
             else:
-                if large[3]:
+                if large.started:
                     proto.send_continuation(data, fin=done)
                 else:
                     proto.send_text(data, fin=done)
-                    large[3] = True
+                    large.started = True
                 data = b"".join(proto.data_to_send())
         if data:
             self.transport.write(data)
         if not done:
             if self.write_paused_at is None:
-                self.server._loop.call_soon(self._write_large)
+                self.server._loop.call_soon(self._write_large_chunk)
             return
-        self.large = None
-        del self._write  # the class's again
-        backlog, self.backlog = self.backlog, []
-        for data in backlog:
-            self._write(data)
+        self.large_reply = None
+        del self._queue_write  # the class's again
+        waiting, self.writes_after_large = self.writes_after_large, []
+        for data in waiting:
+            self._queue_write(data)
         self._update_reading()
         self._schedule_drain()
 
-    def _flush(self) -> None:
+    # Writes: queued during a loop turn, flushed by the server at the start of the next
+
+    def _queue_protocol_output(self) -> None:
         """Move what the protocol has to send into this turn's writes."""
         for data in self.proto.data_to_send():
             if data:
-                self._write(data)
-            elif self.proto.close_rcvd is None and self.proto.state == _CLOSING:
-                # The protocol failed the connection (a frame it refused): it would close TCP
-                # now, under a client that may still be sending, and some clients then fail to
-                # see our close frame; wait for the client's close frame, up to close_timeout_s
-                self.closing = self.eof_held = True
+                self._queue_write(data)
+            elif _close_received(self.proto) is None and self.proto.state == _CLOSING:
+                # SEND_EOF after the protocol failed the connection (a frame it refused): it
+                # would close TCP now, under a client that may still be sending, and some
+                # clients then fail to see our close frame; wait for the client's close
+                # frame, up to close_timeout_s
+                self.awaiting_close = self.eof_deferred = True
                 if self.close_deadline is None:
                     self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-            else:  # the protocol's end of stream: a server closes the TCP connection
-                self._write_eof()
+            else:  # SEND_EOF, the protocol's end of stream: a server closes the TCP connection
+                self._queue_eof()
 
-    def _write_eof(self) -> None:
+    def _queue_eof(self) -> None:
+        """Our last word: the end of stream, after the writes queued before it."""
         self.eof_queued = True
         if self.close_deadline is None:
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-        self._write(b"")
+        self._queue_write(b"")
 
-    def _write(self, data: bytes) -> None:
-        if not self.outgoing:
-            self.server._queue_flush(self)
-        self.outgoing.append(data)
+    def _queue_write(self, data: bytes) -> None:
+        if not self.writes:
+            self.server._schedule_flush(self)
+        self.writes.append(data)
 
-    def write_out(self) -> None:
-        outgoing, self.outgoing = self.outgoing, []
+    def flush(self) -> None:
+        """Write this turn's writes to the transport in one piece (the server calls it)."""
+        writes, self.writes = self.writes, []
         if self.transport.is_closing():
             return
-        if outgoing:
-            data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        if writes:
+            data = writes[0] if len(writes) == 1 else b"".join(writes)
             if data:
                 self.transport.write(data)
-        if self.eof_queued and self.large is None and not self.eof_written:
+        if self.eof_queued and self.large_reply is None and not self.eof_written:
             # Half-close and keep reading until the client closes (or close_timeout_s):
             # closing outright would answer a client still sending with a TCP reset,
             # which can destroy our close frame before the client reads it
@@ -2449,7 +2641,7 @@ class _Connection:
             else:
                 self.transport.resume_reading()
 
-    # Timeouts, called by the server's housekeeping timer
+    # Timeouts and closing, called by the server (its housekeeping timer, its close)
 
     def check_timeouts(self, now: float) -> None:
         server, proto = self.server, self.proto
@@ -2468,10 +2660,10 @@ class _Connection:
                                     "keepalive ping timeout: dropping %s", self.peer)
                     self.transport.abort()
                     return
-            elif server.ping_interval_s and now - self.last_rx >= server.ping_interval_s and self.large is None:
+            elif server.ping_interval_s and now - self.last_rx >= server.ping_interval_s and self.large_reply is None:
                 proto.send_ping(os.urandom(4))
                 self.ping_sent_at = now
-                self._flush()
+                self._queue_protocol_output()
             if self.write_paused_at is not None and server.send_timeout_s:
                 if now - self.write_paused_at > server.send_timeout_s:
                     server._log.log("client stopped reading", _LOG_LINES_PER_S, logging.INFO,
@@ -2479,18 +2671,18 @@ class _Connection:
                                     self.peer)
                     self.transport.abort()
                     return
-            if server.idle_timeout_s and not self.busy and now - self.last_message > server.idle_timeout_s:
-                self.shut(1001, "idle timeout")
+            if server.idle_timeout_s and not self.offloaded and now - self.last_message > server.idle_timeout_s:
+                self.start_close(1001, "idle timeout")
         else:
             self.close_deadline = now + server.close_timeout_s
 
-    def shut(self, code: int, reason: str) -> None:
+    def start_close(self, code: int, reason: str) -> None:
         """Start the closing handshake (or drop a connection still in its handshake)."""
         if self.proto.state == _OPEN:
             self.proto.send_close(code, reason)
-            self.closing = True
+            self.awaiting_close = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-            self._flush()
+            self._queue_protocol_output()
         elif self.proto.state == _CONNECTING:
             self.transport.abort()
 
@@ -3108,12 +3300,6 @@ def _ws_url(base_url: str) -> str:
     if not rest.endswith("/ws"):
         rest += "/ws"
     return f"{scheme}://{rest}"
-
-
-def _websockets_major() -> int:
-    from websockets.version import version
-
-    return int(version.split(".")[0])
 
 
 class _Closed(Exception):
@@ -3918,9 +4104,6 @@ class _SocketWire:
     """
 
     def __init__(self, core: _ClientCore, lock: Any) -> None:
-
-        from websockets.frames import apply_mask  # in C when websockets' speedups are built
-
         self.core = core
         # The client's lock: held by each call, tried by the keepalive thread
         self.lock = lock
@@ -3946,7 +4129,7 @@ class _SocketWire:
         self.interrupted = False  # close() from another thread cut the connection
         self.fast = True  # no extension: whole data frames are read and written directly
         self.would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-        self.urandom, self.mask = os.urandom, apply_mask
+        self.urandom, self.mask = os.urandom, _apply_mask()
 
     # Opening
 
@@ -3975,9 +4158,7 @@ class _SocketWire:
                 self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
             extensions = None
             if core.compression == "deflate":
-                from websockets.extensions.permessage_deflate import enable_client_permessage_deflate
-
-                extensions = enable_client_permessage_deflate(None)
+                extensions = _deflate_extensions("client")
             proto = ClientProtocol(uri, extensions=extensions, max_size=core.max_message_bytes, logger=_wire_logger)
             request = proto.connect()
             for name, value in core.headers:
@@ -3993,7 +4174,7 @@ class _SocketWire:
             sock.close()
             raise
         self.sock, self.proto = sock, proto
-        self.fast = not proto.extensions
+        self.fast = not _extensions(proto)
         sock.settimeout(self.wait_s)
         if self.buffer:  # frames that came with the handshake's answer (a refusal)
             self._absorb()
@@ -4336,7 +4517,8 @@ class _SocketWire:
         """The protocol left OPEN: the server's close frame, or our own after a broken frame."""
         proto = self.proto
         leftover = message if message is not None else (self.unsolicited[0] if self.unsolicited else None)
-        return self._shut(self.core.closed(proto.close_rcvd, proto.close_sent, proto.close_rcvd_then_sent, leftover))
+        return self._shut(self.core.closed(_close_received(proto), _close_sent(proto),
+                                           _close_received_first(proto), leftover))
 
     def _fail(self, code: int, reason: str) -> _Closed:
         """Close the connection ourselves (a limit, keepalive), telling the server why."""
@@ -4399,7 +4581,7 @@ class _SocketWire:
                 if not data:
                     break
                 proto.receive_data(data)
-                if proto.close_rcvd is not None:
+                if _close_received(proto) is not None:
                     break
         except Exception:  # a dead or stuck server: the socket is closed all the same
             pass
@@ -4655,8 +4837,8 @@ def _failing_fast() -> Any:
             def data_received(self, data: bytes) -> None:
                 super().data_received(data)
                 proto = self.protocol
-                if proto.state == _CLOSING and proto.close_rcvd is None and proto.parser_exc is not None:
-                    self.transport.abort()
+                if proto.state == _CLOSING and _close_received(proto) is None and _parser_failed(proto):
+                    _transport(self).abort()
 
     return _FailingFast
 
@@ -4708,15 +4890,14 @@ class AsyncChatEnv(_ClientBase):
     def _drop(self) -> None:
         ws, self._ws = self._ws, None
         if ws is not None:
-            ws.transport.abort()  # at once: the reply, if any, must never be read
+            _transport(ws).abort()  # at once: the reply, if any, must never be read
 
     async def _roundtrip(self, ws: Any, frame: str) -> Any:
         import asyncio
 
         from websockets.exceptions import ConnectionClosed
 
-        messages = getattr(getattr(ws, "recv_messages", None), "frames", None)
-        if messages is not None and len(messages):  # a frame came that no request asked for
+        if _queued_frames(ws):  # a frame came that no request asked for
             raise _Unsolicited(await ws.recv(decode=False))
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
@@ -4734,8 +4915,8 @@ class AsyncChatEnv(_ClientBase):
                 await ws.wait_closed()
         except Exception:
             pass
-        ws.transport.abort()
-        received = ws.protocol.close_rcvd
+        _transport(ws).abort()
+        received = _close_received(ws.protocol)
         return None if received is None else _Closed(received.code, received.reason)
 
     async def _closed(self, ws: Any, exc: Any) -> _Closed:
@@ -4800,7 +4981,7 @@ class AsyncChatEnv(_ClientBase):
                 async with asyncio.timeout(0.5):
                     await ws.close()
             except Exception:
-                ws.transport.abort()
+                _transport(ws).abort()
         container, self._container = self._container, None
         if container is not None:
             await asyncio.get_running_loop().run_in_executor(None, container.stop)

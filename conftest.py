@@ -56,7 +56,7 @@ def raw(url: str, query: str = "", **kwargs):
     """A raw websockets client on a server's /ws: the server proven without chatenv's client."""
     kwargs.setdefault("open_timeout", 5)
     kwargs.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
+    if chatenv._websockets_version() >= (17, 1):  # the legacy flag exists since 17.1
         kwargs.setdefault("legacy", True)
     return connect(ws_url(url) + (f"?{query}" if query else ""), **kwargs)
 

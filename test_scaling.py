@@ -235,7 +235,7 @@ def raw_session(ws_url: str, **options):
     """A raw websockets client (no proxy), as a plain object rather than a context manager."""
     options.setdefault("open_timeout", 10)
     options.setdefault("proxy", None)
-    if chatenv._websockets_major() >= 17:
+    if chatenv._websockets_version() >= (17, 1):
         options.setdefault("legacy", True)
     return websockets.sync.client.connect(ws_url, **options)
 
