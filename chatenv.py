@@ -414,7 +414,7 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 # ------------------------------------------------------------------------------
-# Environment: the conversation; where it is kept is the caller's choice
+# Environment: the conversation, written into a history it is given
 # ------------------------------------------------------------------------------
 
 
@@ -424,7 +424,8 @@ class _History:
     A history is what an environment writes its episode into and reads it back
     from: ``reset(first)`` starts one (``first``: an opening message, as
     ``(role, content, ids)``, or None), ``append(role, content, ids)`` adds a
-    message or raises with nothing changed, and ``messages()``, ``tokens()``,
+    message or raises with nothing changed, ``message_count`` and
+    ``token_count`` are its totals, and ``messages()``, ``tokens()``,
     ``token_lists()`` return fresh copies. A server's sessions keep theirs as
     the JSON they send instead (``_WireHistory``, in the protocol).
     """
@@ -477,13 +478,12 @@ class ChatEnvironment:
         system_role: str = "system",
         max_episode_tokens: int | None = None,
         *,
-        # Given by a server that makes an environment per session
-        system_tokens: Any = None,
+        # Given by a server that makes one per session: the system message's token ids
+        # (a tuple, tokenized once for all sessions) and an empty history to keep the
+        # episode in (default: the environment's own Python lists, a _History)
+        system_tokens: tuple[int, ...] | None = None,
         history: Any = None,
     ) -> None:
-        """``system_tokens``: the system message's token ids, when the caller has them
-        already (a server tokenizes its prompt once, not per session); ``history``:
-        an empty history to keep the episode in (default: Python lists, ``_History``)."""
         self.tokenizer = load_tokenizer(tokenizer)
         self.system_prompt = system_prompt
         self.system_role = system_role
@@ -663,17 +663,14 @@ class _WireHistory:
     exact growth before each append, and may refuse it.
     """
 
-    __slots__ = ("messages_json", "tokens_json", "message_ends", "token_ends", "token_count", "_last",
-                 "_account", "_counted_bytes")
+    __slots__ = ("messages_json", "tokens_json", "message_ends", "token_ends", "token_count", "_last", "_account")
 
     # The last opening message reset() was given and its JSON: a server's sessions all
     # open with the same one (the same ids object), so it is written once, not per session
     _opening: tuple[Any, bytes, bytes] = ((None, None, None), b"", b"")
 
     def __init__(self, account: Any = None) -> None:
-        self._account = account
-        # The bytes of this episode the account holds: at first what admission reserved for an empty one
-        self._counted_bytes = account.episode_bytes if account is not None else 0
+        self._account = account  # its episode_bytes: what it holds for this episode (admission: an empty one)
         self._clear()
 
     def _clear(self) -> None:
@@ -706,10 +703,9 @@ class _WireHistory:
                 opening = _WireHistory._opening = (first, _message_json({"role": first[0], "content": first[1]}),
                                                    _ids_json(first[2]))
             self._add(opening[1], opening[2], len(first[2]))
-        nbytes = self.nbytes
-        if self._account is not None and nbytes != self._counted_bytes:
-            self._account.charge(nbytes - self._counted_bytes)  # never more: a history only grows
-        self._counted_bytes = nbytes
+        account = self._account
+        if account is not None and self.nbytes != account.episode_bytes:
+            account.charge(self.nbytes - account.episode_bytes)  # never more: a history only grows
 
     def append(self, role: str, content: str, ids: Any) -> None:
         """Append one message; the account is charged first and may refuse (nothing changed)."""
@@ -722,7 +718,6 @@ class _WireHistory:
             growth = (len(message_json) + (1 if self.message_ends else 0) + len(token_text)
                       + (1 if token_text and self.tokens_json else 0) + 16)
             self._account.charge(growth, refuse=True)  # raises past a memory bound
-            self._counted_bytes += growth
         self._add(message_json, token_text, len(ids))
 
     def _add(self, message_json: bytes, token_text: bytes, count: int) -> None:
@@ -1420,7 +1415,7 @@ class _MemoryAccount:
 
     def __init__(self, server: ChatServer, episode_bytes: int) -> None:
         self.server, self.held, self.open = server, _SESSION_OVERHEAD_BYTES + episode_bytes, True
-        self.episode_bytes = episode_bytes  # what admission reserved for the episode, before its history exists
+        self.episode_bytes = episode_bytes  # of held, the episode's: at admission an empty one's
 
     def charge(self, size: int, refuse: bool = False) -> None:
         """Count ``size`` more bytes (fewer if negative); with ``refuse``, raise rather than pass the bound."""
@@ -1440,6 +1435,7 @@ class _MemoryAccount:
                 )
             server.memory_used += size
             self.held += size
+            self.episode_bytes += size
 
     def close(self) -> None:
         with self.server._memory_lock:
