@@ -1116,7 +1116,7 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/mcp":
         return 200, mcp_http_reply(server, body)
     history = _WireHistory()
-    env = server._new_environment(history)
+    env = server._new_environment(history=history)
     if path == "/state":
         return 200, env.state.to_dict()
     try:
@@ -1496,15 +1496,17 @@ class ChatServer:
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
-        # What each session's environment is made from (ChatEnvironment's arguments);
-        # the system prompt is tokenized once, here, for all of them
+        # What each session's environment is made from: ChatEnvironment's arguments, the
+        # system prompt tokenized once, here, for all of them (a tuple each one holds)
         self.system_prompt, self.system_role = system_prompt, system_role
         self.max_episode_tokens = max_episode_tokens
         system = {"role": system_role, "content": system_prompt}
-        # A tuple: each environment holds this one, not a copy
-        self._system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        self._new_environment = functools.partial(  # (history=...): one factory, shared by every session
+            ChatEnvironment, self.tokenizer, system_prompt, system_role, max_episode_tokens,
+            system_tokens=system_tokens)
         empty = _WireHistory()
-        self._new_environment(empty)
+        self._new_environment(history=empty)
         self._empty_episode_bytes = empty.nbytes  # what a new session's episode holds: its system prompt
         self.host, self.port = host, port
         self.auth_token = auth_token
@@ -1711,17 +1713,12 @@ class ChatServer:
                 return None
             self.memory_used += need
         self.active_sessions += 1
-        return Session(self._new_environment, self, account=_MemoryAccount(self, self._empty_episode_bytes))
+        return Session(self._new_environment, self, None, _MemoryAccount(self, self._empty_episode_bytes))
 
     def _free_session(self, session: Session) -> None:
         """Give back what a session held of the memory bound."""
         if session.account is not None:
             session.account.close()
-
-    def _new_environment(self, history: _WireHistory | None = None) -> ChatEnvironment:
-        """An environment as this server's sessions have, its episode kept in ``history``."""
-        return ChatEnvironment(self.tokenizer, self.system_prompt, self.system_role, self.max_episode_tokens,
-                               system_tokens=self._system_tokens, history=history)
 
     def _run_offloaded(self, session: Session, frame: Any) -> Any:
         if self._executor is None:
