@@ -964,8 +964,9 @@ def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
 
 
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
+    env = session.env  # (a session that cannot make one is an internal fault, not this step's)
     try:
-        session.env.append_ids(tokens)
+        env.append_ids(tokens)
     except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
         return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history

@@ -164,3 +164,12 @@ def test_wire_history_charges_its_account_exactly_and_a_refusal_changes_nothing(
     server._free_session(session)
     server._free_session(session)  # twice: nothing given back twice
     assert server.memory_used == 0
+
+
+def test_a_session_that_cannot_make_its_environment_is_a_session_error_on_every_frame():
+    def broken(history):
+        raise RuntimeError("boom")
+
+    for frame in ('{"type":"reset"}', '{"type":"step","data":{"tokens":[72]}}', '{"type":"state"}'):
+        reply = handle_frame(Session(broken), frame)
+        assert reply.close and reply.json()["data"]["code"] == "SESSION_ERROR", frame
