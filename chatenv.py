@@ -428,37 +428,56 @@ class _History:
     ``token_count`` are its totals, and ``messages()``, ``tokens()``,
     ``token_lists()`` return fresh copies. A server's sessions keep theirs as
     the JSON they send instead (``_WireHistory``, in the protocol).
+
+    This one keeps every token id in one array, with where each message ends:
+    by tracemalloc 70 bytes a 1-token step and 7.3 a token in 4096-token ones
+    (random bytes), where a tuple of ids and a (role, content) pair per
+    message took 158 and 11.
     """
 
-    __slots__ = ("_messages", "_token_lists", "token_count")
+    __slots__ = ("_roles", "_contents", "_tokens", "_ends")
 
     def __init__(self) -> None:
-        self._messages: list[tuple[str, str]] = []
-        self._token_lists: list[tuple[int, ...]] = []
-        self.token_count = 0
+        self.reset()
 
     @property
     def message_count(self) -> int:
-        return len(self._messages)
+        return len(self._roles)
+
+    @property
+    def token_count(self) -> int:
+        return len(self._tokens)
 
     def reset(self, first: tuple[str, str, tuple[int, ...]] | None = None) -> None:
-        self._messages, self._token_lists, self.token_count = [], [], 0
+        from array import array
+
+        self._roles: list[str] = []
+        self._contents: list[str] = []
+        self._tokens: Any = array("I")  # a list once an id passes 2**32 - 1 (no real vocabulary's does)
+        self._ends = array("Q")  # where each message's ids end in _tokens
         if first is not None:
             self.append(*first)
 
     def append(self, role: str, content: str, ids: Any) -> None:
-        self._messages.append((role, content))
-        self._token_lists.append(tuple(ids))
-        self.token_count += len(ids)
+        from array import array
+
+        try:
+            self._tokens += array("I", ids) if type(self._tokens) is array else ids
+        except OverflowError:
+            self._tokens = self._tokens.tolist() + list(ids)
+        self._ends.append(len(self._tokens))
+        self._roles.append(role)
+        self._contents.append(content)
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": role, "content": content} for role, content in self._messages]
+        return [{"role": role, "content": content} for role, content in zip(self._roles, self._contents)]
 
     def tokens(self) -> list[int]:
-        return [token for ids in self._token_lists for token in ids]
+        return list(self._tokens)
 
     def token_lists(self) -> list[list[int]]:
-        return list(map(list, self._token_lists))
+        tokens, ends = self._tokens, self._ends
+        return [list(tokens[start:end]) for start, end in zip((0, *ends), ends)]
 
 
 class ChatEnvironment:

@@ -173,3 +173,25 @@ def test_a_session_that_cannot_make_its_environment_is_a_session_error_on_every_
     for frame in ('{"type":"reset"}', '{"type":"step","data":{"tokens":[72]}}', '{"type":"state"}'):
         reply = handle_frame(Session(broken), frame)
         assert reply.close and reply.json()["data"]["code"] == "SESSION_ERROR", frame
+
+
+def test_own_history_holds_any_id_a_tokenizer_decodes():
+    """Its ids live in a 32-bit array; an id past that moves them to a list, nothing lost."""
+    env = ChatEnvironment(TextTokenizer())
+    env.reset()
+    env.step(ChatAction([72, 105]))
+    with pytest.raises(ValueError):  # chr() refuses it: the step fails, nothing changes
+        env.step(ChatAction([0x110000]))
+    assert (env.token_count, env.message_count, env.history_tokens) == (2, 1, [(72, 105)])
+
+    class WideTokenizer(TextTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            return ",".join(map(str, ids))
+
+    wide = ChatEnvironment(WideTokenizer())
+    wide.reset()
+    for ids in ([1, 2], [2**40, 3], [2**70], [4]):
+        wide.step(ChatAction(ids))
+    assert wide.history_tokens == [(1, 2), (2**40, 3), (2**70,), (4,)]
+    assert wide.observation().tokens == [1, 2, 2**40, 3, 2**70, 4] and wide.token_count == 6
+    assert wide.state.history_messages[-2] == {"role": "assistant", "content": str(2**70)}
