@@ -28,7 +28,6 @@ __version__ = "0.1.0"
 # imported inside the function that was asked to use them.
 import atexit
 import collections
-import copy
 import dataclasses
 import functools
 import json
@@ -477,133 +476,80 @@ def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
 
 
 # ------------------------------------------------------------------------------
-# Environment: the conversation, kept alongside its pre-serialised JSON
+# Environment: the conversation, written into a history it is given
 # ------------------------------------------------------------------------------
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # compact, raw UTF-8: as OpenEnv
-_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
-_json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for a str
-
-
-def _json_bytes(value: Any) -> bytes:
-    """Compact JSON in UTF-8, as OpenEnv (pydantic) writes it.
-
-    A lone surrogate (which only a ``\\udXXX`` escape in a client's JSON can make)
-    has no UTF-8 form: such text keeps its escapes, still the same JSON.
-    """
-    text = _dumps(value)
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return _dumps_ascii(value).encode()
-
-
-def _json_string_bytes(text: str) -> bytes:
-    """One JSON string in UTF-8 (escaped as ``_json_bytes`` does)."""
-    try:
-        return _json_string(text).encode()
-    except UnicodeEncodeError:
-        return json.encoder.encode_basestring_ascii(text).encode()
-
-
-def _message_json(message: Mapping[str, str]) -> bytes:
-    """``{"role":..,"content":..}`` exactly as json.dumps would write it, faster."""
-    return b'{"role":%s,"content":%s}' % (_json_string_bytes(message["role"]), _json_string_bytes(message["content"]))
-
-
-_LAST_KEPT_BYTES = 2**12  # a last step up to this size is kept beside the history for delta replies
 
 
 class _History:
-    """One episode's history, compact: its JSON text, once, and offsets into it.
+    """One episode's history as Python objects: an environment's own, by default.
 
-    ``messages_json`` holds the messages' JSON and ``tokens_json`` every token id,
-    each comma-joined without brackets: the two halves of a full observation, so
-    a reply is a join, never a re-dump. ``message_ends`` and ``token_ends`` say
-    where each message ends in them. Python views (messages, token lists) are
-    parsed from that text on demand. By RSS a 1-token step takes 57 bytes and a
-    4096-token one 7.3 a token (random bytes), where Python lists, tuples and
-    dicts beside the JSON took 353 and 31.
+    A history is what an environment writes its episode into and reads it back
+    from: ``reset(first)`` starts one (``first``: an opening message, as
+    ``(role, content, ids)``, or None), ``append(role, content, ids)`` adds a
+    message or raises with nothing changed, ``message_count`` and
+    ``token_count`` are its totals, and ``messages()``, ``tokens()``,
+    ``token_lists()`` return fresh copies. A server's sessions keep theirs as
+    the JSON they send instead (``_WireHistory``, in the protocol).
+
+    This one keeps every token id in one array, with where each message ends:
+    by tracemalloc 70 bytes a 1-token step and 7.3 a token in 4096-token ones
+    (random bytes), where a tuple of ids and a (role, content) pair per
+    message took 158 and 11.
     """
 
-    __slots__ = ("messages_json", "tokens_json", "message_ends", "token_ends", "token_count", "_last")
+    __slots__ = ("_roles", "_contents", "_tokens", "_ends")
 
     def __init__(self) -> None:
-        from array import array
-
-        self.messages_json = bytearray()
-        self.tokens_json = bytearray()
-        self.message_ends = array("Q")
-        self.token_ends = array("Q")
-        self.token_count = 0
-        self._last: tuple[bytes, bytes] | None = None  # a small last step's pieces, kept: see last()
+        self.reset()
 
     @property
-    def nbytes(self) -> int:
-        """The bytes this history holds: its text and its offsets (what a memory bound counts)."""
-        return len(self.messages_json) + len(self.tokens_json) + 8 * (len(self.message_ends) + len(self.token_ends))
+    def message_count(self) -> int:
+        return len(self._roles)
 
-    def append(self, message_json: bytes, token_text: bytes, count: int, account: Any = None) -> None:
-        """Append one message; ``account`` (a _MemoryAccount) is charged first and may refuse."""
-        if account is not None:  # the exact growth of nbytes
-            account.charge(len(message_json) + (1 if self.message_ends else 0) + len(token_text)
-                           + (1 if token_text and self.tokens_json else 0) + 16, refuse=True)
-        if self.message_ends:
-            self.messages_json += b","
-        self.messages_json += message_json
-        if token_text and self.tokens_json:
-            self.tokens_json += b","
-        self.tokens_json += token_text
-        self.message_ends.append(len(self.messages_json))
-        self.token_ends.append(len(self.tokens_json))
-        self.token_count += count
-        self._last = (message_json, token_text) if len(message_json) + len(token_text) <= _LAST_KEPT_BYTES else None
+    @property
+    def token_count(self) -> int:
+        return len(self._tokens)
 
-    def last(self) -> tuple[bytes, bytes]:
-        """The last message's JSON and token text, what a delta reply sends.
+    def reset(self, first: tuple[str, str, tuple[int, ...]] | None = None) -> None:
+        from array import array
 
-        A small step's are kept; a large one's are sliced when asked, so the
-        history never holds a large step twice.
-        """
-        if self._last is not None:
-            return self._last
-        ends = self.message_ends
-        if not ends:
-            return b"", b""
-        start = ends[-2] + 1 if len(ends) > 1 else 0
-        token_ends = self.token_ends
-        end = token_ends[-1]
-        token_start = token_ends[-2] if len(token_ends) > 1 else 0
-        if token_start and end > token_start:
-            token_start += 1
-        return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
+        self._roles: list[str] = []
+        self._contents: list[str] = []
+        self._tokens: Any = array("I")  # a list once an id passes 2**32 - 1 (no real vocabulary's does)
+        self._ends = array("Q")  # where each message's ids end in _tokens
+        if first is not None:
+            self.append(*first)
 
-    def history_tokens_json(self) -> bytes:
-        """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
-        text, pieces, start = self.tokens_json, [], 0
-        for end in self.token_ends:
-            if end > start and start:
-                start += 1  # the comma before this message's first id
-            pieces.append(text[start:end])
-            start = end
-        return b"[" + b"],[".join(pieces) + b"]" if pieces else b""
+    def append(self, role: str, content: str, ids: Any) -> None:
+        from array import array
+
+        try:
+            self._tokens += array("I", ids) if type(self._tokens) is array else ids
+        except OverflowError:
+            self._tokens = self._tokens.tolist() + list(ids)
+        self._ends.append(len(self._tokens))
+        self._roles.append(role)
+        self._contents.append(content)
 
     def messages(self) -> list[dict[str, str]]:
-        return json.loads(b"[" + self.messages_json + b"]")
+        return [{"role": role, "content": content} for role, content in zip(self._roles, self._contents)]
 
     def tokens(self) -> list[int]:
-        return json.loads(b"[" + self.tokens_json + b"]")
+        return list(self._tokens)
 
     def token_lists(self) -> list[list[int]]:
-        return json.loads(b"[" + self.history_tokens_json() + b"]")
+        tokens, ends = self._tokens, self._ends
+        return [list(tokens[start:end]) for start, end in zip((0, *ends), ends)]
 
 
 class ChatEnvironment:
     """One episode of chat: reset() starts it, step() appends a message.
 
-    The history is kept as its JSON (``_History``), appended to at each step, so
-    the server's O(history) replies are joins, never re-dumps; ``history_messages``,
-    ``history_tokens``, ``observation()`` and ``state`` parse fresh Python copies.
+    The episode is written into a history (``history``, see ``_History``): the
+    environment's own Python lists by default; a server gives each session's
+    environment one kept as the JSON its replies send (``_WireHistory``), so
+    nothing is held twice. ``history_messages``, ``history_tokens``,
+    ``observation()`` and ``state`` are fresh copies.
     """
 
     def __init__(
@@ -612,33 +558,34 @@ class ChatEnvironment:
         system_prompt: str | None = None,
         system_role: str = "system",
         max_episode_tokens: int | None = None,
+        *,
+        # Given by a server that makes one per session: the system message's token ids
+        # (a tuple, tokenized once for all sessions) and an empty history to keep the
+        # episode in (default: the environment's own Python lists, a _History)
+        system_tokens: tuple[int, ...] | None = None,
+        history: Any = None,
     ) -> None:
         self.tokenizer = load_tokenizer(tokenizer)
         self.system_prompt = system_prompt
         self.system_role = system_role
         self.max_episode_tokens = max_episode_tokens  # None: episodes grow without bound
-        self._account: Any = None  # a server's memory account (_MemoryAccount), charged as the history grows
-        self._system: tuple[bytes, bytes, int] | None = None  # the system message's JSON, token text, count
+        self._first: tuple[str, str, tuple[int, ...]] | None = None  # the system message every episode opens with
         if system_prompt:
-            message = {"role": system_role, "content": system_prompt}
-            ids = _tokenize_message(self.tokenizer, message)
-            self._system = (_message_json(message), ",".join(map(str, ids)).encode(), len(ids))
-        self._clear(None)
-
-    def _clear(self, episode_id: str | None) -> None:
-        self.episode_id = episode_id
+            if system_tokens is None:
+                system_tokens = _tokenize_message(self.tokenizer, {"role": system_role, "content": system_prompt})
+            self._first = (system_role, system_prompt, tuple(system_tokens))
+        self._history = _History() if history is None else history
+        self._history.reset(self._first)
+        self.episode_id: str | None = None
         self.step_count = 0
-        old, self._history = getattr(self, "_history", None), _History()
-        if self._system is not None:
-            self._history.append(*self._system)
-        if self._account is not None and old is not None:
-            self._account.charge(self._history.nbytes - old.nbytes)  # never more: a history only grows
 
     def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
         """Start a new episode; the history holds only the system prompt, if any."""
         import uuid
 
-        self._clear(episode_id if episode_id is not None else str(uuid.uuid4()))
+        self._history.reset(self._first)
+        self.episode_id = episode_id if episode_id is not None else str(uuid.uuid4())
+        self.step_count = 0
         return self.observation()
 
     def step(self, action: ChatAction | Any) -> ChatObservation:
@@ -648,10 +595,14 @@ class ChatEnvironment:
 
     def append_tokens(self, tokens: Any) -> dict[str, str]:
         """Decode and append one message; on failure the history is unchanged."""
-        return self._append_step(tokens_to_list(tokens))
+        return self.append_ids(tokens_to_list(tokens))
 
-    def _append_step(self, ids: list[int]) -> dict[str, str]:
-        """append_tokens() for ids the protocol has already validated."""
+    def append_ids(self, ids: list[int]) -> dict[str, str]:
+        """append_tokens() for ids already flat: what ``tokens_to_list`` returns, not checked again.
+
+        The protocol checks a step's tokens as it parses the frame (a bad one is
+        the client's VALIDATION_ERROR, a failure here its EXECUTION_ERROR).
+        """
         history, limit = self._history, self.max_episode_tokens
         if limit is not None and history.token_count + len(ids) > limit:
             raise ValueError(
@@ -659,47 +610,19 @@ class ChatEnvironment:
                 f"environment's limit of {limit}: reset() to start a new one"
             )
         content = _decode(self.tokenizer, ids)
-        message_json = b'{"role":"assistant","content":%s}' % _json_string_bytes(content)
-        # ids' text: json's C encoder is twice as fast on long lists, slower on short ones
-        token_text = _dumps(ids).encode()[1:-1] if len(ids) > 64 else ",".join(map(str, ids)).encode()
-        history.append(message_json, token_text, len(ids), self._account)  # raises past a memory bound
+        history.append("assistant", content, ids)  # a server's history may refuse it (its memory bound)
         self.step_count += 1
         return {"role": "assistant", "content": content}
 
-    # The history as the protocol sends it: live buffers and totals, O(1) to read
-
-    @property
-    def messages_json(self) -> bytearray:
-        """The messages' JSON, comma-joined without brackets (the buffer itself)."""
-        return self._history.messages_json
-
-    @property
-    def tokens_json(self) -> bytearray:
-        """Every token id, comma-joined without brackets (the buffer itself)."""
-        return self._history.tokens_json
-
-    @property
-    def last_json(self) -> tuple[bytes, bytes]:
-        """The last message's JSON and its token ids' text: a delta reply."""
-        return self._history.last()
-
-    @property
-    def history_tokens_json(self) -> bytes:
-        """``[ids],[ids],...``, one list per message: O(history), built when asked."""
-        return self._history.history_tokens_json()
+    # The history's totals: O(1)
 
     @property
     def message_count(self) -> int:
-        return len(self._history.message_ends)
+        return self._history.message_count
 
     @property
     def token_count(self) -> int:
         return self._history.token_count
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes this episode's history holds (what a server's memory bound counts)."""
-        return self._history.nbytes
 
     # The history as Python objects: fresh copies, O(history)
 
@@ -765,6 +688,169 @@ _OBS_TAIL = b']},"reward":null,"done":false}}'
 _DELTA_MID = b'],"delta":{"messages":'
 _DELTA_TAIL = b'}},"reward":null,"done":false}}'
 
+# The episode as JSON: written once, as each message is appended, so a reply is a
+# join of what is kept, never a re-dump of the history
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # compact, raw UTF-8: as OpenEnv
+_dumps_ascii = json.JSONEncoder(separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for a str
+
+
+def _json_bytes(value: Any) -> bytes:
+    """Compact JSON in UTF-8, as OpenEnv (pydantic) writes it.
+
+    A lone surrogate (which only a ``\\udXXX`` escape in a client's JSON can make)
+    has no UTF-8 form: such text keeps its escapes, still the same JSON.
+    """
+    text = _dumps(value)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _dumps_ascii(value).encode()
+
+
+def _json_string_bytes(text: str) -> bytes:
+    """One JSON string in UTF-8 (escaped as ``_json_bytes`` does)."""
+    try:
+        return _json_string(text).encode()
+    except UnicodeEncodeError:
+        return json.encoder.encode_basestring_ascii(text).encode()
+
+
+def _message_json(message: Mapping[str, str]) -> bytes:
+    """``{"role":..,"content":..}`` exactly as json.dumps would write it, faster."""
+    return b'{"role":%s,"content":%s}' % (_json_string_bytes(message["role"]), _json_string_bytes(message["content"]))
+
+
+def _ids_json(ids: Any) -> bytes:
+    """Token ids comma-joined, without brackets (json's C encoder is twice as fast on long lists, slower on short)."""
+    return _dumps(ids).encode()[1:-1] if len(ids) > 64 else ",".join(map(str, ids)).encode()
+
+
+_LAST_KEPT_BYTES = 2**12  # a last step up to this size is kept beside the history for delta replies
+
+
+class _WireHistory:
+    """One session's episode, kept as the JSON its replies send: the text, once, and offsets into it.
+
+    It is a history as ``_History`` describes (the session's environment writes
+    its episode into it), kept compact: ``messages_json`` holds the messages'
+    JSON and ``tokens_json`` every token id, each comma-joined without brackets,
+    the two halves of a full observation; ``message_ends`` and ``token_ends``
+    say where each message ends in them. Python views are parsed from that text
+    on demand. By RSS a 1-token step takes 57 bytes and a 4096-token one 7.3 a
+    token (random bytes), where Python lists, tuples and dicts beside the JSON
+    took 353 and 31. ``account`` (a server's _MemoryAccount) is charged its
+    exact growth before each append, and may refuse it.
+    """
+
+    __slots__ = ("messages_json", "tokens_json", "message_ends", "token_ends", "token_count", "_last", "_account")
+
+    # The last opening message reset() was given and its JSON: a server's sessions all
+    # open with the same one (the same ids object), so it is written once, not per session
+    _opening: tuple[Any, bytes, bytes] = ((None, None, None), b"", b"")
+
+    def __init__(self, account: Any = None) -> None:
+        self._account = account  # its episode_bytes: what it holds for this episode (admission: an empty one)
+        self._clear()
+
+    def _clear(self) -> None:
+        from array import array
+
+        self.messages_json = bytearray()  # new buffers: a reply not yet written may hold the old ones
+        self.tokens_json = bytearray()
+        self.message_ends = array("Q")
+        self.token_ends = array("Q")
+        self.token_count = 0
+        self._last: tuple[bytes, bytes] | None = None  # a small last step's pieces, kept: see last()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this history holds: its text and its offsets (what a memory bound counts)."""
+        return len(self.messages_json) + len(self.tokens_json) + 8 * (len(self.message_ends) + len(self.token_ends))
+
+    @property
+    def message_count(self) -> int:
+        return len(self.message_ends)
+
+    def reset(self, first: tuple[str, str, Any] | None = None) -> None:
+        """A new episode, holding only ``first`` (role, content, ids) if given; never refused."""
+        if self.message_ends:  # (a new history's empty buffers are no reply's yet: kept)
+            self._clear()
+        if first is not None:
+            opening = _WireHistory._opening
+            role, content, ids = opening[0]
+            if ids is not first[2] or role != first[0] or content != first[1]:
+                opening = _WireHistory._opening = (first, _message_json({"role": first[0], "content": first[1]}),
+                                                   _ids_json(first[2]))
+            self._add(opening[1], opening[2], len(first[2]))
+        account = self._account
+        if account is not None and self.nbytes != account.episode_bytes:
+            account.charge(self.nbytes - account.episode_bytes)  # never more: a history only grows
+
+    def append(self, role: str, content: str, ids: Any) -> None:
+        """Append one message; the account is charged first and may refuse (nothing changed)."""
+        if role == "assistant":  # every step's
+            message_json = b'{"role":"assistant","content":%s}' % _json_string_bytes(content)
+        else:
+            message_json = _message_json({"role": role, "content": content})
+        token_text = _ids_json(ids)
+        if self._account is not None:  # the exact growth of nbytes
+            growth = (len(message_json) + (1 if self.message_ends else 0) + len(token_text)
+                      + (1 if token_text and self.tokens_json else 0) + 16)
+            self._account.charge(growth, refuse=True)  # raises past a memory bound
+        self._add(message_json, token_text, len(ids))
+
+    def _add(self, message_json: bytes, token_text: bytes, count: int) -> None:
+        if self.message_ends:
+            self.messages_json += b","
+        self.messages_json += message_json
+        if token_text and self.tokens_json:
+            self.tokens_json += b","
+        self.tokens_json += token_text
+        self.message_ends.append(len(self.messages_json))
+        self.token_ends.append(len(self.tokens_json))
+        self.token_count += count
+        self._last = (message_json, token_text) if len(message_json) + len(token_text) <= _LAST_KEPT_BYTES else None
+
+    def last(self) -> tuple[bytes, bytes]:
+        """The last message's JSON and token text, what a delta reply sends.
+
+        A small step's are kept; a large one's are sliced when asked, so the
+        history never holds a large step twice.
+        """
+        if self._last is not None:
+            return self._last
+        ends = self.message_ends
+        if not ends:
+            return b"", b""
+        start = ends[-2] + 1 if len(ends) > 1 else 0
+        token_ends = self.token_ends
+        end = token_ends[-1]
+        token_start = token_ends[-2] if len(token_ends) > 1 else 0
+        if token_start and end > token_start:
+            token_start += 1
+        return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
+
+    def history_tokens_json(self) -> bytes:
+        """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
+        text, pieces, start = self.tokens_json, [], 0
+        for end in self.token_ends:
+            if end > start and start:
+                start += 1  # the comma before this message's first id
+            pieces.append(text[start:end])
+            start = end
+        return b"[" + b"],[".join(pieces) + b"]" if pieces else b""
+
+    def messages(self) -> list[dict[str, str]]:
+        return json.loads(b"[" + self.messages_json + b"]")
+
+    def tokens(self) -> list[int]:
+        return json.loads(b"[" + self.tokens_json + b"]")
+
+    def token_lists(self) -> list[list[int]]:
+        return json.loads(b"[" + self.history_tokens_json() + b"]")
+
 
 class Reply:
     """A reply frame as byte pieces (joined once, by the socket writer) and whether to close."""
@@ -787,17 +873,24 @@ class Reply:
 
 
 class Session:
-    """One session's state: its environment (made on first use) and delta mode.
+    """One session's state: its environment (made on first use), its episode's JSON, delta mode.
 
+    ``make_env(history=...)`` makes the environment, over the session's
+    ``_WireHistory`` (``ChatEnvironment`` itself, or a ``functools.partial`` of
+    it, will do), so the episode is kept once, as the JSON the replies send.
     ``server`` is what the protocol asks about the rest of the server (its MCP
-    sessions, see ``_mcp_reply``); None for a session on its own.
+    sessions, see ``_mcp_reply``); None for a session on its own. ``account``:
+    the server's memory account for this session (``_MemoryAccount``), or None.
     """
 
-    __slots__ = ("_make_env", "_env", "delta", "server", "id")
+    __slots__ = ("_make_env", "_env", "history", "account", "delta", "server", "id")
 
-    def __init__(self, make_env: Any, server: Any = None, session_id: str | None = None) -> None:
+    def __init__(self, make_env: Any, server: Any = None, session_id: str | None = None,
+                 account: Any = None) -> None:
         self._make_env = make_env
         self._env: ChatEnvironment | None = None
+        self.history: _WireHistory | None = None  # made with the environment, which writes into it
+        self.account = account
         self.delta = False
         self.server = server
         self.id = session_id  # set when the session is named (OpenEnv's MCP sessions) or asked for
@@ -805,7 +898,8 @@ class Session:
     @property
     def env(self) -> ChatEnvironment:
         if self._env is None:
-            self._env = self._make_env()
+            self.history = _WireHistory(self.account)
+            self._env = self._make_env(history=self.history)
         return self._env
 
 
@@ -840,7 +934,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
             return _reset_reply(session, _reset_args(message))
         if kind == "state":
             _check_no_data(message)
-            return _state_reply(session.env)
+            return _state_reply(session)
         if kind == "close":
             _check_no_data(message)
             return Reply(None, close=True)
@@ -944,29 +1038,32 @@ def _reset_args(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
-    env = session.env
-    env.reset(seed=args["seed"], episode_id=args["episode_id"])
+    session.env.reset(seed=args["seed"], episode_id=args["episode_id"])
     session.delta = args["delta"]
-    return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
+    history = session.history
+    return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
 
 
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
-    env = session.env
+    env = session.env  # (a session that cannot make one is an internal fault, not this step's)
     try:
-        env._append_step(tokens)
+        env.append_ids(tokens)
     except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
         return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
+    history = session.history
     if not session.delta:
-        return Reply([_OBS_HEAD, env.messages_json, _OBS_MID, env.tokens_json, _OBS_TAIL])
-    totals = b'%d,"tokens":%d' % (env.message_count, env.token_count)
-    message_json, token_text = env.last_json
+        return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+    totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
+    message_json, token_text = history.last()
     return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
 
 
-def _state_reply(env: ChatEnvironment) -> Reply:
+def _state_reply(session: Session) -> Reply:
+    env = session.env
+    history = session.history
     head = b'{"type":"state","data":{"episode_id":%s,"step_count":%d,"history_messages":[' % (
         _json_bytes(env.episode_id), env.step_count)
-    return Reply([head, env.messages_json, b'],"history_tokens":[', env.history_tokens_json, b"]}}"])
+    return Reply([head, history.messages_json, b'],"history_tokens":[', history.history_tokens_json(), b"]}}"])
 
 
 # OpenEnv's MCP endpoint (JSON-RPC 2.0). The chat environment has no tools; what it
@@ -1045,10 +1142,10 @@ def _unprocessable(loc: str, message: str, value: Any) -> tuple[int, Any]:
     return 422, {"detail": [{"type": "value_error", "loc": [loc], "msg": message, "input": value}]}
 
 
-def _http_observation(env: ChatEnvironment) -> bytes:
+def _http_observation(history: _WireHistory) -> bytes:
     """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape."""
-    return b"".join((b'{"observation":{"metadata":{},"messages":[', env.messages_json, _OBS_MID,
-                     env.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
+    return b"".join((b'{"observation":{"metadata":{},"messages":[', history.messages_json, _OBS_MID,
+                     history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
 
 
 def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
@@ -1100,7 +1197,8 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
         return 200, [_ENV_NAME]
     if path == "/mcp":
         return 200, mcp_http_reply(server, body)
-    env = server._new_environment()
+    history = _WireHistory()
+    env = server._new_environment(history=history)
     if path == "/state":
         return 200, env.state.to_dict()
     try:
@@ -1115,7 +1213,7 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
         except _RequestError as exc:
             return _unprocessable("body", exc.message, None)
         env.reset(seed=args["seed"], episode_id=args["episode_id"])
-        return 200, _http_observation(env)
+        return 200, _http_observation(history)
     action = request.get("action")
     if not isinstance(action, dict):
         return _unprocessable("action", "Field required: an object with 'tokens'", None)
@@ -1125,10 +1223,10 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
         return _unprocessable("tokens", exc.message, None)
     env.reset()
     try:
-        env._append_step(tokens)
+        env.append_ids(tokens)
     except Exception as exc:  # the tokenizer refused the ids, or the episode is full
         return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
-    return 200, _http_observation(env)
+    return 200, _http_observation(history)
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -1462,21 +1560,18 @@ _SESSION_OVERHEAD_BYTES = 16 * 2**10
 class _MemoryAccount:
     """What one session holds of its server's memory bound: a fixed overhead plus its episode.
 
-    It is the session's environment factory, so the environment it makes is
-    charged from its first byte (admission reserved the empty episode). Closing
-    it gives everything back; a charge after that (a step finishing in a worker
-    thread as its socket goes) is ignored, so nothing is counted twice or lost.
+    Admission reserves the overhead and an empty episode; the session's
+    ``_WireHistory`` charges every change from there, so its episode is counted
+    from its first byte. Closing it gives everything back; a charge after that
+    (a step finishing in a worker thread as its socket goes) is ignored, so
+    nothing is counted twice or lost.
     """
 
-    __slots__ = ("server", "held", "open")
+    __slots__ = ("server", "held", "open", "episode_bytes")
 
-    def __init__(self, server: ChatServer, held: int) -> None:
-        self.server, self.held, self.open = server, held, True
-
-    def __call__(self) -> ChatEnvironment:
-        env = self.server._new_environment()
-        env._account = self
-        return env
+    def __init__(self, server: ChatServer, episode_bytes: int) -> None:
+        self.server, self.held, self.open = server, _SESSION_OVERHEAD_BYTES + episode_bytes, True
+        self.episode_bytes = episode_bytes  # of held, the episode's: at admission an empty one's
 
     def charge(self, size: int, refuse: bool = False) -> None:
         """Count ``size`` more bytes (fewer if negative); with ``refuse``, raise rather than pass the bound."""
@@ -1496,6 +1591,7 @@ class _MemoryAccount:
                 )
             server.memory_used += size
             self.held += size
+            self.episode_bytes += size
 
     def close(self) -> None:
         with self.server._memory_lock:
@@ -1556,7 +1652,18 @@ class ChatServer:
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
-        self._prototype = ChatEnvironment(self.tokenizer, system_prompt, system_role, max_episode_tokens)
+        # What each session's environment is made from: ChatEnvironment's arguments, the
+        # system prompt tokenized once, here, for all of them (a tuple each one holds)
+        self.system_prompt, self.system_role = system_prompt, system_role
+        self.max_episode_tokens = max_episode_tokens
+        system = {"role": system_role, "content": system_prompt}
+        system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        self._new_environment = functools.partial(  # (history=...): one factory, shared by every session
+            ChatEnvironment, self.tokenizer, system_prompt, system_role, max_episode_tokens,
+            system_tokens=system_tokens)
+        empty = _WireHistory()
+        self._new_environment(history=empty)
+        self._empty_episode_bytes = empty.nbytes  # what a new session's episode holds: its system prompt
         self.host, self.port = host, port
         self.auth_token = auth_token
         self.compression = None if compression == "none" else compression
@@ -1578,7 +1685,6 @@ class ChatServer:
         self.max_memory_bytes = max_memory_bytes or None
         self.memory_used = 0
         self._memory_lock = threading.Lock()  # steps may run in the offload pool
-        self._accounts: dict[Session, _MemoryAccount] = {}
         self.open_timeout_s = open_timeout_s
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
@@ -1754,28 +1860,18 @@ class ChatServer:
         if self.max_memory_bytes is None:
             self.active_sessions += 1
             return Session(self._new_environment, self)
-        need = _SESSION_OVERHEAD_BYTES + self._prototype.nbytes  # the session and its empty episode
+        need = _SESSION_OVERHEAD_BYTES + self._empty_episode_bytes  # the session and its empty episode
         with self._memory_lock:
             if self.memory_used + need > self.max_memory_bytes:
                 return None
             self.memory_used += need
-        account = _MemoryAccount(self, need)
         self.active_sessions += 1
-        session = Session(account, self)
-        self._accounts[session] = account
-        return session
+        return Session(self._new_environment, self, None, _MemoryAccount(self, self._empty_episode_bytes))
 
     def _free_session(self, session: Session) -> None:
         """Give back what a session held of the memory bound."""
-        account = self._accounts.pop(session, None)
-        if account is not None:
-            account.close()
-
-    def _new_environment(self) -> ChatEnvironment:
-
-        env = copy.copy(self._prototype)  # shares the tokenizer and system tokens
-        env._clear(None)
-        return env
+        if session.account is not None:
+            session.account.close()
 
     def _run_offloaded(self, session: Session, frame: Any) -> Any:
         if self._executor is None:

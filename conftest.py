@@ -109,7 +109,7 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
 
 
 def new_session(**env_options) -> Session:
-    return Session(lambda: ChatEnvironment(**env_options))
+    return Session(lambda history: ChatEnvironment(history=history, **env_options))
 
 
 def reply(session: Session, message):

@@ -415,13 +415,14 @@ def test_environment_failed_step_leaves_history_unchanged():
 
 
 def test_environment_json_matches_its_python_history():
-    env = ChatEnvironment(system_prompt='quote " and \\ and \n')
+    history = chatenv._WireHistory()
+    env = ChatEnvironment(system_prompt='quote " and \\ and \n', history=history)
     env.reset()
     for ids in ([72, 105], [0xE2, 0x9C, 0x93], [0xFF, 1, 31]):
         env.step(ChatAction(ids))
-    assert json.loads(b"[" + env.messages_json + b"]") == env.state.history_messages
-    assert json.loads(b"[" + env.history_tokens_json + b"]") == env.state.history_tokens
-    assert json.loads(b"[" + env.tokens_json + b"]") == env.observation().tokens
+    assert json.loads(b"[" + history.messages_json + b"]") == env.state.history_messages
+    assert json.loads(b"[" + history.history_tokens_json() + b"]") == env.state.history_tokens
+    assert json.loads(b"[" + history.tokens_json + b"]") == env.observation().tokens
 
 
 # ------------------------------------------------------------------------------
@@ -502,7 +503,7 @@ def test_protocol_error_replies_echo_only_a_bounded_slice():
 
 
 def test_protocol_internal_fault_is_a_session_error_that_closes():
-    def broken():
+    def broken(history):
         raise RuntimeError("boom")
 
     result = handle_frame(Session(broken), '{"type":"state"}')
@@ -722,7 +723,7 @@ def test_asgi_module_app_is_configured_from_the_environment_on_first_use(tmp_pat
         "    async def receive(): return next(events)\n"
         "    async def send(event): sent.append(event['type'])\n"
         "    await app({'type': 'lifespan'}, receive, send)\n"
-        "    print(sent, app.server.max_sessions, app.server._prototype.system_prompt)\n"
+        "    print(sent, app.server.max_sessions, app.server.system_prompt)\n"
         "asyncio.run(main())\n"
     )
     env = dict(os.environ, CHATENV_MAX_SESSIONS="7", SYSTEM_PROMPT="Hello.")
@@ -781,7 +782,7 @@ def test_server_episode_token_limit_refuses_the_step_and_keeps_the_session():
             ask(ws, {"type": "reset"})  # a new episode starts from zero
             assert ask(ws, {"type": "step", "data": {"tokens": [72] * 10}})["type"] == "observation"
     assert chatenv.ChatServer().max_sessions == 256
-    assert chatenv.ChatServer()._prototype.max_episode_tokens == 2**20  # bounded by default
+    assert chatenv.ChatServer().max_episode_tokens == 2**20  # bounded by default
 
 
 def test_server_slow_tokenizer_does_not_stall_other_sessions():

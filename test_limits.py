@@ -74,7 +74,7 @@ kept.append(episode(False))  # full replies: each holds the history's buffers, n
 gc.collect()
 env = kept[-1].env
 print(json.dumps({"tokens": env.token_count, "rss": rss() - before, "accounted": server.memory_used - used,
-                  "nbytes": env.nbytes}))
+                  "nbytes": kept[-1].history.nbytes}))
 """
 
 
@@ -127,9 +127,10 @@ def test_session_fixed_overhead_covers_an_open_session_by_rss(tmp_path):
         sessions = [open_session() for _ in range(count)]
         time.sleep(0.3)
         per_session = (rss() - before) / count
-        env = ChatEnvironment()
+        wire = chatenv._WireHistory()
+        env = ChatEnvironment(history=wire)
         env.step(ChatAction([72, 105]))
-        history = env.nbytes  # each session's episode: "Hi"
+        history = wire.nbytes  # each session's episode: "Hi"
         assert per_session - history <= chatenv._SESSION_OVERHEAD_BYTES, f"{per_session:.0f} bytes a session"
     finally:
         for ws in sessions:
@@ -154,7 +155,8 @@ def _can_connect(port: int) -> bool:
 
 def test_environment_views_equal_a_plain_python_history():
     rng = random.Random(3)
-    env = ChatEnvironment(system_prompt='Be "brief"\n\u00e9\U0001f600')
+    history = chatenv._WireHistory()
+    env = ChatEnvironment(system_prompt='Be "brief"\n\u00e9\U0001f600', history=history)
     system_ids = env.reset(episode_id="e").tokens
     messages = [{"role": "system", "content": 'Be "brief"\n\u00e9\U0001f600'}]
     tokens = [tuple(system_ids)]
@@ -170,10 +172,10 @@ def test_environment_views_equal_a_plain_python_history():
     assert (state.episode_id, state.step_count) == ("e", 7)
     assert state.history_messages == messages and state.history_tokens == [list(t) for t in tokens]
     # The JSON the protocol sends is json.dumps of the same values
-    assert json.loads(b"[" + env.messages_json + b"]") == messages
-    assert json.loads(b"[" + env.tokens_json + b"]") == [t for ids in tokens for t in ids]
-    assert json.loads(b"[" + env.history_tokens_json + b"]") == [list(t) for t in tokens]
-    message_json, token_text = env.last_json
+    assert json.loads(b"[" + history.messages_json + b"]") == messages
+    assert json.loads(b"[" + history.tokens_json + b"]") == [t for ids in tokens for t in ids]
+    assert json.loads(b"[" + history.history_tokens_json() + b"]") == [list(t) for t in tokens]
+    message_json, token_text = history.last()
     assert json.loads(message_json) == messages[-1] and json.loads(b"[" + token_text + b"]") == list(tokens[-1])
     # The views are fresh copies: changing one changes nothing
     env.history_messages[0]["content"] = "changed"
@@ -183,26 +185,29 @@ def test_environment_views_equal_a_plain_python_history():
 
 
 def test_environment_large_last_step_is_sliced_and_equal():
-    env = ChatEnvironment()
+    history = chatenv._WireHistory()
+    env = ChatEnvironment(history=history)
     env.reset()
     big = [65] * (chatenv._LAST_KEPT_BYTES + 1)
     env.step(ChatAction(big))
-    message_json, token_text = env.last_json
+    message_json, token_text = history.last()
     assert json.loads(message_json) == {"role": "assistant", "content": "A" * len(big)}
     assert json.loads(b"[" + token_text + b"]") == big
     env.step(ChatAction([66]))
-    assert env.last_json == (b'{"role":"assistant","content":"B"}', b"66")
+    assert history.last() == (b'{"role":"assistant","content":"B"}', b"66")
 
 
 def test_environment_failed_steps_leave_every_view_unchanged():
-    env = ChatEnvironment(max_episode_tokens=10)
+    history = chatenv._WireHistory()
+    env = ChatEnvironment(max_episode_tokens=10, history=history)
     env.reset(episode_id="e")
     env.step(ChatAction([72, 105]))
-    before = (env.state, env.observation(), bytes(env.messages_json), bytes(env.tokens_json), env.nbytes)
+    before = (env.state, env.observation(), bytes(history.messages_json), bytes(history.tokens_json), history.nbytes)
     for bad in ([72, 4000], [65] * 9):  # the tokenizer refuses an id; the episode would pass its limit
         with pytest.raises(ValueError):
             env.step(ChatAction(bad))
-        assert (env.state, env.observation(), bytes(env.messages_json), bytes(env.tokens_json), env.nbytes) == before
+        assert (env.state, env.observation(), bytes(history.messages_json), bytes(history.tokens_json),
+                history.nbytes) == before
 
 
 # ------------------------------------------------------------------------------
@@ -217,12 +222,12 @@ def test_memory_bound_options_and_accounting_without_sockets():
     with pytest.raises(ValueError, match="max_memory_bytes"):
         ChatServer(max_memory_bytes=-1)
     server = ChatServer(system_prompt="Be brief.", max_memory_bytes=2**20)
-    empty = server._prototype.nbytes
+    empty = server._empty_episode_bytes
     assert empty > 0  # the system prompt is part of every episode
     session = server._new_session()
     assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + empty  # reserved before the env exists
     handle_frame(session, json.dumps({"type": "step", "data": {"tokens": [72, 105]}}))
-    assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + session.env.nbytes
+    assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + session.history.nbytes
     handle_frame(session, '{"type":"reset"}')
     assert server.memory_used == chatenv._SESSION_OVERHEAD_BYTES + empty
     # Named sessions (OpenEnv's MCP) are charged and freed the same way

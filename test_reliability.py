@@ -418,7 +418,7 @@ def test_fuzz_over_a_socket_matches_the_pure_protocol(steps):
     tokenizer = EncodeOnlyTokenizer() if steps == "offloaded" else None
 
     def new_mirror():
-        return Session(lambda: chatenv.ChatEnvironment(tokenizer))
+        return Session(lambda history: chatenv.ChatEnvironment(tokenizer, history=history))
 
     with serve_in_thread(tokenizer) as url:
         assert url.server.offload == (steps == "offloaded")
