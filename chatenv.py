@@ -1260,9 +1260,9 @@ def _openapi_document() -> dict[str, Any]:
 # documented Sans-I/O API (receive_data, events_received, data_to_send and its SEND_EOF,
 # send_*, accept, reject, fail, state, handshake_exc) and, where it says nothing, only
 # what is named here: each with what it is, why chatenv needs it and the first release
-# that has it (the Sans-I/O protocol is 11.0's). test_websockets_pins.py pins them all
-# against the installed websockets; CI runs the in-process tiers on the oldest release
-# pyproject allows and on the newest. Taken as public: an asyncio connection's
+# that has it (the Sans-I/O protocol is 11.0's). test_chatenv.py pins them all
+# against the installed websockets; CI runs the suite on the oldest release pyproject
+# allows and on the newest. Taken as public: an asyncio connection's
 # ``protocol`` and ``close_timeout``, where its documented constructor arguments are kept.
 
 # websockets.protocol.State as plain ints (an IntEnum of these values since 11.0): the hot

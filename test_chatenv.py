@@ -15,10 +15,13 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import enum
+import importlib.metadata
 import inspect
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -31,9 +34,32 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import SEND_EOF, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 import chatenv
+from chatenv import (
+    AsyncChatEnv,
+    ByteTokenizer,
+    ChatAction,
+    ChatEnv,
+    ChatEnvError,
+    ChatEnvironment,
+    ChatObservation,
+    ChatServer,
+    ChatState,
+    EpisodeLostError,
+    Session,
+    StepResult,
+    handle_frame,
+    serve_in_thread,
+    tokens_to_list,
+)
+from chatenv import _AWAIT_CLOSE, _CONNECT, _RETURN, _SEND, _Closed, _ClientCore, _Unsolicited
 from conftest import (
     HERE,
     SHUTDOWN_S,
@@ -50,25 +76,52 @@ from conftest import (
     wait_until,
 )
 from support_chatenv import StallingTokenizer
-from chatenv import (
-    ByteTokenizer,
-    ChatAction,
-    ChatEnv,
-    ChatEnvironment,
-    ChatEnvError,
-    ChatObservation,
-    ChatState,
-    EpisodeLostError,
-    AsyncChatEnv,
-    Session,
-    StepResult,
-    handle_frame,
-    serve_in_thread,
-    tokens_to_list,
-)
 
 # Frames recorded from OpenEnv 0.10.0's own chat_env by record_openenv.py (test_openenv.py reads both releases)
 TRANSCRIPTS = HERE / "recordings" / "openenv-0.10.0.jsonl"
+
+
+# ------------------------------------------------------------------------------
+# The module: __all__ is what the README documents
+# ------------------------------------------------------------------------------
+
+
+def _readme_api_names() -> set[str]:
+    """The names the README's API section lists (the backticked identifiers of its bullets)."""
+    readme = (HERE / "README.md").read_text()
+    section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    bullets = section.split("\n\n")[1]  # the paragraph of bullets after the lead-in
+    return set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)", bullets))
+
+
+def test_all_is_what_the_readme_documents():
+    """__all__ holds exactly what the README's API section lists, and each name exists."""
+    listed = _readme_api_names()
+    for name in chatenv.__all__:
+        assert hasattr(chatenv, name), name
+    assert len(set(chatenv.__all__)) == len(chatenv.__all__)
+    # Every exported name is documented ...
+    assert set(chatenv.__all__) <= listed, set(chatenv.__all__) - listed
+    # ... and every documented name of the module (CamelCase classes, CONSTANTS, functions) is exported
+    public = {name for name in listed if not name.startswith("_") and hasattr(chatenv, name)
+              and not isinstance(getattr(chatenv, name), type(chatenv))}
+    assert public == set(chatenv.__all__), public ^ set(chatenv.__all__)
+    # Names that look like the module's own (ChatX, ALL_CAPS codes) must exist: a README typo fails
+    for name in listed:
+        if re.fullmatch(r"[A-Z][A-Z_]+|Chat\w+|\w+Error", name):
+            assert hasattr(chatenv, name), f"the README documents chatenv.{name}, which does not exist"
+
+
+def test_readme_examples_import_only_exported_names():
+    readme = (HERE / "README.md").read_text()
+    imported = set()
+    for names in re.findall(r"^\s*from chatenv import ([\w, ]+)$", readme, re.M):
+        imported |= {n.strip() for n in names.split(",")}
+    assert imported and imported <= set(chatenv.__all__), imported - set(chatenv.__all__)
+    star: dict[str, object] = {}
+    exec("from chatenv import *", star)
+    assert set(star) - {"__builtins__"} == set(chatenv.__all__)
+    assert "app" not in star  # building it reads the environment and makes a server
 
 
 # ------------------------------------------------------------------------------
@@ -535,6 +588,496 @@ def test_protocol_delta_observations_rebuild_the_full_ones():
 
 
 # ------------------------------------------------------------------------------
+# Protocol: the wire history replies are sent from, and the environments sessions get
+# ------------------------------------------------------------------------------
+
+# The environment keeps its episode in a history it is given; the protocol's is JSON.
+#
+# ``ChatEnvironment`` writes its conversation into a history: its own Python lists
+# (``_History``) by default, or, under a server's session, the ``_WireHistory`` the
+# protocol sends its replies from. These tests pin that both give the same
+# episode, that the wire history's bytes are exactly ``json.dumps`` of it, that
+# its memory account is charged its exact size, and that a server makes each
+# session's environment from explicit arguments (its system prompt tokenized once).
+
+
+def _compact(value) -> bytes:
+    """Compact JSON as UTF-8; text with no UTF-8 form (a lone surrogate) keeps its escapes."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+class TextTokenizer:
+    """Ids are code points: decode() makes any text, quotes, controls and lone surrogates included."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+_TRICKY = ['"', "\\", "\n\t\x00\x1f", "\u00e9\u2028\u2029", "\U0001f600", "\udc80", "</script>", "plain"]
+
+
+def _episode(history=None, **options):
+    """One episode stepped through the environment's public methods; its views."""
+    env = ChatEnvironment(TextTokenizer(), history=history, **options)
+    env.reset(episode_id="e")
+    rng = random.Random(7)
+    for text in _TRICKY + ["".join(rng.choice(_TRICKY) for _ in range(rng.randrange(1, 40))) for _ in range(20)]:
+        env.append_tokens([[ord(c)] for c in text])  # nested: the public method normalises
+    env.step(ChatAction([65, 66]))
+    return env, (env.history_messages, env.history_tokens, env.observation(), env.state,
+                 env.message_count, env.token_count, env.step_count)
+
+
+@pytest.mark.parametrize("system_prompt", [None, 'Be "brief"\n\u00e9'])
+def test_own_history_and_wire_history_hold_the_same_episode(system_prompt):
+    _, plain = _episode(system_prompt=system_prompt)
+    wire = chatenv._WireHistory()
+    _, sent = _episode(wire, system_prompt=system_prompt)
+    assert plain == sent
+    messages, token_lists = plain[0], [list(ids) for ids in plain[1]]
+    assert len(messages) == len(token_lists) == (23 if system_prompt else 22) + 7
+    assert plain[3].history_tokens == token_lists and plain[6] == len(messages) - (1 if system_prompt else 0)
+
+
+def test_wire_history_bytes_are_json_dumps_of_the_episode():
+    wire = chatenv._WireHistory()
+    env, (messages, token_lists, observation, *_) = _episode(wire, system_prompt="sys")
+    assert bytes(wire.messages_json) == b",".join(map(_compact, messages))
+    assert bytes(wire.tokens_json) == _compact(observation.tokens)[1:-1]
+    assert wire.history_tokens_json() == _compact([list(ids) for ids in token_lists])[1:-1]
+    assert wire.last() == (_compact(messages[-1]), b"65,66")
+    assert (wire.messages(), wire.tokens(), wire.token_lists()) == (
+        messages, observation.tokens, [list(ids) for ids in token_lists])
+    assert b'"\\udc80"' in wire.messages_json  # a lone surrogate: no UTF-8 form, so its message keeps the escape
+    assert wire.nbytes == len(wire.messages_json) + len(wire.tokens_json) + 16 * len(messages)
+
+
+def test_protocol_replies_are_the_sessions_wire_history():
+    session = Session(ChatEnvironment)  # made as make_env(history=session.history)
+    reset = handle_frame(session, '{"type":"reset","data":{"episode_id":"e"}}').json()  # now: it holds live buffers
+    assert isinstance(session.history, chatenv._WireHistory) and session.env.history_messages == []
+    step = handle_frame(session, '{"type":"step","data":{"tokens":[72,105]}}')
+    expected = {"messages": [{"role": "assistant", "content": "Hi"}], "tokens": [72, 105]}
+    assert step.data == _compact({"type": "observation", "data": {"observation": {"metadata": {}, **expected},
+                                                                   "reward": None, "done": False}})
+    assert reset["data"]["observation"]["messages"] == []
+    state = handle_frame(session, '{"type":"state"}')
+    assert state.data == _compact({"type": "state", "data": {
+        "episode_id": "e", "step_count": 1, "history_messages": expected["messages"], "history_tokens": [[72, 105]]}})
+
+
+def test_append_ids_takes_flat_ids_and_failures_change_nothing():
+    for history in (None, chatenv._WireHistory()):
+        env = ChatEnvironment(max_episode_tokens=4, history=history)
+        env.reset(episode_id="e")
+        assert env.append_ids([72, 105]) == {"role": "assistant", "content": "Hi"}
+        before = (env.state, env.observation(), env.message_count, env.token_count)
+        for bad in ([72, 4000], [65, 65, 65]):  # the tokenizer refuses an id; the episode would pass 4 tokens
+            with pytest.raises(ValueError):
+                env.append_ids(bad)
+            assert (env.state, env.observation(), env.message_count, env.token_count) == before
+        with pytest.raises(ValueError):
+            env.append_tokens([True])  # append_tokens checks; append_ids trusts its caller
+        assert env.state == before[0]
+
+
+def test_opening_message_json_is_right_for_every_server_and_role():
+    """The wire history writes a server's system message once; servers, prompts and roles never mix."""
+    servers = [ChatServer(system_prompt=p, system_role=r) for p, r in
+               (("A", "system"), ("B", "system"), ("A", "developer"), ("A", "system"))]
+    sessions = [server._new_session() for server in servers for _ in range(2)]
+    for _ in range(2):
+        for session in sessions:
+            frame = handle_frame(session, '{"type":"reset"}').json()
+            server = session.server
+            message = {"role": server.system_role, "content": server.system_prompt}
+            assert frame["data"]["observation"]["messages"] == [message]
+            assert frame["data"]["observation"]["tokens"] == chatenv.message_to_action(message, server.tokenizer).tokens
+
+
+def test_sessions_environments_come_from_the_servers_arguments_tokenized_once():
+    class CountingTokenizer(chatenv.ByteTokenizer):
+        calls = 0
+
+        def apply_chat_template(self, conversation, tokenize=True, **kwargs):
+            CountingTokenizer.calls += 1
+            return super().apply_chat_template(conversation, tokenize=tokenize, **kwargs)
+
+    tokenizer = CountingTokenizer()
+    server = ChatServer(tokenizer, system_prompt="Be brief.", system_role="developer", max_episode_tokens=40)
+    assert CountingTokenizer.calls == 1
+    sessions = [server._new_session() for _ in range(3)]
+    envs = [session.env for session in sessions]
+    for session in sessions:
+        handle_frame(session, '{"type":"reset"}')
+    assert CountingTokenizer.calls == 1  # the prompt is tokenized once, for every session
+    assert len({id(env) for env in envs}) == len({id(s.history) for s in sessions}) == 3
+    for env in envs:
+        assert env.tokenizer is tokenizer and (env.system_prompt, env.system_role) == ("Be brief.", "developer")
+        assert env.max_episode_tokens == 40
+    handle_frame(sessions[0], '{"type":"step","data":{"tokens":[72,105]}}')
+    assert [env.message_count for env in envs] == [2, 1, 1]  # each its own episode
+
+
+def test_wire_history_charges_its_account_exactly_and_a_refusal_changes_nothing():
+    server = ChatServer(system_prompt="Be brief.", max_memory_bytes=chatenv._SESSION_OVERHEAD_BYTES + 600)
+    session = server._new_session()
+    overhead = chatenv._SESSION_OVERHEAD_BYTES
+    assert server.memory_used == overhead + server._empty_episode_bytes  # reserved before the env exists
+    handle_frame(session, '{"type":"reset"}')
+    assert server.memory_used == overhead + session.history.nbytes == overhead + server._empty_episode_bytes
+    steps = 0
+    while True:
+        reply = handle_frame(session, '{"type":"step","data":{"tokens":[72,105,33]}}').json()
+        assert server.memory_used == overhead + session.history.nbytes <= server.max_memory_bytes
+        if reply["type"] == "error":
+            break
+        steps += 1
+    assert reply["data"]["code"] == "EXECUTION_ERROR" and "--max-memory-bytes" in reply["data"]["message"]
+    assert steps > 5 and session.env.step_count == steps and session.history.message_count == steps + 1
+    handle_frame(session, '{"type":"reset"}')
+    assert server.memory_used == overhead + server._empty_episode_bytes
+    server._free_session(session)
+    server._free_session(session)  # twice: nothing given back twice
+    assert server.memory_used == 0
+
+
+def test_a_session_that_cannot_make_its_environment_is_a_session_error_on_every_frame():
+    def broken(history):
+        raise RuntimeError("boom")
+
+    for frame in ('{"type":"reset"}', '{"type":"step","data":{"tokens":[72]}}', '{"type":"state"}'):
+        reply = handle_frame(Session(broken), frame)
+        assert reply.close and reply.json()["data"]["code"] == "SESSION_ERROR", frame
+
+
+def test_own_history_holds_any_id_a_tokenizer_decodes():
+    """Its ids live in a 32-bit array; an id past that moves them to a list, nothing lost."""
+    env = ChatEnvironment(TextTokenizer())
+    env.reset()
+    env.step(ChatAction([72, 105]))
+    with pytest.raises(ValueError):  # chr() refuses it: the step fails, nothing changes
+        env.step(ChatAction([0x110000]))
+    assert (env.token_count, env.message_count, env.history_tokens) == (2, 1, [(72, 105)])
+
+    class WideTokenizer(TextTokenizer):
+        def decode(self, ids, skip_special_tokens=False):
+            return ",".join(map(str, ids))
+
+    wide = ChatEnvironment(WideTokenizer())
+    wide.reset()
+    for ids in ([1, 2], [2**40, 3], [2**70], [4]):
+        wide.step(ChatAction(ids))
+    assert wide.history_tokens == [(1, 2), (2**40, 3), (2**70,), (4,)]
+    assert wide.observation().tokens == [1, 2, 2**40, 3, 2**70, 4] and wide.token_count == 6
+    assert wide.state.history_messages[-2] == {"role": "assistant", "content": str(2**70)}
+
+
+# ------------------------------------------------------------------------------
+# Server: the websockets internals it relies on, pinned on a real handshake
+# ------------------------------------------------------------------------------
+
+# The websockets internals chatenv relies on, pinned against the installed websockets.
+#
+# chatenv's server and clients use websockets' documented Sans-I/O API and, where it
+# says nothing, only the internals named in one block at the start of chatenv's
+# Server section. Each test here drives a real ServerProtocol and ClientProtocol
+# through a real handshake (or a real asyncio connection on loopback) and checks
+# that the internal exists and means what chatenv uses it for; the last test checks
+# that the module reaches no internal except through that block. CI runs these on the
+# oldest websockets pyproject allows as well as the newest.
+
+
+def masked_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client's frame, built by hand (RFC 6455 section 5.2), not by websockets."""
+    mask = os.urandom(4)
+    first = (0x80 if fin else 0) | opcode
+    if len(payload) < 126:
+        head = bytes((first, 0x80 | len(payload)))
+    else:
+        head = bytes((first, 0x80 | 126)) + len(payload).to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def handshake(deflate: bool = False, max_size: int | None = 2**20) -> tuple[ServerProtocol, ClientProtocol]:
+    """A server and a client protocol after a real opening handshake, bytes passed by hand."""
+    server = ServerProtocol(max_size=max_size,
+                            extensions=chatenv._deflate_extensions("server") if deflate else None)
+    client = ClientProtocol(parse_uri("ws://127.0.0.1:1/ws"),
+                            extensions=chatenv._deflate_extensions("client") if deflate else None)
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()))
+    request, = server.events_received()
+    response = server.accept(request)
+    server.send_response(response)
+    assert response.status_code == 101
+    client.receive_data(b"".join(server.data_to_send()))
+    assert client.events_received()[0].status_code == 101
+    assert server.state == State.OPEN and client.state == State.OPEN
+    return server, client
+
+
+# States and opcodes: plain ints on chatenv's hot path
+
+
+def test_the_state_ints_are_websockets_states():
+    assert issubclass(State, enum.IntEnum)
+    ours = (chatenv._CONNECTING, chatenv._OPEN, chatenv._CLOSING, chatenv._CLOSED)
+    assert ours == (State.CONNECTING, State.OPEN, State.CLOSING, State.CLOSED)
+    assert all(type(value) is int for value in ours)
+    assert ServerProtocol().state == chatenv._CONNECTING  # what a new connection compares against
+    server, client = handshake()
+    assert server.state == chatenv._OPEN and client.state == chatenv._OPEN
+    client.send_close(1000)
+    server.receive_data(b"".join(client.data_to_send()))
+    assert server.state == chatenv._CLOSING
+    server.receive_eof()
+    assert server.state == chatenv._CLOSED
+
+
+def test_the_opcode_ints_are_websockets_opcodes():
+    assert issubclass(Opcode, enum.IntEnum)
+    ours = {"CONT": chatenv._OP_CONT, "TEXT": chatenv._OP_TEXT, "BINARY": chatenv._OP_BINARY,
+            "CLOSE": chatenv._OP_CLOSE, "PING": chatenv._OP_PING, "PONG": chatenv._OP_PONG}
+    assert ours == {name: Opcode[name].value for name in ours}
+    assert all(type(value) is int for value in ours.values())
+    server, _ = handshake()
+    server.receive_data(masked_frame(0x1, b"text") + masked_frame(0x9, b"ping"))
+    assert [event.opcode for event in server.events_received()] == [chatenv._OP_TEXT, chatenv._OP_PING]
+
+
+# Frames: masking, whole frames in, events out at once
+
+
+def test_apply_mask_is_websockets_xor_mask_and_its_c_one_when_built():
+    apply_mask = chatenv._apply_mask()
+    data, mask = os.urandom(1000), os.urandom(4)
+    assert apply_mask(data, mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert apply_mask(bytearray(data[:7]), mask) == bytes(b ^ mask[i % 4] for i, b in enumerate(data[:7]))
+    try:
+        from websockets.speedups import apply_mask as c_apply_mask
+    except ImportError:
+        from websockets.utils import apply_mask as python_apply_mask
+
+        assert apply_mask is python_apply_mask
+    else:
+        assert apply_mask is c_apply_mask
+
+
+def test_the_parser_fed_one_whole_frame_at_a_time_holds_nothing_back():
+    """chatenv feeds the protocol whole frames only and reads the next frame's start
+    itself, so the parser must turn each whole frame into its event at once."""
+    server, _ = handshake()
+    frame = masked_frame(0x1, b"x" * 300, fin=False)
+    server.receive_data(frame[:-1])
+    assert server.events_received() == []  # a partial frame is no event
+    server.receive_data(frame[-1:])
+    event, = server.events_received()
+    assert isinstance(event, Frame)
+    assert (event.opcode, event.fin, event.data) == (Opcode.TEXT, False, b"x" * 300)
+    server.receive_data(masked_frame(0x0, b"yz"))
+    event, = server.events_received()
+    assert (event.opcode, event.fin, event.data) == (Opcode.CONT, True, b"yz")
+
+
+# The negotiated extensions
+
+
+def test_extensions_say_whether_data_frames_are_plain():
+    server, client = handshake()
+    assert chatenv._extensions(server) == [] and chatenv._extensions(client) == []
+    server, client = handshake(deflate=True)
+    assert [e.name for e in chatenv._extensions(server)] == ["permessage-deflate"]
+    assert [e.name for e in chatenv._extensions(client)] == ["permessage-deflate"]
+    # ... and with them, a data frame is not plain on the wire: the server cannot read it directly
+    client.send_text(b"a" * 1000)
+    wire = b"".join(client.data_to_send())
+    assert wire[0] & 0x40 and len(wire) < 1000  # RSV1: compressed
+    server.receive_data(wire)
+    assert server.events_received()[0].data == b"a" * 1000
+
+
+# Requests: what the protocol parses, and how
+
+
+def request_head(method: str, extra: bytes = b"") -> bytes:
+    return (f"{method} /health HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + extra + b"\r\n")
+
+
+def test_the_protocol_parses_the_requests_chatenv_gives_it_and_their_method():
+    server = ServerProtocol()
+    server.receive_data(request_head("GET"))
+    request, = server.events_received()
+    assert chatenv._request_method(request) == "GET"
+    server = ServerProtocol()
+    server.receive_data(request_head("HEAD"))
+    parsed = server.events_received()
+    # chatenv hands a HEAD to the protocol exactly when the protocol parses one ...
+    assert (b"H" in chatenv._protocol_request_starts()) == bool(parsed)
+    if parsed:
+        assert chatenv._request_method(parsed[0]) == "HEAD"
+    else:  # ... since before 17.0 it closes on one without an answer
+        assert server.handshake_exc is not None and server.data_to_send() == [SEND_EOF]
+    assert b"G" in chatenv._protocol_request_starts()
+
+
+def test_header_bytes_past_ascii_come_as_latin1_on_every_release():
+    server = ServerProtocol()
+    server.receive_data(request_head("GET", b"Authorization: Bearer \xff\xfetok\r\nX: a\r\nX: \xe9\r\n"))
+    request, = server.events_received()
+    chatenv._latin1_headers(request)
+    assert request.headers.get_all("Authorization") == ["Bearer \xff\xfetok"]
+    assert request.headers.get_all("X") == ["a", "\xe9"]
+    assert request.headers["Authorization"].encode()  # what chatenv's token check does
+    assert [name for name, _ in request.headers.raw_items()] == ["Host", "Authorization", "X", "X"]
+
+
+# The end of stream and the close frames
+
+
+def test_response_bytes_are_the_http_response_on_the_wire():
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    response = Response(404, "Not Found", Headers([("Content-Length", "2")]), b"{}")
+    assert chatenv._response_bytes(response) == b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_eof_sent_is_set_once_a_refused_handshake_is_answered():
+    server = ServerProtocol()
+    assert chatenv._eof_sent(server) is False
+    client = ClientProtocol(parse_uri("ws://127.0.0.1:1/ws"))
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()))
+    server.events_received()
+    server.send_response(server.reject(403, "no\n"))
+    assert chatenv._eof_sent(server) is True
+    assert server.state == chatenv._CONNECTING  # still: what chatenv's data_received checks besides
+    assert server.data_to_send()[-1] == SEND_EOF == b""
+    accepted, _ = handshake()
+    assert chatenv._eof_sent(accepted) is False
+
+
+def test_close_frames_received_sent_and_which_came_first():
+    server, client = handshake()
+    for proto in (server, client):
+        assert chatenv._close_received(proto) is None and chatenv._close_sent(proto) is None
+        assert chatenv._close_received_first(proto) is None
+    client.send_close(4000, "bye")
+    server.receive_data(b"".join(client.data_to_send()))
+    assert chatenv._close_received(server) == Close(4000, "bye")
+    assert chatenv._close_sent(server) == Close(4000, "bye")  # the server's echo
+    assert chatenv._close_received_first(server) is True
+    client.receive_data(b"".join(server.data_to_send()))
+    assert chatenv._close_received(client) == Close(4000, "bye")
+    assert chatenv._close_received_first(client) is False  # the client spoke first
+    assert not chatenv._parser_failed(server) and not chatenv._parser_failed(client)
+
+
+def test_parser_failed_over_a_refused_frame_then_the_protocol_wants_tcp_closed():
+    """What chatenv's server defers: the protocol fails the connection over a frame over
+    max_size, queues its close frame and at once the end of stream, with no close received."""
+    server, _ = handshake(max_size=100)
+    server.receive_data(masked_frame(0x1, b"x" * 101))
+    assert chatenv._parser_failed(server)
+    assert server.state == chatenv._CLOSING and chatenv._close_received(server) is None
+    assert chatenv._close_sent(server).code == 1009
+    writes = server.data_to_send()
+    assert writes[-1] == SEND_EOF and Close.parse(writes[0][2:]).code == 1009
+    # The client's half: its parser fails on a frame over its own max_size the same way
+    client = ClientProtocol(parse_uri("ws://127.0.0.1:1/ws"), max_size=10)
+    client.send_request(client.connect())
+    server = ServerProtocol()
+    server.receive_data(b"".join(client.data_to_send()))
+    server.send_response(server.accept(server.events_received()[0]))
+    client.receive_data(b"".join(server.data_to_send()))
+    server.send_text(b"y" * 11)
+    client.receive_data(b"".join(server.data_to_send()))
+    assert chatenv._parser_failed(client) and chatenv._close_received(client) is None
+    assert client.state == chatenv._CLOSING and chatenv._close_sent(client).code == 1009
+
+
+# The asyncio client's connection
+
+
+def test_an_asyncio_connection_queues_frames_and_drops_at_once_on_its_transport():
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.asyncio.server import serve
+
+    async def main():
+        async def handler(ws):
+            await ws.send("unasked")
+            await ws.wait_closed()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            ws = await connect(f"ws://127.0.0.1:{port}", proxy=None, close_timeout=3.5,
+                               create_connection=chatenv._failing_fast())
+            assert isinstance(ws, ClientConnection) and isinstance(ws.protocol, ClientProtocol)
+            assert ws.close_timeout == 3.5  # AsyncChatEnv.close() shortens it there
+            for _ in range(200):
+                if chatenv._queued_frames(ws):
+                    break
+                await asyncio.sleep(0.01)
+            assert chatenv._queued_frames(ws) == 1  # received, not taken by any recv()
+            assert await ws.recv() == "unasked"
+            assert chatenv._queued_frames(ws) == 0
+            transport = chatenv._transport(ws)
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()
+            await asyncio.wait_for(ws.wait_closed(), 1.0)  # no closing handshake waited for
+            assert chatenv._close_received(ws.protocol) is None and ws.protocol.state == State.CLOSED
+
+    asyncio.run(main())
+
+
+def test_failing_fast_overrides_the_connection_asyncio_calls_with_received_bytes():
+    from websockets.asyncio.client import ClientConnection
+
+    failing_fast = chatenv._failing_fast()
+    assert issubclass(failing_fast, ClientConnection) and issubclass(ClientConnection, asyncio.Protocol)
+    assert "data_received" in vars(failing_fast)
+    assert ClientConnection.data_received is not asyncio.Protocol.data_received  # websockets' own, called by super()
+
+
+# The version, and where the module reaches internals
+
+
+def test_websockets_version_is_the_installed_release_and_at_least_pyproject_floor():
+    installed = importlib.metadata.version("websockets")
+    assert chatenv._websockets_version() == tuple(int(part) for part in installed.split(".")[:2])
+    floor = re.search(r'"websockets>=([0-9.]+)"', (HERE / "pyproject.toml").read_text()).group(1)
+    assert chatenv._websockets_version() >= tuple(int(part) for part in floor.split(".")[:2])
+
+
+def test_the_module_reaches_websockets_internals_only_through_the_named_block():
+    source = (HERE / "chatenv.py").read_text()
+    start = source.index("# websockets internals chatenv relies on")
+    end = source.index("\n_INBOX_LIMIT", start)
+    block, rest = source[start:end], source[:start] + source[end:]
+    internals = re.compile(
+        r"\.(eof_sent|close_rcvd|close_sent|close_rcvd_then_sent|parser_exc|extensions|recv_messages"
+        r"|current_size|reader)\b"
+        r"|\bws\.transport\b|import apply_mask|permessage_deflate import enable_|\.serialize\(\)|\brequest\.method\b")
+    assert sorted({m.group(0) for m in internals.finditer(rest)}) == []
+    for used in ("eof_sent", "close_rcvd", "close_sent", "close_rcvd_then_sent", "parser_exc", "extensions",
+                 "recv_messages", "transport", "apply_mask", "permessage_deflate", "serialize"):
+        assert used in block
+    assert "_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = " in block
+    assert "_CONNECTING, _OPEN, _CLOSING, _CLOSED = " in block
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------------------
 # Server: a real server on a loopback port, raw websockets frames, ASGI, signals
 # ------------------------------------------------------------------------------
 
@@ -901,6 +1444,333 @@ def test_server_signal_closes_sessions_with_1012_and_exits_fast(signum):
         assert "Traceback" not in output and "session closed" in output
     finally:
         _stop_cli(proc)
+
+
+# ------------------------------------------------------------------------------
+# Clients: the core's decisions, pure (a shell's reports in, the plan's actions out)
+# ------------------------------------------------------------------------------
+
+# The client core's decisions, pure: no sockets, no server.
+#
+# Each test plays a shell: it starts a call, reports what a connection would have
+# done (a reply, an error frame, a close, a timeout) and asserts the action the
+# plan answers with, the error it raises and what the session becomes.
+
+
+OBSERVATION = json.dumps({"type": "observation", "data": {
+    "observation": {"messages": [{"role": "assistant", "content": "Hi"}], "tokens": [72, 105]},
+    "reward": None, "done": False}}).encode()
+STATE = json.dumps({"type": "state", "data": {
+    "episode_id": "e", "step_count": 1, "history_messages": [], "history_tokens": []}})
+
+
+def error_frame(code: str, message: str = "no") -> bytes:
+    return json.dumps({"type": "error", "data": {"code": code, "message": message}}).encode()
+
+
+def core_of(urls="http://h:1", **options) -> _ClientCore:
+    return _ClientCore(urls, **options)
+
+
+def reset_call(core, connected=True):
+    call = core.call(core.parse_result, new_episode=True)
+    return call, call.start(connected)
+
+
+def step_call(core, connected=True):
+    call = core.call(core.parse_result, new_episode=False)
+    return call, call.start(connected)
+
+
+def lose_session(core):
+    """A step whose connection the server closed: the episode is lost."""
+    call, _ = step_call(core)
+    with pytest.raises(EpisodeLostError):
+        call.on_failure(_Closed(1001, "bye"))
+
+
+# Replies
+
+
+def test_a_call_sends_on_the_connection_it_has_or_connects_first():
+    core = core_of()
+    assert step_call(core, connected=True)[1] is _SEND
+    assert step_call(core, connected=False)[1] is _CONNECT
+
+
+def test_a_reply_returns_parsed_and_a_reset_makes_a_lost_session_usable():
+    core = core_of(delta=False)
+    lose_session(core)
+    call, action = reset_call(core)
+    assert action is _SEND and call.on_reply(OBSERVATION) is _RETURN
+    assert call.result.observation.tokens == [72, 105]
+    assert core.lost is None
+    call, _ = step_call(core)  # no longer refused before it starts
+    state_call = core.call(core.parse_state, new_episode=False)
+    assert state_call.start(True) is _SEND and state_call.on_reply(STATE) is _RETURN
+    assert state_call.result.episode_id == "e"
+
+
+def test_an_error_frame_the_server_keeps_the_session_after_is_raised_and_the_session_stays():
+    core = core_of()
+    call, _ = step_call(core)
+    with pytest.raises(ChatEnvError) as info:
+        call.on_reply(error_frame(chatenv.VALIDATION_ERROR, "tokens must be ints"))
+    assert info.value.code == chatenv.VALIDATION_ERROR and info.value.message == "tokens must be ints"
+    assert core.lost is None
+    call, _ = step_call(core)
+    with pytest.raises(ChatEnvError) as info:
+        call.on_reply(b"not json")
+    assert info.value.code == chatenv.PROTOCOL_ERROR and core.lost is None
+
+
+def test_a_lost_session_refuses_steps_and_states_before_any_io_but_not_resets():
+    core = core_of()
+    lose_session(core)
+    for parse in (core.parse_result, core.parse_state):
+        with pytest.raises(EpisodeLostError, match="call reset"):
+            core.call(parse, new_episode=False)
+    assert reset_call(core)[1] is _SEND
+
+
+def test_close_loses_the_session_with_no_close_code():
+    core = core_of()
+    core.close()
+    with pytest.raises(EpisodeLostError, match=r"close\(\) ended it") as info:
+        core.call(core.parse_result, new_episode=False)
+    assert info.value.close_code is None
+
+
+# Refusals: error frames the server closes after
+
+
+def test_session_error_awaits_the_close_then_loses_the_session_naming_both():
+    core = core_of()
+    call, _ = step_call(core)
+    assert call.on_reply(error_frame(chatenv.SESSION_ERROR, "broken")) is _AWAIT_CLOSE
+    with pytest.raises(ChatEnvError) as info:
+        call.on_refusal_close(_Closed(1008, "policy"))
+    assert info.value.code == chatenv.SESSION_ERROR
+    why, code = core.lost
+    assert code == 1008 and "1008" in why and "after SESSION_ERROR: 'broken'" in why
+    with pytest.raises(EpisodeLostError) as lost:
+        core.call(core.parse_result, new_episode=False)
+    assert lost.value.close_code == 1008
+
+
+def test_a_refusal_whose_close_never_came_is_lost_without_a_code():
+    core = core_of()
+    call, _ = step_call(core)
+    assert call.on_reply(error_frame(chatenv.SESSION_ERROR)) is _AWAIT_CLOSE
+    with pytest.raises(ChatEnvError):
+        call.on_refusal_close(None)
+    why, code = core.lost
+    assert code is None and why.startswith("the server sent SESSION_ERROR") and why.endswith("closed the session")
+
+
+def test_capacity_on_a_step_is_raised_and_loses_the_session():
+    core = core_of()
+    call, _ = step_call(core)
+    assert call.on_reply(error_frame(chatenv.CAPACITY_REACHED)) is _AWAIT_CLOSE
+    with pytest.raises(ChatEnvError) as info:
+        call.on_refusal_close(_Closed(1013, ""))
+    assert info.value.code == chatenv.CAPACITY_REACHED and core.lost[1] == 1013
+
+
+def test_a_reset_refused_for_room_tries_each_server_once_then_raises_capacity():
+    urls = ["http://a:1", "http://b:1", "http://c:1"]
+    core = core_of(urls)
+    call, action = reset_call(core, connected=False)
+    tried = []
+    while True:
+        assert action is _CONNECT
+        try:
+            ws_url, wait_s = call.next_server()
+        except ChatEnvError as exc:  # a round with no room and no capacity_wait_s: no more rounds
+            assert exc.code == chatenv.CAPACITY_REACHED and exc.message == ws_url
+            break
+        assert wait_s == 0.0
+        tried.append(ws_url)
+        assert core.ws_url == ws_url  # the server in use, for messages and base_url
+        assert call.on_connect() is _SEND
+        assert call.on_reply(error_frame(chatenv.CAPACITY_REACHED, ws_url)) is _AWAIT_CLOSE
+        action = call.on_refusal_close(_Closed(1013, ""))
+    assert sorted(tried) == sorted(chatenv._ws_url(u) for u in urls)
+    assert core.lost is None  # a full server is no lost episode
+
+
+def test_with_capacity_wait_a_full_round_is_followed_by_a_backed_off_one():
+    core = core_of(["http://a:1", "http://b:1"], capacity_wait_s=30)
+    call, _ = reset_call(core, connected=False)
+    waits = []
+    for _ in range(6):  # three rounds of two servers
+        _, wait_s = call.next_server()
+        waits.append(wait_s)
+        call.on_connect()
+        assert call.on_reply(error_frame(chatenv.CAPACITY_REACHED)) is _AWAIT_CLOSE
+        assert call.on_refusal_close(_Closed(1013, "")) is _CONNECT
+    first, second = chatenv._BACKOFF_S[0], 2 * chatenv._BACKOFF_S[0]
+    assert waits[0] == waits[1] == waits[3] == waits[5] == 0.0  # within a round: no pause
+    assert first / 2 <= waits[2] <= first and second / 2 <= waits[4] <= second  # jittered, doubling
+
+
+def test_a_refusal_sent_before_the_reply_is_a_refusal_not_a_protocol_error():
+    core = core_of()
+    call, _ = step_call(core)
+    with pytest.raises(ChatEnvError) as info:
+        call.on_failure(_Unsolicited(error_frame(chatenv.SESSION_ERROR, "idle")))
+    assert info.value.code == chatenv.SESSION_ERROR and core.lost[1] is None
+    call, _ = step_call(core_of())
+    closed = _Closed(1001, "going away", leftover=error_frame(chatenv.SESSION_ERROR, "idle"))
+    with pytest.raises(ChatEnvError) as info:
+        call.on_failure(closed)
+    assert info.value.code == chatenv.SESSION_ERROR and call.core.lost[1] == 1001
+
+
+def test_a_frame_no_request_asked_for_is_a_protocol_error_and_loses_the_session():
+    core = core_of()
+    call, _ = step_call(core)
+    with pytest.raises(ChatEnvError, match="no request asked for") as info:
+        call.on_failure(_Unsolicited(OBSERVATION))
+    assert info.value.code == chatenv.PROTOCOL_ERROR
+    assert core.lost == ("the server sent a frame no request asked for", None)
+
+
+# Closes before the reply
+
+
+def test_a_reset_on_a_reused_connection_the_server_closed_is_sent_again_once_anew():
+    core = core_of()
+    call, _ = reset_call(core, connected=True)
+    assert call.on_failure(_Closed(1001, "idle")) is _CONNECT
+    assert core.lost is None  # nothing is lost yet: the reset goes again
+    call.next_server()
+    assert call.on_connect() is _SEND
+    assert call.on_failure(_Closed(1012, "restart")) is _CONNECT  # the new one closed too: the next server
+    assert core.lost[1] == 1012
+    with pytest.raises(EpisodeLostError, match="1012") as info:  # one server, and it closed: that error
+        call.next_server()
+    assert info.value.close_code == 1012
+
+
+def test_a_step_whose_connection_the_server_closed_loses_the_episode():
+    core = core_of()
+    call, _ = step_call(core)
+    with pytest.raises(EpisodeLostError, match=r"going away") as info:
+        call.on_failure(_Closed(1001, ""))
+    assert info.value.close_code == 1001 and core.lost[1] == 1001
+    call, _ = step_call(core_of())
+    with pytest.raises(EpisodeLostError, match="without a close frame") as info:
+        call.on_failure(_Closed(1006))
+    assert info.value.close_code == 1006
+
+
+@pytest.mark.parametrize("code", sorted(chatenv._BROKEN_CODES))
+def test_this_client_closing_for_a_broken_frame_is_a_protocol_error(code):
+    core = core_of()
+    call, _ = reset_call(core)  # even a reset is not retried: the server broke the protocol
+    with pytest.raises(ChatEnvError, match="broke the WebSocket protocol: bad frame") as info:
+        call.on_failure(_Closed(code, "bad frame", ours=True))
+    assert info.value.code == chatenv.PROTOCOL_ERROR and core.lost[1] == code
+
+
+def test_this_client_closing_for_a_limit_loses_the_episode_even_on_a_reset():
+    core = core_of()
+    call, _ = reset_call(core)
+    with pytest.raises(EpisodeLostError, match="this client closed the connection with 1009") as info:
+        call.on_failure(_Closed(1009, "too big", ours=True))
+    assert info.value.close_code == 1009
+
+
+# Timeouts and interruptions
+
+
+def test_a_timeout_closes_and_loses_the_session_and_says_which_option():
+    core = core_of(message_timeout_s=7)
+    call, _ = step_call(core)
+    with pytest.raises(TimeoutError, match="message_timeout_s=7 s"):
+        call.on_failure(TimeoutError())
+    assert core.lost == ("no reply within message_timeout_s=7 s", None)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interruption_is_raised_as_it_is_and_loses_the_session(interruption):
+    core = core_of()
+    call, _ = reset_call(core)
+    exc = interruption("stop")
+    with pytest.raises(interruption) as info:
+        call.on_failure(exc)
+    assert info.value is exc
+    assert core.lost == (f"a call was interrupted by {interruption.__name__} between its request and its reply",
+                         None)
+
+
+# Connecting
+
+
+def test_servers_that_refuse_connections_are_each_tried_once_then_named_together():
+    core = core_of(["http://a:1", "http://b:1"])
+    call, _ = reset_call(core, connected=False)
+    for _ in range(2):
+        ws_url, _ = call.next_server()
+        assert call.on_connect_error(ConnectionError(f"cannot connect to {ws_url}")) is _CONNECT
+    with pytest.raises(ConnectionError, match=r"ws://(a|b):1/ws; cannot connect to ws://(a|b):1/ws"):
+        call.next_server()
+    one = core_of("http://a:1")
+    call, _ = reset_call(one, connected=False)
+    call.next_server()
+    error = ConnectionError("refused")
+    call.on_connect_error(error)
+    with pytest.raises(ConnectionError) as info:
+        call.next_server()
+    assert info.value is error  # one server: its own error, as it was
+
+
+def test_new_sessions_rotate_over_the_servers():
+    core = core_of(["http://a:1", "http://b:1", "http://c:1"])
+    firsts = []
+    for _ in range(3):
+        call, _ = reset_call(core, connected=False)
+        firsts.append(call.next_server()[0])
+    assert sorted(firsts) == ["ws://a:1/ws", "ws://b:1/ws", "ws://c:1/ws"]
+
+
+# How a close reads
+
+
+def test_the_core_reads_a_close_from_websockets_close_frames():
+    core = core_of(max_message_bytes=100, ping_timeout_s=3)
+    theirs = core.closed(Close(1001, "bye"), Close(1001, "bye"), True, b"x")
+    assert (theirs.code, theirs.reason, theirs.ours, theirs.leftover) == (1001, "bye", False, b"x")
+    ours_first = core.closed(Close(1000, ""), Close(1002, "bad"), False, None)
+    assert (ours_first.code, ours_first.ours) == (1002, True)
+    too_big = core.closed(None, Close(1009, "over"), None, None)
+    assert too_big.ours and too_big.reason == "the server's reply is over this client's max_message_bytes=100 (over)"
+    keepalive = core.closed(None, Close(1011, "keepalive ping timeout"), None, None)
+    assert keepalive.reason == "keepalive: no pong within ping_timeout_s=3 s"
+    other = core.closed(None, Close(1011, "internal"), None, None)
+    assert other.reason == "internal"
+    neither = core.closed(None, None, None, None)
+    assert (neither.code, neither.ours) == (1006, False)
+
+
+# The options, listed once
+
+
+def test_the_options_are_the_cores_keyword_only_ones_shown_on_both_clients():
+    core_params = list(inspect.signature(_ClientCore).parameters.values())
+    names = [p.name for p in core_params[1:]]
+    assert len(names) == 9 and all(p.kind is p.KEYWORD_ONLY for p in core_params[1:])
+    for client in (chatenv.ChatEnv, chatenv.AsyncChatEnv):
+        assert list(inspect.signature(client).parameters.values()) == core_params
+        entries = dict(re.findall(r"^    (\w+): (.*?)(?=^    \w+: |\Z)", inspect.cleandoc(client.__init__.__doc__),
+                                  re.M | re.S))
+        assert list(entries) == ["base_url"] + names  # each option documented, in the signature's order
+        for name in names:
+            if name.endswith("_s"):  # the timeouts (and capacity_wait_s, ping_interval_s)
+                assert "None disables" in " ".join(entries[name].split()), name
+        with pytest.raises(TypeError, match="not_an_option"):
+            client("http://h:1", not_an_option=1)
 
 
 # ------------------------------------------------------------------------------
