@@ -554,7 +554,7 @@ class ChatEnvironment:
 
     def __init__(
         self,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | str | None = None,
         system_prompt: str | None = None,
         system_role: str = "system",
         max_episode_tokens: int | None = None,
@@ -912,7 +912,7 @@ class _RequestError(Exception):
         self.message = message
 
 
-def error_reply(code: str, message: str, close: bool = False, **extra: Any) -> Reply:
+def _error_reply(code: str, message: str, close: bool = False, **extra: Any) -> Reply:
     """An error frame, as OpenEnv shapes it: {"type":"error","data":{message, code}}."""
     data = {"message": message, "code": code, **extra}
     return Reply([_json_bytes({"type": "error", "data": data})], close)
@@ -944,15 +944,15 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
             return Reply([_json_bytes({"type": "mcp", "data": reply})])
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
-        return error_reply(exc.code, exc.message)
+        return _error_reply(exc.code, exc.message)
     except Exception:
         logger.exception("internal error while handling a frame; closing the session")
-        return error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True)
+        return _error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True)
 
 
-def capacity_reply(active: int, limit: int) -> Reply:
+def _capacity_reply(active: int, limit: int) -> Reply:
     """The frame a newcomer gets when the server is full, before the socket closes."""
-    return error_reply(CAPACITY_REACHED, _capacity_text(active, limit), close=True,
+    return _error_reply(CAPACITY_REACHED, _capacity_text(active, limit), close=True,
                        active_sessions=active, max_sessions=limit)
 
 
@@ -1049,7 +1049,7 @@ def _step_reply(session: Session, tokens: list[int]) -> Reply:
     try:
         env.append_ids(tokens)
     except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
-        return error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
+        return _error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history
     if not session.delta:
         return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
@@ -1116,7 +1116,7 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
     return _rpc_error(request_id, _RPC_INTERNAL_ERROR, "Environment does not support MCP")
 
 
-def mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
+def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
     """POST /mcp: parse the body, then answer as ``_mcp_reply`` does."""
     try:
         request = json.loads(body)
@@ -1196,7 +1196,7 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/list_environments":
         return 200, [_ENV_NAME]
     if path == "/mcp":
-        return 200, mcp_http_reply(server, body)
+        return 200, _mcp_http_reply(server, body)
     history = _WireHistory()
     env = server._new_environment(history=history)
     if path == "/state":
@@ -1614,7 +1614,7 @@ class ChatServer:
 
     def __init__(
         self,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | str | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 8000,
@@ -1917,7 +1917,7 @@ class ChatServer:
         if named_id:  # attach to a named session (OpenEnv's HTTP MCP sessions)
             attached = self.attach_named_session(named_id)
             if isinstance(attached, str):
-                return None, None, error_reply(SESSION_ERROR, attached, close=True)
+                return None, None, _error_reply(SESSION_ERROR, attached, close=True)
             self._log.log("session attached", _LOG_LINES_PER_S, logging.INFO, "session attached: %s to %s",
                           peer, _type_text(named_id))
             return attached, named_id, None
@@ -1928,12 +1928,12 @@ class ChatServer:
             self._log.log("refused a session", 1, logging.WARNING,
                           "refused a session from %s: memory bound reached (%d of %d bytes)",
                           peer, self.memory_used, self.max_memory_bytes)
-            return None, None, error_reply(CAPACITY_REACHED, text, close=True, active_sessions=self.active_sessions,
+            return None, None, _error_reply(CAPACITY_REACHED, text, close=True, active_sessions=self.active_sessions,
                                            max_sessions=self.max_sessions)
         if session is None:
             self._log.log("refused a session", 1, logging.WARNING, "refused a session from %s: at capacity (%d/%d)",
                           peer, self.active_sessions, self.max_sessions)
-            return None, None, capacity_reply(self.active_sessions, self.max_sessions)
+            return None, None, _capacity_reply(self.active_sessions, self.max_sessions)
         self._log.log("session opened", _LOG_LINES_PER_S, logging.INFO, "session opened: %s, %d/%d active",
                       peer, self.active_sessions, self.max_sessions)
         return session, None, None
@@ -2049,7 +2049,7 @@ class ChatServer:
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
 
 
-def _tokenizer_name(tokenizer: Any) -> str:
+def _tokenizer_name(tokenizer: Tokenizer) -> str:
     """A tokenizer's model name; of a local path, only its last part (HTTP answers show it)."""
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
     if not isinstance(name, str) or not name:
@@ -2571,7 +2571,7 @@ class _Connection:
             try:
                 frame: Any = data.decode()
             except UnicodeDecodeError:
-                self._reply(error_reply(INVALID_JSON, "Invalid JSON: the text frame is not valid UTF-8"))
+                self._reply(_error_reply(INVALID_JSON, "Invalid JSON: the text frame is not valid UTF-8"))
                 return
         else:
             frame = bytes(data)
@@ -2588,7 +2588,7 @@ class _Connection:
         exc = future.exception()
         if exc is not None:  # handle_frame catches everything it should; this is a bug
             logger.error("step failed outside the protocol", exc_info=exc)
-            self._reply(error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True))
+            self._reply(_error_reply(SESSION_ERROR, "Internal server error; the session is closed", close=True))
         else:
             self._reply(future.result())
 
@@ -2856,7 +2856,7 @@ def _loop_runner(loop: str = "asyncio") -> Any:
     return run
 
 
-def serve(tokenizer: Any = None, workers: int = 1, loop: str = "asyncio", **options: Any) -> None:
+def serve(tokenizer: Tokenizer | str | None = None, workers: int = 1, loop: str = "asyncio", **options: Any) -> None:
     """Run a server until SIGTERM or SIGINT; each session is then closed with 1012, as OpenEnv does.
 
     ``workers`` above 1 forks that many servers onto the one port under a
@@ -3134,7 +3134,7 @@ class serve_in_thread:
     (``http://127.0.0.1:PORT``); leaving the block stops it and its sessions.
     """
 
-    def __init__(self, tokenizer: Any = None, loop: str = "asyncio", **options: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer | str | None = None, loop: str = "asyncio", **options: Any) -> None:
         options.setdefault("host", "127.0.0.1")
         options.setdefault("port", 0)
         self._run_loop = _loop_runner(loop)  # "asyncio" or "uvloop"
@@ -3211,7 +3211,7 @@ class ASGIApp:
     ``app`` takes them from the environment, as ``chatenv serve`` does.
     """
 
-    def __init__(self, tokenizer: Any = None, **options: Any) -> None:
+    def __init__(self, tokenizer: Tokenizer | str | None = None, **options: Any) -> None:
         self._configure = lambda: ChatServer(tokenizer, **options)
         self.server: ChatServer | None = None
 

@@ -567,7 +567,7 @@ def test_protocol_internal_fault_is_a_session_error_that_closes():
 def test_protocol_capacity_reply_matches_openenv():
     cases = {c["case"]: c for c in _transcripts()}
     expected = json.loads(next(c for n, c in cases.items() if n.startswith("second concurrent"))["received"])
-    result = chatenv.capacity_reply(1, 1)
+    result = chatenv._capacity_reply(1, 1)
     assert result.close and result.json() == expected
 
 
