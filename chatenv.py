@@ -5425,7 +5425,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _sessions(text: str) -> int:
+def _at_least_one(text: str) -> int:
     value = _integer(text)
     if value < 1:
         raise ValueError("must be at least 1")
@@ -5449,16 +5449,27 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _compression(text: str) -> str:
-    if text.lower() not in ("none", "deflate"):
-        raise ValueError("must be 'none' or 'deflate'")
-    return text.lower()
+def _choice(*choices: str) -> Any:
+    """A validator taking one of ``choices`` in any case and giving it as spelled here.
+
+    The error lists them: quoted, or bare when upper case (log levels, as logging spells them).
+    """
+    spelled = [c if c.isupper() else repr(c) for c in choices]
+    wanted = f"must be {', '.join(spelled[:-1])} or {spelled[-1]}"
+    by_case = {c.lower(): c for c in choices}
+
+    def validate(text: str) -> str:
+        try:
+            return by_case[text.lower()]
+        except KeyError:
+            raise ValueError(wanted) from None
+
+    return validate
 
 
-def _log_level(text: str) -> str:
-    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return text.upper()
+_compression = _choice("none", "deflate")
+_log_level = _choice("DEBUG", "INFO", "WARNING", "ERROR")
+_loop_name = _choice("asyncio", "uvloop")
 
 
 def _auth_token(text: str) -> str:
@@ -5471,19 +5482,6 @@ def _host(text: str) -> str:
     if not text.strip():  # "" would bind every interface
         raise ValueError("must not be empty")
     return text
-
-
-def _workers(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _loop_name(text: str) -> str:
-    if text.lower() not in ("asyncio", "uvloop"):
-        raise ValueError("must be 'asyncio' or 'uvloop'")
-    return text.lower()
 
 
 def _origin(text: str) -> str:
@@ -5520,14 +5518,14 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "port": (_port, 8000),
     "tokenizer": (_text, None),
     "system_prompt": (_text, None),
-    "max_sessions": (_sessions, 256),
+    "max_sessions": (_at_least_one, 256),
     "max_message_bytes": (_size, 2**24),
     "max_episode_tokens": (_size, 2**20),
     "max_memory_bytes": (_size, 2**31),
     "compression": (_compression, "none"),
     "idle_timeout_s": (_seconds, 0.0),
     "auth_token": (_auth_token, None),
-    "workers": (_workers, 1),
+    "workers": (_at_least_one, 1),
     "loop": (_loop_name, "asyncio"),
     "allow_origins": (_each(_origin), ()),
     "allow_hosts": (_each(_host_allowed), ()),
@@ -5623,7 +5621,7 @@ def _parser() -> Any:
                            "or a model name for transformers [CHATENV_TOKENIZER, TOKENIZER_NAME]")
     serve_cmd.add_argument("--system-prompt",
                            help="first message of every episode [CHATENV_SYSTEM_PROMPT, SYSTEM_PROMPT]")
-    serve_cmd.add_argument("--max-sessions", type=_flag_type(_sessions),
+    serve_cmd.add_argument("--max-sessions", type=_flag_type(_at_least_one),
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
                            "(default: 256)")
     serve_cmd.add_argument("--max-message-bytes", type=sizes,
@@ -5644,7 +5642,7 @@ def _parser() -> Any:
     serve_cmd.add_argument("--auth-token", type=_auth_token_flag,
                            help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
-    serve_cmd.add_argument("--workers", type=_flag_type(_workers),
+    serve_cmd.add_argument("--workers", type=_flag_type(_at_least_one),
                            help="server processes on the one port, each with its own sessions and limits "
                            "(--max-sessions and --max-memory-bytes are per worker), under a supervisor that "
                            "restarts those that die [CHATENV_WORKERS] (default: 1: no fork)")
