@@ -1519,7 +1519,6 @@ class _LogLimiter:
     """
 
     def __init__(self) -> None:
-
         self._clock = time.monotonic
         self.window = self._clock()
         self.kinds: dict[str, list[Any]] = {}  # kind -> [lines logged this window, lines held back, level, last]
@@ -2000,7 +1999,6 @@ class ChatServer:
             self._free_session(entry[0])
 
     def _clock(self) -> float:
-
         return time.monotonic()
 
     def _expire_named_sessions(self) -> None:
@@ -2172,7 +2170,6 @@ class _Connection:
     # asyncio protocol callbacks
 
     def connection_made(self, transport: Any) -> None:
-
         self.transport = transport
         # asyncio's selector transport receives into a fresh 256 KiB bytes per read,
         # which glibc maps and unmaps each time (3 syscalls a request); 64 KiB stays
@@ -2959,7 +2956,6 @@ class _Supervisor:
 
     @staticmethod
     def _now() -> float:
-
         return time.monotonic()
 
     def _close(self) -> None:
