@@ -574,9 +574,17 @@ class ChatEnvironment:
             if system_tokens is None:
                 system_tokens = _tokenize_message(self.tokenizer, {"role": system_role, "content": system_prompt})
             self._first = (system_role, system_prompt, tuple(system_tokens))
-        self._history = _History() if history is None else history
-        self._history.reset(self._first)
         self.episode_id: str | None = None
+        self.use_history(_History() if history is None else history)
+
+    def use_history(self, history: Any) -> None:
+        """Keep the episode in ``history`` (see ``_History``) from now on; it starts anew there.
+
+        What the ``history`` argument does, for an environment made without it: a
+        server's session calls it when its factory takes no ``history``.
+        """
+        self._history = history
+        self._history.reset(self._first)
         self.step_count = 0
 
     def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
@@ -877,7 +885,9 @@ class Session:
 
     ``make_env(history=...)`` makes the environment, over the session's
     ``_WireHistory`` (``ChatEnvironment`` itself, or a ``functools.partial`` of
-    it, will do), so the episode is kept once, as the JSON the replies send.
+    it, will do), so the episode is kept once, as the JSON the replies send; a
+    factory that takes no ``history`` is called bare, and its environment then
+    moved onto the session's history (``use_history``).
     ``server`` is what the protocol asks about the rest of the server (its MCP
     sessions, see ``_mcp_reply``); None for a session on its own. ``account``:
     the server's memory account for this session (``_MemoryAccount``), or None.
@@ -898,8 +908,15 @@ class Session:
     @property
     def env(self) -> ChatEnvironment:
         if self._env is None:
-            self.history = _WireHistory(self.account)
-            self._env = self._make_env(history=self.history)
+            history = _WireHistory(self.account)
+            try:
+                env = self._make_env(history=history)
+            except TypeError as exc:
+                if "history" not in str(exc):
+                    raise
+                env = self._make_env()  # a factory written before history= (lambda: ChatEnvironment(...))
+                env.use_history(history)
+            self.history, self._env = history, env
         return self._env
 
 

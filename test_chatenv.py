@@ -748,6 +748,20 @@ def test_wire_history_charges_its_account_exactly_and_a_refusal_changes_nothing(
     assert server.memory_used == 0
 
 
+def test_a_factory_that_takes_no_history_still_makes_sessions_replying_from_the_wire_history():
+    """``Session(lambda: ChatEnvironment(...))``, as code written before ``history=`` has it."""
+    for make, first in ((lambda: ChatEnvironment(), []),
+                        (lambda: ChatEnvironment(system_prompt="Be brief."), [{"role": "system", "content": "Be brief."}])):
+        session = Session(make)
+        assert reply(session, {"type": "reset"})["data"]["observation"]["messages"] == first
+        observation = reply(session, {"type": "step", "data": {"tokens": [72, 105]}})["data"]["observation"]
+        assert observation["messages"] == first + [{"role": "assistant", "content": "Hi"}]
+        assert isinstance(session.history, chatenv._WireHistory) and session.env._history is session.history
+        assert json.loads(b"[" + session.history.messages_json + b"]") == observation["messages"]
+        state = reply(session, {"type": "state"})["data"]
+        assert state["step_count"] == 1 and state["history_messages"] == observation["messages"]
+
+
 def test_a_session_that_cannot_make_its_environment_is_a_session_error_on_every_frame():
     def broken(history):
         raise RuntimeError("boom")
