@@ -94,6 +94,7 @@ logger = logging.getLogger("chatenv")
 # ------------------------------------------------------------------------------
 
 _MAX_NESTING = 32  # deepest token nesting accepted: [[..]] batches, never trees
+_TOKEN_TYPES = frozenset((int,))  # the one type of a token id (bool is not one), as set(map(type, ids)) has it
 
 
 def _preview(value: Any, limit: int = 64) -> str:
@@ -687,7 +688,6 @@ DELTA_DESYNC = "DELTA_DESYNC"  # a delta observation that does not extend the hi
 _MESSAGE_TYPES = ("reset", "step", "state", "close", "mcp")
 _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
-_INT_ONLY = {int}
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
 _OBS_HEAD = b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
@@ -1034,7 +1034,7 @@ def _step_tokens(message: dict[str, Any]) -> list[int]:
     if "metadata" in data and not isinstance(data["metadata"], dict):
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'metadata' must be an object")
     tokens = data["tokens"]
-    if type(tokens) is list and tokens and set(map(type, tokens)) == _INT_ONLY and min(tokens) >= 0:
+    if type(tokens) is list and tokens and set(map(type, tokens)) == _TOKEN_TYPES and min(tokens) >= 0:
         return tokens  # the common case, checked in C without the general normaliser
     try:
         return tokens_to_list(tokens)
@@ -3380,7 +3380,6 @@ _IDLE_S = 0.1  # a sync client quiet this long is tended by the keepalive thread
 _CLOSE_WAIT_S = 0.1  # close() waits this long for the server's close frame
 _BACKOFF_S = (0.05, 2.0)  # capacity waits: first and largest pause between rounds of tries
 _NO_LIMIT = 2**63  # a max_message_bytes of None
-_INTS = frozenset((int,))  # the only type of a token id (bool is not one)
 
 _CLOSE_MEANINGS = {  # what each close code a chatenv or OpenEnv server sends means for a session
     1000: "closed normally",
@@ -4115,7 +4114,7 @@ def _valid_messages(items: Any) -> bool:
 
 
 def _valid_tokens(items: Any) -> bool:
-    return type(items) is list and set(map(type, items)) <= _INTS
+    return type(items) is list and set(map(type, items)) <= _TOKEN_TYPES
 
 
 def _check_messages(items: list[Any], what: str) -> None:
