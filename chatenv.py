@@ -5430,25 +5430,20 @@ def _integer(text: str) -> int:
         raise ValueError("must be an integer") from None
 
 
-def _port(text: str) -> int:
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port from 0 to 65535 (0: a free one)")
-    return value
+def _integer_in(low: int, high: float, wanted: str) -> Any:
+    """A validator taking an integer from ``low`` to ``high``; ``wanted`` says so when not."""
+    def validate(text: str) -> int:
+        value = _integer(text)
+        if not low <= value <= high:
+            raise ValueError(wanted)
+        return value
+
+    return validate
 
 
-def _at_least_one(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
-
-
-def _size(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise ValueError("must be 0 (no limit) or more")
-    return value
+_port = _integer_in(0, 65535, "must be a TCP port from 0 to 65535 (0: a free one)")
+_at_least_one = _integer_in(1, float("inf"), "must be at least 1")
+_size = _integer_in(0, float("inf"), "must be 0 (no limit) or more")
 
 
 def _seconds(text: str) -> float:
