@@ -4369,20 +4369,27 @@ class _SocketWire:
         except OSError as exc:
             raise self._shut(_Closed(1006, str(exc), leftover=self._leftover())) from None
 
-    def _read_message(self, start: float) -> bytes | bytearray:
-        sock = self.sock
-        timeout = self.core.message_timeout_s
-        deadline = None if timeout is None else start + timeout
+    def _receive(self, read: Any, into: Any, deadline: float | None) -> Any:
+        """``read(into)`` (the socket's recv or recv_into) during a call: a wait for nothing
+        is keepalive until ``deadline``, a dead socket or the end of stream ends the session."""
         while True:
             try:
-                data = sock.recv(_CLIENT_READ_BYTES)
+                got = read(into)
             except TimeoutError:
                 self._waited(deadline)
                 continue
             except OSError as exc:
                 raise self._shut(_Closed(1006, str(exc))) from None
-            if not data:
+            if not got:
                 raise self._eof()
+            return got
+
+    def _read_message(self, start: float) -> bytes | bytearray:
+        recv = self.sock.recv
+        timeout = self.core.message_timeout_s
+        deadline = None if timeout is None else start + timeout
+        while True:
+            data = self._receive(recv, _CLIENT_READ_BYTES, deadline)
             if not self.buffer:
                 # The hot path: the reply is one whole, final, unmasked text frame
                 if data[0] == 0x81:
@@ -4473,18 +4480,9 @@ class _SocketWire:
         payload[:got] = self.buffer[head:]
         self.buffer = b""
         view = memoryview(payload)[got:]
-        sock = self.sock
+        recv_into = self.sock.recv_into
         while view:
-            try:
-                count = sock.recv_into(view)
-            except TimeoutError:
-                self._waited(deadline)
-                continue
-            except OSError as exc:
-                raise self._shut(_Closed(1006, str(exc))) from None
-            if not count:
-                raise self._eof()
-            view = view[count:]
+            view = view[self._receive(recv_into, view, deadline):]
         return payload
 
     def _protocol_frame(self, frame: Any, idle: bool) -> Any:
