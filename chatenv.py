@@ -1273,115 +1273,95 @@ def _openapi_document() -> dict[str, Any]:
 # Server: asyncio transports driving websockets' Sans-I/O protocol
 # ------------------------------------------------------------------------------
 
-# websockets internals chatenv relies on. The server and both clients drive websockets'
-# documented Sans-I/O API (receive_data, events_received, data_to_send and its SEND_EOF,
-# send_*, accept, reject, fail, state, handshake_exc) and, where it says nothing, only
-# what is named here: each with what it is, why chatenv needs it and the first release
-# that has it (the Sans-I/O protocol is 11.0's). test_chatenv.py pins them all
-# against the installed websockets; CI runs the suite on the oldest release pyproject
-# allows and on the newest. Taken as public: an asyncio connection's
-# ``protocol`` and ``close_timeout``, where its documented constructor arguments are kept.
+# websockets, through its documented API only: the Sans-I/O ServerProtocol (receive_data,
+# receive_eof, events_received, data_to_send, send_*, fail, accept, reject, send_response,
+# state, close_exc, close_expected), the permessage-deflate factories, the data structures
+# (Frame, Opcode, Close, Request, Response, Headers) and the asyncio client. What it does not
+# offer is done here, in the I/O shell, from documented facts. test_chatenv.py checks this
+# module's source against the list of names it may reach (WEBSOCKETS_NAMES there).
 
-# websockets.protocol.State as plain ints (an IntEnum of these values since 11.0): the hot
-# path compares states without importing websockets with chatenv
-_CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
-# websockets.frames.Opcode as plain ints (an IntEnum of RFC 6455's values since 10.0), likewise
-_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+# websockets' State and Opcode members, bound by _bind_websockets() on first use so that
+# `import chatenv` does not import websockets; the hot path compares them by identity
+_CONNECTING: Any = None
+_OPEN: Any = None
+_CLOSING: Any = None
+_CLOSED: Any = None
+_OP_CONT: Any = None
+_OP_TEXT: Any = None
+_OP_BINARY: Any = None
+_OP_CLOSE: Any = None
+_OP_PING: Any = None
+_OP_PONG: Any = None
+
+
+@functools.cache
+def _bind_websockets() -> None:
+    """Bind the State and Opcode members above (websockets.protocol.State, websockets.frames.Opcode)."""
+    global _CONNECTING, _OPEN, _CLOSING, _CLOSED, _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG
+    from websockets.frames import Opcode
+    from websockets.protocol import State
+
+    _CONNECTING, _OPEN, _CLOSING, _CLOSED = State.CONNECTING, State.OPEN, State.CLOSING, State.CLOSED
+    _OP_CONT, _OP_TEXT, _OP_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+    _OP_CLOSE, _OP_PING, _OP_PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+
+
+def _deflate_extensions(side: str) -> list[Any]:
+    """permessage-deflate for "server" or "client", from the documented factory with the
+    memory-saving settings websockets itself defaults to (4 KiB windows, memLevel 5)."""
+    from websockets.extensions import permessage_deflate
+
+    factory = (permessage_deflate.ServerPerMessageDeflateFactory if side == "server"
+               else permessage_deflate.ClientPerMessageDeflateFactory)
+    return [factory(server_max_window_bits=12, client_max_window_bits=12, compress_settings={"memLevel": 5})]
+
+
+def _close_code(exc: Any) -> int:
+    """The code a session ended with, from a ConnectionClosed's close frames: the peer's,
+    else ours (we failed it), else 1006 (no close frame at all)."""
+    if exc.rcvd is not None:
+        return exc.rcvd.code
+    return exc.sent.code if exc.sent is not None else 1006
+
+
+# Undocumented names the sync client's _SocketWire still reaches (moving onto ClientProtocol's
+# documented API on branch client-bounds): delete with their last use; test_chatenv.py lists
+# them as pending (SYNC_CLIENT_PENDING), so nothing else may use them
 
 
 def _apply_mask() -> Any:
-    """websockets.frames.apply_mask, not exported (since 10.0): speedups' C masking when built,
-    for the frames the server and ChatEnv read and write directly."""
+    """websockets.frames.apply_mask, not exported."""
     from websockets.frames import apply_mask
 
     return apply_mask
 
 
-def _deflate_extensions(side: str) -> Any:
-    """enable_{side}_permessage_deflate(None), exported, undocumented (since 10.0): permessage-deflate
-    with websockets' memory-saving settings, for "server" or "client"."""
-    from websockets.extensions import permessage_deflate
-
-    return getattr(permessage_deflate, f"enable_{side}_permessage_deflate")(None)
-
-
-def _request_method(request: Any) -> str:
-    """Request.method (since 17.0): before it, the protocol parsed GET requests only."""
-    return getattr(request, "method", "GET")
-
-
-@functools.cache
-def _protocol_request_starts() -> tuple[bytes, ...]:
-    """The first bytes of the requests the protocol parses: GET, and HEAD since 17.0 (before, it
-    closed on a HEAD without an answer); chatenv reads every other request itself."""
-    return (b"G", b"H") if _websockets_version() >= (17, 0) else (b"G",)
-
-
-def _latin1_headers(request: Any) -> None:
-    """Header values as websockets decodes them since 17.0, latin-1: before, bytes past ASCII came
-    as surrogate escapes, which no encode() takes; re-decoded in place (Request is a dataclass)."""
-    raw = list(request.headers.raw_items())
-    if any(not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value) for _, value in raw):
-        request.headers = type(request.headers)(
-            [(name, value.encode("ascii", "surrogateescape").decode("latin-1")) for name, value in raw])
-
-
-def _response_bytes(response: Any) -> bytes:
-    """websockets.http11.Response.serialize(), not in the docs (since 10.0): the bytes of the plain
-    HTTP answers written without the protocol."""
-    return response.serialize()
-
-
-def _eof_sent(proto: Any) -> bool:
-    """Protocol.eof_sent (since 11.0): a refused handshake is answered, so what follows is not read."""
-    return proto.eof_sent
-
-
 def _extensions(proto: Any) -> list[Any]:
-    """Protocol.extensions (since 11.0): the negotiated extensions; none: data frames are plain,
-    read and written directly."""
+    """Protocol.extensions, undocumented: the negotiated extensions."""
     return proto.extensions
 
 
 def _close_received(proto: Any) -> Any:
-    """Protocol.close_rcvd (since 11.0): the peer's Close or None, known before the state is CLOSED
-    (the public close_code is not)."""
+    """Protocol.close_rcvd, undocumented: the peer's Close or None."""
     return proto.close_rcvd
 
 
 def _close_sent(proto: Any) -> Any:
-    """Protocol.close_sent (since 11.0): our Close or None; why the protocol failed a connection."""
+    """Protocol.close_sent, undocumented: our Close or None."""
     return proto.close_sent
 
 
 def _close_received_first(proto: Any) -> bool | None:
-    """Protocol.close_rcvd_then_sent (since 11.0): whether the peer closed first (None: not both yet)."""
+    """Protocol.close_rcvd_then_sent, undocumented: whether the peer closed first."""
     return proto.close_rcvd_then_sent
 
 
-def _parser_failed(proto: Any) -> bool:
-    """Protocol.parser_exc is set (since 11.0): the protocol failed the connection over a frame."""
-    return proto.parser_exc is not None
-
-
-def _queued_frames(ws: Any) -> int:
-    """How many frames an asyncio connection holds for recv(): ``recv_messages.frames`` (since 13.0;
-    0 where absent), so AsyncChatEnv sees a frame no request asked for."""
-    frames = getattr(getattr(ws, "recv_messages", None), "frames", None)
-    return len(frames) if frames is not None else 0
-
-
-def _transport(ws: Any) -> Any:
-    """An asyncio connection's transport (since 13.0): aborted to drop it without a closing handshake."""
-    return ws.transport
-
-
 def _websockets_version() -> tuple[int, int]:
-    """websockets.version.version as (major, minor) (since 10.0): the tests' sync client takes
-    ``legacy`` from 17.1 on."""
-    from websockets.version import version
+    """The installed websockets release as (major, minor), from its distribution's metadata:
+    the tests' sync client takes ``legacy`` from 17.1 on."""
+    from importlib.metadata import version
 
-    major, minor = version.split(".")[:2]
+    major, minor = version("websockets").split(".")[:2]
     return int(major), int(minor)
 
 
@@ -1399,17 +1379,6 @@ _LOG_LINES_PER_S = 20  # lines a second of one kind about sessions (opened, clos
 _CLOSE_PROTOCOL_ERROR, _CLOSE_TOO_BIG, _CLOSE_TRY_AGAIN = 1002, 1009, 1013
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
-
-
-def _frame_header(length: int) -> bytes:
-    """The header of one unmasked, final text frame (RFC 6455 section 5.2)."""
-    import struct
-
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 65536:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)
 
 
 def _authorized(headers: Any, token: str) -> bool:
@@ -1620,9 +1589,9 @@ class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
     It drives websockets' Sans-I/O protocol from asyncio transports directly:
-    no long-lived task or thread per connection; whole request frames are read
-    without the protocol's parser, and each loop turn's replies are written
-    together, one frame each (a large one a chunk a turn). It accepts from its
+    no long-lived task or thread per connection; every frame goes through the
+    protocol, and each loop turn's replies are written together, one frame each
+    (a large one a chunk a turn). It accepts from its
     listening sockets itself, counting every connection from its first byte.
     Embedded-tokenizer steps run inline; any other tokenizer runs in a thread
     pool, so a slow tokenizer never stalls other sessions or pings.
@@ -1739,8 +1708,7 @@ class ChatServer:
 
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._unmask = _apply_mask()
-        self._frame_limit = self.max_message_bytes if self.max_message_bytes is not None else 1 << 64
+        _bind_websockets()
         # websockets' memory-saving deflate settings (smaller windows) when compressing
         self._extensions = _deflate_extensions("server") if self.compression else None
         descriptors = _raise_fd_limit()
@@ -2080,7 +2048,7 @@ class _LargeReply:
     __slots__ = ("pieces", "index", "offset", "started")
 
     def __init__(self, pieces: list[bytes]) -> None:
-        # Its frame header (plain frames only) and payload parts, as the protocol made them
+        # Its frame as the protocol made it or, compressed, its payload parts
         self.pieces = pieces
         # Where the next chunk starts: pieces[index][offset:]
         self.index = self.offset = 0
@@ -2089,13 +2057,12 @@ class _LargeReply:
 
 
 class _Connection:
-    """One TCP connection: frames its bytes, feeds the Sans-I/O protocol, runs the session.
+    """One TCP connection: feeds its bytes to the Sans-I/O protocol, runs the session.
 
     It lives in two phases. The handshake phase reads the request head (bounded in
-    total), answers plain HTTP requests itself and hands the upgrade to websockets'
-    protocol. The frame phase splits the bytes into frames: whole plain data frames
-    are read here directly, everything else goes to the protocol, a whole frame at a
-    time. Replies are queued during a loop turn and flushed by the server at the next.
+    total), answers plain HTTP requests itself and hands a GET of /ws to websockets'
+    protocol. The frame phase feeds every byte to the protocol and acts on the frames
+    it parses. Replies are queued during a loop turn and flushed by the server at the next.
     """
 
     def __init__(self, server: ChatServer) -> None:
@@ -2103,8 +2070,7 @@ class _Connection:
 
         # The server: its limits, clock and the loop turn's flush
         self.server = server
-        # websockets' Sans-I/O protocol: the handshake, control frames, compressed and
-        # malformed frames, the closing handshake; never fed a partial frame
+        # websockets' Sans-I/O protocol: the handshake, every frame, the closing handshake
         self.proto = ServerProtocol(
             max_size=server.max_message_bytes,
             extensions=server._extensions,
@@ -2115,9 +2081,9 @@ class _Connection:
         # The client's address as "host:port", for the log
         self.peer = "?"
 
-        # Handshake phase. The last three bytes of the request head so far: its end,
-        # "\r\n\r\n", may straddle two reads
-        self.head_overlap = b""
+        # Handshake phase. The request head so far while it may be a WebSocket upgrade
+        # (None: a plain HTTP request, read by _receive_http_request, or handed on)
+        self.head: bytearray | None = bytearray()
         # Bytes of the request line and headers so far: at most _HTTP_HEAD_BYTES
         self.head_bytes = 0
         # A plain HTTP request with a body, as read so far; once answered, an empty
@@ -2131,18 +2097,14 @@ class _Connection:
         # Requests answered, for the log line when the session closes
         self.requests = 0
 
-        # Frame phase. No extension was negotiated: data frames are plain, read and
-        # written here directly rather than by the protocol
-        self.plain_frames = False
-        # The start of a frame not whole yet
-        self.partial_frame: bytearray | None = None
-        # The bytes partial_frame must hold to be whole (0: its header is not whole yet)
-        self.partial_frame_bytes = 0
-        # Bytes of a refused frame's payload still to come, discarded as they arrive
-        self.discard_bytes = 0
+        # Frame phase. Whether permessage-deflate was negotiated
+        self.compressed = False
+        # At most this many bytes fed to the protocol are not parsed yet (a frame not whole):
+        # counted from the frames it parses (see _receive_frames)
+        self.pending = 0
         # A fragmented message so far, its opcode, and the frames it came in
         self.fragments: bytearray | None = None
-        self.fragment_opcode = _OP_TEXT
+        self.fragment_opcode: Any = None
         self.fragment_count = 0
         # Bytes of incomplete messages held here: this connection's part of max_buffered_bytes
         self.held_bytes = 0
@@ -2164,13 +2126,8 @@ class _Connection:
         # When the transport asked us to stop writing (None: writing)
         self.write_paused_at: float | None = None
 
-        # Closing. Our close frame is out (or the protocol failed the connection): what
-        # the client sends before its close frame is discarded
-        self.awaiting_close = False
-        # The protocol failed the connection and would close TCP now; that waits for the
-        # client's close frame instead (see _queue_protocol_output)
-        self.eof_deferred = False
-        # Our last word is queued: the end of stream follows the writes before it ...
+        # Closing. Our last word is queued: the end of stream follows the writes before
+        # it, and what the client sends from then on is discarded unread ...
         self.eof_queued = False
         # ... and is written: the TCP connection is half-closed
         self.eof_written = False
@@ -2188,13 +2145,6 @@ class _Connection:
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        # asyncio's selector transport receives into a fresh 256 KiB bytes per read,
-        # which glibc maps and unmaps each time (3 syscalls a request); 64 KiB stays
-        # on the heap. An attribute of that transport only; uvloop's has none.
-        try:
-            transport.max_size = _READ_BYTES
-        except AttributeError:
-            pass
         self.inbox = collections.deque()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -2203,14 +2153,13 @@ class _Connection:
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        proto = self.proto
         self.last_rx = self.server._loop.time()
         if self.eof_queued:
             return  # we have said our last word; the rest is discarded until the client closes
-        state = proto.state
-        if state == _OPEN or state == _CLOSING:
+        state = self.proto.state
+        if state is _OPEN or state is _CLOSING:
             self._receive_frames(data)
-        elif state == _CONNECTING and not _eof_sent(proto):
+        elif state is _CONNECTING:
             self._receive_head(data)
         if self.inbox and not self.offloaded and not self.drain_scheduled:
             self._drain()
@@ -2220,22 +2169,20 @@ class _Connection:
         self._queue_protocol_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        server = self.server
+        server, proto = self.server, self.proto
         server._connections.discard(self)
         server._handshakes.pop(self, None)
         if self.held_bytes:
             server._buffered_bytes -= self.held_bytes
             self.held_bytes = 0
-        self.partial_frame = self.fragments = self.http_body = self.large_reply = None
+        self.head = self.fragments = self.http_body = self.large_reply = None
         if server._accept_paused:  # a descriptor is free
             server._retry_accepting(0)
         if self.session is not None:
-            received, sent = _close_received(self.proto), _close_sent(self.proto)
-            code = received.code if received else 1006
-            if sent is not None and received is None:
-                code = sent.code
-            server._close_session(self.session, self.named_id, self.peer, code, self.requests,
-                                  server._loop.time() - self.opened_at)
+            if proto.state is not _CLOSED:  # the stream ended without its EOF: closed now
+                proto.receive_eof()
+            server._close_session(self.session, self.named_id, self.peer, _close_code(proto.close_exc),
+                                  self.requests, server._loop.time() - self.opened_at)
             self.session = self.named_id = None
         if self.inbox:
             self.inbox.clear()
@@ -2254,56 +2201,52 @@ class _Connection:
     # Handshake phase: the request head, a plain HTTP request, the upgrade
 
     def _receive_head(self, data: bytes) -> None:
-        """Bytes before the protocol has answered the request: the head of a WebSocket
-        upgrade or of a GET/HEAD, which go to the protocol, or a request with a body."""
-        if self.http_body is not None or (not self.head_bytes and data[:1] not in _protocol_request_starts()):
-            # A request with a body (OpenEnv's POST /reset, /step, /mcp), which the
-            # WebSocket handshake parser would refuse with no answer at all (and a HEAD
-            # before websockets 17.0)
+        """Bytes before the protocol has answered the request. chatenv reads the request
+        line itself: a GET of /ws goes to the protocol once its head is whole (and
+        ASCII), so no release's take on other methods or on bytes past ASCII matters;
+        every other request is read and answered here (_receive_http_request)."""
+        head = self.head
+        if head is None:
             self._receive_http_request(data)
+            return
+        start = max(0, len(head) - 3)
+        head += data
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            if len(head) > _HTTP_HEAD_BYTES:
+                self._refuse_head()
+            return
+        method, _, rest = bytes(head[:line_end]).partition(b" ")
+        if method != b"GET" or rest.partition(b" ")[0].partition(b"?")[0] != b"/ws":
+            self.head = None  # a plain HTTP request (OpenEnv's POST /reset, /step, /mcp, a probe)
+            self._receive_http_request(bytes(head))
             return
         # A client must wait for the 101 before sending frames (RFC 6455 4.1); one that
         # pipelines them still gets the 101 first: feed the request alone, then the rest.
         # The request is bounded in total, not only per line as websockets bounds it
-        window = self.head_overlap + data
-        end = window.find(b"\r\n\r\n")
-        split = len(data) if end < 0 else end + 4 - len(self.head_overlap)
-        self.head_bytes += split
-        if self.head_bytes > _HTTP_HEAD_BYTES:
-            self._refuse_head()
+        end = head.find(b"\r\n\r\n", start)
+        if end < 0 or end + 4 > _HTTP_HEAD_BYTES:
+            if len(head) > _HTTP_HEAD_BYTES:
+                self._refuse_head()
             return
-        if end < 0:
-            self.head_overlap = window[-3:]
-        elif split < len(data):
-            self._feed_request(data[:split])
-            if not self.transport.is_closing():
-                self.data_received(data[split:])  # frames, or what a refused request is followed by
+        request, rest = bytes(head[:end + 4]), bytes(head[end + 4:])
+        self.head = None
+        if not request.isascii():  # header values past ASCII: no upgrade header needs them
+            self._answer_http(400, {"detail": "Bad Request: the upgrade request's head is not ASCII"})
             return
-        self._feed_request(data)
-
-    def _feed_request(self, data: bytes) -> None:
-        """Feed request-head bytes (never more) to the protocol; answer the request once whole."""
         proto = self.proto
-        proto.receive_data(data)
-        for request in proto.events_received():
-            self._answer_request(request)
+        proto.receive_data(request)
+        for event in proto.events_received():
+            self._answer_request(event)
         self._queue_protocol_output()
+        if rest and not self.transport.is_closing():
+            self.data_received(rest)  # frames, or what a refused request is followed by
 
     def _answer_request(self, request: Any) -> None:
-        """Answer a whole request head: a plain GET or HEAD, or a WebSocket upgrade (accepted
-        or refused); once accepted, the connection is in the frame phase, with a session."""
+        """Answer a WebSocket upgrade's request (accepted or refused); once accepted, the
+        connection is in the frame phase, with a session."""
         server, proto = self.server, self.proto
-        _latin1_headers(request)
-        path, _, query = request.path.partition("?")
-        if path != "/ws":
-            method = _request_method(request)
-            refusal = server._http_refusal(method, request.headers, self.peer)
-            if refusal is not None:
-                status, body = refusal[0], {"detail": refusal[1].strip()}
-            else:
-                status, body = http_reply(server, method, path)
-            proto.send_response(_http_response(status, body, head=method == "HEAD"))
-            return
+        query = request.path.partition("?")[2]
         refusal = server._handshake_refusal(request.headers, self.peer)
         if refusal is not None:
             status, text, headers = refusal
@@ -2322,7 +2265,7 @@ class _Connection:
         proto.send_response(response)
         if response.status_code != 101:
             return
-        self.plain_frames = not _extensions(proto)
+        self.compressed = "Sec-WebSocket-Extensions" in response.headers
         self.opened_at = self.last_message = server._loop.time()
         self.session, self.named_id, refused = server._open_session(query, self.peer)
         if refused is not None:
@@ -2388,147 +2331,70 @@ class _Connection:
         """Answer a request ourselves (not through the protocol) and end the stream."""
         self.http_body = bytearray()  # what the client sends from now on is discarded
         self._count_held()
-        self._queue_write(_response_bytes(_http_response(status, body, head)))
+        self._queue_write(_http_response(status, body, head))
         self._queue_eof()
 
-    # Frame phase: frames split from the bytes, plain data frames read here directly
+    # Frame phase: every byte to the protocol, the frames it parses acted on here
 
     def _receive_frames(self, data: Any) -> None:
-        """Split the incoming bytes into frames and act on each whole one.
+        """Feed the bytes to the protocol and act on the frames it parses.
 
-        The hot path: a request is one whole, masked, final data frame, read here
-        directly. The protocol's parser gets only whole frames (control frames,
-        every frame of a compressed connection, anything malformed), so a frame over
-        the limit is refused from its header and its payload discarded as it comes
-        in, never buffered; so is everything between our close frame and the client's.
+        The protocol refuses a frame over max_message_bytes from its header and
+        discards the rest; what it holds meanwhile (a frame not whole yet) is counted
+        here from documented facts, each frame's payload and its header's least size,
+        against max_buffered_bytes; fragments are counted as frames.
         """
-        slow = self.discard_bytes or self.partial_frame is not None
-        if slow:
-            if self.discard_bytes:
-                if len(data) <= self.discard_bytes:
-                    self.discard_bytes -= len(data)
-                    return
-                data, self.discard_bytes = data[self.discard_bytes:], 0
-            if self.partial_frame is not None:
-                self.partial_frame += data
-                if len(self.partial_frame) < self.partial_frame_bytes:
-                    self._count_held()
-                    return
-                data, self.partial_frame = self.partial_frame, None
-        pos, size, need, top = 0, len(data), 0, self.server._frame_limit
-        # fast: whole, final, uncompressed text or binary frames go straight to the inbox
-        fast = self.plain_frames and not self.awaiting_close and self.fragments is None
-        while size - pos >= 2:
-            first, second = data[pos], data[pos + 1]
-            length, head = second & 0x7F, pos + 2
-            if length >= 126:
-                width = 2 if length == 126 else 8
-                if size - head < width:
-                    break
-                length = int.from_bytes(data[head:head + width], "big")
-                head += width
-            mask = head
-            if second & 0x80:
-                head += 4
-                end = head + length
-                if fast and end <= size and length <= top and (first == 0x81 or first == 0x82):
-                    self._enqueue(first & 0x0F, self.server._unmask(data[head:end], data[mask:head]))
-                    pos = end
-                    continue
-            else:
-                end = head + length
-            slow, opcode, limit = True, first & 0x0F, self.server.max_message_bytes
-            refused = self.awaiting_close and opcode != _OP_CLOSE
-            if opcode >= 8 and length > 125:
-                self._fail(_CLOSE_PROTOCOL_ERROR, "control frame too long")
-                refused = True
-            elif opcode < 8 and limit is not None and not self.awaiting_close:
-                if length + (len(self.fragments) if opcode == _OP_CONT and self.fragments is not None else 0) > limit:
-                    self._fail(_CLOSE_TOO_BIG, f"message over the server's limit of {limit} bytes")
-                    refused = True
-            if refused:  # discarded, what has come of it and what is still to come
-                fast = False
-                if end > size:
-                    self.discard_bytes, pos = end - size, size
-                    break
-                pos = end
-                continue
-            if end > size:
-                need = end - pos
-                break
-            if self.awaiting_close:  # the client's close frame: the closing handshake is done
-                if not self.eof_deferred:
-                    self._feed_frame(data[pos:end])
-                if not self.eof_queued:
-                    self._queue_eof()
-                pos = end
-                break
-            if self.plain_frames and opcode <= _OP_BINARY and not first & 0x70 and second & 0x80:
-                self._fragment(opcode, first & 0x80, self.server._unmask(data[head:end], data[mask:head]))
-            else:
-                self._feed_frame(data[pos:end])
-                if opcode == _OP_CLOSE and self.eof_deferred and not self.eof_queued:
-                    self._queue_eof()  # a close frame the protocol refused is still the client's last word
-            pos = end
-            if self.eof_queued:
-                break
-            fast = self.plain_frames and not self.awaiting_close and self.fragments is None
-        if pos < size:
-            slow = True
-            if not self.eof_queued and not self.discard_bytes:
-                self.partial_frame, self.partial_frame_bytes = bytearray(data[pos:]), need
-        if slow:
-            self._count_held()
-            if self.inbox:  # a large request may have come whole: then one at a time
-                self._update_reading()
-
-    def _fragment(self, opcode: int, fin: int, payload: bytes) -> None:
-        """One frame of a fragmented message (uncompressed: the parser handles compressed ones)."""
-        if opcode == _OP_CONT:
-            if self.fragments is None:
-                self._fail(_CLOSE_PROTOCOL_ERROR, "unexpected continuation frame")
-                return
-            self.fragments += payload
-            self.fragment_count += 1
-            if fin:
-                message, self.fragments = self.fragments, None
-                self._enqueue(self.fragment_opcode, message)
-            elif self.fragment_count >= _MAX_FRAGMENTS:
-                self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
-        elif self.fragments is not None:
-            self._fail(_CLOSE_PROTOCOL_ERROR, "expected a continuation frame")
-        elif fin:
-            self._enqueue(opcode, payload)
-        else:
-            self.fragments, self.fragment_opcode, self.fragment_count = bytearray(payload), opcode, 1
-
-    def _feed_frame(self, frame: bytes) -> None:
-        """Feed one whole frame to the protocol; act on what it parsed."""
         proto = self.proto
-        proto.receive_data(frame)
-        for event in proto.events_received():
-            opcode = event.opcode
-            if opcode == _OP_TEXT or opcode == _OP_BINARY:
+        proto.receive_data(data)
+        events = proto.events_received()
+        plain = not self.compressed
+        parsed = first = 0  # least bytes the parsed frames took; of them, the first one's
+        control = False
+        for event in events:
+            payload, opcode = event.data, event.opcode
+            size = len(payload) if plain else 0  # compressed: its bytes on the wire are unknown
+            size += 6 if size < 126 else 8 if size < 65536 else 14  # a masked frame's header
+            parsed += size
+            if not first:
+                first = size
+            if opcode is _OP_TEXT or opcode is _OP_BINARY:
                 if event.fin:
-                    self._enqueue(opcode, event.data)
+                    self._enqueue(opcode, payload)
                 else:
-                    self.fragments, self.fragment_opcode, self.fragment_count = bytearray(event.data), opcode, 1
-            elif opcode == _OP_CONT:
-                if self.fragments is not None:
-                    self.fragments += event.data
-                    self.fragment_count += 1
-                    if event.fin:
-                        message, self.fragments = self.fragments, None
-                        self._enqueue(self.fragment_opcode, message)
-                    elif self.fragment_count >= _MAX_FRAGMENTS:
-                        self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
-            elif opcode == _OP_PONG:
-                self.ping_sent_at = None
-        self._queue_protocol_output()
+                    self.fragments, self.fragment_opcode, self.fragment_count = bytearray(payload), opcode, 1
+            elif opcode is _OP_CONT:
+                fragments = self.fragments
+                if fragments is None:
+                    break  # we failed the connection over this message
+                fragments += payload
+                self.fragment_count += 1
+                if event.fin:
+                    self.fragments = None
+                    self._enqueue(self.fragment_opcode, fragments)
+                elif self.fragment_count >= _MAX_FRAGMENTS:
+                    self._fail(_CLOSE_TOO_BIG, f"message in more than {_MAX_FRAGMENTS} fragments")
+                    break
+            else:
+                control = True
+                if opcode is _OP_PONG:
+                    self.ping_sent_at = None
+        if control or proto.state is not _OPEN:
+            self._queue_protocol_output()  # a pong, a close frame, the protocol failing the connection
+        if self.eof_queued:  # the protocol discards the rest, holding nothing
+            self.fragments, pending = None, 0
+        else:  # what it may still hold: what came, less what it parsed; at most this read's
+            pending = self.pending + len(data) - parsed  # bytes after the first frame it completed
+            if events and len(data) - parsed + first < pending:
+                pending = len(data) - parsed + first
+        self.pending = pending if pending > 0 else 0
+        if self.pending or self.fragments is not None or self.held_bytes:
+            self._count_held()
+        if self.inbox:  # a large request may have come whole: then one at a time
+            self._update_reading()
 
     def _count_held(self) -> None:
         """Update this connection's part of max_buffered_bytes; close it if it takes the total past."""
-        held = len(self.partial_frame) if self.partial_frame is not None else 0
+        held = self.pending
         if self.fragments is not None:
             held += len(self.fragments)
         if self.http_body:
@@ -2546,20 +2412,16 @@ class _Connection:
             self._answer_http(503, {"detail": "Service Unavailable: the server holds too much incoming data; "
                                               "try again later"})
             return
-        if self.partial_frame is not None and self.partial_frame_bytes:
-            self.discard_bytes = self.partial_frame_bytes - len(self.partial_frame)
-        self.partial_frame = None
         self._fail(_CLOSE_TRY_AGAIN, "the server holds too much incoming data; try again later")
         self._count_held()
 
     def _fail(self, code: int, reason: str) -> None:
-        """Close the session over a frame it may not send; the rest is discarded up to its close frame."""
-        self.fragments = None
-        if self.proto.state == _OPEN:
-            self.proto.send_close(code, reason)
-            self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-            self._queue_protocol_output()
-        self.awaiting_close = True
+        """Close the session over what it sent: the protocol fails the connection (our close
+        frame, then our end of stream) and what the client still sends is discarded unread."""
+        self.fragments, self.pending = None, 0
+        if self.proto.state is not _CLOSED:
+            self.proto.fail(code, reason)
+        self._queue_protocol_output()
 
     # Requests and replies
 
@@ -2581,7 +2443,7 @@ class _Connection:
             self.inbox.clear()
             return
         opcode, data = self.inbox.popleft()
-        if opcode == _OP_TEXT:
+        if opcode is _OP_TEXT:
             try:
                 frame: Any = data.decode()
             except UnicodeDecodeError:
@@ -2624,22 +2486,22 @@ class _Connection:
             return
         parts = reply.parts
         if parts is not None:
-            size = sum(map(len, parts))
-            if size > _LARGE_REPLY_BYTES:
+            if sum(map(len, parts)) <= _LARGE_REPLY_BYTES:
+                proto.send_text(parts[0] if len(parts) == 1 else b"".join(parts))
+            else:
                 self._queue_protocol_output()  # what the protocol queued goes first
-                self.large_reply = _LargeReply([_frame_header(size), *parts] if self.plain_frames else list(parts))
+                if self.compressed:  # a fragment per chunk, compressed as it goes
+                    pieces = list(parts)
+                else:  # one frame, written a chunk a turn
+                    proto.send_text(b"".join(parts))
+                    pieces = proto.data_to_send()
+                self.large_reply = _LargeReply(pieces)
                 # Until it is out, writes wait behind it (an instance attribute, so that
                 # _queue_write itself stays lean)
                 self._queue_write = self.writes_after_large.append
                 self.server._loop.call_soon(self._write_large_chunk)
-            elif self.plain_frames:  # header and payload in one piece, one copy
-                self._queue_protocol_output()  # whatever the protocol queued (the handshake) goes first
-                self._queue_write(b"".join([_frame_header(size), *parts]))
-            else:
-                proto.send_text(b"".join(parts))
         if reply.close:
             proto.send_close(1000)
-            self.awaiting_close = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
         self._queue_protocol_output()
 
@@ -2666,7 +2528,7 @@ class _Connection:
         large.index, large.offset = index, offset
         done = index >= len(pieces)
         data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
-        if not self.plain_frames:  # compressed: a fragment per chunk, through the protocol
+        if self.compressed:  # a fragment per chunk, through the protocol
             proto = self.proto
             if proto.state != _OPEN:
                 done, data = True, b""  # closed meanwhile: the rest of the message is moot
@@ -2698,16 +2560,8 @@ class _Connection:
         for data in self.proto.data_to_send():
             if data:
                 self._queue_write(data)
-            elif _close_received(self.proto) is None and self.proto.state == _CLOSING:
-                # SEND_EOF after the protocol failed the connection (a frame it refused): it
-                # would close TCP now, under a client that may still be sending, and some
-                # clients then fail to see our close frame; wait for the client's close
-                # frame, up to close_timeout_s
-                self.awaiting_close = self.eof_deferred = True
-                if self.close_deadline is None:
-                    self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
-            else:  # SEND_EOF, the protocol's end of stream: a server closes the TCP connection
-                self._queue_eof()
+            else:  # SEND_EOF, the protocol's end of stream: after a closing handshake, or
+                self._queue_eof()  # at once when it fails the connection (RFC 6455 7.1.7)
 
     def _queue_eof(self) -> None:
         """Our last word: the end of stream, after the writes queued before it."""
@@ -2760,10 +2614,10 @@ class _Connection:
                 self.transport.abort()
             return
         state = proto.state
-        if state == _CONNECTING:
+        if state is _CONNECTING:
             if server.open_timeout_s and now - self.opened_at > server.open_timeout_s:
                 self.transport.abort()
-        elif state == _OPEN:
+        elif state is _OPEN:
             if self.ping_sent_at is not None:
                 if server.ping_timeout_s and now - self.ping_sent_at > server.ping_timeout_s:
                     server._log.log("keepalive ping timeout", _LOG_LINES_PER_S, logging.INFO,
@@ -2788,12 +2642,11 @@ class _Connection:
 
     def start_close(self, code: int, reason: str) -> None:
         """Start the closing handshake (or drop a connection still in its handshake)."""
-        if self.proto.state == _OPEN:
+        if self.proto.state is _OPEN:
             self.proto.send_close(code, reason)
-            self.awaiting_close = True
             self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
             self._queue_protocol_output()
-        elif self.proto.state == _CONNECTING:
+        elif self.proto.state is _CONNECTING:
             self.transport.abort()
 
 
@@ -2810,22 +2663,16 @@ def _query_value(query: str, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _http_response(status: int, body: Any, head: bool = False) -> Any:
+def _http_response(status: int, body: Any, head: bool = False) -> bytes:
+    """The bytes of a plain HTTP answer (JSON, or ``body`` as given), the connection closing after it."""
     import email.utils
     import http
 
-    from websockets.datastructures import Headers
-    from websockets.http11 import Response
-
     payload = body if isinstance(body, bytes) else _json_bytes(body)
-    headers = Headers([
-        ("Date", email.utils.formatdate(usegmt=True)),
-        ("Server", f"chatenv/{__version__}"),
-        ("Connection", "close"),
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(payload))),
-    ])
-    return Response(status, http.HTTPStatus(status).phrase, headers, b"" if head else payload)
+    lines = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+             f"Date: {email.utils.formatdate(usegmt=True)}\r\nServer: chatenv/{__version__}\r\n"
+             f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+    return lines.encode() + (b"" if head else payload)
 
 
 async def _serve_until_signalled(server: ChatServer) -> None:
@@ -4158,6 +4005,7 @@ class _ClientBase:
     # signature and its docstring here, and the core checks what is passed.
     @functools.wraps(_ClientCore.__init__, assigned=("__doc__",), updated=())
     def __init__(self, base_url: str | list[str] | tuple[str, ...], **options: Any) -> None:
+        _bind_websockets()
         self._core = _ClientCore(base_url, **options)
         self._container: Any = None
         self._init_shell()
@@ -4932,24 +4780,42 @@ class ChatEnv(_ClientBase):
             pass
 
 
-def _failing_fast() -> Any:
-    """websockets' asyncio client connection, dropped at once when this side fails it (a
-    reply over max_message_bytes, a broken frame) rather than when the server closes TCP."""
-    global _FailingFast
-    if _FailingFast is None:
-        from websockets.asyncio.client import ClientConnection
+async def _open_socket(ws_url: str) -> Any:
+    """A TCP connection to a ws(s):// URL's host, opened here (the first address that answers)
+    and handed to websockets' connect(sock=...), so that AsyncChatEnv owns it (see _shut)."""
+    import asyncio
+    import socket
 
-        class _FailingFast(ClientConnection):  # type: ignore[no-redef]
-            def data_received(self, data: bytes) -> None:
-                super().data_received(data)
-                proto = self.protocol
-                if proto.state == _CLOSING and _close_received(proto) is None and _parser_failed(proto):
-                    _transport(self).abort()
+    from websockets.uri import parse_uri
 
-    return _FailingFast
+    uri = parse_uri(ws_url)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"cannot resolve {uri.host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            error = exc
+        else:
+            return sock
+    raise error
 
 
-_FailingFast: Any = None
+def _shut(sock: Any) -> None:
+    """Shut a connection's socket both ways: its transport reads the end of stream and closes."""
+    import socket
+
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
+            pass
 
 
 class AsyncChatEnv(_ClientBase):
@@ -4960,6 +4826,8 @@ class AsyncChatEnv(_ClientBase):
     def _init_shell(self) -> None:
         # websockets' asyncio connection, None until a call opens one (or once it is dropped)
         self._ws: Any = None
+        # Its socket, opened here so that it can be dropped at once (_drop)
+        self._sock: Any = None
         # Held by each call: an asyncio.Lock, made in the loop of the first call
         self._lock: Any = None
 
@@ -4983,28 +4851,40 @@ class AsyncChatEnv(_ClientBase):
             ws_url, wait_s = call.next_server()
             if wait_s:
                 await asyncio.sleep(wait_s)
+            sock = None
             try:
-                self._ws = await connect(ws_url, create_connection=_failing_fast(), **core.connect_options)
+                async with asyncio.timeout(core.connect_timeout_s):
+                    sock = await _open_socket(ws_url)
+                    self._ws = await connect(ws_url, sock=sock, **core.connect_options)
             except asyncio.CancelledError:
+                _shut(sock)
                 raise
             except Exception as exc:
+                _shut(sock)
                 action = call.on_connect_error(core.connect_error(ws_url, exc))
             else:
+                self._sock = sock
                 action = call.on_connect()
         return action
 
     def _drop(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            _transport(ws).abort()  # at once: the reply, if any, must never be read
+        """Drop the connection at once (the reply, if any, must never be read): its socket is
+        shut both ways, so the connection sees its end of stream now, not after a closing handshake."""
+        sock, self._ws, self._sock = self._sock, None, None
+        _shut(sock)
 
     async def _roundtrip(self, ws: Any, frame: str) -> Any:
         import asyncio
 
         from websockets.exceptions import ConnectionClosed
 
-        if _queued_frames(ws):  # a frame came that no request asked for
-            raise _Unsolicited(await ws.recv(decode=False))
+        try:  # a frame already received that no request asked for is returned without waiting
+            async with asyncio.timeout(0):
+                early = await ws.recv(decode=False)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        else:
+            raise _Unsolicited(early)
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
                 await ws.send(frame)
@@ -5016,14 +4896,17 @@ class AsyncChatEnv(_ClientBase):
         """After an error frame the server closes after: its close, if it comes within _CLOSE_WAIT_S."""
         import asyncio
 
+        closed = False
         try:
             async with asyncio.timeout(_CLOSE_WAIT_S):
                 await ws.wait_closed()
+                closed = True
         except Exception:
             pass
-        _transport(ws).abort()
-        received = _close_received(ws.protocol)
-        return None if received is None else _Closed(received.code, received.reason)
+        self._drop()
+        if not closed or ws.close_code == 1006:  # no close frame came (1006: the stream ended without)
+            return None
+        return _Closed(ws.close_code, ws.close_reason)
 
     async def _closed(self, ws: Any, exc: Any) -> _Closed:
         """How the connection ended, and a frame the server sent before (recv still returns it)."""
@@ -5058,8 +4941,7 @@ class AsyncChatEnv(_ClientBase):
                 elif action is _CONNECT:
                     action = await self._connect(call)
                 elif action is _AWAIT_CLOSE:
-                    ws, self._ws = self._ws, None
-                    action = call.on_refusal_close(await self._await_close(ws))
+                    action = call.on_refusal_close(await self._await_close(self._ws))
             return call.result
 
     async def reset(self, **kwargs: Any) -> StepResult:
@@ -5078,16 +4960,16 @@ class AsyncChatEnv(_ClientBase):
         EpisodeLostError and reset() connects anew."""
         import asyncio
 
-        ws, self._ws = self._ws, None
+        ws = self._ws
         self._core.close()
         if ws is not None:
-            ws.close_timeout = 0.1
             try:
                 # close() first drains the write buffer, which a stuck server never empties
                 async with asyncio.timeout(0.5):
                     await ws.close()
             except Exception:
-                _transport(ws).abort()
+                pass
+            self._drop()
         container, self._container = self._container, None
         if container is not None:
             await asyncio.get_running_loop().run_in_executor(None, container.stop)
