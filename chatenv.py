@@ -2229,13 +2229,13 @@ class _Connection:
             if len(head) > _HTTP_HEAD_BYTES:
                 self._refuse_head()
             return
-        request, rest = bytes(head[:end + 4]), bytes(head[end + 4:])
+        upgrade, rest = bytes(head[:end + 4]), bytes(head[end + 4:])
         self.head = None
-        if not request.isascii():  # header values past ASCII: no upgrade header needs them
+        if not upgrade.isascii():  # header values past ASCII: no upgrade header needs them
             self._answer_http(400, {"detail": "Bad Request: the upgrade request's head is not ASCII"})
             return
         proto = self.proto
-        proto.receive_data(request)
+        proto.receive_data(upgrade)
         for event in proto.events_received():
             self._answer_request(event)
         self._queue_protocol_output()
