@@ -4888,7 +4888,13 @@ class AsyncChatEnv(_ClientBase):
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
                 await ws.send(frame)
-                return await ws.recv(decode=False)
+                while True:
+                    try:
+                        async with asyncio.timeout(_CLOSE_WAIT_S):
+                            return await ws.recv(decode=False)
+                    except TimeoutError:
+                        if ws.state is not _OPEN:  # a close under way (this side failed it: a reply over
+                            _shut(self._sock)  # max_message_bytes, a broken frame): end it now, not when the server does
         except ConnectionClosed as exc:
             raise await self._closed(ws, exc) from None
 
