@@ -2126,8 +2126,14 @@ class _Connection:
         # When the transport asked us to stop writing (None: writing)
         self.write_paused_at: float | None = None
 
-        # Closing. Our last word is queued: the end of stream follows the writes before
-        # it, and what the client sends from then on is discarded unread ...
+        # Closing. The client's close frame has come (the protocol answers it)
+        self.close_received = False
+        # The protocol failed the connection (a frame it refused, or our _fail): our close
+        # frame is out, what the client sends is discarded unread, and our end of stream
+        # waits until the client has gone quiet (see check_timeouts)
+        self.failed = False
+        # Our last word is queued: the end of stream follows the writes before it, and
+        # what the client sends from then on is discarded unread ...
         self.eof_queued = False
         # ... and is written: the TCP connection is half-closed
         self.eof_written = False
@@ -2154,7 +2160,7 @@ class _Connection:
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.server._loop.time()
-        if self.eof_queued:
+        if self.eof_queued or self.failed:
             return  # we have said our last word; the rest is discarded until the client closes
         state = self.proto.state
         if state is _OPEN or state is _CLOSING:
@@ -2167,6 +2173,8 @@ class _Connection:
     def eof_received(self) -> None:
         self.proto.receive_eof()
         self._queue_protocol_output()
+        if self.failed and not self.eof_queued:
+            self._queue_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         server, proto = self.server, self.proto
@@ -2378,9 +2386,11 @@ class _Connection:
                 control = True
                 if opcode is _OP_PONG:
                     self.ping_sent_at = None
+                elif opcode is _OP_CLOSE:
+                    self.close_received = True
         if control or proto.state is not _OPEN:
             self._queue_protocol_output()  # a pong, a close frame, the protocol failing the connection
-        if self.eof_queued:  # the protocol discards the rest, holding nothing
+        if self.eof_queued or self.failed:  # the protocol discards the rest, holding nothing
             self.fragments, pending = None, 0
         else:  # what it may still hold: what came, less what it parsed; at most this read's
             pending = self.pending + len(data) - parsed  # bytes after the first frame it completed
@@ -2560,8 +2570,17 @@ class _Connection:
         for data in self.proto.data_to_send():
             if data:
                 self._queue_write(data)
-            else:  # SEND_EOF, the protocol's end of stream: after a closing handshake, or
-                self._queue_eof()  # at once when it fails the connection (RFC 6455 7.1.7)
+            elif self.close_received or self.proto.state is not _CLOSING:
+                self._queue_eof()  # SEND_EOF after the closing handshake, a refused upgrade, the client's EOF
+            else:
+                # SEND_EOF as the protocol fails the connection (RFC 6455 7.1.7): it would
+                # close TCP now, under a client that may still be sending, and some clients
+                # (websockets' asyncio one, mid-send) then fail without seeing our close
+                # frame; what comes is discarded, and the end of stream waits until the
+                # client has sent its last word (check_timeouts)
+                self.failed = True
+                if self.close_deadline is None:
+                    self.close_deadline = self.server._loop.time() + self.server.close_timeout_s
 
     def _queue_eof(self) -> None:
         """Our last word: the end of stream, after the writes queued before it."""
@@ -2610,7 +2629,14 @@ class _Connection:
     def check_timeouts(self, now: float) -> None:
         server, proto = self.server, self.proto
         if self.close_deadline is not None:  # our last word is said: the client has this long to close
-            if now > self.close_deadline:
+            if self.failed and not self.eof_queued:
+                # Our close frame is out: once the client has gone quiet (its close frame was
+                # its last word; the documented API does not show it after a failure), or at
+                # the deadline, the end of stream, and the client has close_timeout_s to close
+                if now - self.last_rx >= server.close_timeout_s / 4 or now > self.close_deadline:
+                    self.close_deadline = None
+                    self._queue_eof()
+            elif now > self.close_deadline:
                 self.transport.abort()
             return
         state = proto.state
