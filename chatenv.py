@@ -1369,7 +1369,7 @@ _INBOX_LIMIT = 16  # queued requests per session before its socket stops being r
 _SHUTDOWN_CODE = 1012  # "service restart": what OpenEnv 0.10 (uvicorn) closes sessions with on shutdown
 _NAMED_SESSION_TTL_S = 600.0  # an MCP-created session no WebSocket has used for this long is dropped
 _HTTP_HEAD_BYTES = 16 * 2**10  # largest request line and headers of any request, WebSocket upgrades included
-_READ_BYTES = 2**16  # most bytes taken from a socket per read
+_READ_BYTES = 2**16  # a request larger than this waits for the one before it to be answered (reading paused)
 _MAX_FRAGMENTS = 4096  # frames one fragmented message may come in: a stream of tiny or empty ones is closed
 _LARGE_REPLY_BYTES = 2**18  # a bigger reply goes out this much per loop turn, so no other session waits behind it
 _ACCEPT_BATCH = 16  # connections taken from the listening socket per loop turn: sessions get turns between
@@ -2239,30 +2239,30 @@ class _Connection:
             return
         upgrade, rest = bytes(head[:end + 4]), bytes(head[end + 4:])
         self.head = None
-        if not upgrade.isascii():  # header values past ASCII: no upgrade header needs them
-            self._answer_http(400, {"detail": "Bad Request: the upgrade request's head is not ASCII"})
-            return
         proto = self.proto
-        proto.receive_data(upgrade)
-        for event in proto.events_received():
-            self._answer_request(event)
-        self._queue_protocol_output()
-        if rest and not self.transport.is_closing():
-            self.data_received(rest)  # frames, or what a refused request is followed by
-
-    def _answer_request(self, request: Any) -> None:
-        """Answer a WebSocket upgrade's request (accepted or refused); once accepted, the
-        connection is in the frame phase, with a session."""
-        server, proto = self.server, self.proto
-        query = request.path.partition("?")[2]
-        refusal = server._handshake_refusal(request.headers, self.peer)
+        # Access is decided on the head as read here (latin-1), before the protocol sees it
+        refusal = self.server._handshake_refusal(_head_headers(upgrade), self.peer)
+        if refusal is None and not upgrade.isascii():  # no upgrade header has bytes past ASCII
+            refusal = 400, "Bad Request: the upgrade request's head is not ASCII\n", {}
         if refusal is not None:
             status, text, headers = refusal
             response = proto.reject(status, text)
             for name, value in headers.items():
                 response.headers[name] = value
             proto.send_response(response)
-            return
+        else:
+            proto.receive_data(upgrade)
+            for event in proto.events_received():
+                self._answer_request(event)
+        self._queue_protocol_output()
+        if rest and not self.transport.is_closing():
+            self.data_received(rest)  # frames, or what a refused request is followed by
+
+    def _answer_request(self, request: Any) -> None:
+        """Answer a WebSocket upgrade's request the access checks let through; once
+        accepted, the connection is in the frame phase, with a session."""
+        server, proto = self.server, self.proto
+        query = request.path.partition("?")[2]
         response = proto.accept(request)
         response.headers["Server"] = f"chatenv/{__version__}"
         if response.status_code != 101 and len(response.body) > 200:
@@ -2352,7 +2352,7 @@ class _Connection:
         here from documented facts, each frame's payload and its header's least size,
         against max_buffered_bytes; fragments are counted as frames.
         """
-        proto = self.proto
+        proto, held = self.proto, self.held_bytes
         proto.receive_data(data)
         events = proto.events_received()
         plain = not self.compressed
@@ -2397,10 +2397,10 @@ class _Connection:
             if events and len(data) - parsed + first < pending:
                 pending = len(data) - parsed + first
         self.pending = pending if pending > 0 else 0
-        if self.pending or self.fragments is not None or self.held_bytes:
+        if self.pending or self.fragments is not None or held:
             self._count_held()
-        if self.inbox:  # a large request may have come whole: then one at a time
-            self._update_reading()
+        if self.inbox and (held or len(data) > _READ_BYTES):  # a large request may have come whole:
+            self._update_reading()  # then one at a time
 
     def _count_held(self) -> None:
         """Update this connection's part of max_buffered_bytes; close it if it takes the total past."""
@@ -2674,6 +2674,18 @@ class _Connection:
             self._queue_protocol_output()
         elif self.proto.state is _CONNECTING:
             self.transport.abort()
+
+
+def _head_headers(head: bytes) -> Any:
+    """The headers of a request head (its lines after the first), decoded as latin-1."""
+    from websockets.datastructures import Headers
+
+    headers = Headers()
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip()] = value.strip()
+    return headers
 
 
 def _query_value(query: str, name: str) -> str | None:
