@@ -883,6 +883,8 @@ def test_the_module_reaches_websockets_only_through_documented_names():
     own |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     generic = set().union(*map(dir, (dict, set, list, bytearray, str, Exception, asyncio.Future, logging.Logger,
                                      json, collections.deque)))  # names any object may have
+    stdlib = {(alias.asname or alias.name).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+              for alias in node.names if not alias.name.startswith("websockets")}  # other modules' names
     modules: set[str] = set()  # local names bound to websockets modules
     imported: set[str] = set()  # local names bound to anything from websockets
     found: list[str] = []
@@ -911,7 +913,7 @@ def test_the_module_reaches_websockets_only_through_documented_names():
             elif holder in WEBSOCKETS_HOLDERS | imported:  # a websockets object: documented names only
                 if node.attr not in documented:
                     found.append(f"{ast.unparse(receiver)}.{node.attr}")
-            elif node.attr in undocumented - generic and node.attr not in own:
+            elif node.attr in undocumented - generic and node.attr not in own and holder not in stdlib:
                 found.append(f"{ast.unparse(receiver)}.{node.attr}")
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
             target = node.args[0] if node.args else None
