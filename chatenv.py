@@ -1376,7 +1376,7 @@ _ACCEPT_BATCH = 16  # connections taken from the listening socket per loop turn:
 _ACCEPT_RETRY_S = 0.25  # at the file-descriptor limit, accepting is retried this often (and whenever one closes)
 _FD_LIMIT_EVICTIONS = 16  # stalled handshakes dropped each time the descriptor limit is hit, to make room
 _LOG_LINES_PER_S = 20  # lines a second of one kind about sessions (opened, closed, dropped); more are counted
-_CLOSE_PROTOCOL_ERROR, _CLOSE_TOO_BIG, _CLOSE_TRY_AGAIN = 1002, 1009, 1013
+_CLOSE_TOO_BIG, _CLOSE_TRY_AGAIN = 1009, 1013  # the close codes chatenv fails a connection with
 _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
 
@@ -4930,9 +4930,9 @@ class AsyncChatEnv(_ClientBase):
                     try:
                         async with asyncio.timeout(_CLOSE_WAIT_S):
                             return await ws.recv(decode=False)
-                    except TimeoutError:
-                        if ws.state is not _OPEN:  # a close under way (this side failed it: a reply over
-                            _shut(self._sock)  # max_message_bytes, a broken frame): end it now, not when the server does
+                    except TimeoutError:  # a close under way (this side failed it: a reply over
+                        if ws.state is not _OPEN:  # max_message_bytes, a broken frame): end it now,
+                            _shut(self._sock)  # not when the server closes TCP
         except ConnectionClosed as exc:
             raise await self._closed(ws, exc) from None
 
