@@ -1113,9 +1113,8 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
             return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": session.id}}
         created = server.create_named_session() if server is not None else None
         if not isinstance(created, str):
-            active, limit = created if created else (0, 0)
-            return _rpc_error(request_id, _RPC_SERVER_ERROR, _capacity_text(active, limit),
-                              {"active_sessions": active, "max_sessions": limit})
+            text, data = created or (_capacity_text(0, 0), {"active_sessions": 0, "max_sessions": 0})
+            return _rpc_error(request_id, _RPC_SERVER_ERROR, text, data)
         return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": created}}
     if method == "openenv/session/close":
         target = params.get("session_id")
@@ -1657,6 +1656,7 @@ class ChatServer:
         allow_hosts: Any = (),
         # Limits
         max_sessions: int = 256,
+        max_named_sessions: int | None = None,
         max_handshakes: int = 1024,
         max_buffered_bytes: int | None = 2**28,
         max_message_bytes: int | None = 2**24,
@@ -1676,6 +1676,8 @@ class ChatServer:
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if max_named_sessions is not None and max_named_sessions < 0:
+            raise ValueError(f"max_named_sessions must be 0 (none) or more, not {max_named_sessions!r}")
         if max_memory_bytes is not None and max_memory_bytes < 0:
             raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
@@ -1704,6 +1706,9 @@ class ChatServer:
         self.allow_origins = _allow_list(allow_origins, "allow_origins")
         self.allow_hosts = _allow_list(allow_hosts, "allow_hosts")
         self.max_sessions = max_sessions
+        # Of those, sessions made over HTTP (openenv/session/create) at once: a quarter by
+        # default, so a client looping on creates leaves the rest to WebSockets; 0: none
+        self.max_named_sessions = max(1, max_sessions // 4) if max_named_sessions is None else max_named_sessions
         # Connections not (yet) sessions: handshakes, plain HTTP requests, refusals;
         # past the limit the oldest is dropped, so stalled ones cannot lock out new ones
         self.max_handshakes = max_handshakes
@@ -1974,15 +1979,26 @@ class ChatServer:
 
     # Named sessions: OpenEnv's MCP ``openenv/session/create`` makes one, a WebSocket
     # attaches to it with /ws?session_id=ID and leaves it alive when it goes; each
-    # counts against max_sessions until closed or unused for _NAMED_SESSION_TTL_S
+    # counts against max_sessions, and max_named_sessions, until closed or unused for
+    # _NAMED_SESSION_TTL_S
 
-    def create_named_session(self) -> str | tuple[int, int]:
-        """A new named session's id, or (active, limit) when the server is full."""
+    def create_named_session(self) -> str | tuple[str, dict[str, int]]:
+        """A new named session's id, or why not: (text, data) naming the limit reached."""
         import uuid
 
+        if len(self._named) >= self.max_named_sessions:
+            self._expire_named_sessions()  # the ASGI app has no housekeeping timer to do it
+        named, limit = len(self._named), self.max_named_sessions
+        if named >= limit:
+            self._log.log("refused a session", 1, logging.WARNING,
+                          "refused a session: %d/%d named sessions (--max-named-sessions)", named, limit)
+            return (f"Server at capacity for named sessions: {named}/{limit} made with openenv/session/create "
+                    f"are open (--max-named-sessions). Close one with openenv/session/close, or use /ws.",
+                    {"named_sessions": named, "max_named_sessions": limit})
         session = self._new_session()
         if session is None:
-            return self.active_sessions, self.max_sessions
+            return _capacity_text(self.active_sessions, self.max_sessions), {
+                "active_sessions": self.active_sessions, "max_sessions": self.max_sessions}
         session.id = str(uuid.uuid4())
         self._named[session.id] = [session, False, False, self._clock()]  # attached, closing, last used
         return session.id
@@ -5423,6 +5439,7 @@ _ENV_FALLBACKS = {
     "tokenizer": ("CHATENV_TOKENIZER", "TOKENIZER_NAME"),
     "system_prompt": ("CHATENV_SYSTEM_PROMPT", "SYSTEM_PROMPT"),
     "max_sessions": ("CHATENV_MAX_SESSIONS",),
+    "max_named_sessions": ("CHATENV_MAX_NAMED_SESSIONS",),
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
     "max_episode_tokens": ("CHATENV_MAX_EPISODE_TOKENS",),
     "max_memory_bytes": ("CHATENV_MAX_MEMORY_BYTES",),
@@ -5464,6 +5481,7 @@ def _integer_in(low: int, high: float, wanted: str) -> Any:
 _port = _integer_in(0, 65535, "must be a TCP port from 0 to 65535 (0: a free one)")
 _at_least_one = _integer_in(1, float("inf"), "must be at least 1")
 _size = _integer_in(0, float("inf"), "must be 0 (no limit) or more")
+_count = _integer_in(0, float("inf"), "must be 0 (none) or more")
 
 
 def _seconds(text: str) -> float:
@@ -5546,6 +5564,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "tokenizer": (_text, None),
     "system_prompt": (_text, None),
     "max_sessions": (_at_least_one, 256),
+    "max_named_sessions": (_count, None),  # None: a quarter of max_sessions, at least 1
     "max_message_bytes": (_size, 2**24),
     "max_episode_tokens": (_size, 2**20),
     "max_memory_bytes": (_size, 2**31),
@@ -5651,6 +5670,10 @@ def _parser() -> Any:
     serve_cmd.add_argument("--max-sessions", type=_flag_type(_at_least_one),
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
                            "(default: 256)")
+    serve_cmd.add_argument("--max-named-sessions", type=_flag_type(_count),
+                           help="of those, sessions made over HTTP with MCP openenv/session/create, so a "
+                           "client looping on them leaves room on /ws; 0 for none [CHATENV_MAX_NAMED_SESSIONS] "
+                           "(default: a quarter of --max-sessions, at least 1)")
     serve_cmd.add_argument("--max-message-bytes", type=sizes,
                            help="largest incoming message; larger ones close the session with 1009; 0 for "
                            "no limit [CHATENV_MAX_MESSAGE_BYTES] (default: 16777216)")
@@ -5667,7 +5690,8 @@ def _parser() -> Any:
                            help="close sessions silent this long; 0, the default, for never "
                            "[CHATENV_IDLE_TIMEOUT_S]")
     serve_cmd.add_argument("--auth-token", type=_auth_token_flag,
-                           help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
+                           help="require 'Authorization: Bearer TOKEN' on every route but GET /health; "
+                           "prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
     serve_cmd.add_argument("--workers", type=_flag_type(_at_least_one),
                            help="server processes on the one port, each with its own sessions and limits "
@@ -5716,7 +5740,8 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         raise _ConfigError(f"{source}: {_one_line(exc)}") from None
     options = dict(
         host=value["host"], port=value["port"], system_prompt=value["system_prompt"],
-        max_sessions=value["max_sessions"], max_message_bytes=value["max_message_bytes"] or None,
+        max_sessions=value["max_sessions"], max_named_sessions=value["max_named_sessions"],
+        max_message_bytes=value["max_message_bytes"] or None,
         max_episode_tokens=value["max_episode_tokens"] or None,
         max_memory_bytes=value["max_memory_bytes"] or None,
         compression=value["compression"], auth_token=value["auth_token"],

@@ -1170,7 +1170,7 @@ def test_server_http_routes(server):
 
 
 def test_server_mcp_endpoint_and_named_sessions():
-    with serve_in_thread(max_sessions=2) as url:
+    with serve_in_thread(max_sessions=2, max_named_sessions=2) as url:  # named ones may take every slot
         rpc = lambda body: http_post(url + "/mcp", body)  # noqa: E731
         assert rpc(b"not json") == (200, {"jsonrpc": "2.0", "id": None,
                                           "error": {"code": -32700, "message": "Parse error", "data": None}})
