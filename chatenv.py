@@ -1989,7 +1989,7 @@ class ChatServer:
         if len(self._named) >= self.max_named_sessions:
             self._expire_named_sessions()  # the ASGI app has no housekeeping timer to do it
         named, limit = len(self._named), self.max_named_sessions
-        if named >= limit:
+        if named >= limit and self.active_sessions < self.max_sessions:  # when both are reached: the server's
             self._log.log("refused a session", 1, logging.WARNING,
                           "refused a session: %d/%d named sessions (--max-named-sessions)", named, limit)
             return (f"Server at capacity for named sessions: {named}/{limit} made with openenv/session/create "
