@@ -3328,7 +3328,7 @@ class ASGIApp:
         refusal = server._refusal("GET", scope["path"], True, headers, peer, _asgi_loopback(scope))
         if refusal is None and scope["path"] != "/ws":
             refusal = 404, "Not Found\n", {}
-        if refusal is not None and "websocket.http.response" in scope.get("extensions", {}):
+        if refusal is not None and "websocket.http.response" in (scope.get("extensions") or {}):
             data = refusal[1].encode()  # the status and headers as the native server sends them
             await send({"type": "websocket.http.response.start", "status": refusal[0], "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(data)).encode()),
