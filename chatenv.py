@@ -1308,7 +1308,8 @@ def _is_loopback_host(name: str) -> bool:
 
 
 def _access_refusal(method: str, path: str, upgrade: bool, headers: Any, *, token: str | None, loopback: bool,
-                    allow_origins: frozenset[str], allow_hosts: frozenset[str]) -> tuple[int, str, dict[str, str]] | None:
+                    allow_origins: frozenset[str],
+                    allow_hosts: frozenset[str]) -> tuple[int, str, dict[str, str]] | None:
     """Why a request may not reach the server at all, as (status, text, extra headers),
     or None. Pure: both shells ask it of every request, and no route decides for itself.
 

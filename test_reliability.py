@@ -1467,13 +1467,14 @@ def _token_matrix(port: int, active: Any, expected: dict) -> None:
 
     ``active()``: the server's sessions; ``expected``: route -> its status with the right token.
     """
+    session_id = ""  # a named session to attach to: made with the right token
     for case, headers in AUTH_CASES.items():
         if headers == RIGHT:
             assert active() == 0  # the 401s above created nothing and counted nothing
             session_id = json.loads(raw_http(port, http_request("POST", "/mcp", RIGHT, ROUTE_BODIES[
                 "POST", "/mcp"]))[1].partition(b"\r\n\r\n")[2])["result"]["session_id"]
         for (method, path) in ROUTE_BODIES:
-            status, data = _route_answer(port, method, path, headers, session_id=session_id if headers == RIGHT else "")
+            status, data = _route_answer(port, method, path, headers, session_id=session_id)
             if headers == RIGHT or (method, path) in chatenv._OPEN_ROUTES:
                 assert status == expected[method, path], (case, method, path, data[:300])
             else:
