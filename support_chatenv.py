@@ -1259,6 +1259,10 @@ class ServerProcess:
             options.setdefault("host", "127.0.0.1")
             options.setdefault("port", 0)
             argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
+        # The token it requires, if any, which active() sends (/metadata needs it then)
+        cli_token = cli[cli.index("--auth-token") + 1] if cli and "--auth-token" in cli else None
+        self.auth_token = options.get("auth_token") or cli_token or (os.environ if env is None else env).get(
+            "CHATENV_AUTH_TOKEN") or None
         self.log_path = Path(logdir) / f"{name}.log"
         self._log = open(self.log_path, "w")
         def limit() -> None:  # in the child, before it runs Python
@@ -1305,7 +1309,10 @@ class ServerProcess:
         import urllib.request
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(self.url + "/metadata", timeout=5) as response:
+        request = urllib.request.Request(self.url + "/metadata")
+        if self.auth_token:
+            request.add_header("Authorization", f"Bearer {self.auth_token}")
+        with opener.open(request, timeout=5) as response:
             return json.loads(response.read())["active_sessions"]
 
     def stop(self, signum=signal.SIGTERM, timeout=5.0) -> float | None:
