@@ -3580,6 +3580,7 @@ class _ClientCore:
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
         self._seen: _Layout | None = None  # the last full observation frame and where its parts lie
+        self.env_names: dict[str, str] = {}  # base URL -> its server's env name (the task routes' prefix)
 
     @property
     def base_url(self) -> str:
@@ -3770,7 +3771,7 @@ class _ClientCore:
             self._seen = _frame_layout(data, payload, body)
         return self._result(done, reward, metadata)
 
-    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None) -> StepResult:
+    def _result(self, done: bool, reward: float | bool | None, metadata: dict[str, Any] | None) -> StepResult:
         obs = ChatObservation._sharing(self._messages, self._tokens, done, reward,
                                        dict(metadata) if metadata else None)
         return StepResult(obs, reward, done)
@@ -4169,24 +4170,148 @@ def _check_tokens(items: list[Any], what: str) -> None:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent {what} holding {_preview(bad)}, not a token id")
 
 
+_REWARD_TYPES = (int, float, bool)  # a reward as OpenEnv 0.10 types it (bool | int | float | None), kept as sent
+
+
 def _outcome(fields: dict[str, Any], body: dict[str, Any]) -> tuple[Any, bool, dict[str, Any] | None]:
     """An observation's reward, done and metadata, type-checked (OpenEnv 0.10 sends
-    metadata inside the observation and, when not empty, beside reward too)."""
+    metadata inside the observation and, when not empty, beside reward too: the one
+    inside when it holds anything, else the one beside)."""
     reward, done = fields.get("reward"), fields.get("done", False)
-    if reward is not None and type(reward) not in (int, float):
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, not a number or null")
+    if reward is not None and type(reward) not in _REWARD_TYPES:
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, "
+                                           "not a number, a boolean or null")
     if type(done) is not bool:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent done {_preview(done)}, not a boolean")
-    metadata = body.get("metadata") if "metadata" in body else fields.get("metadata")
-    if metadata is not None and type(metadata) is not dict:
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
-    return reward, done, metadata
+    inner, beside = body.get("metadata"), fields.get("metadata")
+    for metadata in (inner, beside):
+        if metadata is not None and type(metadata) is not dict:
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
+    return reward, done, inner or beside
 
 
 def _random() -> Any:
     import random
 
     return random
+
+
+# The task API: OpenEnv 0.10's HTTP routes, under its TaskProvider method names. Each
+# method: (HTTP method, route under /{env_name}, its arguments, the reply's member
+# that is the answer (None: the whole reply), the answer's type)
+_TASK_CALLS = {
+    "list_splits": ("GET", "splits", (), None, list),
+    "list_tasks": ("POST", "tasks", ("split",), "tasks", list),
+    "num_tasks": ("POST", "num_tasks", ("split",), "num_tasks", int),
+    "get_task": ("POST", "task", ("split", "index"), "task", object),
+    "get_task_range": ("POST", "task_range", ("split", "start", "stop"), "tasks", list),
+}
+_FALLBACK_ENV_NAME = "chat_env"  # the env name asked for when GET /list_environments names none
+
+
+def _http_base(base_url: str) -> tuple[str, str, int, str]:
+    """A client's base URL (http(s)://, ws(s):// or host:port, perhaps ending /ws) as
+    the server's HTTP root: (scheme, host, port, path prefix)."""
+    from urllib.parse import urlsplit
+
+    ws = urlsplit(_ws_url(base_url))
+    scheme = "https" if ws.scheme == "wss" else "http"
+    prefix = ws.path[:-len("/ws")]
+    return scheme, ws.hostname or "", ws.port or (443 if scheme == "https" else 80), prefix
+
+
+def _task_arguments(name: str, values: tuple[Any, ...]) -> dict[str, Any]:
+    """A task call's JSON body, its arguments checked here (a wrong type is the caller's
+    error, not the server's): ``split`` a string, the others integers or None."""
+    body = {}
+    for key, value in zip(_TASK_CALLS[name][2], values):
+        if key == "split":
+            if not isinstance(value, str):
+                raise TypeError(f"{name}(): split must be a string, not {type(value).__name__}")
+        elif value is None and key != "index":
+            continue  # start/stop left out: the server's default (the split's ends)
+        elif type(value) is not int:
+            raise TypeError(f"{name}(): {key} must be an integer, not {type(value).__name__}")
+        body[key] = value
+    return body
+
+
+def _http_exchange(core: _ClientCore, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+    """One plain HTTP request to the server in use (blocking): (status, the body as JSON,
+    or as text when it is not JSON). Never via a proxy; the client's auth token, TLS
+    and timeouts; a body over max_message_bytes is a PROTOCOL_ERROR."""
+    import http.client
+
+    scheme, host, port, prefix = _http_base(core.base_url)
+    timeout = core.message_timeout_s
+    if scheme == "https":
+        import ssl
+
+        conn: Any = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = dict(core.headers)
+    headers["Accept"] = "application/json"
+    payload = None
+    if body is not None:
+        payload = _dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    where = f"{method} {prefix}{path} on {core.base_url}"
+    try:
+        conn.request(method, prefix + path, body=payload, headers=headers)
+        response = conn.getresponse()
+        limit = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        data = response.read(limit + 1)
+    except TimeoutError:
+        raise TimeoutError(f"{where}: no answer within message_timeout_s={timeout} s") from None
+    except OSError as exc:
+        raise ConnectionError(f"{where}: {exc}") from None
+    finally:
+        conn.close()
+    if len(data) > limit:
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the answer is over this client's "
+                                           f"max_message_bytes={core.max_message_bytes}")
+    try:
+        return response.status, json.loads(data)
+    except (ValueError, RecursionError):
+        return response.status, data.decode("utf-8", "replace")
+
+
+def _task_call(core: _ClientCore, name: str, values: tuple[Any, ...]) -> Any:
+    """Call OpenEnv's task route for ``name`` on the server in use and return its answer.
+
+    The route's env name is the server's own, asked once per server of
+    ``GET /list_environments``. A 4xx answer (an unknown split or a bad index; 401
+    and 403 aside) is ChatEnvError(VALIDATION_ERROR), a 5xx one (a server without
+    tasks says 501; an OpenEnv environment that raised, 500) EXECUTION_ERROR, each
+    with the server's words; an answer of the wrong shape is PROTOCOL_ERROR.
+    """
+    method, route, _, member, kind = _TASK_CALLS[name]
+    body = _task_arguments(name, values) if method == "POST" else None
+    env_name = core.env_names.get(core.base_url)
+    if env_name is None:
+        status, names = _http_exchange(core, "GET", "/list_environments", None)
+        ok = status == 200 and type(names) is list and names and isinstance(names[0], str)
+        env_name = core.env_names[core.base_url] = names[0] if ok else _FALLBACK_ENV_NAME
+    path = f"/{env_name}/{route}"
+    status, answer = _http_exchange(core, method, path, body)
+    where = f"{name}() ({method} {path} on {core.base_url})"
+    if status != 200:
+        detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
+        if isinstance(detail, list):  # pydantic's errors, as a 422 lists them
+            detail = "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in detail)
+        text = f"{where}: HTTP {status}: {_preview(detail, 300) if not isinstance(detail, str) else detail[:300]}"
+        if status in (401, 403):
+            raise ConnectionError(f"{text} (missing or wrong auth token)")
+        raise ChatEnvError(VALIDATION_ERROR if status < 500 else EXECUTION_ERROR, text)
+    if member is not None:
+        if type(answer) is not dict or member not in answer:
+            raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not an object "
+                                               f"holding {member!r}")
+        answer = answer[member]
+    if not isinstance(answer, kind) or (kind is int and type(answer) is bool):
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not a {kind.__name__}")
+    return answer
 
 
 class _ClientBase:
@@ -4920,7 +5045,10 @@ class ChatEnv(_ClientBase):
             return call.result
 
     def reset(self, **kwargs: Any) -> StepResult:
-        """Start a new episode, on a new connection if the last one ended (close() included)."""
+        """Start a new episode, on a new connection if the last one ended (close() included).
+
+        ``kwargs`` go to the server's reset as they are: ``seed``, ``episode_id``, and a
+        task by ``split`` and ``index`` (OpenEnv 0.10's convention) or ``task_id``."""
         core = self._core
         return self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
 
@@ -4930,6 +5058,29 @@ class ChatEnv(_ClientBase):
 
     def state(self) -> ChatState:
         return self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API (OpenEnv 0.10's TaskProvider names), over HTTP to the server in use;
+    # no session needed. ChatEnvError(VALIDATION_ERROR) for an unknown split or a bad
+    # index, EXECUTION_ERROR from a server without tasks (see _task_call)
+
+    def list_splits(self) -> list[dict[str, Any]]:
+        """The server's task splits, as ``[{"name": "train", "type": "train"}, ...]``."""
+        return _task_call(self._core, "list_splits", ())
+
+    def list_tasks(self, split: str) -> list[Any]:
+        """The task specs of ``split`` (a server may send a bounded preview of a large one)."""
+        return _task_call(self._core, "list_tasks", (split,))
+
+    def num_tasks(self, split: str) -> int:
+        return _task_call(self._core, "num_tasks", (split,))
+
+    def get_task(self, split: str, index: int) -> Any:
+        """One task spec; ``reset(split=split, index=index)`` poses it."""
+        return _task_call(self._core, "get_task", (split, index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        """The task specs ``[start:stop]`` of ``split``, as a slice (None: the split's ends)."""
+        return _task_call(self._core, "get_task_range", (split, start, stop))
 
     def close(self) -> None:
         """Close the session (and stop the container this client started, if any).
@@ -5111,6 +5262,28 @@ class AsyncChatEnv(_ClientBase):
 
     async def state(self) -> ChatState:
         return await self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API, as ChatEnv's (the blocking HTTP request runs in the loop's executor)
+
+    async def _task(self, name: str, *values: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, _task_call, self._core, name, values)
+
+    async def list_splits(self) -> list[dict[str, Any]]:
+        return await self._task("list_splits")
+
+    async def list_tasks(self, split: str) -> list[Any]:
+        return await self._task("list_tasks", split)
+
+    async def num_tasks(self, split: str) -> int:
+        return await self._task("num_tasks", split)
+
+    async def get_task(self, split: str, index: int) -> Any:
+        return await self._task("get_task", split, index)
+
+    async def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        return await self._task("get_task_range", split, start, stop)
 
     async def close(self) -> None:
         """Close the session (and stop the container); then step() and state() raise
