@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -303,6 +304,21 @@ def test_load_tokenizer_real_hf_folder_and_tokenizer_json(hf_tokenizer, hf_chat_
     vocabulary = json.loads((hf_tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
     assert from_file.get_vocab_size() == len(from_folder) == len(vocabulary)
     assert chatenv.load_tokenizer(str(hf_chat_tokenizer)).chat_template == CHAT_TEMPLATE
+
+
+def test_metadata_names_a_loaded_tokenizer_as_a_user_would(hf_tokenizer, tmp_path):
+    """/metadata's name: a path's last part, with the folder above a generic one, never a full
+    path nor a class name (it named a tokenizer.json "Tokenizer", a folder called model "model")."""
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(hf_tokenizer))) == "wordpiece"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")) == "wordpiece/tokenizer.json"
+    renamed = tmp_path / "home" / "alice" / "my-org-model.json"
+    renamed.parent.mkdir(parents=True)
+    shutil.copy(hf_tokenizer / "tokenizer.json", renamed)
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(renamed)) == "my-org-model.json"
+    shutil.copytree(hf_tokenizer, tmp_path / "bert-tiny" / "model")
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(tmp_path / "bert-tiny" / "model"))) == "bert-tiny/model"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer("default")) == "chatenv/bytes"
+    assert chatenv._tokenizer_name(EncodeOnlyTokenizer()) == "EncodeOnlyTokenizer"  # an object, nameless
 
 
 def test_real_tokenizer_without_chat_template_falls_back_to_encode(hf_tokenizer):
@@ -2301,11 +2317,12 @@ def test_cli_environment_fallbacks_openenv_names():
 
 
 def test_cli_console_script_and_module_forms():
-    script = shutil.which("chatenv")  # installed by `pip install -e .`
-    assert script, "the chatenv console script is not installed"
+    # installed by `pip install -e .` beside this interpreter: found there, the venv need not be active
+    script = Path(sys.executable).parent / ("chatenv.exe" if os.name == "nt" else "chatenv")
+    assert script.is_file(), f"the chatenv console script is not installed beside {sys.executable}"
     for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
                  [sys.executable, str(HERE / "chatenv.py"), "--version"]):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
 
 
@@ -2323,7 +2340,7 @@ def test_cli_help_and_bad_tokenizer():
         busy.listen()
         out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
                              capture_output=True, text=True, timeout=20)
-    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_serves_a_real_tokenizer_folder(hf_tokenizer):
