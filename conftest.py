@@ -9,6 +9,8 @@ support_chatenv instead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import random
 import socket
@@ -311,3 +313,41 @@ def make_client(request):
     yield make
     for client in made:
         client.close()
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's releases: their venvs built on first use, before the tests that need them
+# ------------------------------------------------------------------------------
+
+# The tests that run OpenEnv in its venvs: a file of them, and a fixture elsewhere
+_OPENENV_FILES, _OPENENV_FIXTURES = {"test_openenv.py"}, {"openenv_pinging"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Build each OpenEnv release's venv that is missing, when a collected test needs one.
+
+    The first run takes a few minutes (pip installs both releases, in parallel); later
+    runs find them ready. Where they go is printed (CHATENV_VENVS moves them). A build
+    that fails is reported and left to the tests, which then fail saying what is missing.
+    """
+    if not any(item.path.name in _OPENENV_FILES or _OPENENV_FIXTURES & set(getattr(item, "fixturenames", ()))
+               for item in items):
+        return
+    missing = [release for release in support_chatenv.RELEASES if not support_chatenv.venv_ready(release)]
+    if not missing:
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter else print
+
+    def build(release):
+        try:
+            support_chatenv.create_venv(release, log=lambda line: say(f"OpenEnv venvs: {line}"))
+        except Exception as exc:  # no network, no pip: the tests that need it say so
+            say(f"OpenEnv venvs: {release}: could not build {support_chatenv.venv_dir(release)}: {exc}")
+
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        say(f"OpenEnv venvs: building {', '.join(missing)} under {support_chatenv.venv_dir(missing[0]).parent}"
+            " (first run only: a few minutes)")
+        with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
+            list(pool.map(build, missing))
