@@ -323,6 +323,7 @@ def make_client(request):
 _OPENENV_FILES, _OPENENV_FIXTURES = {"test_openenv.py"}, {"openenv_pinging"}
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(session, config, items):
     """Build each OpenEnv release's venv that is missing, when a collected test needs one.
 
