@@ -388,7 +388,10 @@ def load_tokenizer(spec: Any = None) -> Tokenizer:
 
     ``spec`` is None or "default" (embedded), a path to a ``tokenizer.json``
     (via ``tokenizers``), or a local directory or model name (via
-    ``transformers.AutoTokenizer``). Those libraries are imported only here.
+    ``transformers.AutoTokenizer``). Those libraries are imported only here. A model
+    name is looked for in the local Hugging Face cache first; only when it is not
+    there, and the Hub answers within _HUB_PROBE_S, is it downloaded. Each error
+    raised has a ``reason``: what is wrong, without the spec (``chatenv serve`` adds it).
     """
     if spec is None or (isinstance(spec, str) and spec.strip() in _DEFAULT_TOKENIZER_NAMES):
         return ByteTokenizer()
@@ -397,33 +400,140 @@ def load_tokenizer(spec: Any = None) -> Tokenizer:
         return spec
     path = os.fspath(spec)
     if path.endswith(".json") or os.path.isfile(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is not a file: a tokenizer.json was expected")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError(f"loading {path} needs the 'tokenizers' package: pip install tokenizers") from None
-        try:
-            tokenizer = Tokenizer.from_file(path)
-        except Exception as exc:  # tokenizers raises its own types, with the parser's reason
-            raise ValueError(f"{path} is not a tokenizer.json: {exc}") from None
-        tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
-        tokenizer.no_truncation()  # fixed length; a chat message is its own length
-        return tokenizer
+        return _load_tokenizer_json(path)
     if _is_path(path) and not os.path.exists(path):  # else transformers reports a bad model name
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
+        raise _load_error(FileNotFoundError, f"tokenizer path not found: {path}", "no such file or directory")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FOLDER_FILES):
+        missing = " or ".join(_TOKENIZER_FOLDER_FILES)
+        raise _load_error(ValueError, f"{path} is not a tokenizer folder: it has no {missing}",
+                          f"not a tokenizer folder (no {missing} in it)")
+    needs = _load_error(ImportError, f"loading tokenizer {path!r} needs the 'transformers' package: pip install "
+                        "transformers", "needs the 'transformers' package: pip install transformers")
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise needs
+    cached = os.path.isdir(path) or _in_hub_cache(path)
+    if not cached and (why := _no_download()):  # fail before transformers' import and retries
+        raise _load_error(ValueError, f"cannot load tokenizer {path!r}: not in the local Hugging Face cache, and "
+                          f"{why}", f"not in the local Hugging Face cache, and {why}")
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ImportError(
-            f"loading tokenizer {path!r} needs the 'transformers' package: pip install transformers"
-        ) from None
+        raise needs from None
+    if cached:
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises many types: a bad folder, a broken file
+            if os.path.isdir(path) or not isinstance(exc, OSError):  # OSError: files missing from the cache
+                what = "not a tokenizer folder" if os.path.isdir(path) else "cannot load it"
+                raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                                  f"{what} ({_one_line(exc)})") from exc
+            if why := _no_download():
+                raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                                  f"not all in the local Hugging Face cache, and {why}") from exc
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers raises many types; say which spec failed
-        raise ValueError(f"cannot load tokenizer {path!r}: {exc}") from exc
+    except Exception as exc:
+        raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                          f"cannot load it ({_one_line(exc)})") from exc
+
+
+def _load_tokenizer_json(path: str) -> Tokenizer:
+    """A ``tokenizer.json`` through ``tokenizers``, padding and truncation off."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4096).lstrip()
+    except FileNotFoundError:
+        raise _load_error(FileNotFoundError, f"tokenizer path not found: {path}", "no such file or directory") from None
+    except IsADirectoryError:
+        raise _load_error(ValueError, f"{path} is a directory: a tokenizer.json was expected",
+                          "is a directory, where a tokenizer.json was expected") from None
+    except OSError as exc:
+        raise _load_error(ValueError, f"cannot read {path}: {exc}", f"cannot be read ({exc.strerror})") from None
+    if not start.startswith(b"{"):  # not JSON: say so whether or not tokenizers is installed
+        raise _load_error(ValueError, f"{path} is not a tokenizer.json: not a JSON object",
+                          "not a tokenizer.json (not a JSON object)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise _load_error(ImportError, f"loading {path} needs the 'tokenizers' package: pip install tokenizers",
+                          "needs the 'tokenizers' package: pip install tokenizers") from None
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises its own types, with the parser's reason
+        raise _load_error(ValueError, f"{path} is not a tokenizer.json: {exc}",
+                          f"not a tokenizer.json ({_one_line(exc)})") from None
+    tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
+    tokenizer.no_truncation()  # fixed length; a chat message is its own length
+    try:
+        tokenizer.name_or_path = path  # what /metadata names it by (_tokenizer_name), as transformers' have
+    except AttributeError:  # a tokenizers release whose objects take no attributes
+        pass
+    return tokenizer
+
+
+def _load_error(kind: type, message: str, reason: str) -> Exception:
+    """An error of load_tokenizer: ``message`` for Python callers, ``.reason`` (what is
+    wrong, without the spec) for ``chatenv serve``'s one line, which adds the value."""
+    error = kind(message)
+    error.reason = reason
+    return error
+
+
+# How long load_tokenizer waits to learn whether the Hugging Face Hub answers, before
+# downloading a model that is not in the local cache (offline, its client retries ~45 s)
+_HUB_PROBE_S = 3.0
+_TRUE = {"1", "true", "yes", "on"}  # how the Hugging Face libraries spell a set flag
+# A folder transformers can load a tokenizer from holds at least one of these
+_TOKENIZER_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a model name has a folder in the local Hugging Face cache (downloaded once)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return False
+    return os.path.isdir(os.path.join(HF_HUB_CACHE, "models--" + name.replace("/", "--")))
+
+
+def _no_download() -> str | None:
+    """Why a model cannot be downloaded now ("HF_HUB_OFFLINE is set", "huggingface.co
+    cannot be reached"), or None to try."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in _TRUE:
+            return f"{variable} is set"
+    host = _hub_unreachable()
+    return f"{host} cannot be reached" if host else None
+
+
+def _hub_unreachable(timeout: float = _HUB_PROBE_S) -> str | None:
+    """None when a TCP connection to the Hub (HF_ENDPOINT), or to the HTTPS proxy that
+    reaches it, opens within ``timeout``; else the host that did not answer."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    hub = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = hub
+    proxy = urllib.request.getproxies().get(hub.scheme)
+    if proxy and not urllib.request.proxy_bypass(hub.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, name="chatenv-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if opened else address[0]
 
 
 def _is_path(spec: str) -> bool:
@@ -2087,14 +2197,22 @@ class ChatServer:
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
 
 
+# Last parts of a tokenizer's path that name nothing a user would recognise on their own:
+# /metadata shows the folder above them too ("qwen/tokenizer.json", not "tokenizer.json")
+_GENERIC_PATH_PARTS = {"model", "models", "tokenizer", "tokenizer.json"}
+
+
 def _tokenizer_name(tokenizer: Tokenizer) -> str:
-    """A tokenizer's model name; of a local path, only its last part (HTTP answers show it)."""
+    """A tokenizer's model name; of a local path, only its last part, or its last two when
+    the last is generic (HTTP answers show it: never a full path)."""
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
     if not isinstance(name, str) or not name:
         return type(tokenizer).__name__
-    if os.path.isabs(name) or os.path.exists(name):
-        return os.path.basename(name.rstrip("/" + os.sep)) or type(tokenizer).__name__
-    return name
+    if not (os.path.isabs(name) or os.path.exists(name)):
+        return name  # a model name: "gpt2", "org/model"
+    parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".", "..")]
+    shown = parts[-2:] if len(parts) > 1 and parts[-1].lower() in _GENERIC_PATH_PARTS else parts[-1:]
+    return "/".join(shown) or type(tokenizer).__name__
 
 
 class _LargeReply:
@@ -5838,7 +5956,8 @@ def _parser() -> Any:
                            help="TCP port, 0 for a free one [CHATENV_PORT] (default: 8000)")
     serve_cmd.add_argument("--tokenizer",
                            help="'default' (embedded, byte-level), a tokenizer.json, a local directory "
-                           "or a model name for transformers [CHATENV_TOKENIZER, TOKENIZER_NAME]")
+                           "or a model name for transformers (the local cache first) "
+                           "[CHATENV_TOKENIZER, TOKENIZER_NAME]")
     serve_cmd.add_argument("--system-prompt",
                            help="first message of every episode [CHATENV_SYSTEM_PROMPT, SYSTEM_PROMPT]")
     serve_cmd.add_argument("--max-sessions", type=_flag_type(_at_least_one),
@@ -5908,10 +6027,9 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
     try:
         tokenizer = load_tokenizer(spec)
     except (ImportError, OSError, ValueError, TypeError) as exc:
-        given = getattr(args, "tokenizer", None) is not None
-        source = "argument --tokenizer" if given else next(
-            v for v in _ENV_FALLBACKS["tokenizer"] if os.environ.get(v))
-        raise _ConfigError(f"{source}: {_one_line(exc)}") from None
+        reason = getattr(exc, "reason", None) or _one_line(exc)
+        shown = _preview(spec, 1024)  # a path: whole, its last part is what tells
+        raise _ConfigError(f"{_source(args, 'tokenizer')}: {reason}, not {shown}") from None
     options = dict(
         host=value["host"], port=value["port"], system_prompt=value["system_prompt"],
         max_sessions=value["max_sessions"], max_named_sessions=value["max_named_sessions"],
@@ -5923,6 +6041,28 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         allow_origins=value["allow_origins"], allow_hosts=value["allow_hosts"],
     )
     return tokenizer, options
+
+
+def _source(args: Any, name: str) -> str:
+    """Where a setting's value came from, as its error names it: its flag (argparse's
+    spelling, "argument --port") when given or defaulted, else the variable that set it."""
+    if getattr(args, name, None) is None:
+        for variable in _ENV_FALLBACKS[name]:
+            if os.environ.get(variable):
+                return variable
+    return f"argument --{name.replace('_', '-')}"
+
+
+def _listen_error(exc: OSError, args: Any, options: dict[str, Any]) -> str:
+    """The one line (without "chatenv: error: ") for a server that could not listen."""
+    import errno
+
+    host, port = options["host"], options["port"]
+    if exc.errno == errno.EADDRINUSE:
+        return f"{_source(args, 'port')}: already in use on {host}, not {_preview(str(port))}"
+    if exc.errno == errno.EACCES:
+        return f"{_source(args, 'port')}: not allowed here ({_one_line(exc)}), not {_preview(str(port))}"
+    return f"{_source(args, 'host')}: cannot listen there ({_one_line(exc)}), not {_preview(host)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5951,9 +6091,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatenv: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # could not listen: the port is taken, the host unknown
-        print(f"chatenv: error: cannot listen on {options['host']}:{options['port']}: {_one_line(exc)}",
-              file=sys.stderr)
-        return 1
+        print(f"chatenv: error: {_listen_error(exc, args, options)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

@@ -159,7 +159,7 @@ def require_venv(release: str) -> Path:
     if not venv_ready(release):
         raise VenvMissing(
             f"OpenEnv {release} is not installed in {venv_dir(release)}: build the venvs with "
-            f"`python {HERE / 'support_chatenv.py'} venvs` (CI does; the tests need both releases)"
+            f"`python {HERE / 'support_chatenv.py'} venvs` (the test suite builds them on first use)"
         )
     return venv_python(release)
 

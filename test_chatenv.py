@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -61,6 +62,7 @@ from chatenv import (
 )
 from chatenv import _AWAIT_CLOSE, _CONNECT, _RETURN, _SEND, _Closed, _ClientCore, _Unsolicited
 from conftest import (
+    CHAT_TEMPLATE,
     HERE,
     SHUTDOWN_S,
     SLACK,
@@ -290,46 +292,60 @@ def test_optional_libraries_are_not_imported_by_the_module():
     assert out.stdout.strip() == "[]"
 
 
-SIMPLE_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-
-
-def test_load_tokenizer_real_hf_folder_and_tokenizer_json(minilm):
+def test_load_tokenizer_real_hf_folder_and_tokenizer_json(hf_tokenizer, hf_chat_tokenizer):
     import tokenizers
     import transformers
 
-    from_folder = chatenv.load_tokenizer(str(minilm))
+    from_folder = chatenv.load_tokenizer(str(hf_tokenizer))
     assert isinstance(from_folder, transformers.PreTrainedTokenizerBase)
-    assert from_folder.chat_template is None  # a BERT tokenizer: no chat template
-    from_file = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert from_folder.chat_template is None  # none in its tokenizer_config.json
+    from_file = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     assert isinstance(from_file, tokenizers.Tokenizer)
-    assert from_file.get_vocab_size() == len(from_folder) == 30522
+    vocabulary = json.loads((hf_tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
+    assert from_file.get_vocab_size() == len(from_folder) == len(vocabulary)
+    assert chatenv.load_tokenizer(str(hf_chat_tokenizer)).chat_template == CHAT_TEMPLATE
 
 
-def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
+def test_metadata_names_a_loaded_tokenizer_as_a_user_would(hf_tokenizer, tmp_path):
+    """/metadata's name: a path's last part, with the folder above a generic one, never a full
+    path nor a class name (it named a tokenizer.json "Tokenizer", a folder called model "model")."""
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(hf_tokenizer))) == "wordpiece"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")) == "wordpiece/tokenizer.json"
+    renamed = tmp_path / "home" / "alice" / "my-org-model.json"
+    renamed.parent.mkdir(parents=True)
+    shutil.copy(hf_tokenizer / "tokenizer.json", renamed)
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(renamed)) == "my-org-model.json"
+    shutil.copytree(hf_tokenizer, tmp_path / "bert-tiny" / "model")
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(tmp_path / "bert-tiny" / "model"))) == "bert-tiny/model"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer("default")) == "chatenv/bytes"
+    assert chatenv._tokenizer_name(EncodeOnlyTokenizer()) == "EncodeOnlyTokenizer"  # an object, nameless
+
+
+def test_real_tokenizer_without_chat_template_falls_back_to_encode(hf_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_tokenizer))
     message = {"role": "user", "content": "Hello World"}
     # transformers itself refuses the chat template path for this tokenizer
     with pytest.raises(ValueError, match="chat_template"):
         tok.apply_chat_template(conversation=[message], tokenize=True)
     action = ChatEnv.message_to_action(message, tok)
     assert action.tokens == tok.encode("user: Hello World\n")
-    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased by BERT
+    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased, as BERT does
     assert ChatEnvironment(tok).message_to_action(message) == action
 
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
+    tk = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
     action = AsyncChatEnv.message_to_action(message, tk)
     assert all(type(i) is int for i in action.tokens)
     assert tk.decode(action.tokens, skip_special_tokens=True) == "user : hello world"
 
 
-def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
-    # a sentence-transformers tokenizer.json pads every encoding to 128 ids and cuts at
-    # 128: load_tokenizer turns both off, so an action holds the message's own ids
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
+def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(hf_tokenizer):
+    # the test tokenizer.json, like sentence-transformers' ones, pads every encoding to
+    # 128 ids and cuts at 128: load_tokenizer turns both off, so an action holds the message's own ids
+    tk = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     pad_id = tk.token_to_id("[PAD]")
     action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
     assert pad_id not in action.tokens
-    same_vocab = chatenv.load_tokenizer(str(minilm))  # transformers, which turns padding off
+    same_vocab = chatenv.load_tokenizer(str(hf_tokenizer))  # transformers, which turns padding off
     assert action.tokens == same_vocab.encode("user: Hello World\n")
     long_text = " ".join(["hello"] * 200) + " goodbye"
     action = ChatEnv.message_to_action({"role": "user", "content": long_text}, tk)
@@ -338,12 +354,11 @@ def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(min
     assert pad_id not in env.observation().tokens
 
 
-def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
+def test_real_tokenizer_chat_template_batch_encoding_is_normalised(hf_chat_tokenizer):
     import numpy
     import transformers
 
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
+    tok = chatenv.load_tokenizer(str(hf_chat_tokenizer))  # its template comes from tokenizer_config.json
     message = {"role": "user", "content": "Hello World"}
     result = tok.apply_chat_template(conversation=[message], tokenize=True)
     if int(transformers.__version__.split(".")[0]) >= 5:
@@ -367,9 +382,8 @@ def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
 
 
 @pytest.fixture
-def real_server(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
+def real_server(hf_chat_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_chat_tokenizer))
     with serve_in_thread(tok, system_prompt="You are brief.") as url:
         yield url, tok
 
@@ -414,13 +428,13 @@ def test_real_tokenizer_undecodable_id_is_an_execution_error(real_server, bad_id
         assert env.step(hello_ids).observation.messages[-1]["content"] == "hello world"
 
 
-def test_load_tokenizer_missing_library_is_a_clear_import_error(minilm, monkeypatch):
+def test_load_tokenizer_missing_library_is_a_clear_import_error(hf_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"'transformers' package.*pip install"):
-        chatenv.load_tokenizer(str(minilm))
+        chatenv.load_tokenizer(str(hf_tokenizer))
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r"'tokenizers' package.*pip install"):
-        chatenv.load_tokenizer(minilm / "tokenizer.json")
+        chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)  # the embedded one needs neither
 
 
@@ -2333,11 +2347,12 @@ def test_cli_environment_fallbacks_openenv_names():
 
 
 def test_cli_console_script_and_module_forms():
-    script = shutil.which("chatenv")  # installed by `pip install -e .`
-    assert script, "the chatenv console script is not installed"
+    # installed by `pip install -e .` beside this interpreter: found there, the venv need not be active
+    script = Path(sys.executable).parent / ("chatenv.exe" if os.name == "nt" else "chatenv")
+    assert script.is_file(), f"the chatenv console script is not installed beside {sys.executable}"
     for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
                  [sys.executable, str(HERE / "chatenv.py"), "--version"]):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
 
 
@@ -2355,15 +2370,15 @@ def test_cli_help_and_bad_tokenizer():
         busy.listen()
         out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
                              capture_output=True, text=True, timeout=20)
-    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_serves_a_real_tokenizer_folder(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
+def test_cli_serves_a_real_tokenizer_folder(hf_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_tokenizer))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
+    proc, url = _start_cli("--tokenizer", str(hf_tokenizer), "--system-prompt", "Be brief.", env=env, ready_s=60)
     try:
-        assert http_get(url + "/metadata")[1]["tokenizer"] == minilm.name  # no filesystem path
+        assert http_get(url + "/metadata")[1]["tokenizer"] == hf_tokenizer.name  # no filesystem path
         with ChatEnv(url) as client:
             result = client.reset()
             assert result.observation.messages == [{"role": "system", "content": "Be brief."}]

@@ -1277,7 +1277,7 @@ def openenv_pinging(request):
     that does not answer within 0.2 s (20 + 20 s by default)."""
     import support_chatenv
 
-    python = support_chatenv.require_venv(request.param)  # CI builds the venvs; a missing one fails
+    python = support_chatenv.require_venv(request.param)  # the suite builds the venvs first; a missing one fails
     code = _OPENENV_PEER.format(here=str(HERE), interval=0.2, timeout=0.2)
     proc = subprocess.Popen([str(python), "-c", code], stdout=subprocess.PIPE, text=True)
     try:

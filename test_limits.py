@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -490,9 +491,92 @@ def test_install_hints_name_the_package_needed(monkeypatch, tmp_path):
 
     (tmp_path / "tokenizer.json").write_text("{}")
     monkeypatch.setattr(builtins, "__import__", no_hf)
+    for name in ("tokenizers", "transformers"):  # and not found: load_tokenizer looks before importing
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"pip install tokenizers$"):
         chatenv.load_tokenizer(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ImportError, match=r"pip install transformers$"):
         chatenv.load_tokenizer("some-org/some-model")
     with pytest.raises(FileNotFoundError, match="tokenizer path not found: /no/such/dir"):
         chatenv.load_tokenizer("/no/such/dir")
+    with pytest.raises(ValueError, match="not a tokenizer.json"):  # not "needs the package": it is no tokenizer
+        chatenv.load_tokenizer("/etc/passwd")
+
+
+# The README's promise for every start-up failure: one line, this shape, exit status 2
+_ONE_LINE = re.compile(r"chatenv: error: (argument )?(?P<name>[-A-Z_a-z]+): (?P<what>.+), not (?P<value>'.*')")
+
+
+def _serve_fails(*flags, timeout=60, **variables):
+    """Run `chatenv serve` with these flags and variables, expecting it to refuse to start:
+    (the one line's parts, the seconds it took)."""
+    env = dict(_without_chatenv_variables(), **variables)
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "chatenv", "serve", *flags], capture_output=True, text=True,
+                         env=env, cwd=HERE, timeout=timeout)
+    took = time.monotonic() - started
+    assert out.returncode == 2 and out.stdout == "", (out.returncode, out.stdout, out.stderr)
+    lines = [line for line in out.stderr.splitlines() if not line.startswith("[transformers]")]  # its import notice
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    match = _ONE_LINE.fullmatch(lines[0])
+    assert match, lines[0]
+    return match, took
+
+
+def test_cli_missing_tokenizer_path_is_one_line_and_exit_2():
+    for spec in ("/nonexistent/tok.json", "/nonexistent/model-folder"):
+        match, _ = _serve_fails("--port", "0", "--tokenizer", spec)
+        assert match.group("name", "what", "value") == ("--tokenizer", "no such file or directory", repr(spec))
+
+
+def test_cli_file_that_is_not_a_tokenizer_says_so_and_exit_2(tmp_path):
+    match, _ = _serve_fails("--port", "0", "--tokenizer", "/etc/passwd")
+    assert match.group("name", "what", "value") == ("--tokenizer", "not a tokenizer.json (not a JSON object)",
+                                                    "'/etc/passwd'")
+    (tmp_path / "tokenizer.json").write_text(_NOT_A_TOKENIZER)  # JSON, but not a tokenizer's
+    match, _ = _serve_fails("--port", "0", **{"CHATENV_TOKENIZER": str(tmp_path / "tokenizer.json")})
+    assert match["name"] == "CHATENV_TOKENIZER" and match["what"].startswith("not a tokenizer.json (")
+    match, _ = _serve_fails("--port", "0", "--tokenizer", str(tmp_path))  # a folder without a tokenizer
+    assert match["what"].startswith("not a tokenizer folder (") and match["value"] == repr(str(tmp_path))
+    # Without the tokenizers package, a file that is not JSON is still "not a tokenizer"
+    code = ("import sys; sys.modules['tokenizers'] = sys.modules['transformers'] = None; import chatenv; "
+            "sys.exit(chatenv.main(['serve', '--port', '0', '--tokenizer', '/etc/passwd']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=60,
+                         env=_without_chatenv_variables())
+    assert out.returncode == 2 and out.stderr == (
+        "chatenv: error: argument --tokenizer: not a tokenizer.json (not a JSON object), not '/etc/passwd'\n")
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        match, _ = _serve_fails("--port", str(port))
+        assert match.group("name", "what", "value") == ("--port", "already in use on 127.0.0.1", f"'{port}'")
+        match, _ = _serve_fails(CHATENV_PORT=str(port))
+        assert match.group("name", "value") == ("CHATENV_PORT", f"'{port}'")
+        match, _ = _serve_fails("--port", str(port), "--workers", "2")  # the supervisor binds: the same line
+        assert match.group("name", "what") == ("--port", "already in use on 127.0.0.1")
+
+
+# The README's bound for a model name that is not here and cannot be downloaded
+_MODEL_NOT_HERE_S = 10
+
+
+def test_cli_model_name_not_available_offline_fails_within_10_s(tmp_path):
+    pytest.importorskip("transformers")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: a Hub that refuses at once, on loopback
+    hub = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    no_proxy = {name: "" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy")}
+    try:
+        for variables, why in (({"HF_ENDPOINT": hub}, "127.0.0.1 cannot be reached"),
+                               ({"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set")):
+            match, took = _serve_fails("--port", "0", "--tokenizer", "gpt2", HF_HUB_CACHE=str(tmp_path),
+                                       **no_proxy, **variables)
+            assert match.group("name", "what", "value") == (
+                "--tokenizer", f"not in the local Hugging Face cache, and {why}", "'gpt2'")
+            assert took < _MODEL_NOT_HERE_S, took
+    finally:
+        closed.close()

@@ -6,7 +6,7 @@ against a chatenv server; chatenv's clients against the OpenEnv peer (chat_env
 on OpenEnv's API, served by uvicorn in each venv); chatenv's frames against the
 frames recorded from OpenEnv's own chat_env (``recordings/``); OpenEnv's
 validator and launchers against chatenv. This process never imports OpenEnv.
-CI builds the venvs (``python support_chatenv.py venvs``): a missing one fails.
+The suite builds the venvs on first use (conftest.py): a missing one fails.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from conftest import (
     ask,
     free_port,
     http_get,
-    minilm_dir,
     raw,
     wait_until,
     ws_frame,
@@ -1710,10 +1709,10 @@ def test_the_asgi_app_makes_the_same_origin_and_host_decisions_under_uvicorn(tmp
         proc.communicate(timeout=10)
 
 
-def test_unauthenticated_http_answers_reveal_no_filesystem_path(tmp_path):
+def test_unauthenticated_http_answers_reveal_no_filesystem_path(tmp_path, hf_tokenizer):
     pytest.importorskip("transformers")
-    private = tmp_path / "home-of-alice" / "private-models" / "minilm"
-    shutil.copytree(minilm_dir(), private)
+    private = tmp_path / "home-of-alice" / "private-models" / "wordpiece"
+    shutil.copytree(hf_tokenizer, private)
     with serve_in_thread(tokenizer=str(private)) as url:
         port = port_of(url)
         answers = [raw_http(port, http_request("GET", path))[1] for path in
@@ -1726,7 +1725,7 @@ def test_unauthenticated_http_answers_reveal_no_filesystem_path(tmp_path):
                             {"type": "state"}):
                 ws.send(message if isinstance(message, str) else json.dumps(message))
                 answers.append(ws.recv(timeout=TIMEOUT).encode())
-    assert b"minilm" in answers[1]  # /metadata names the tokenizer: its last part only
+    assert b"wordpiece" in answers[1]  # /metadata names the tokenizer: its last part only
     for answer in answers:
         assert b"home-of-alice" not in answer and b"private-models" not in answer, answer[:300]
         assert str(tmp_path).encode() not in answer
