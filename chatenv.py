@@ -2886,7 +2886,9 @@ def serve(tokenizer: Tokenizer | str | None = None, workers: int = 1, loop: str 
 
 
 # Workers: `chatenv serve --workers N` runs N ordinary servers on one port, forked
-# from a supervisor that restarts those that die and passes SIGTERM/SIGINT on. On
+# from a supervisor that restarts those that die or stop answering and passes
+# SIGTERM/SIGINT on. Each worker's event loop writes a heartbeat byte to its own pipe;
+# a worker silent too long (stopped, or its loop wedged) is killed and replaced. On
 # Linux each worker listens on its own SO_REUSEPORT socket, so the kernel spreads
 # connections over them evenly; elsewhere all accept from one listening socket
 # that the supervisor binds and the workers inherit
@@ -2894,6 +2896,9 @@ _REUSE_PORT = sys.platform.startswith("linux")  # BSD/macOS SO_REUSEPORT does no
 _WORKER_STABLE_S = 5.0  # a worker that ran this long was not crash-looping: restart it at once
 _RESTART_DELAY_S = (0.1, 10.0)  # a crash-looping worker's restart delay: doubles from the first to the last
 _WORKER_STOP_S = 5.0  # after SIGTERM, a worker still closing its sessions this long is killed
+_HEARTBEAT_S = 0.5  # a worker's event loop writes a byte to its supervisor this often
+_WORKER_SILENT_S = 4.0  # a worker whose loop wrote nothing this long is stopped or wedged: killed, replaced
+_STOPPING_SILENT_S = 1.0  # while stopping, a worker silent this long will not act on SIGTERM: killed
 
 
 def _note_signal(signum: int, frame: Any) -> None:
@@ -2920,6 +2925,8 @@ class _Supervisor:
         self.sock: Any = None  # with reuse_port the port's reservation (bound, never listening), else the listener
         self.address: Any = None  # (family, address) every worker binds
         self.pids: dict[int, tuple[int, float]] = {}  # live workers: pid -> (slot, started at)
+        self.beats: dict[int, int] = {}  # heartbeat pipes' read ends: fd -> worker pid (closed at EOF)
+        self.heard: dict[int, float] = {}  # live workers: pid -> when its loop last wrote (or it started)
         self.failures = [0] * workers  # per slot: deaths in a row that came soon after a start
         self.due: dict[int, float] = {}  # slots waiting for a restart: slot -> when
         self.stopping = False
@@ -2949,11 +2956,14 @@ class _Supervisor:
             logger.info("supervisor pid %d: %d workers on %s (%s)", os.getpid(), self.workers, self.server.url,
                         "a SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
             while True:
-                received = self._wait(min([1.0, *(when - self._now() for when in self.due.values())]))
+                now = self._now()
+                received = self._wait(min([1.0, *(when - now for when in self.due.values()),
+                                           *(heard + _WORKER_SILENT_S - now for heard in self.heard.values())]))
                 if received & stop_signals:
                     name = signal.Signals(min(received & stop_signals)).name
                     logger.info("received %s: stopping %d workers", name, len(self.pids))
                     break
+                self._kill_silent(_WORKER_SILENT_S)
                 self._reap()
                 for slot, when in list(self.due.items()):
                     if when <= self._now():
@@ -2976,10 +2986,10 @@ class _Supervisor:
         return time.monotonic()
 
     def _close(self) -> None:
-        for fd in self.pipe:
+        for fd in [*self.pipe, *self.beats]:
             if fd != -1:
                 os.close(fd)
-        self.pipe = (-1, -1)
+        self.pipe, self.beats = (-1, -1), {}
         self.sock.close()
 
     def _socket(self, listen: bool, reuse_port: bool) -> Any:
@@ -3019,13 +3029,24 @@ class _Supervisor:
 
     def _spawn(self, slot: int) -> None:
         supervisor = os.getpid()
-        pid = os.fork()
+        beat_read, beat_write = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(beat_read)
+            os.close(beat_write)
+            raise
         if pid == 0:
-            self._work(supervisor)  # never returns
+            os.close(beat_read)
+            self._work(supervisor, beat_write)  # never returns
+        os.close(beat_write)
+        os.set_blocking(beat_read, False)
+        self.beats[beat_read] = pid
         self.pids[pid] = (slot, self._now())
+        self.heard[pid] = self._now()
         logger.debug("worker %d started: pid %d", slot, pid)
 
-    def _work(self, supervisor: int) -> None:
+    def _work(self, supervisor: int, heartbeat: int) -> None:
         """The worker, in the child: an ordinary server on the supervisor's port. Exits, never returns."""
         import asyncio
         import signal
@@ -3035,14 +3056,15 @@ class _Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
-            for fd in self.pipe:
+            for fd in [*self.pipe, *self.beats]:  # the supervisor's ends, other workers' heartbeats
                 os.close(fd)
+            os.set_blocking(heartbeat, False)
             if self.reuse_port:
                 self.server.sock = self._socket(listen=True, reuse_port=True)
                 self.sock.close()  # the reservation stays the supervisor's
             else:
                 self.server.sock = self.sock
-            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor))
+            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor, heartbeat))
             code = 0
         except BaseException:
             logger.exception("worker pid %d failed", os.getpid())
@@ -3051,14 +3073,42 @@ class _Supervisor:
             os._exit(code)  # never unwind into the supervisor's caller
 
     def _wait(self, timeout: float) -> set[int]:
-        """Sleep until a signal comes or ``timeout`` passes; the signals that came."""
+        """Sleep until a signal or a heartbeat comes or ``timeout`` passes; the signals that came."""
         import select
 
-        select.select([self.pipe[0]], [], [], max(0.0, timeout))
+        readable, _, _ = select.select([self.pipe[0], *self.beats], [], [], max(0.0, timeout))
+        now = self._now()
+        for fd in readable:
+            if fd == self.pipe[0]:
+                continue
+            pid = self.beats[fd]
+            try:
+                beat = os.read(fd, 512)
+            except BlockingIOError:
+                continue
+            if beat:
+                if pid in self.heard:
+                    self.heard[pid] = now
+            else:  # the worker is gone: its reaping follows its SIGCHLD
+                del self.beats[fd]
+                os.close(fd)
         try:
             return set(os.read(self.pipe[0], 512))
         except BlockingIOError:
             return set()
+
+    def _kill_silent(self, silent_s: float) -> None:
+        """SIGKILL each worker whose event loop has written nothing for ``silent_s``: stopped
+        or wedged, it holds its share of the port's connections and answers none (reaped next)."""
+        import signal
+
+        now = self._now()
+        for pid, heard in list(self.heard.items()):
+            if now - heard > silent_s:
+                del self.heard[pid]
+                logger.error("worker pid %d has not answered for %.1f s (stopped, or its event loop is "
+                             "blocked): killing it", pid, now - heard)
+                self._kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         """Collect dead workers; schedule their restarts, later for each quick death in a row."""
@@ -3074,6 +3124,7 @@ class _Supervisor:
             if pid not in self.pids:
                 continue
             slot, started = self.pids.pop(pid)
+            self.heard.pop(pid, None)
             if self.stopping:
                 continue
             lived = self._now() - started
@@ -3087,16 +3138,25 @@ class _Supervisor:
             self.due[slot] = self._now() + delay
 
     def _stop(self, stop_signals: set[int]) -> None:
-        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers."""
+        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers.
+
+        A stopped worker is continued so it acts on the SIGTERM; one whose loop stays
+        silent (wedged) is killed, so stopping takes no longer than the workers' closing.
+        """
         import signal
 
         self.stopping = True
         self.due.clear()
+        now = self._now()
         for pid in self.pids:
             self._kill(pid, signal.SIGTERM)
-        deadline = self._now() + _WORKER_STOP_S
+            self._kill(pid, signal.SIGCONT)
+            if pid in self.heard:
+                self.heard[pid] = now  # a closing loop still beats: it has _STOPPING_SILENT_S from now to show it
+        deadline = now + _WORKER_STOP_S
         while self.pids and self._now() < deadline:
             received = self._wait(min(0.1, deadline - self._now()))
+            self._kill_silent(_STOPPING_SILENT_S)
             self._reap()
             if received & stop_signals:
                 break  # asked again: do not wait
@@ -3117,8 +3177,9 @@ class _Supervisor:
             pass
 
 
-async def _serve_worker(server: ChatServer, supervisor: int) -> None:
-    """A worker's server, which also stops within a second of its supervisor dying."""
+async def _serve_worker(server: ChatServer, supervisor: int, heartbeat: int) -> None:
+    """A worker's server: its loop writes a heartbeat byte to ``heartbeat`` (a pipe to the
+    supervisor) every _HEARTBEAT_S, and it stops within a second of its supervisor dying."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -3127,11 +3188,20 @@ async def _serve_worker(server: ChatServer, supervisor: int) -> None:
         if os.getppid() != supervisor:
             logger.warning("worker pid %d: the supervisor is gone, stopping", os.getpid())
             asyncio.ensure_future(server.close())
-        else:
-            loop.call_later(1.0, watch)
+            return
+        try:
+            os.write(heartbeat, b".")
+        except BlockingIOError:  # the supervisor has not read the last ones yet
+            pass
+        except OSError:  # the supervisor closed its end: it is stopping, or gone (seen next turn)
+            pass
+        loop.call_later(_HEARTBEAT_S, watch)
 
-    loop.call_later(1.0, watch)
-    await _serve_until_signalled(server)
+    watch()
+    try:
+        await _serve_until_signalled(server)
+    finally:
+        os.close(heartbeat)
 
 
 class ServerURL(str):
