@@ -3269,13 +3269,43 @@ class serve_in_thread:
 
 # The ASGI application: the same protocol and sessions under any ASGI server. OpenEnv's
 # cloud launchers run `python -m uvicorn <app> --host 0.0.0.0 --port 8000`; the native
-# server above stays the default and the faster path
+# server above stays the default and the faster path. What the app holds is bound as the
+# native server bounds it: HTTP bodies count against max_buffered_bytes and must come
+# within open_timeout_s, a received message over max_message_bytes closes with 1009, and
+# a peer that stops reading is dropped after send_timeout_s. Handshakes, fragments,
+# pings and descriptors are the ASGI server's (the image sets uvicorn's UVICORN_* limits)
+_ASGI_EXPIRY_S = 1.0  # named sessions' expiry is checked on requests (the app has no timer), at most this often
+
+
+def _asgi_transport(send: Any) -> Any:
+    """The asyncio transport behind an ASGI server's ``send``, or None.
+
+    ASGI has no message for "this peer stopped reading: drop it". uvicorn's ``send``
+    is its protocol's bound method, whose ``transport`` is asyncio's: the app reads
+    its write buffer and aborts it, as the native server does after send_timeout_s.
+    Under another server (None) a send that does not finish in time ends the session.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    needed = ("abort", "get_write_buffer_size", "get_write_buffer_limits")
+    return transport if all(hasattr(transport, name) for name in needed) else None
 
 
 def _asgi_headers(scope: dict[str, Any]) -> Any:
     from websockets.datastructures import Headers
 
     return Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
+
+
+def _asgi_peer(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _asgi_unread(transport: Any, high: bool = False) -> bool:
+    """Whether a transport's write buffer is over its low-water mark (``high``: over its high one,
+    where the ASGI server's send waits): what the peer has not read yet."""
+    low, high_mark = transport.get_write_buffer_limits()
+    return transport.get_write_buffer_size() > (high_mark if high else low)
 
 
 def _asgi_loopback(scope: dict[str, Any]) -> bool:
@@ -3297,6 +3327,7 @@ class ASGIApp:
     def __init__(self, tokenizer: Tokenizer | str | None = None, **options: Any) -> None:
         self._configure = lambda: ChatServer(tokenizer, **options)
         self.server: ChatServer | None = None
+        self._expiry_due = 0.0  # when named sessions' expiry is next checked (server._clock)
 
     @classmethod
     def _from_environment(cls) -> ASGIApp:
@@ -3317,10 +3348,15 @@ class ASGIApp:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "http":
-            await self._http(self._server(), scope, receive, send)
+            return
+        server = self._server()
+        if server._named and server._clock() >= self._expiry_due:  # the native server's housekeeping does this
+            self._expiry_due = server._clock() + _ASGI_EXPIRY_S
+            server._expire_named_sessions()
+        if kind == "http":
+            await self._http(server, scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(self._server(), scope, receive, send)
+            await self._websocket(server, scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -3337,24 +3373,51 @@ class ASGIApp:
                 return
 
     async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, limit = bytearray(), server.max_message_bytes
+        import asyncio
+
+        body, limit, buffered = bytearray(), server.max_message_bytes, server.max_buffered_bytes
         refusal = server._http_refusal(scope["method"], _asgi_headers(scope), "?", _asgi_loopback(scope))
         if refusal is not None:  # a foreign Host or Origin: refused before the body is read
             status, payload = refusal[0], {"detail": refusal[1].strip()}
-        while refusal is None:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                return
-            body += event.get("body", b"")
-            if limit is not None and len(body) > limit:
-                status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
-                break
-            if not event.get("more_body"):
-                status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + server.open_timeout_s if server.open_timeout_s else None
+        held = 0  # of body, what counts against max_buffered_bytes (server._buffered_bytes, shared with native)
+        try:
+            while refusal is None:
+                try:
+                    event = await (receive() if deadline is None else
+                                   asyncio.wait_for(receive(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:  # a stalled body: the native server drops it after open_timeout_s
+                    status, payload = 408, {"detail": f"Request Timeout: the body did not come within "
+                                                      f"{server.open_timeout_s} s"}
+                    break
+                if event["type"] == "http.disconnect":
+                    return
+                chunk = event.get("body", b"")
+                body += chunk
+                if limit is not None and len(body) > limit:
+                    status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
+                    break
+                if not event.get("more_body"):
+                    status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
+                    break
+                held += len(chunk)
+                server._buffered_bytes += len(chunk)
+                if buffered is not None and server._buffered_bytes > buffered:
+                    server._log.log("refused a large message", 1, logging.WARNING,
+                                    "refused a large message from %s: incomplete messages would hold more than "
+                                    "max_buffered_bytes (%d)", _asgi_peer(scope), buffered)
+                    status, payload = 503, {"detail": "Service Unavailable: the server holds too much incoming "
+                                                      "data; try again later"}
+                    break
+        finally:
+            server._buffered_bytes -= held
+        del body
         data = payload if isinstance(payload, bytes) else _json_bytes(payload)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if status in (408, 413, 503):  # the rest of the body is not read: the connection goes with the answer
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
 
     async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -3362,8 +3425,7 @@ class ASGIApp:
 
         if (await receive())["type"] != "websocket.connect":
             return
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else "?"
+        peer = _asgi_peer(scope)
         headers = _asgi_headers(scope)
         refusal = server._handshake_refusal(headers, peer, _asgi_loopback(scope)) if scope["path"] == "/ws" \
             else (404, "", {})
@@ -3378,27 +3440,94 @@ class ASGIApp:
             await send({"type": "websocket.close", "code": 1000})
             return
         loop, requests, code, opened = asyncio.get_running_loop(), 0, 1006, server._clock()
+        limit, transport, unread = server.max_message_bytes, _asgi_transport(send), False
         try:
             while True:
-                event = await receive()
+                event = await (self._receive_while_unread(server, receive, transport) if unread else receive())
+                if event is None:  # the peer stopped reading: dropped
+                    return
                 if event["type"] == "websocket.disconnect":
                     code = event.get("code", 1000)
                     return
                 text = event.get("text")
                 frame = text if text is not None else event.get("bytes") or b""
+                if limit is not None and len(frame) > limit // 4 and (
+                        len(frame) > limit or len(text.encode() if text is not None else frame) > limit):
+                    code = _CLOSE_TOO_BIG  # the ASGI server's own limit (uvicorn's --ws-max-size) may be larger
+                    await self._send_within(server, send, transport, {
+                        "type": "websocket.close", "code": code,
+                        "reason": f"message over the server's limit of {limit} bytes"})
+                    return
                 if server.offload:
                     reply = await loop.run_in_executor(None, handle_frame, session, frame)
                 else:
                     reply = handle_frame(session, frame)
                 requests += 1
                 if reply.parts is not None:
-                    await send({"type": "websocket.send", "text": reply.data.decode()})
+                    if not await self._send_within(server, send, transport,
+                                                   {"type": "websocket.send", "text": reply.data.decode()}):
+                        return
+                    unread = transport is not None and _asgi_unread(transport)
                 if reply.close:
                     code = 1000
-                    await send({"type": "websocket.close", "code": 1000})
+                    await self._send_within(server, send, transport, {"type": "websocket.close", "code": 1000})
                     return
         finally:
             server._close_session(session, named_id, peer, code, requests, server._clock() - opened)
+
+    @staticmethod
+    async def _send_within(server: ChatServer, send: Any, transport: Any, message: dict[str, Any]) -> bool:
+        """Send, waiting at most send_timeout_s for a peer that does not read; False: it was dropped.
+
+        uvicorn's send waits while its transport's buffer is over the high-water
+        mark, so a session never has more than one reply queued beyond it.
+        """
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout or (transport is not None and not _asgi_unread(transport, high=True)):
+            await send(message)
+            return True
+        try:
+            await asyncio.wait_for(send(message), timeout)
+            return True
+        except asyncio.TimeoutError:
+            ASGIApp._drop_unread(server, transport, timeout)
+            return False
+
+    @staticmethod
+    async def _receive_while_unread(server: ChatServer, receive: Any, transport: Any) -> Any:
+        """The next event, while a reply is still unread in ``transport``'s buffer: a peer that
+        reads none of it for send_timeout_s is dropped (None), as the native server drops one."""
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        pending = asyncio.ensure_future(receive())
+        unread_since = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=min(1.0, timeout / 4))
+                if done:
+                    return pending.result()
+                if not _asgi_unread(transport):
+                    return await pending  # read down to the low-water mark: nothing left to watch
+                if loop.time() - unread_since > timeout:
+                    ASGIApp._drop_unread(server, transport, timeout)
+                    return None
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    @staticmethod
+    def _drop_unread(server: ChatServer, transport: Any, timeout: float) -> None:
+        server._log.log("client stopped reading", _LOG_LINES_PER_S, logging.INFO,
+                        "client stopped reading for %.0f s: dropping %s", timeout,
+                        "a connection" if transport is None else transport.get_extra_info("peername"))
+        if transport is not None:
+            transport.abort()
 
 
 def __getattr__(name: str) -> Any:
