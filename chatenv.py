@@ -3379,37 +3379,34 @@ class ASGIApp:
         refusal = server._http_refusal(scope["method"], _asgi_headers(scope), "?", _asgi_loopback(scope))
         if refusal is not None:  # a foreign Host or Origin: refused before the body is read
             status, payload = refusal[0], {"detail": refusal[1].strip()}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + server.open_timeout_s if server.open_timeout_s else None
+        deadline = asyncio.get_running_loop().time() + server.open_timeout_s if server.open_timeout_s else None
         held = 0  # of body, what counts against max_buffered_bytes (server._buffered_bytes, shared with native)
         try:
-            while refusal is None:
-                try:
-                    event = await (receive() if deadline is None else
-                                   asyncio.wait_for(receive(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:  # a stalled body: the native server drops it after open_timeout_s
-                    status, payload = 408, {"detail": f"Request Timeout: the body did not come within "
-                                                      f"{server.open_timeout_s} s"}
-                    break
-                if event["type"] == "http.disconnect":
-                    return
-                chunk = event.get("body", b"")
-                body += chunk
-                if limit is not None and len(body) > limit:
-                    status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
-                    break
-                if not event.get("more_body"):
-                    status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
-                    break
-                held += len(chunk)
-                server._buffered_bytes += len(chunk)
-                if buffered is not None and server._buffered_bytes > buffered:
-                    server._log.log("refused a large message", 1, logging.WARNING,
-                                    "refused a large message from %s: incomplete messages would hold more than "
-                                    "max_buffered_bytes (%d)", _asgi_peer(scope), buffered)
-                    status, payload = 503, {"detail": "Service Unavailable: the server holds too much incoming "
-                                                      "data; try again later"}
-                    break
+            async with asyncio.timeout_at(deadline):
+                while refusal is None:
+                    event = await receive()
+                    if event["type"] == "http.disconnect":
+                        return
+                    chunk = event.get("body", b"")
+                    body += chunk
+                    if limit is not None and len(body) > limit:
+                        status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
+                        break
+                    if not event.get("more_body"):
+                        status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
+                        break
+                    held += len(chunk)
+                    server._buffered_bytes += len(chunk)
+                    if buffered is not None and server._buffered_bytes > buffered:
+                        server._log.log("refused a large message", 1, logging.WARNING,
+                                        "refused a large message from %s: incomplete messages would hold more "
+                                        "than max_buffered_bytes (%d)", _asgi_peer(scope), buffered)
+                        status, payload = 503, {"detail": "Service Unavailable: the server holds too much incoming "
+                                                          "data; try again later"}
+                        break
+        except TimeoutError:  # a stalled body: the native server drops it after open_timeout_s
+            status, payload = 408, {"detail": f"Request Timeout: the body did not come within "
+                                              f"{server.open_timeout_s} s"}
         finally:
             server._buffered_bytes -= held
         del body
