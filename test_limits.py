@@ -566,7 +566,6 @@ def test_asgi_http_bodies_count_against_the_buffer_bound_and_the_open_timeout(tm
         with ThreadPoolExecutor(clients) as pool:
             socks = []
             peak = _peak_rss_while(server, lambda: socks.extend(pool.map(post, range(clients))))
-        print(f"ASGI bodies: peak RSS +{peak - base:.0f} MB")
         assert _http_status(stalled, 1.0 + SLACK) == 408, "a stalled body is answered within open_timeout_s"
         assert time.monotonic() - began < 1.0 + SLACK
         assert server.served()
@@ -603,7 +602,6 @@ def test_asgi_replies_nobody_reads_are_dropped_after_the_send_timeout(tmp_path):
             peaks.append(_peak_rss_while(server, lambda: time.sleep(timeout + 1.5)))
             assert server.served()
         gone = wait_until(lambda: chatenv_active(server) == 0, SLACK)
-        print(f"ASGI unread replies: peak RSS per wave +{[round(p - base) for p in peaks]} MB")
         for sock in held:
             sock.close()
         assert gone, "every session that stopped reading was dropped"
