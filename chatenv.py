@@ -3301,11 +3301,9 @@ def _asgi_peer(scope: dict[str, Any]) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 
-def _asgi_unread(transport: Any, high: bool = False) -> bool:
-    """Whether a transport's write buffer is over its low-water mark (``high``: over its high one,
-    where the ASGI server's send waits): what the peer has not read yet."""
-    low, high_mark = transport.get_write_buffer_limits()
-    return transport.get_write_buffer_size() > (high_mark if high else low)
+def _asgi_unread(transport: Any) -> bool:
+    """Whether a transport's write buffer is over its low-water mark: the peer has not read it yet."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
 
 
 def _asgi_loopback(scope: dict[str, Any]) -> bool:
@@ -3461,8 +3459,8 @@ class ASGIApp:
                     reply = handle_frame(session, frame)
                 requests += 1
                 if reply.parts is not None:
-                    if not await self._send_within(server, send, transport,
-                                                   {"type": "websocket.send", "text": reply.data.decode()}):
+                    if not await self._send_within(server, send, transport, {
+                            "type": "websocket.send", "text": reply.data.decode()}, len(reply.data)):
                         return
                     unread = transport is not None and _asgi_unread(transport)
                 if reply.close:
@@ -3473,22 +3471,27 @@ class ASGIApp:
             server._close_session(session, named_id, peer, code, requests, server._clock() - opened)
 
     @staticmethod
-    async def _send_within(server: ChatServer, send: Any, transport: Any, message: dict[str, Any]) -> bool:
-        """Send, waiting at most send_timeout_s for a peer that does not read; False: it was dropped.
+    async def _send_within(server: ChatServer, send: Any, transport: Any, message: dict[str, Any],
+                           size: int = 0) -> bool:
+        """Send ``size`` bytes, waiting at most send_timeout_s for a peer that does not read; False: dropped.
 
         uvicorn's send waits while its transport's buffer is over the high-water
-        mark, so a session never has more than one reply queued beyond it.
+        mark (before writing, or after, by its websockets implementation), so a
+        session never has more than one reply queued beyond it. A send that
+        cannot wait (the buffer stays under the mark) goes without a timer.
         """
         import asyncio
 
         timeout = server.send_timeout_s
-        if not timeout or (transport is not None and not _asgi_unread(transport, high=True)):
+        if not timeout or (transport is not None and
+                           transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]):
             await send(message)
             return True
         try:
-            await asyncio.wait_for(send(message), timeout)
+            async with asyncio.timeout(timeout):
+                await send(message)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ASGIApp._drop_unread(server, transport, timeout)
             return False
 
