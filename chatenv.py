@@ -3028,7 +3028,9 @@ def serve(tokenizer: Tokenizer | str | None = None, workers: int = 1, loop: str 
 
 
 # Workers: `chatenv serve --workers N` runs N ordinary servers on one port, forked
-# from a supervisor that restarts those that die and passes SIGTERM/SIGINT on. On
+# from a supervisor that restarts those that die or stop answering and passes
+# SIGTERM/SIGINT on. Each worker's event loop writes a heartbeat byte to its own pipe;
+# a worker silent too long (stopped, or its loop wedged) is killed and replaced. On
 # Linux each worker listens on its own SO_REUSEPORT socket, so the kernel spreads
 # connections over them evenly; elsewhere all accept from one listening socket
 # that the supervisor binds and the workers inherit
@@ -3036,6 +3038,9 @@ _REUSE_PORT = sys.platform.startswith("linux")  # BSD/macOS SO_REUSEPORT does no
 _WORKER_STABLE_S = 5.0  # a worker that ran this long was not crash-looping: restart it at once
 _RESTART_DELAY_S = (0.1, 10.0)  # a crash-looping worker's restart delay: doubles from the first to the last
 _WORKER_STOP_S = 5.0  # after SIGTERM, a worker still closing its sessions this long is killed
+_HEARTBEAT_S = 0.5  # a worker's event loop writes a byte to its supervisor this often
+_WORKER_SILENT_S = 4.0  # a worker whose loop wrote nothing this long is stopped or wedged: killed, replaced
+_STOPPING_SILENT_S = 1.0  # while stopping, a worker silent this long will not act on SIGTERM: killed
 
 
 def _note_signal(signum: int, frame: Any) -> None:
@@ -3062,6 +3067,8 @@ class _Supervisor:
         self.sock: Any = None  # with reuse_port the port's reservation (bound, never listening), else the listener
         self.address: Any = None  # (family, address) every worker binds
         self.pids: dict[int, tuple[int, float]] = {}  # live workers: pid -> (slot, started at)
+        self.beats: dict[int, int] = {}  # heartbeat pipes' read ends: fd -> worker pid (closed at EOF)
+        self.heard: dict[int, float] = {}  # live workers: pid -> when its loop last wrote (or it started)
         self.failures = [0] * workers  # per slot: deaths in a row that came soon after a start
         self.due: dict[int, float] = {}  # slots waiting for a restart: slot -> when
         self.stopping = False
@@ -3091,11 +3098,14 @@ class _Supervisor:
             logger.info("supervisor pid %d: %d workers on %s (%s)", os.getpid(), self.workers, self.server.url,
                         "a SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
             while True:
-                received = self._wait(min([1.0, *(when - self._now() for when in self.due.values())]))
+                now = self._now()
+                received = self._wait(min([1.0, *(when - now for when in self.due.values()),
+                                           *(heard + _WORKER_SILENT_S - now for heard in self.heard.values())]))
                 if received & stop_signals:
                     name = signal.Signals(min(received & stop_signals)).name
                     logger.info("received %s: stopping %d workers", name, len(self.pids))
                     break
+                self._kill_silent(_WORKER_SILENT_S)
                 self._reap()
                 for slot, when in list(self.due.items()):
                     if when <= self._now():
@@ -3118,10 +3128,10 @@ class _Supervisor:
         return time.monotonic()
 
     def _close(self) -> None:
-        for fd in self.pipe:
+        for fd in [*self.pipe, *self.beats]:
             if fd != -1:
                 os.close(fd)
-        self.pipe = (-1, -1)
+        self.pipe, self.beats = (-1, -1), {}
         self.sock.close()
 
     def _socket(self, listen: bool, reuse_port: bool) -> Any:
@@ -3161,13 +3171,24 @@ class _Supervisor:
 
     def _spawn(self, slot: int) -> None:
         supervisor = os.getpid()
-        pid = os.fork()
+        beat_read, beat_write = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(beat_read)
+            os.close(beat_write)
+            raise
         if pid == 0:
-            self._work(supervisor)  # never returns
+            os.close(beat_read)
+            self._work(supervisor, beat_write)  # never returns
+        os.close(beat_write)
+        os.set_blocking(beat_read, False)
+        self.beats[beat_read] = pid
         self.pids[pid] = (slot, self._now())
+        self.heard[pid] = self._now()
         logger.debug("worker %d started: pid %d", slot, pid)
 
-    def _work(self, supervisor: int) -> None:
+    def _work(self, supervisor: int, heartbeat: int) -> None:
         """The worker, in the child: an ordinary server on the supervisor's port. Exits, never returns."""
         import asyncio
         import signal
@@ -3177,14 +3198,15 @@ class _Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
-            for fd in self.pipe:
+            for fd in [*self.pipe, *self.beats]:  # the supervisor's ends, other workers' heartbeats
                 os.close(fd)
+            os.set_blocking(heartbeat, False)
             if self.reuse_port:
                 self.server.sock = self._socket(listen=True, reuse_port=True)
                 self.sock.close()  # the reservation stays the supervisor's
             else:
                 self.server.sock = self.sock
-            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor))
+            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor, heartbeat))
             code = 0
         except BaseException:
             logger.exception("worker pid %d failed", os.getpid())
@@ -3193,14 +3215,42 @@ class _Supervisor:
             os._exit(code)  # never unwind into the supervisor's caller
 
     def _wait(self, timeout: float) -> set[int]:
-        """Sleep until a signal comes or ``timeout`` passes; the signals that came."""
+        """Sleep until a signal or a heartbeat comes or ``timeout`` passes; the signals that came."""
         import select
 
-        select.select([self.pipe[0]], [], [], max(0.0, timeout))
+        readable, _, _ = select.select([self.pipe[0], *self.beats], [], [], max(0.0, timeout))
+        now = self._now()
+        for fd in readable:
+            if fd == self.pipe[0]:
+                continue
+            pid = self.beats[fd]
+            try:
+                beat = os.read(fd, 512)
+            except BlockingIOError:
+                continue
+            if beat:
+                if pid in self.heard:
+                    self.heard[pid] = now
+            else:  # the worker is gone: its reaping follows its SIGCHLD
+                del self.beats[fd]
+                os.close(fd)
         try:
             return set(os.read(self.pipe[0], 512))
         except BlockingIOError:
             return set()
+
+    def _kill_silent(self, silent_s: float) -> None:
+        """SIGKILL each worker whose event loop has written nothing for ``silent_s``: stopped
+        or wedged, it holds its share of the port's connections and answers none (reaped next)."""
+        import signal
+
+        now = self._now()
+        for pid, heard in list(self.heard.items()):
+            if now - heard > silent_s:
+                del self.heard[pid]
+                logger.error("worker pid %d has not answered for %.1f s (stopped, or its event loop is "
+                             "blocked): killing it", pid, now - heard)
+                self._kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         """Collect dead workers; schedule their restarts, later for each quick death in a row."""
@@ -3216,6 +3266,7 @@ class _Supervisor:
             if pid not in self.pids:
                 continue
             slot, started = self.pids.pop(pid)
+            self.heard.pop(pid, None)
             if self.stopping:
                 continue
             lived = self._now() - started
@@ -3229,16 +3280,25 @@ class _Supervisor:
             self.due[slot] = self._now() + delay
 
     def _stop(self, stop_signals: set[int]) -> None:
-        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers."""
+        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers.
+
+        A stopped worker is continued so it acts on the SIGTERM; one whose loop stays
+        silent (wedged) is killed, so stopping takes no longer than the workers' closing.
+        """
         import signal
 
         self.stopping = True
         self.due.clear()
+        now = self._now()
         for pid in self.pids:
             self._kill(pid, signal.SIGTERM)
-        deadline = self._now() + _WORKER_STOP_S
+            self._kill(pid, signal.SIGCONT)
+            if pid in self.heard:
+                self.heard[pid] = now  # a closing loop still beats: it has _STOPPING_SILENT_S from now to show it
+        deadline = now + _WORKER_STOP_S
         while self.pids and self._now() < deadline:
             received = self._wait(min(0.1, deadline - self._now()))
+            self._kill_silent(_STOPPING_SILENT_S)
             self._reap()
             if received & stop_signals:
                 break  # asked again: do not wait
@@ -3259,8 +3319,9 @@ class _Supervisor:
             pass
 
 
-async def _serve_worker(server: ChatServer, supervisor: int) -> None:
-    """A worker's server, which also stops within a second of its supervisor dying."""
+async def _serve_worker(server: ChatServer, supervisor: int, heartbeat: int) -> None:
+    """A worker's server: its loop writes a heartbeat byte to ``heartbeat`` (a pipe to the
+    supervisor) every _HEARTBEAT_S, and it stops within a second of its supervisor dying."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -3269,11 +3330,20 @@ async def _serve_worker(server: ChatServer, supervisor: int) -> None:
         if os.getppid() != supervisor:
             logger.warning("worker pid %d: the supervisor is gone, stopping", os.getpid())
             asyncio.ensure_future(server.close())
-        else:
-            loop.call_later(1.0, watch)
+            return
+        try:
+            os.write(heartbeat, b".")
+        except BlockingIOError:  # the supervisor has not read the last ones yet
+            pass
+        except OSError:  # the supervisor closed its end: it is stopping, or gone (seen next turn)
+            pass
+        loop.call_later(_HEARTBEAT_S, watch)
 
-    loop.call_later(1.0, watch)
-    await _serve_until_signalled(server)
+    watch()
+    try:
+        await _serve_until_signalled(server)
+    finally:
+        os.close(heartbeat)
 
 
 class ServerURL(str):
@@ -3341,13 +3411,41 @@ class serve_in_thread:
 
 # The ASGI application: the same protocol and sessions under any ASGI server. OpenEnv's
 # cloud launchers run `python -m uvicorn <app> --host 0.0.0.0 --port 8000`; the native
-# server above stays the default and the faster path
+# server above stays the default and the faster path. What the app holds is bound as the
+# native server bounds it: HTTP bodies count against max_buffered_bytes and must come
+# within open_timeout_s, a received message over max_message_bytes closes with 1009, and
+# a peer that stops reading is dropped after send_timeout_s. Handshakes, fragments,
+# pings and descriptors are the ASGI server's (the image sets uvicorn's UVICORN_* limits)
+_ASGI_EXPIRY_S = 1.0  # named sessions' expiry is checked on requests (the app has no timer), at most this often
+
+
+def _asgi_transport(send: Any) -> Any:
+    """The asyncio transport behind an ASGI server's ``send``, or None.
+
+    ASGI has no message for "this peer stopped reading: drop it". uvicorn's ``send``
+    is its protocol's bound method, whose ``transport`` is asyncio's: the app reads
+    its write buffer and aborts it, as the native server does after send_timeout_s.
+    Under another server (None) a send that does not finish in time ends the session.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    needed = ("abort", "get_write_buffer_size", "get_write_buffer_limits")
+    return transport if all(hasattr(transport, name) for name in needed) else None
 
 
 def _asgi_headers(scope: dict[str, Any]) -> Any:
     from websockets.datastructures import Headers
 
     return Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
+
+
+def _asgi_peer(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _asgi_unread(transport: Any) -> bool:
+    """Whether a transport's write buffer is over its low-water mark: the peer has not read it yet."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
 
 
 def _asgi_loopback(scope: dict[str, Any]) -> bool:
@@ -3374,6 +3472,7 @@ class ASGIApp:
     def __init__(self, tokenizer: Tokenizer | str | None = None, **options: Any) -> None:
         self._configure = lambda: ChatServer(tokenizer, **options)
         self.server: ChatServer | None = None
+        self._expiry_due = 0.0  # when named sessions' expiry is next checked (server._clock)
 
     @classmethod
     def _from_environment(cls) -> ASGIApp:
@@ -3394,10 +3493,15 @@ class ASGIApp:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "http":
-            await self._http(self._server(), scope, receive, send)
+            return
+        server = self._server()
+        if server._named and server._clock() >= self._expiry_due:  # the native server's housekeeping does this
+            self._expiry_due = server._clock() + _ASGI_EXPIRY_S
+            server._expire_named_sessions()
+        if kind == "http":
+            await self._http(server, scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(self._server(), scope, receive, send)
+            await self._websocket(server, scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -3414,26 +3518,50 @@ class ASGIApp:
                 return
 
     async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, limit = bytearray(), server.max_message_bytes
+        import asyncio
+
+        body, limit, buffered = bytearray(), server.max_message_bytes, server.max_buffered_bytes
         refusal = server._refusal(scope["method"], scope["path"], False, _asgi_headers(scope), "?",
                                   _asgi_loopback(scope))
         if refusal is not None:  # a foreign Host or Origin, no token: refused before the body is read
             status, payload = refusal[0], {"detail": refusal[1].strip()}
-        while refusal is None:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                return
-            body += event.get("body", b"")
-            if limit is not None and len(body) > limit:
-                status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
-                break
-            if not event.get("more_body"):
-                status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
-                break
+        deadline = asyncio.get_running_loop().time() + server.open_timeout_s if server.open_timeout_s else None
+        held = 0  # of body, what counts against max_buffered_bytes (server._buffered_bytes, shared with native)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while refusal is None:
+                    event = await receive()
+                    if event["type"] == "http.disconnect":
+                        return
+                    chunk = event.get("body", b"")
+                    body += chunk
+                    if limit is not None and len(body) > limit:
+                        status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
+                        break
+                    if not event.get("more_body"):
+                        status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
+                        break
+                    held += len(chunk)
+                    server._buffered_bytes += len(chunk)
+                    if buffered is not None and server._buffered_bytes > buffered:
+                        server._log.log("refused a large message", 1, logging.WARNING,
+                                        "refused a large message from %s: incomplete messages would hold more "
+                                        "than max_buffered_bytes (%d)", _asgi_peer(scope), buffered)
+                        status, payload = 503, {"detail": "Service Unavailable: the server holds too much incoming "
+                                                          "data; try again later"}
+                        break
+        except TimeoutError:  # a stalled body: the native server drops it after open_timeout_s
+            status, payload = 408, {"detail": f"Request Timeout: the body did not come within "
+                                              f"{server.open_timeout_s} s"}
+        finally:
+            server._buffered_bytes -= held
+        del body
         data = payload if isinstance(payload, bytes) else _json_bytes(payload)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-            *_asgi_extra(refusal)]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                   *_asgi_extra(refusal)]
+        if status in (408, 413, 503):  # the rest of the body is not read: the connection goes with the answer
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
 
     async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -3441,8 +3569,7 @@ class ASGIApp:
 
         if (await receive())["type"] != "websocket.connect":
             return
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else "?"
+        peer = _asgi_peer(scope)
         headers = _asgi_headers(scope)
         refusal = server._refusal("GET", scope["path"], True, headers, peer, _asgi_loopback(scope))
         if refusal is None and scope["path"] != "/ws":
@@ -3458,34 +3585,105 @@ class ASGIApp:
             await send({"type": "websocket.close", "code": 1008})  # the ASGI server answers 403
             return
         await send({"type": "websocket.accept"})
-        server._expire_named_sessions()
         session, named_id, refused = server._open_session(scope.get("query_string", b"").decode("latin-1"), peer)
         if refused is not None:
             await send({"type": "websocket.send", "text": refused.data.decode()})
             await send({"type": "websocket.close", "code": 1000})
             return
         loop, requests, code, opened = asyncio.get_running_loop(), 0, 1006, server._clock()
+        limit, transport, unread = server.max_message_bytes, _asgi_transport(send), False
         try:
             while True:
-                event = await receive()
+                event = await (self._receive_while_unread(server, receive, transport) if unread else receive())
+                if event is None:  # the peer stopped reading: dropped
+                    return
                 if event["type"] == "websocket.disconnect":
                     code = event.get("code", 1000)
                     return
                 text = event.get("text")
                 frame = text if text is not None else event.get("bytes") or b""
+                if limit is not None and len(frame) > limit // 4 and (
+                        len(frame) > limit or len(text.encode() if text is not None else frame) > limit):
+                    code = _CLOSE_TOO_BIG  # the ASGI server's own limit (uvicorn's --ws-max-size) may be larger
+                    await self._send_within(server, send, transport, {
+                        "type": "websocket.close", "code": code,
+                        "reason": f"message over the server's limit of {limit} bytes"})
+                    return
                 if server.offload:
                     reply = await loop.run_in_executor(None, handle_frame, session, frame)
                 else:
                     reply = handle_frame(session, frame)
                 requests += 1
                 if reply.parts is not None:
-                    await send({"type": "websocket.send", "text": reply.data.decode()})
+                    if not await self._send_within(server, send, transport, {
+                            "type": "websocket.send", "text": reply.data.decode()}, len(reply.data)):
+                        return
+                    unread = transport is not None and _asgi_unread(transport)
                 if reply.close:
                     code = 1000
-                    await send({"type": "websocket.close", "code": 1000})
+                    await self._send_within(server, send, transport, {"type": "websocket.close", "code": 1000})
                     return
         finally:
             server._close_session(session, named_id, peer, code, requests, server._clock() - opened)
+
+    @staticmethod
+    async def _send_within(server: ChatServer, send: Any, transport: Any, message: dict[str, Any],
+                           size: int = 0) -> bool:
+        """Send ``size`` bytes, waiting at most send_timeout_s for a peer that does not read; False: dropped.
+
+        uvicorn's send waits while its transport's buffer is over the high-water
+        mark (before writing, or after, by its websockets implementation), so a
+        session never has more than one reply queued beyond it. A send that
+        cannot wait (the buffer stays under the mark) goes without a timer.
+        """
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout or (transport is not None and
+                           transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]):
+            await send(message)
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await send(message)
+            return True
+        except TimeoutError:
+            ASGIApp._drop_unread(server, transport, timeout)
+            return False
+
+    @staticmethod
+    async def _receive_while_unread(server: ChatServer, receive: Any, transport: Any) -> Any:
+        """The next event, while a reply is still unread in ``transport``'s buffer: a peer that
+        reads none of it for send_timeout_s is dropped (None), as the native server drops one."""
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        pending = asyncio.ensure_future(receive())
+        unread_since = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=min(1.0, timeout / 4))
+                if done:
+                    return pending.result()
+                if not _asgi_unread(transport):
+                    return await pending  # read down to the low-water mark: nothing left to watch
+                if loop.time() - unread_since > timeout:
+                    ASGIApp._drop_unread(server, transport, timeout)
+                    return None
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    @staticmethod
+    def _drop_unread(server: ChatServer, transport: Any, timeout: float) -> None:
+        server._log.log("client stopped reading", _LOG_LINES_PER_S, logging.INFO,
+                        "client stopped reading for %.0f s: dropping %s", timeout,
+                        "a connection" if transport is None else transport.get_extra_info("peername"))
+        if transport is not None:
+            transport.abort()
 
 
 def __getattr__(name: str) -> Any:

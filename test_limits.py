@@ -22,7 +22,7 @@ import pytest
 
 import chatenv
 from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
-from conftest import ask, raw, wait_until
+from conftest import SLACK, ask, raw, wait_until
 
 HERE = Path(__file__).resolve().parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux)")
@@ -580,3 +580,291 @@ def test_cli_model_name_not_available_offline_fails_within_10_s(tmp_path):
             assert took < _MODEL_NOT_HERE_S, took
     finally:
         closed.close()
+
+
+# ------------------------------------------------------------------------------
+# The ASGI app under uvicorn (a subprocess): what it holds, within the native bounds
+# ------------------------------------------------------------------------------
+
+# The app as `python -m uvicorn chatenv:app` runs it, with the options a test gives
+# (the timeouts and the buffer bound have no variable: they are set here directly)
+_ASGI_MODULE = r"""
+import json, os
+import chatenv
+
+app = chatenv.ASGIApp(**json.loads(os.environ["CHATENV_TEST_OPTIONS"]))
+"""
+
+
+class _Uvicorn:
+    """``python -m uvicorn`` serving ASGIApp(**options) on a free loopback port; its log in a file."""
+
+    def __init__(self, tmp_path: Path, env=None, **options) -> None:
+        from conftest import free_port
+
+        (tmp_path / "asgi_limits.py").write_text(_ASGI_MODULE)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        variables = {k: v for k, v in os.environ.items() if not k.startswith(("CHATENV_", "UVICORN_"))}
+        variables.update(env or {}, CHATENV_TEST_OPTIONS=json.dumps(options),
+                         PYTHONPATH=os.pathsep.join([str(HERE), str(tmp_path)]))
+        self.log_path = tmp_path / "uvicorn.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "asgi_limits:app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning"], cwd=tmp_path, env=variables, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        assert wait_until(lambda: self.proc.poll() is not None or self._healthy(), 20) and self.proc.poll() is None, \
+            self.log()
+
+    def _healthy(self) -> bool:
+        from conftest import http_get
+
+        try:
+            return http_get(self.url + "/health", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def served(self) -> bool:
+        """A legitimate client is served: ChatEnv's reset and step."""
+        with chatenv.ChatEnv(self.url, connect_timeout_s=5, message_timeout_s=5) as env:
+            env.reset()
+            return env.step([72, 105]).observation.messages[-1]["content"] == "Hi"
+
+    def __enter__(self) -> _Uvicorn:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def _peak_rss_while(server: _Uvicorn, work) -> float:
+    """The server's highest RSS (MB) sampled while ``work()`` runs in this thread."""
+    import threading
+
+    peak, done = [server.rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(server.rss_mb())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join(5)
+    return max(peak)
+
+
+def _http_status(sock: socket.socket, timeout: float) -> int:
+    """The status of the answer on ``sock`` (0: closed without one)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return int(data.split()[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+@linux_only
+def test_asgi_http_bodies_count_against_the_buffer_bound_and_the_open_timeout(tmp_path):
+    """24 concurrent POST bodies of 15 MiB that never finish (360 MiB) are held within
+    max_buffered_bytes, answered 503 past it and 408 after open_timeout_s (a stalled one
+    too); a legitimate client is served meanwhile. (Before: all 360 MiB, held for good.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bound_mb, size, clients = 32, 15 * 2**20, 24
+    with _Uvicorn(tmp_path, max_buffered_bytes=bound_mb * 2**20, open_timeout_s=1.0) as server:
+        base = server.rss_mb()
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        stalled.sendall(b"POST /step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"ac")
+        began = time.monotonic()
+
+        def post(_) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            try:
+                sock.sendall(b"POST /step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % size)
+                chunk = b" " * 2**20
+                for i in range(15):
+                    sock.sendall(chunk if i < 14 else chunk[1:])  # all but the last byte
+            except OSError:  # answered and closed before the body was all sent
+                pass
+            return sock
+
+        with ThreadPoolExecutor(clients) as pool:
+            socks = []
+            peak = _peak_rss_while(server, lambda: socks.extend(pool.map(post, range(clients))))
+        assert _http_status(stalled, 1.0 + SLACK) == 408, "a stalled body is answered within open_timeout_s"
+        assert time.monotonic() - began < 1.0 + SLACK
+        assert server.served()
+        statuses = [_http_status(sock, 1.0 + SLACK) for sock in socks]
+        for sock in [stalled, *socks]:
+            sock.close()
+        assert set(statuses) <= {408, 503, 0} and 503 in statuses, statuses
+        # The bound, the bytearrays' growth beyond it and uvicorn's own buffers (64 KiB each)
+        assert peak - base < bound_mb * 1.25 + 48, (peak, base)
+        assert server.served()
+        assert "Traceback" not in server.log()
+
+
+@linux_only
+@pytest.mark.parametrize("ws", ["websockets-sansio", "websockets"])
+def test_asgi_replies_nobody_reads_are_dropped_after_the_send_timeout(tmp_path, ws):
+    """Three waves of 10 sessions each step once for a 4 MiB reply and never read it
+    (a small receive buffer): each is dropped after send_timeout_s and gives its
+    memory back, so the waves do not add up. uvicorn's two websockets implementations
+    wait for the peer at different points (before writing, after). (Before: every
+    reply kept for good.)"""
+    from support_chatenv import open_session, text
+
+    waves, sessions, timeout = 3, 10, 1.0
+    step = text({"type": "step", "data": {"tokens": [65] * (2**20 - 64)}})  # a 4 MiB reply each
+    with _Uvicorn(tmp_path, env={"UVICORN_WS": ws}, send_timeout_s=timeout) as server:
+        assert server.served()
+        base, peaks, held = server.rss_mb(), [], []
+        for _ in range(waves):
+            wave = []
+            for _ in range(sessions):
+                sock, _ = open_session(server.port)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(step)
+                wave.append(sock)
+            held += wave
+            peaks.append(_peak_rss_while(server, lambda: time.sleep(timeout + 1.5)))
+            assert server.served()
+        gone = wait_until(lambda: chatenv_active(server) == 0, SLACK)
+        for sock in held:
+            sock.close()
+        assert gone, "every session that stopped reading was dropped"
+        # One wave's replies (40 MiB), their copies on the way out and the episodes: the
+        # third wave's peak is less than a wave over the first's, not two waves (before:
+        # +172, +331, +494 MB over the start; after: +88, +128, +154)
+        assert peaks[-1] - peaks[0] < peaks[0] - base and max(peaks) - base < 250, (peaks, base)
+        assert "Traceback" not in server.log()
+
+
+def chatenv_active(server: _Uvicorn) -> int:
+    from conftest import http_get
+
+    return http_get(server.url + "/metadata")[1]["active_sessions"]
+
+
+@linux_only
+def test_asgi_message_limit_closes_with_1009_on_every_message(tmp_path):
+    """CHATENV_MAX_MESSAGE_BYTES under uvicorn: a 1.14 MiB frame (within uvicorn's own
+    16 MiB), or text whose UTF-8 passes the limit, closes the session with 1009 as the
+    native server does; an honest client is served. (Before: both went through.)"""
+    from websockets.exceptions import ConnectionClosed
+
+    limit = 65536
+    with _Uvicorn(tmp_path, env={"CHATENV_MAX_MESSAGE_BYTES": str(limit)}, max_message_bytes=limit) as server:
+        base = server.rss_mb()
+        for message in (json.dumps({"type": "step", "data": {"tokens": [65] * 300_000}}),  # 1.14 MiB
+                        json.dumps({"type": "step", "data": {"message": {"role": "user", "content": "é" * 40_000}}},
+                                   ensure_ascii=False)):  # 40,000 characters, 80,000 bytes
+            with _ws(server.url) as ws:
+                assert ask(ws, {"type": "reset"})["type"] == "observation"
+                ws.send(message)
+                with pytest.raises(ConnectionClosed):
+                    ws.recv(timeout=10)
+                assert ws.close_code == 1009, ws.close_code
+        with _ws(server.url) as ws:  # just under the limit: answered
+            assert ask(ws, {"type": "reset"})["type"] == "observation"
+            assert ask(ws, {"type": "step", "data": {"tokens": [65] * 16_000}})["type"] == "observation"
+        assert server.served()
+        assert server.rss_mb() - base < 64
+        assert chatenv_active(server) == 0
+
+
+def test_asgi_expires_named_sessions_on_any_request():
+    """A named session unused past its TTL stops counting against max_sessions at the
+    next request of any kind, not only when a WebSocket connects. (Before: a new one was
+    refused until then.)"""
+    import asyncio
+
+    app = chatenv.ASGIApp(max_sessions=1)
+    server = app._server()
+    now = [1000.0]
+    server._clock = lambda: now[0]
+    create = json.dumps({"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}, "id": 1}).encode()
+
+    async def post_mcp() -> dict:
+        events, sent = [{"type": "http.request", "body": create, "more_body": False}], []
+
+        async def receive():
+            return events.pop(0) if events else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/mcp", "headers": [(b"host", b"127.0.0.1")],
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 40000), "query_string": b""}
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200
+        return json.loads(sent[1]["body"])
+
+    assert "result" in asyncio.run(post_mcp())
+    assert "error" in asyncio.run(post_mcp())  # full: one session
+    now[0] += chatenv._NAMED_SESSION_TTL_S + 1
+    answer = asyncio.run(post_mcp())
+    assert "result" in answer, answer
+    assert server.active_sessions == 1 and len(server._named) == 1
+
+
+def _image_uvicorn_variables() -> dict[str, str]:
+    import re
+
+    text = (HERE / "Dockerfile").read_text()
+    return dict(re.findall(r"\b(UVICORN_[A-Z0-9_]+)=(\S+)", text))
+
+
+@linux_only
+def test_image_sets_uvicorn_limits_that_uvicorn_reads(tmp_path):
+    """The image's UVICORN_* variables name real uvicorn options (it reads UVICORN_<OPTION>),
+    match the native defaults, and take effect with no flags: a frame past
+    UVICORN_WS_MAX_SIZE is closed by uvicorn itself with 1009."""
+    from websockets.exceptions import ConnectionClosed
+
+    variables = _image_uvicorn_variables()
+    assert {"UVICORN_WS_MAX_SIZE", "UVICORN_LIMIT_CONCURRENCY", "UVICORN_WS_PING_INTERVAL",
+            "UVICORN_WS_PING_TIMEOUT", "UVICORN_H11_MAX_INCOMPLETE_EVENT_SIZE"} <= set(variables)
+    options = subprocess.run([sys.executable, "-m", "uvicorn", "--help"], capture_output=True, text=True,
+                             check=True).stdout
+    for name in variables:
+        assert f"--{name[len('UVICORN_'):].lower().replace('_', '-')} " in options, name
+    defaults = ChatServer()
+    assert int(variables["UVICORN_WS_MAX_SIZE"]) == defaults.max_message_bytes
+    assert int(variables["UVICORN_H11_MAX_INCOMPLETE_EVENT_SIZE"]) == chatenv._HTTP_HEAD_BYTES
+    assert float(variables["UVICORN_WS_PING_INTERVAL"]) == defaults.ping_interval_s
+    assert float(variables["UVICORN_WS_PING_TIMEOUT"]) == defaults.ping_timeout_s
+    assert int(variables["UVICORN_LIMIT_CONCURRENCY"]) == defaults.max_sessions + defaults.max_handshakes
+    with _Uvicorn(tmp_path, env=dict(variables, UVICORN_WS_MAX_SIZE=str(2**16)), max_message_bytes=None) as server:
+        with _ws(server.url) as ws:
+            assert ask(ws, {"type": "reset"})["type"] == "observation"
+            ws.send(json.dumps({"type": "step", "data": {"tokens": [65] * 20_000}}))  # 80 KB: uvicorn's limit only
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.close_code == 1009
+        assert server.served()
