@@ -2036,7 +2036,10 @@ class ChatServer:
     def _flush_writes(self) -> None:
         unflushed, self._unflushed = self._unflushed, []
         for conn in unflushed:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception as exc:  # flush guards its transport calls: a bug, still this connection's only
+                conn.drop("flushing its writes", exc, logging.ERROR)
 
     # Keepalive and timeouts: one timer for the whole server, not one per session
 
@@ -2058,9 +2061,8 @@ class ChatServer:
         for conn in list(self._connections):
             try:
                 conn.check_timeouts(now)
-            except Exception:  # one broken connection must not stop the others' keepalive
-                logger.exception("keepalive check failed for %s", conn.peer)
-                conn.transport.abort()
+            except Exception as exc:  # one broken connection must not stop the others' keepalive
+                conn.drop("checking its timeouts", exc, logging.ERROR)
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
 
 
@@ -2678,7 +2680,11 @@ class _Connection:
                     large.started = True
                 data = b"".join(proto.data_to_send())
         if data:
-            self.transport.write(data)
+            try:
+                self.transport.write(data)
+            except Exception as exc:
+                self.drop("writing", exc)
+                return
         if not done:
             if self.write_paused_at is None:
                 self.server._loop.call_soon(self._write_large_chunk)
@@ -2724,21 +2730,39 @@ class _Connection:
     def flush(self) -> None:
         """Write this turn's writes to the transport in one piece (the server calls it)."""
         writes, self.writes = self.writes, []
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if writes:
-            data = writes[0] if len(writes) == 1 else b"".join(writes)
-            if data:
-                self.transport.write(data)
-        if self.eof_queued and self.large_reply is None and not self.eof_written:
-            # Half-close and keep reading until the client closes (or close_timeout_s):
-            # closing outright would answer a client still sending with a TCP reset,
-            # which can destroy our close frame before the client reads it
-            self.eof_written = True
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+        try:
+            if writes:
+                data = writes[0] if len(writes) == 1 else b"".join(writes)
+                if data:
+                    transport.write(data)
+            if self.eof_queued and self.large_reply is None and not self.eof_written:
+                # Half-close and keep reading until the client closes (or close_timeout_s):
+                # closing outright would answer a client still sending with a TCP reset,
+                # which can destroy our close frame before the client reads it
+                self.eof_written = True
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except Exception as exc:  # the peer is gone: write_eof() raises ENOTCONN after a reset
+            self.drop("writing", exc)
+
+    def drop(self, doing: str, exc: BaseException, level: int = logging.INFO) -> None:
+        """End this connection, and only it, over a failure while ``doing`` something.
+
+        asyncio documents no exceptions for a transport's calls, yet a socket the peer
+        has reset makes write_eof() raise; a failure on one connection must never reach
+        another's work (the server's loops over connections call this), nor flood the log.
+        """
+        self.server._log.log("dropped a connection", _LOG_LINES_PER_S, level,
+                             "dropped a connection: %s, failed %s: %s", self.peer, doing, _preview(exc, 200))
+        try:
+            self.transport.abort()
+        except Exception:  # aborting only closes our socket; nothing is left to do if even that fails
+            pass
 
     def _update_reading(self) -> None:
         inbox = self.inbox

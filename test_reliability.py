@@ -1069,6 +1069,83 @@ def test_capacity_under_a_connection_race_counts_every_slot_once():
 
 
 # ------------------------------------------------------------------------------
+# Faults: a failure on one connection ends that connection only
+# ------------------------------------------------------------------------------
+
+
+def _health_and_gone(port: int) -> None:
+    """GET /health, then gone at once: a reset (SO_LINGER 0) or a plain close, alternately."""
+    for linger in (True, False):
+        with tcp_connect(port, TIMEOUT) as sock:
+            if linger:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(http_request("GET", "/health"))
+
+
+def _close_frame_and_gone(port: int) -> None:
+    """A session that sends its close frame and closes the socket without waiting (ChatEnv's abort)."""
+    sock, _ = open_session(port, TIMEOUT)
+    with sock:
+        sock.sendall(text({"type": "reset"}) + frame(struct.pack("!H", 1000), 8))
+
+
+def _chatenv_timing_out(port: int) -> None:
+    """ChatEnv giving up on a reply (a timeout too short for a large step): it aborts the connection."""
+    with ChatEnv(f"http://127.0.0.1:{port}", message_timeout_s=0.001) as env:
+        try:
+            env.reset()
+            env.step([65] * 200_000)
+        except (TimeoutError, EpisodeLostError, OSError):
+            pass
+
+
+FAULT_TRIGGERS = {"health-and-gone": _health_and_gone, "close-frame-and-gone": _close_frame_and_gone,
+                  "chatenv-timing-out": _chatenv_timing_out}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("trigger", sorted(FAULT_TRIGGERS))
+def test_a_peer_gone_mid_write_ends_its_connection_only_and_no_session_wedges(tmp_path, trigger, workers):
+    """Issue 18, 1: a peer gone while its answer is written (write_eof raising ENOTCONN)
+    must not stop other connections' writes. 8 ChatEnv sessions step throughout while one
+    client loops the trigger for 3 s; every step of every session is answered (none waits
+    past its timeout), each still answers after, and the log holds no traceback."""
+    cli = ["--port", "0", "--workers", str(workers)]
+    with ServerProcess(tmp_path, f"{trigger}-{workers}", cli=cli) as server:
+        stop, failures, steps = threading.Event(), [], [0] * 8
+
+        def session(index: int) -> None:
+            try:
+                with ChatEnv(server.url, message_timeout_s=SLACK) as env:
+                    env.reset()
+                    while not stop.is_set():
+                        env.step([72, 105])
+                        steps[index] += 1
+                    env.step([33])  # still answered once the trigger has stopped
+            except Exception as exc:  # a wedged session times out
+                failures.append(f"session {index} after {steps[index]} steps: {exc!r}")
+
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        triggered, deadline = 0, time.monotonic() + 3
+        try:
+            while time.monotonic() < deadline and not failures:
+                FAULT_TRIGGERS[trigger](server.port)
+                triggered += 1
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(3 * SLACK)
+        assert not failures, (triggered, failures)
+        assert all(steps), steps
+        assert legit_round_trip(server.port, TIMEOUT) < TIMEOUT
+    print(f"{trigger}, {workers} worker(s): {triggered} triggers, steps per session {steps}")
+    assert triggered >= 5
+    assert_clean_log(server.output())
+
+
+# ------------------------------------------------------------------------------
 # Closing: every server-initiated close waits for the client's close frame
 # ------------------------------------------------------------------------------
 
