@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -1566,6 +1567,43 @@ class _LogLimiter:
         self.window = now
 
 
+
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method or header name (RFC 9110 5.6.2)
+_HTTP_VERSION = re.compile(r"HTTP/1\.[01]")
+_HTTP_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # bytes no request line or header may hold (tab may)
+
+
+def _parse_http_head(head: bytes) -> tuple[str, str, Any, int]:
+    """A request head (without its blank line) as (method, target, headers, Content-Length).
+
+    Strict, as a request that two parsers could read two ways must not be read
+    at all (RFC 9112): any malformed line, control byte, signed or non-decimal
+    or conflicting Content-Length raises ValueError saying what is wrong.
+    """
+    from websockets.datastructures import Headers
+
+    text = head.decode("latin-1")
+    if _HTTP_CONTROL.search(text.replace("\r\n", "  ")):
+        raise ValueError("a control character in the request line or headers")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.fullmatch(parts[0]) or not parts[1] or not _HTTP_VERSION.fullmatch(parts[2]):
+        raise ValueError(f"not a request line: {_preview(lines[0])}")
+    headers, lengths = Headers(), set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _HTTP_TOKEN.fullmatch(name):
+            raise ValueError(f"not a header line: {_preview(line)}")
+        value = value.strip(" \t")
+        headers[name] = value
+        if name.lower() == "content-length":
+            if not value.isascii() or not value.isdigit() or len(value) > 18:
+                raise ValueError(f"Content-Length is not a decimal number of bytes: {_preview(value)}")
+            lengths.add(int(value))
+    if len(lengths) > 1:
+        raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
+    return parts[0], parts[1], headers, lengths.pop() if lengths else 0
+
 # What a session costs its server beyond its episode's history (its connection, the
 # Sans-I/O protocol, the session and environment objects, a small last step kept for
 # delta replies): 7.3 KB by RSS over a thousand open sessions (test_limits.py checks
@@ -2125,6 +2163,8 @@ class _Connection:
         # A plain HTTP request with a body, as read so far; once answered, an empty
         # buffer that what the client still sends is discarded into
         self.http_body: bytearray | None = None
+        # That request's method, target and Content-Length, once its head is whole (parsed once)
+        self.http_head: tuple[str, str, int] | None = None
 
         # The session, from the accepted upgrade on (None: not yet, or refused)
         self.session: Session | None = None
@@ -2209,13 +2249,19 @@ class _Connection:
         self.last_rx = self.server._loop.time()
         if self.eof_queued:
             return  # we have said our last word; the rest is discarded until the client closes
-        state = proto.state
-        if state == _OPEN or state == _CLOSING:
-            self._receive_frames(data)
-        elif state == _CONNECTING and not _eof_sent(proto):
-            self._receive_head(data)
-        if self.inbox and not self.offloaded and not self.drain_scheduled:
-            self._drain()
+        try:
+            state = proto.state
+            if state == _OPEN or state == _CLOSING:
+                self._receive_frames(data)
+            elif state == _CONNECTING and not _eof_sent(proto):
+                self._receive_head(data)
+            if self.inbox and not self.offloaded and not self.drain_scheduled:
+                self._drain()
+        except Exception as exc:  # else asyncio logs a traceback per such request, unbounded
+            if proto.state == _CONNECTING and not self.eof_queued and not _eof_sent(proto):
+                self._refuse_malformed(f"unreadable request ({type(exc).__name__})")
+            else:
+                self.drop("reading", exc, logging.WARNING)
 
     def eof_received(self) -> None:
         self.proto.receive_eof()
@@ -2287,8 +2333,16 @@ class _Connection:
         """Feed request-head bytes (never more) to the protocol; answer the request once whole."""
         proto = self.proto
         proto.receive_data(data)
-        for request in proto.events_received():
+        requests = proto.events_received()
+        for request in requests:
             self._answer_request(request)
+        if not requests and proto.handshake_exc is not None:
+            # The protocol could not parse the head and would close without a word: answer 400
+            for _ in proto.data_to_send():
+                pass
+            exc = proto.handshake_exc
+            self._refuse_malformed(str(exc.__cause__ or exc)[:120])
+            return
         self._queue_protocol_output()
 
     def _answer_request(self, request: Any) -> None:
@@ -2297,8 +2351,11 @@ class _Connection:
         server, proto = self.server, self.proto
         _latin1_headers(request)
         path, _, query = request.path.partition("?")
+        method = _request_method(request)
+        if not _HTTP_TOKEN.fullmatch(method):  # websockets 17 takes any bytes before the first space
+            self._refuse_malformed(f"not a request method: {_preview(method)}")
+            return
         if path != "/ws":
-            method = _request_method(request)
             refusal = server._http_refusal(method, request.headers, self.peer)
             if refusal is not None:
                 status, body = refusal[0], {"detail": refusal[1].strip()}
@@ -2333,52 +2390,51 @@ class _Connection:
             server._handshakes.pop(self, None)  # a session now, counted by max_sessions
 
     def _receive_http_request(self, data: bytes) -> None:
-        """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
-        from websockets.datastructures import Headers
-
+        """Collect a plain HTTP request with a Content-Length body, answer it, half-close.
+        Its head is parsed once, when whole; then only the body is counted."""
         if self.http_body is None:
             self.http_body = bytearray()
         buffer = self.http_body
-        start = max(0, len(buffer) - 3)
-        buffer += data
-        end = buffer.find(b"\r\n\r\n", start) if not self.head_bytes else self.head_bytes - 4
-        if end < 0:
-            if len(buffer) > _HTTP_HEAD_BYTES:
-                self._refuse_head()
-            return
-        if not self.head_bytes:
-            self.head_bytes = end + 4
-            if self.head_bytes > _HTTP_HEAD_BYTES:
-                self._refuse_head()
+        if self.http_head is None:
+            start = max(0, len(buffer) - 3)
+            buffer += data
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0 or end + 4 > _HTTP_HEAD_BYTES:
+                if end >= 0 or len(buffer) > _HTTP_HEAD_BYTES:
+                    self._refuse_head()
                 return
-        lines = buffer[:end].decode("latin-1").split("\r\n")
-        method, _, target = lines[0].partition(" ")
-        target = target.rpartition(" ")[0] or target
-        length = 0
-        headers = Headers()
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip(), value.strip()
-            headers[name] = value
-            name = name.lower()
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            elif name == "transfer-encoding":
+            self.head_bytes = end + 4
+            try:
+                method, target, headers, length = _parse_http_head(bytes(buffer[:end]))
+            except ValueError as exc:
+                self._refuse_malformed(str(exc))
+                return
+            del buffer[:end + 4]
+            if "transfer-encoding" in headers:
                 self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
                 return
-        refusal = self.server._http_refusal(method[:16], headers, self.peer)
-        if refusal is not None:
-            self._answer_http(refusal[0], {"detail": refusal[1].strip()})
-            return
-        limit = self.server.max_message_bytes
-        if limit is not None and length > limit:
-            self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
-            return
-        if len(buffer) - end - 4 < length:
+            refusal = self.server._http_refusal(method, headers, self.peer)
+            if refusal is not None:
+                self._answer_http(refusal[0], {"detail": refusal[1].strip()})
+                return
+            limit = self.server.max_message_bytes
+            if limit is not None and length > limit:
+                self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
+                return
+            self.http_head = (method, target, length)
+        else:
+            buffer += data
+        method, target, length = self.http_head
+        if len(buffer) < length:
             self._count_held()  # the rest of the body is on its way
             return
-        status, body = http_reply(self.server, method[:16], target, bytes(buffer[end + 4:end + 4 + length]))
+        status, body = http_reply(self.server, method, target, bytes(buffer[:length]))
         self._answer_http(status, body, head=method == "HEAD")
+
+    def _refuse_malformed(self, why: str) -> None:
+        self.server._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: 400 %s",
+                             self.peer, why)
+        self._answer_http(400, {"detail": f"Bad Request: {why}"})
 
     def _refuse_head(self) -> None:
         self.server._log.log("refused a request", 1, logging.WARNING,

@@ -1146,6 +1146,69 @@ def test_a_peer_gone_mid_write_ends_its_connection_only_and_no_session_wedges(tm
 
 
 # ------------------------------------------------------------------------------
+# Malformed HTTP: a 400 with a JSON detail, through the log limiter, never a traceback
+# ------------------------------------------------------------------------------
+
+
+MALFORMED_HEADS = {  # what: the request (GET and HEAD heads go through websockets' parser, the rest through ours)
+    "Content-Length \\xb2": http_request("POST", "/step", b"Content-Length: \xb2\r\n"),
+    "Content-Length -1": http_request("POST", "/reset", b"Content-Length: -1\r\n"),
+    "Content-Length +2": http_request("POST", "/reset", b"Content-Length: +2\r\n"),
+    "Content-Length 0x2": http_request("POST", "/reset", b"Content-Length: 0x2\r\n"),
+    "conflicting Content-Length": b"POST /reset HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+                                  b"Content-Length: 3\r\n\r\n{}x",
+    "header without a colon": http_request("POST", "/reset", b"NoColonHere\r\n"),
+    "NUL in a header": http_request("POST", "/reset", b"X-Note: a\x00b\r\n"),
+    "NUL in the request line": b"POST /re\x00set HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    "bare LF in a header": http_request("POST", "/reset", b"X-Note: a\nb\r\n"),
+    "no HTTP version": b"POST /reset\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    "GET header without a colon": http_request("GET", "/health", b"NoColonHere\r\n"),
+    "GET NUL in a header": http_request("GET", "/health", b"X-Note: a\x00b\r\n"),
+    "GET NUL in the method": b"GET\x00 /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "upgrade NUL in a header": upgrade_request(b"X-Note: a\x00b\r\n"),
+    "HEAD header without a colon": http_request("HEAD", "/health", b"NoColonHere\r\n"),
+    "a bare G": b"G\r\n\r\n",
+}
+
+
+def test_every_malformed_head_gets_a_400_with_a_json_detail_and_no_traceback(tmp_path):
+    """Issue 18, 5 and 6: each malformed head or body (a bad, signed or conflicting
+    Content-Length, a line without a colon, control bytes) is answered 400 with a JSON
+    detail, on every parser's path, logged at a bounded rate, with no traceback; the
+    server keeps serving. Each is sent 40 times: the log stays a few lines."""
+    with ServerProcess(tmp_path, "malformed") as server:
+        for what, request in MALFORMED_HEADS.items():
+            for _ in range(40):
+                status, data = raw_http(server.port, request)
+                assert status == 400, (what, data[:300])
+                detail = json.loads(data.partition(b"\r\n\r\n")[2])["detail"]
+                assert detail.startswith("Bad Request: ") and len(detail) < MAX_ERROR_MESSAGE, (what, detail)
+        assert http_get(server.url + "/health")[0] == 200
+        assert legit_round_trip(server.port, TIMEOUT) < TIMEOUT
+    log = server.output()
+    assert_clean_log(log)
+    assert count_logged(log, "refused a request") == 40 * len(MALFORMED_HEADS)
+    assert log.count("\n") < 200, log[-3000:]
+
+
+def test_a_post_head_is_parsed_once_however_its_body_is_split(monkeypatch):
+    """Issue 18, 6: the head is parsed once, not again on every body chunk."""
+    calls = []
+    parse = chatenv._parse_http_head
+    monkeypatch.setattr(chatenv, "_parse_http_head", lambda head: calls.append(head) or parse(head))
+    body = json.dumps({"action": {"tokens": [72, 105] * 2000}}).encode()
+    with serve_in_thread() as url:
+        with tcp_connect(port_of(url), TIMEOUT) as sock:
+            sock.sendall(http_request("POST", "/step", b"X-Pad: %s\r\n" % (b"p" * 8000), body)[:-len(body)])
+            for start in range(0, len(body), 100):
+                sock.sendall(body[start:start + 100])
+                time.sleep(0.0005)
+            data = read_all(sock, TIMEOUT)
+    assert status_of(data) == 200, data[:300]
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------
 # Closing: every server-initiated close waits for the client's close frame
 # ------------------------------------------------------------------------------
 
