@@ -1703,6 +1703,8 @@ class ChatServer:
             raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
             raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
+        if auth_token is not None and auth_token != auth_token.strip():  # headers are read stripped: never a match
+            raise ValueError("the auth token has leading or trailing whitespace, which no client's header can match")
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -5560,6 +5562,9 @@ _loop_name = _choice("asyncio", "uvloop")
 def _auth_token(text: str) -> str:
     if not text.strip():  # a secret that was never filled in must not mean "no auth"
         raise ValueError("is empty: an empty auth token would let everyone in; set a token, or leave it unset")
+    if text != text.strip():  # a header's value is read stripped: such a token could never match
+        raise ValueError("has leading or trailing whitespace, which no client's header can match; "
+                         "remove it (the token is not shown)")
     return text
 
 
