@@ -959,7 +959,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
         if kind == "mcp":
             data = message.get("data")
             reply = _mcp_reply(session.server, data, session)
-            return Reply([_json_bytes({"type": "mcp", "data": reply})])
+            return Reply([_json_bytes({"type": "mcp", "data": reply})] if reply is not None else None)
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
         return _error_reply(exc.code, exc.message)
@@ -1094,8 +1094,13 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> di
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": data}}
 
 
-def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any]:
-    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws."""
+def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any] | None:
+    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws.
+
+    A notification (a valid request with no ``id`` member) is answered with None:
+    JSON-RPC 2.0 says a server must not reply to one. Its effect still happens,
+    except a session/create's: a session whose id nobody is told is never made.
+    """
     request_id = request.get("id") if isinstance(request, dict) else None
     if (not isinstance(request, dict) or request.get("jsonrpc") != "2.0"
             or not isinstance(request.get("method"), str) or request.keys() - {"jsonrpc", "method", "params", "id"}
@@ -1103,6 +1108,10 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
         return _rpc_error(None, _RPC_INVALID_REQUEST,
                           "Invalid request: a JSON-RPC 2.0 request needs 'jsonrpc': '2.0' and a string 'method'")
     method, params = request["method"], request.get("params", {})
+    if "id" not in request:
+        if method == "openenv/session/close" and isinstance(params, dict):
+            _mcp_reply(server, {**request, "id": None}, session)  # its effect, its answer dropped
+        return None
     if not isinstance(params, dict):
         return _rpc_error(request_id, _RPC_INVALID_PARAMS, "Params must be an object")
     if method == "openenv/session/create":
@@ -1134,8 +1143,8 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
     return _rpc_error(request_id, _RPC_INTERNAL_ERROR, "Environment does not support MCP")
 
 
-def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
-    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does."""
+def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
+    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does (None: a notification)."""
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -1214,7 +1223,8 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/list_environments":
         return 200, [_ENV_NAME]
     if path == "/mcp":
-        return 200, _mcp_http_reply(server, body)
+        answer = _mcp_http_reply(server, body)
+        return (200, answer) if answer is not None else (202, b"")  # a notification: accepted, no answer
     history = _WireHistory()
     env = server._new_environment(history=history)
     if path == "/state":

@@ -43,6 +43,7 @@ from conftest import (
     ask,
     free_port,
     http_get,
+    http_post,
     minilm_dir,
     raw,
     wait_until,
@@ -1206,6 +1207,33 @@ def test_a_post_head_is_parsed_once_however_its_body_is_split(monkeypatch):
             data = read_all(sock, TIMEOUT)
     assert status_of(data) == 200, data[:300]
     assert len(calls) == 1
+
+
+def test_json_rpc_notifications_get_no_answer_on_ws_or_post_and_create_no_session():
+    """Issue 18, 7: a JSON-RPC request with no ``id`` member is a notification, which a
+    server must not answer: on /ws no frame comes back (the next reply is the next
+    request's), on POST /mcp a 202 with an empty body. 300 session/create notifications
+    make no session (nobody would learn its id); a session/close notification still closes."""
+    create = {"jsonrpc": "2.0", "method": "openenv/session/create", "params": {}}
+    with serve_in_thread(max_sessions=4) as url:
+        for _ in range(300):
+            status, body = http_post(url + "/mcp", create)
+            assert (status, body) == (202, None)
+        assert http_get(url + "/metadata")[1]["active_sessions"] == 0
+        with raw(url) as ws:
+            for message in (create, {"jsonrpc": "2.0", "method": "tools/list"}):
+                ws.send(json.dumps({"type": "mcp", "data": message}))
+            assert ask(ws, {"type": "state"})["type"] == "state"  # the first frame back answers it
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.3)
+            assert http_get(url + "/metadata")[1]["active_sessions"] == 1
+        created = http_post(url + "/mcp", {**create, "id": 1})[1]["result"]["session_id"]
+        assert http_get(url + "/metadata")[1]["active_sessions"] == 1
+        close = {"jsonrpc": "2.0", "method": "openenv/session/close", "params": {"session_id": created}}
+        assert http_post(url + "/mcp", close) == (202, None)
+        assert wait_until(lambda: http_get(url + "/metadata")[1]["active_sessions"] == 0)
+        # a request with "id": null is not a notification: it is answered
+        assert http_post(url + "/mcp", {**create, "id": None})[1]["id"] is None
 
 
 # ------------------------------------------------------------------------------
