@@ -944,7 +944,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
     internal fault (never the client's input) ends it with SESSION_ERROR.
     """
     try:
-        message = _parse_request(frame)
+        message = _parse_request(frame, session.server)
         kind = message.get("type")
         if kind == "step":
             return _step_reply(session, _step_tokens(message))
@@ -984,9 +984,46 @@ def _type_text(kind: Any) -> str:
     return kind[:64] if isinstance(kind, str) else _preview(kind)
 
 
-def _parse_request(frame: str | bytes | bytearray) -> dict[str, Any]:
+_MAX_CONTAINERS = 2**16  # arrays and objects one request may hold ('[' and '{' counted before parsing)
+_MAX_DIGITS = 64  # digits in a row one request may hold: a token id needs few, and int() is quadratic in them
+# A run of more digits, found as zeros once every digit is one (a translate and a substring
+# search, both in C and linear: a regular expression rescans runs and costs ten times more)
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGITS = b"0" * (_MAX_DIGITS + 1)
+
+
+def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -> str | None:
+    """Why JSON text would cost too much to parse, or None; decided before json.loads builds it.
+
+    16 MiB of ``[[]]`` costs seconds of CPU and most of a gigabyte, of
+    4300-digit numbers a second, of ``1,1,...`` (8M items where an episode
+    holds ``max_tokens``) most of a second, all holding the event loop; no step
+    needs any of them. Upper bounds (brackets, commas or digits inside a string
+    count too), counted in C, and only for a request long enough to pass them:
+    an honest 1M-token step pays a few milliseconds.
+    """
+    if len(text) <= _MAX_CONTAINERS:
+        return None
+    plain = isinstance(text, str)
+    bracket, brace, comma = ("[", "{", ",") if plain else (b"[", b"{", b",")
+    if text.count(bracket) + text.count(brace) > _MAX_CONTAINERS:
+        return (f"more than {_MAX_CONTAINERS} arrays and objects ('[' and '{{'); a step's tokens are "
+                f"a list of token ids, or a few lists of them")
+    items = text.count(comma) + 1
+    if max_tokens is not None and items > max_tokens + _MAX_CONTAINERS:
+        return f"{items} items (',') where an episode holds at most {max_tokens} tokens"
+    data = text.encode("utf-8", "surrogatepass") if plain else text  # (no UTF-8 sequence holds a digit byte)
+    if _LONG_DIGITS in data.translate(_DIGITS_AS_ZEROS):
+        return f"a number over {_MAX_DIGITS} digits; a token id is a small integer"
+    return None
+
+
+def _parse_request(frame: str | bytes | bytearray, server: Any = None) -> dict[str, Any]:
     if not isinstance(frame, str):
         raise _RequestError(INVALID_JSON, "Binary frames are not supported: send JSON as a text frame")
+    costly = _costly_json(frame, getattr(server, "max_episode_tokens", None)) if len(frame) > _MAX_CONTAINERS else None
+    if costly is not None:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {costly}")
     try:
         message = json.loads(frame)
     except RecursionError:
@@ -1145,6 +1182,9 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
 
 def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
     """POST /mcp: parse the body, then answer as ``_mcp_reply`` does (None: a notification)."""
+    costly = _costly_json(body)
+    if costly is not None:
+        return _rpc_error(None, _RPC_INVALID_REQUEST, f"Invalid request: {costly}")
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -1175,7 +1215,7 @@ def _http_observation(history: _WireHistory) -> bytes:
                      history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
 
 
-def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"") -> tuple[int, Any]:
     """Answer one plain HTTP request: (status, a JSON-able body or pre-encoded JSON bytes).
 
     ``server`` is the ChatServer (its tokenizer, limits, fresh environments and
@@ -1229,6 +1269,9 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     env = server._new_environment(history=history)
     if path == "/state":
         return 200, env.state.to_dict()
+    costly = _costly_json(body, server.max_episode_tokens)
+    if costly is not None:
+        return _unprocessable("body", costly, None)
     try:
         request = json.loads(body) if body.strip() else {}
     except (ValueError, RecursionError):
@@ -1939,12 +1982,13 @@ class ChatServer:
         if session.account is not None:
             session.account.close()
 
-    def _run_offloaded(self, session: Session, frame: Any) -> Any:
+    def _run_offloaded(self, function: Any, *args: Any) -> Any:
+        """``function(*args)`` in the offload pool (a step, a stateless HTTP one too): a future."""
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
-        return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
+        return self._loop.run_in_executor(self._executor, function, *args)
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
@@ -2404,6 +2448,8 @@ class _Connection:
     def _receive_http_request(self, data: bytes) -> None:
         """Collect a plain HTTP request with a Content-Length body, answer it, half-close.
         Its head is parsed once, when whole; then only the body is counted."""
+        if self.offloaded:
+            return  # the body is being answered in the offload pool; what follows is not read
         if self.http_body is None:
             self.http_body = bytearray()
         buffer = self.http_body
@@ -2440,8 +2486,27 @@ class _Connection:
         if len(buffer) < length:
             self._count_held()  # the rest of the body is on its way
             return
-        status, body = http_reply(self.server, method, target, bytes(buffer[:length]))
+        del buffer[length:]  # (the body is read whole, never copied; it stays counted until answered)
+        self._count_held()
+        if self.server.offload and method == "POST":  # a stateless step, as a WebSocket's would be
+            self.offloaded = True
+            self.server._run_offloaded(http_reply, self.server, method, target, buffer).add_done_callback(
+                self._on_http_offloaded)
+            return
+        status, body = http_reply(self.server, method, target, buffer)
         self._answer_http(status, body, head=method == "HEAD")
+
+    def _on_http_offloaded(self, future: Any) -> None:
+        self.offloaded = False
+        if future.cancelled() or self.transport.is_closing():
+            return
+        exc = future.exception()
+        if exc is not None:  # http_reply answers every bad request itself; this is a bug
+            self.server._log.log("HTTP request failed", 1, logging.ERROR, "HTTP request failed outside the "
+                                 "protocol for %s: %s", self.peer, _preview(exc, 200))
+            self._answer_http(500, {"detail": "Internal Server Error"})
+        else:
+            self._answer_http(*future.result())
 
     def _refuse_malformed(self, why: str) -> None:
         self.server._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: 400 %s",
@@ -2661,7 +2726,7 @@ class _Connection:
             frame = bytes(data)
         if self.server.offload:
             self.offloaded = True
-            self.server._run_offloaded(session, frame).add_done_callback(self._on_offloaded)
+            self.server._run_offloaded(handle_frame, session, frame).add_done_callback(self._on_offloaded)
             return
         self._reply(handle_frame(session, frame))
 

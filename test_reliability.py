@@ -1237,6 +1237,85 @@ def test_json_rpc_notifications_get_no_answer_on_ws_or_post_and_create_no_sessio
 
 
 # ------------------------------------------------------------------------------
+# The event loop: no single request the server admits holds it
+# ------------------------------------------------------------------------------
+
+
+_STEP_BYTES = 2**24 - 256  # each hostile step fills the default message limit (16 MiB)
+
+
+def _tokens_text(item: str, count: int | None = None) -> str:
+    """A step's ``tokens`` as JSON text: ``item`` repeated to fill _STEP_BYTES."""
+    return "[" + ",".join([item] * (count or _STEP_BYTES // (len(item) + 1))) + "]"
+
+
+HOSTILE_TOKENS = {  # the worst shapes found: each cost the loop 1 to 30 s before it was refused early
+    "nested 31 deep, many times": lambda: _tokens_text("[" * 31 + "]" * 31),
+    "a million tiny lists": lambda: _tokens_text("[1]"),
+    "4300-digit numbers": lambda: _tokens_text("9" * 4300),
+    "8M one-digit tokens": lambda: _tokens_text("1"),
+    "1M tokens (admitted)": lambda: _tokens_text("65", 1_000_000),
+}
+
+
+@pytest.mark.parametrize("via, offload", [("ws", None), ("http", None), ("http", True)])
+def test_no_single_request_delays_another_sessions_step_past_half_a_second(tmp_path, via, offload):
+    """Issue 18, 4: with default limits, while one connection sends each of the worst
+    step shapes found (16 MiB, over a WebSocket or POST /step, stepped inline or
+    offloaded), another session keeps stepping, and its worst round trip stays within
+    0.5 s (with SLACK for a loaded machine). Shapes no step needs are refused before
+    json.loads builds them."""
+    options = {} if offload is None else {"offload": offload}
+    with ServerProcess(tmp_path, f"stall-{via}-{offload}", **options) as server:
+        for shape, build in HOSTILE_TOKENS.items():
+            tokens = build()
+            stop, worst = threading.Event(), [0.0]
+            sock, rest = open_session(server.port, TIMEOUT)
+            sock.settimeout(0.5 * SLACK + 1)
+            buffer, step = bytearray(rest), text({"type": "step", "data": {"tokens": [72]}})
+
+            def victim() -> None:
+                try:
+                    while not stop.is_set():
+                        started = time.monotonic()
+                        sock.sendall(step)
+                        recv_frame(sock, buffer)
+                        worst[0] = max(worst[0], time.monotonic() - started)
+                        sock.sendall(text({"type": "reset"}))
+                        recv_frame(sock, buffer)
+                        time.sleep(0.002)
+                except OSError:
+                    worst[0] = float("inf")
+
+            thread = threading.Thread(target=victim)
+            thread.start()
+            try:
+                time.sleep(0.2)
+                if via == "ws":
+                    hostile, hostile_rest = open_session(server.port, 60)
+                    with hostile:
+                        hostile.sendall(frame(('{"type":"step","data":{"tokens":%s}}' % tokens).encode()))
+                        answer = json.loads(recv_frame(hostile, bytearray(hostile_rest))[1])
+                    admitted = answer["type"] == "observation"
+                else:
+                    body = ('{"action":{"tokens":%s}}' % tokens).encode()
+                    with tcp_connect(server.port, 60) as hostile:
+                        hostile.sendall(http_request("POST", "/step", body=body))
+                        status, data = status_of(answer := read_all(hostile, 60)), answer
+                    admitted = status == 200
+                    assert status in (200, 422), data[:300]
+                time.sleep(0.2)
+            finally:
+                stop.set()
+                thread.join(2 * SLACK)
+                sock.close()
+            assert admitted == shape.endswith("(admitted)"), (shape, str(answer)[:300])
+            print(f"{via} offload={offload} {shape}: another session's worst step {worst[0] * 1000:.0f} ms")
+            assert worst[0] < 0.5 * SLACK, (shape, worst[0])
+    assert_clean_log(server.output())
+
+
+# ------------------------------------------------------------------------------
 # Closing: every server-initiated close waits for the client's close frame
 # ------------------------------------------------------------------------------
 
