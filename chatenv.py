@@ -992,8 +992,9 @@ _DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256)
 _LONG_DIGITS = b"0" * (_MAX_DIGITS + 1)
 
 
-def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -> str | None:
-    """Why JSON text would cost too much to parse, or None; decided before json.loads builds it.
+def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -> tuple[str, str] | None:
+    """Why JSON text would cost too much to parse, as (error code, text), or None; decided
+    before json.loads builds it.
 
     16 MiB of ``[[]]`` costs seconds of CPU and most of a gigabyte, of
     4300-digit numbers a second, of ``1,1,...`` (8M items where an episode
@@ -1007,14 +1008,14 @@ def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -
     plain = isinstance(text, str)
     bracket, brace, comma = ("[", "{", ",") if plain else (b"[", b"{", b",")
     if text.count(bracket) + text.count(brace) > _MAX_CONTAINERS:
-        return (f"more than {_MAX_CONTAINERS} arrays and objects ('[' and '{{'); a step's tokens are "
-                f"a list of token ids, or a few lists of them")
+        return INVALID_JSON, (f"more than {_MAX_CONTAINERS} arrays and objects ('[' and '{{'); a step's "
+                              f"tokens are a list of token ids, or a few lists of them")
     items = text.count(comma) + 1
     if max_tokens is not None and items > max_tokens + _MAX_CONTAINERS:
-        return f"{items} items (',') where an episode holds at most {max_tokens} tokens"
+        return VALIDATION_ERROR, f"{items} items (',') where an episode holds at most {max_tokens} tokens"
     data = text.encode("utf-8", "surrogatepass") if plain else text  # (no UTF-8 sequence holds a digit byte)
     if _LONG_DIGITS in data.translate(_DIGITS_AS_ZEROS):
-        return f"a number over {_MAX_DIGITS} digits; a token id is a small integer"
+        return VALIDATION_ERROR, f"a number over {_MAX_DIGITS} digits; a token id is a small integer"
     return None
 
 
@@ -1023,7 +1024,8 @@ def _parse_request(frame: str | bytes | bytearray, server: Any = None) -> dict[s
         raise _RequestError(INVALID_JSON, "Binary frames are not supported: send JSON as a text frame")
     costly = _costly_json(frame, getattr(server, "max_episode_tokens", None)) if len(frame) > _MAX_CONTAINERS else None
     if costly is not None:
-        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {costly}")
+        code, why = costly
+        raise _RequestError(code, f"{'Invalid JSON' if code == INVALID_JSON else 'Invalid message'}: {why}")
     try:
         message = json.loads(frame)
     except RecursionError:
@@ -1184,7 +1186,7 @@ def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
     """POST /mcp: parse the body, then answer as ``_mcp_reply`` does (None: a notification)."""
     costly = _costly_json(body)
     if costly is not None:
-        return _rpc_error(None, _RPC_INVALID_REQUEST, f"Invalid request: {costly}")
+        return _rpc_error(None, _RPC_INVALID_REQUEST, f"Invalid request: {costly[1]}")
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -1271,7 +1273,7 @@ def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"
         return 200, env.state.to_dict()
     costly = _costly_json(body, server.max_episode_tokens)
     if costly is not None:
-        return _unprocessable("body", costly, None)
+        return _unprocessable("body", costly[1], None)
     try:
         request = json.loads(body) if body.strip() else {}
     except (ValueError, RecursionError):
