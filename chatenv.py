@@ -1622,7 +1622,6 @@ class _LogLimiter:
         self.window = now
 
 
-
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method or header name (RFC 9110 5.6.2)
 _HTTP_VERSION = re.compile(r"HTTP/1\.[01]")
 _HTTP_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # bytes no request line or header may hold (tab may)
@@ -1658,6 +1657,7 @@ def _parse_http_head(head: bytes) -> tuple[str, str, Any, int]:
     if len(lengths) > 1:
         raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
     return parts[0], parts[1], headers, lengths.pop() if lengths else 0
+
 
 # What a session costs its server beyond its episode's history (its connection, the
 # Sans-I/O protocol, the session and environment objects, a small last step kept for
