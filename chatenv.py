@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -1053,7 +1054,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
     internal fault (never the client's input) ends it with SESSION_ERROR.
     """
     try:
-        message = _parse_request(frame)
+        message = _parse_request(frame, session.server)
         kind = message.get("type")
         if kind == "step":
             return _step_reply(session, _step_tokens(message))
@@ -1068,7 +1069,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
         if kind == "mcp":
             data = message.get("data")
             reply = _mcp_reply(session.server, data, session)
-            return Reply([_json_bytes({"type": "mcp", "data": reply})])
+            return Reply([_json_bytes({"type": "mcp", "data": reply})] if reply is not None else None)
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
         return _error_reply(exc.code, exc.message)
@@ -1093,9 +1094,48 @@ def _type_text(kind: Any) -> str:
     return kind[:64] if isinstance(kind, str) else _preview(kind)
 
 
-def _parse_request(frame: str | bytes | bytearray) -> dict[str, Any]:
+_MAX_CONTAINERS = 2**16  # arrays and objects one request may hold ('[' and '{' counted before parsing)
+_MAX_DIGITS = 64  # digits in a row one request may hold: a token id needs few, and int() is quadratic in them
+# A run of more digits, found as zeros once every digit is one (a translate and a substring
+# search, both in C and linear: a regular expression rescans runs and costs ten times more)
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGITS = b"0" * (_MAX_DIGITS + 1)
+
+
+def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -> tuple[str, str] | None:
+    """Why JSON text would cost too much to parse, as (error code, text), or None; decided
+    before json.loads builds it.
+
+    16 MiB of ``[[]]`` costs seconds of CPU and most of a gigabyte, of
+    4300-digit numbers a second, of ``1,1,...`` (8M items where an episode
+    holds ``max_tokens``) most of a second, all holding the event loop; no step
+    needs any of them. Upper bounds (brackets, commas or digits inside a string
+    count too), counted in C, and only for a request long enough to pass them:
+    an honest 1M-token step pays a few milliseconds.
+    """
+    if len(text) <= _MAX_CONTAINERS:
+        return None
+    plain = isinstance(text, str)
+    bracket, brace, comma = ("[", "{", ",") if plain else (b"[", b"{", b",")
+    if text.count(bracket) + text.count(brace) > _MAX_CONTAINERS:
+        return INVALID_JSON, (f"more than {_MAX_CONTAINERS} arrays and objects ('[' and '{{'); a step's "
+                              f"tokens are a list of token ids, or a few lists of them")
+    items = text.count(comma) + 1
+    if max_tokens is not None and items > max_tokens + _MAX_CONTAINERS:
+        return VALIDATION_ERROR, f"{items} items (',') where an episode holds at most {max_tokens} tokens"
+    data = text.encode("utf-8", "surrogatepass") if plain else text  # (no UTF-8 sequence holds a digit byte)
+    if _LONG_DIGITS in data.translate(_DIGITS_AS_ZEROS):
+        return VALIDATION_ERROR, f"a number over {_MAX_DIGITS} digits; a token id is a small integer"
+    return None
+
+
+def _parse_request(frame: str | bytes | bytearray, server: Any = None) -> dict[str, Any]:
     if not isinstance(frame, str):
         raise _RequestError(INVALID_JSON, "Binary frames are not supported: send JSON as a text frame")
+    costly = _costly_json(frame, getattr(server, "max_episode_tokens", None)) if len(frame) > _MAX_CONTAINERS else None
+    if costly is not None:
+        code, why = costly
+        raise _RequestError(code, f"{'Invalid JSON' if code == INVALID_JSON else 'Invalid message'}: {why}")
     try:
         message = json.loads(frame)
     except RecursionError:
@@ -1203,8 +1243,13 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> di
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": data}}
 
 
-def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any]:
-    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws."""
+def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any] | None:
+    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws.
+
+    A notification (a valid request with no ``id`` member) is answered with None:
+    JSON-RPC 2.0 says a server must not reply to one. Its effect still happens,
+    except a session/create's: a session whose id nobody is told is never made.
+    """
     request_id = request.get("id") if isinstance(request, dict) else None
     if (not isinstance(request, dict) or request.get("jsonrpc") != "2.0"
             or not isinstance(request.get("method"), str) or request.keys() - {"jsonrpc", "method", "params", "id"}
@@ -1212,6 +1257,10 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
         return _rpc_error(None, _RPC_INVALID_REQUEST,
                           "Invalid request: a JSON-RPC 2.0 request needs 'jsonrpc': '2.0' and a string 'method'")
     method, params = request["method"], request.get("params", {})
+    if "id" not in request:
+        if method == "openenv/session/close" and isinstance(params, dict):
+            _mcp_reply(server, {**request, "id": None}, session)  # its effect, its answer dropped
+        return None
     if not isinstance(params, dict):
         return _rpc_error(request_id, _RPC_INVALID_PARAMS, "Params must be an object")
     if method == "openenv/session/create":
@@ -1242,8 +1291,11 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
     return _rpc_error(request_id, _RPC_INTERNAL_ERROR, "Environment does not support MCP")
 
 
-def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
-    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does."""
+def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
+    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does (None: a notification)."""
+    costly = _costly_json(body)
+    if costly is not None:
+        return _rpc_error(None, _RPC_INVALID_REQUEST, f"Invalid request: {costly[1]}")
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -1274,7 +1326,7 @@ def _http_observation(history: _WireHistory) -> bytes:
                      history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
 
 
-def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"") -> tuple[int, Any]:
     """Answer one plain HTTP request: (status, a JSON-able body or pre-encoded JSON bytes).
 
     ``server`` is the ChatServer (its tokenizer, limits, fresh environments and
@@ -1322,11 +1374,15 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/list_environments":
         return 200, [_ENV_NAME]
     if path == "/mcp":
-        return 200, _mcp_http_reply(server, body)
+        answer = _mcp_http_reply(server, body)
+        return (200, answer) if answer is not None else (202, b"")  # a notification: accepted, no answer
     history = _WireHistory()
     env = server._new_environment(history=history)
     if path == "/state":
         return 200, env.state.to_dict()
+    costly = _costly_json(body, server.max_episode_tokens)
+    if costly is not None:
+        return _unprocessable("body", costly[1], None)
     try:
         request = json.loads(body) if body.strip() else {}
     except (ValueError, RecursionError):
@@ -1691,6 +1747,43 @@ class _LogLimiter:
         self.window = now
 
 
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method or header name (RFC 9110 5.6.2)
+_HTTP_VERSION = re.compile(r"HTTP/1\.[01]")
+_HTTP_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # bytes no request line or header may hold (tab may)
+
+
+def _parse_http_head(head: bytes) -> tuple[str, str, Any, int]:
+    """A request head (without its blank line) as (method, target, headers, Content-Length).
+
+    Strict, as a request that two parsers could read two ways must not be read
+    at all (RFC 9112): any malformed line, control byte, signed or non-decimal
+    or conflicting Content-Length raises ValueError saying what is wrong.
+    """
+    from websockets.datastructures import Headers
+
+    text = head.decode("latin-1")
+    if _HTTP_CONTROL.search(text.replace("\r\n", "  ")):
+        raise ValueError("a control character in the request line or headers")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.fullmatch(parts[0]) or not parts[1] or not _HTTP_VERSION.fullmatch(parts[2]):
+        raise ValueError(f"not a request line: {_preview(lines[0])}")
+    headers, lengths = Headers(), set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _HTTP_TOKEN.fullmatch(name):
+            raise ValueError(f"not a header line: {_preview(line)}")
+        value = value.strip(" \t")
+        headers[name] = value
+        if name.lower() == "content-length":
+            if not value.isascii() or not value.isdigit() or len(value) > 18:
+                raise ValueError(f"Content-Length is not a decimal number of bytes: {_preview(value)}")
+            lengths.add(int(value))
+    if len(lengths) > 1:
+        raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
+    return parts[0], parts[1], headers, lengths.pop() if lengths else 0
+
+
 # What a session costs its server beyond its episode's history (its connection, the
 # Sans-I/O protocol, the session and environment objects, a small last step kept for
 # delta replies): 7.3 KB by RSS over a thousand open sessions (test_limits.py checks
@@ -1793,6 +1886,8 @@ class ChatServer:
             raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
             raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
+        if auth_token is not None and auth_token != auth_token.strip():  # headers are read stripped: never a match
+            raise ValueError("the auth token has leading or trailing whitespace, which no client's header can match")
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -2020,12 +2115,13 @@ class ChatServer:
         if session.account is not None:
             session.account.close()
 
-    def _run_offloaded(self, session: Session, frame: Any) -> Any:
+    def _run_offloaded(self, function: Any, *args: Any) -> Any:
+        """``function(*args)`` in the offload pool (a step, a stateless HTTP one too): a future."""
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
-        return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
+        return self._loop.run_in_executor(self._executor, function, *args)
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
@@ -2169,7 +2265,10 @@ class ChatServer:
     def _flush_writes(self) -> None:
         unflushed, self._unflushed = self._unflushed, []
         for conn in unflushed:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception as exc:  # flush guards its transport calls: a bug, still this connection's only
+                conn.drop("flushing its writes", exc, logging.ERROR)
 
     # Keepalive and timeouts: one timer for the whole server, not one per session
 
@@ -2191,9 +2290,8 @@ class ChatServer:
         for conn in list(self._connections):
             try:
                 conn.check_timeouts(now)
-            except Exception:  # one broken connection must not stop the others' keepalive
-                logger.exception("keepalive check failed for %s", conn.peer)
-                conn.transport.abort()
+            except Exception as exc:  # one broken connection must not stop the others' keepalive
+                conn.drop("checking its timeouts", exc, logging.ERROR)
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
 
 
@@ -2264,6 +2362,8 @@ class _Connection:
         # A plain HTTP request with a body, as read so far; once answered, an empty
         # buffer that what the client still sends is discarded into
         self.http_body: bytearray | None = None
+        # That request's method, target and Content-Length, once its head is whole (parsed once)
+        self.http_head: tuple[str, str, int] | None = None
 
         # The session, from the accepted upgrade on (None: not yet, or refused)
         self.session: Session | None = None
@@ -2348,13 +2448,19 @@ class _Connection:
         self.last_rx = self.server._loop.time()
         if self.eof_queued:
             return  # we have said our last word; the rest is discarded until the client closes
-        state = proto.state
-        if state == _OPEN or state == _CLOSING:
-            self._receive_frames(data)
-        elif state == _CONNECTING and not _eof_sent(proto):
-            self._receive_head(data)
-        if self.inbox and not self.offloaded and not self.drain_scheduled:
-            self._drain()
+        try:
+            state = proto.state
+            if state == _OPEN or state == _CLOSING:
+                self._receive_frames(data)
+            elif state == _CONNECTING and not _eof_sent(proto):
+                self._receive_head(data)
+            if self.inbox and not self.offloaded and not self.drain_scheduled:
+                self._drain()
+        except Exception as exc:  # else asyncio logs a traceback per such request, unbounded
+            if proto.state == _CONNECTING and not self.eof_queued and not _eof_sent(proto):
+                self._refuse_malformed(f"unreadable request ({type(exc).__name__})")
+            else:
+                self.drop("reading", exc, logging.WARNING)
 
     def eof_received(self) -> None:
         self.proto.receive_eof()
@@ -2426,8 +2532,16 @@ class _Connection:
         """Feed request-head bytes (never more) to the protocol; answer the request once whole."""
         proto = self.proto
         proto.receive_data(data)
-        for request in proto.events_received():
+        requests = proto.events_received()
+        for request in requests:
             self._answer_request(request)
+        if not requests and proto.handshake_exc is not None:
+            # The protocol could not parse the head and would close without a word: answer 400
+            for _ in proto.data_to_send():
+                pass
+            exc = proto.handshake_exc
+            self._refuse_malformed(str(exc.__cause__ or exc)[:120])
+            return
         self._queue_protocol_output()
 
     def _answer_request(self, request: Any) -> None:
@@ -2437,6 +2551,9 @@ class _Connection:
         _latin1_headers(request)
         path, _, query = request.path.partition("?")
         method = _request_method(request)
+        if not _HTTP_TOKEN.fullmatch(method):  # websockets 17 takes any bytes before the first space
+            self._refuse_malformed(f"not a request method: {_preview(method)}")
+            return
         refusal = server._refusal(method, path, path == "/ws", request.headers, self.peer)
         if path != "/ws":
             if refusal is not None:
@@ -2471,52 +2588,72 @@ class _Connection:
             server._handshakes.pop(self, None)  # a session now, counted by max_sessions
 
     def _receive_http_request(self, data: bytes) -> None:
-        """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
-        from websockets.datastructures import Headers
-
+        """Collect a plain HTTP request with a Content-Length body, answer it, half-close.
+        Its head is parsed once, when whole; then only the body is counted."""
+        if self.offloaded:
+            return  # the body is being answered in the offload pool; what follows is not read
         if self.http_body is None:
             self.http_body = bytearray()
         buffer = self.http_body
-        start = max(0, len(buffer) - 3)
-        buffer += data
-        end = buffer.find(b"\r\n\r\n", start) if not self.head_bytes else self.head_bytes - 4
-        if end < 0:
-            if len(buffer) > _HTTP_HEAD_BYTES:
-                self._refuse_head()
-            return
-        if not self.head_bytes:
-            self.head_bytes = end + 4
-            if self.head_bytes > _HTTP_HEAD_BYTES:
-                self._refuse_head()
+        if self.http_head is None:
+            start = max(0, len(buffer) - 3)
+            buffer += data
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0 or end + 4 > _HTTP_HEAD_BYTES:
+                if end >= 0 or len(buffer) > _HTTP_HEAD_BYTES:
+                    self._refuse_head()
                 return
-        lines = buffer[:end].decode("latin-1").split("\r\n")
-        method, _, target = lines[0].partition(" ")
-        target = target.rpartition(" ")[0] or target
-        length = 0
-        headers = Headers()
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip(), value.strip()
-            headers[name] = value
-            name = name.lower()
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            elif name == "transfer-encoding":
+            self.head_bytes = end + 4
+            try:
+                method, target, headers, length = _parse_http_head(bytes(buffer[:end]))
+            except ValueError as exc:
+                self._refuse_malformed(str(exc))
+                return
+            del buffer[:end + 4]
+            if "transfer-encoding" in headers:
                 self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
                 return
-        refusal = self.server._refusal(method[:16], target, False, headers, self.peer)
-        if refusal is not None:  # from the head: the body is neither waited for nor held
-            self._answer_http(refusal[0], {"detail": refusal[1].strip()}, extra=refusal[2])
-            return
-        limit = self.server.max_message_bytes
-        if limit is not None and length > limit:
-            self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
-            return
-        if len(buffer) - end - 4 < length:
+            refusal = self.server._refusal(method, target, False, headers, self.peer)
+            if refusal is not None:  # from the head: the body is neither waited for nor held
+                self._answer_http(refusal[0], {"detail": refusal[1].strip()}, extra=refusal[2])
+                return
+            limit = self.server.max_message_bytes
+            if limit is not None and length > limit:
+                self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
+                return
+            self.http_head = (method, target, length)
+        else:
+            buffer += data
+        method, target, length = self.http_head
+        if len(buffer) < length:
             self._count_held()  # the rest of the body is on its way
             return
-        status, body = http_reply(self.server, method[:16], target, bytes(buffer[end + 4:end + 4 + length]))
+        del buffer[length:]  # (the body is read whole, never copied; it stays counted until answered)
+        self._count_held()
+        if self.server.offload and method == "POST":  # a stateless step, as a WebSocket's would be
+            self.offloaded = True
+            self.server._run_offloaded(http_reply, self.server, method, target, buffer).add_done_callback(
+                self._on_http_offloaded)
+            return
+        status, body = http_reply(self.server, method, target, buffer)
         self._answer_http(status, body, head=method == "HEAD")
+
+    def _on_http_offloaded(self, future: Any) -> None:
+        self.offloaded = False
+        if future.cancelled() or self.transport.is_closing():
+            return
+        exc = future.exception()
+        if exc is not None:  # http_reply answers every bad request itself; this is a bug
+            self.server._log.log("HTTP request failed", 1, logging.ERROR, "HTTP request failed outside the "
+                                 "protocol for %s: %s", self.peer, _preview(exc, 200))
+            self._answer_http(500, {"detail": "Internal Server Error"})
+        else:
+            self._answer_http(*future.result())
+
+    def _refuse_malformed(self, why: str) -> None:
+        self.server._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: 400 %s",
+                             self.peer, why)
+        self._answer_http(400, {"detail": f"Bad Request: {why}"})
 
     def _refuse_head(self) -> None:
         self.server._log.log("refused a request", 1, logging.WARNING,
@@ -2731,7 +2868,7 @@ class _Connection:
             frame = bytes(data)
         if self.server.offload:
             self.offloaded = True
-            self.server._run_offloaded(session, frame).add_done_callback(self._on_offloaded)
+            self.server._run_offloaded(handle_frame, session, frame).add_done_callback(self._on_offloaded)
             return
         self._reply(handle_frame(session, frame))
 
@@ -2818,7 +2955,11 @@ class _Connection:
                     large.started = True
                 data = b"".join(proto.data_to_send())
         if data:
-            self.transport.write(data)
+            try:
+                self.transport.write(data)
+            except Exception as exc:
+                self.drop("writing", exc)
+                return
         if not done:
             if self.write_paused_at is None:
                 self.server._loop.call_soon(self._write_large_chunk)
@@ -2864,21 +3005,39 @@ class _Connection:
     def flush(self) -> None:
         """Write this turn's writes to the transport in one piece (the server calls it)."""
         writes, self.writes = self.writes, []
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if writes:
-            data = writes[0] if len(writes) == 1 else b"".join(writes)
-            if data:
-                self.transport.write(data)
-        if self.eof_queued and self.large_reply is None and not self.eof_written:
-            # Half-close and keep reading until the client closes (or close_timeout_s):
-            # closing outright would answer a client still sending with a TCP reset,
-            # which can destroy our close frame before the client reads it
-            self.eof_written = True
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+        try:
+            if writes:
+                data = writes[0] if len(writes) == 1 else b"".join(writes)
+                if data:
+                    transport.write(data)
+            if self.eof_queued and self.large_reply is None and not self.eof_written:
+                # Half-close and keep reading until the client closes (or close_timeout_s):
+                # closing outright would answer a client still sending with a TCP reset,
+                # which can destroy our close frame before the client reads it
+                self.eof_written = True
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except Exception as exc:  # the peer is gone: write_eof() raises ENOTCONN after a reset
+            self.drop("writing", exc)
+
+    def drop(self, doing: str, exc: BaseException, level: int = logging.INFO) -> None:
+        """End this connection, and only it, over a failure while ``doing`` something.
+
+        asyncio documents no exceptions for a transport's calls, yet a socket the peer
+        has reset makes write_eof() raise; a failure on one connection must never reach
+        another's work (the server's loops over connections call this), nor flood the log.
+        """
+        self.server._log.log("dropped a connection", _LOG_LINES_PER_S, level,
+                             "dropped a connection: %s, failed %s: %s", self.peer, doing, _preview(exc, 200))
+        try:
+            self.transport.abort()
+        except Exception:  # aborting only closes our socket; nothing is left to do if even that fails
+            pass
 
     def _update_reading(self) -> None:
         inbox = self.inbox
@@ -6010,6 +6169,9 @@ _loop_name = _choice("asyncio", "uvloop")
 def _auth_token(text: str) -> str:
     if not text.strip():  # a secret that was never filled in must not mean "no auth"
         raise ValueError("is empty: an empty auth token would let everyone in; set a token, or leave it unset")
+    if text != text.strip():  # a header's value is read stripped: such a token could never match
+        raise ValueError("has leading or trailing whitespace, which no client's header can match; "
+                         "remove it (the token is not shown)")
     return text
 
 

@@ -409,6 +409,9 @@ _BAD_CONFIG = [
     ([], {"TOKENIZER_NAME": "{tmp}/not-a-tokenizer.json"}, "TOKENIZER_NAME", "not-a-tokenizer.json"),
     (["--auth-token", " "], {}, "--auth-token", ""),
     ([], {"CHATENV_AUTH_TOKEN": ""}, "CHATENV_AUTH_TOKEN", ""),
+    (["--auth-token", " t0k-9d1c"], {}, "--auth-token", "whitespace"),  # the token itself is never shown
+    (["--auth-token", "t0k-9d1c\n"], {}, "--auth-token", "whitespace"),
+    ([], {"CHATENV_AUTH_TOKEN": "t0k-9d1c "}, "CHATENV_AUTH_TOKEN", "whitespace"),
 ]
 
 
@@ -439,6 +442,15 @@ def test_cli_bad_value_is_one_error_line_and_exit_2(config_files, flags, variabl
     assert len(lines) == 1 and lines[0].startswith("chatenv: error: "), out.stderr
     assert name in lines[0] and value in lines[0], lines[0]
     assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_an_auth_token_with_surrounding_whitespace_is_refused_and_never_shown():
+    """Issue 18, 7: a token a header's (stripped) value can never match is refused at start."""
+    for token in (" t0k-9d1c", "t0k-9d1c\n", "\tt0k-9d1c"):
+        with pytest.raises(ValueError, match="whitespace") as info:
+            chatenv.ChatServer(auth_token=token)
+        assert "t0k" not in str(info.value)
+    assert chatenv.ChatServer(auth_token="t0k-9d1c").auth_token == "t0k-9d1c"
 
 
 def test_cli_bad_variable_does_not_break_version_or_help():
