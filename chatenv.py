@@ -3381,6 +3381,7 @@ _CLOSE_WAIT_S = 0.1  # close() waits this long for the server's close frame
 _BACKOFF_S = (0.05, 2.0)  # capacity waits: first and largest pause between rounds of tries
 _MAX_REPLY_BYTES = 2**31 - 1  # a max_message_bytes of None still refuses frames of 2 GiB or more: no reply is one
 _TEND_BYTES = 2**18  # most bytes the keepalive thread reads from one idle connection per turn
+_SETTLE_TURNS = 4  # loop turns AsyncChatEnv gives bytes that came before a request to be read (two do)
 _DEADLINE_SLACK_S = 0.05  # a call's blocking read or send may end this much past its deadline, saving a syscall a read
 
 _CLOSE_MEANINGS = {  # what each close code a chatenv or OpenEnv server sends means for a session
@@ -4249,7 +4250,6 @@ class _SocketWire:
 
     def open(self, ws_url: str) -> None:
         """Connect and handshake within connect_timeout_s; raises ConnectionError."""
-        import select
         import socket
 
         from websockets.client import ClientProtocol
@@ -4289,9 +4289,7 @@ class _SocketWire:
             sock.close()
             raise
         self.sock, self.proto = sock, proto
-        self.poller = select.poll() if hasattr(select, "poll") else None
-        if self.poller is not None:
-            self.poller.register(sock, select.POLLIN)
+        self.poller = _poller(sock)
         self._set_timeout(self.wait_s)
         if frames:  # frames that came with the handshake's answer (a refusal)
             try:
@@ -4710,6 +4708,18 @@ class _Keepalive:
             pass
 
 
+def _poller(sock: Any) -> Any:
+    """A poll object for ``sock`` alone, to see without blocking whether bytes came before a
+    request is written (None without poll or a socket: nothing is checked)."""
+    import select
+
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
+
+
 def _wait_readable(sockets: list[Any], timeout: float | None) -> None:
     """Block until one of ``sockets`` is readable or ``timeout`` passes (poll: no fd limit)."""
     import select
@@ -4902,6 +4912,8 @@ class AsyncChatEnv(_ClientBase):
         self._ws: Any = None
         # Held by each call: an asyncio.Lock, made in the loop of the first call
         self._lock: Any = None
+        # The connection's socket, polled before a request: what came first is read and raised
+        self._poller: Any = None
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -4930,6 +4942,12 @@ class AsyncChatEnv(_ClientBase):
             except Exception as exc:
                 action = call.on_connect_error(core.connect_error(ws_url, exc))
             else:
+                transport = _transport(self._ws)
+                try:  # a flood of tiny frames is parsed a read at a time: a smaller read keeps the deadline
+                    transport.max_size = _CLIENT_READ_BYTES
+                except AttributeError:  # uvloop's transport has no such attribute
+                    pass
+                self._poller = _poller(transport.get_extra_info("socket"))
                 action = call.on_connect()
         return action
 
@@ -4943,10 +4961,14 @@ class AsyncChatEnv(_ClientBase):
 
         from websockets.exceptions import ConnectionClosed
 
-        if _queued_frames(ws):  # a frame came that no request asked for
-            raise _Unsolicited(await ws.recv(decode=False))
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
+                turns = 0
+                while self._poller is not None and self._poller.poll(0) and turns < _SETTLE_TURNS:
+                    await asyncio.sleep(0)  # bytes came since the last reply: the loop reads them first
+                    turns += 1
+                if _queued_frames(ws):  # a frame came that no request asked for
+                    raise _Unsolicited(await ws.recv(decode=False))
                 await ws.send(frame)
                 return await ws.recv(decode=False)
         except ConnectionClosed as exc:
