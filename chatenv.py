@@ -4412,38 +4412,40 @@ class _SocketWire:
         else:
             events = data  # parsed already (with the handshake's answer)
         message = None
-        for event in events:
-            opcode = event.opcode
-            if opcode == _OP_TEXT or opcode == _OP_BINARY:
-                if not event.fin:
-                    self.fragments, self.fragment_bytes = [event.data], len(event.data)
+        try:
+            for event in events:
+                opcode = event.opcode
+                if opcode == _OP_TEXT or opcode == _OP_BINARY:
+                    if not event.fin:
+                        self.fragments, self.fragment_bytes = [event.data], len(event.data)
+                        continue
+                    done = event.data
+                elif opcode == _OP_CONT and self.fragments is not None:
+                    self.fragments.append(event.data)
+                    self.fragment_bytes += len(event.data)
+                    if len(self.fragments) > _MAX_FRAGMENTS:
+                        raise self._fail(1009, f"the server sent a message in more than {_MAX_FRAGMENTS} fragments")
+                    if self.fragment_bytes > self.max_bytes:
+                        raise self._fail(1009, f"the server's reply of over {self.max_bytes} bytes is over this "
+                                               f"client's max_message_bytes={self.core.max_message_bytes}")
+                    if not event.fin:
+                        continue
+                    done, self.fragments = b"".join(self.fragments), None
+                else:
+                    if opcode == _OP_PONG and event.data == self.ping:
+                        self.ping = None
                     continue
-                done = event.data
-            elif opcode == _OP_CONT and self.fragments is not None:
-                self.fragments.append(event.data)
-                self.fragment_bytes += len(event.data)
-                if len(self.fragments) > _MAX_FRAGMENTS:
-                    raise self._fail(1009, f"the server sent a message in more than {_MAX_FRAGMENTS} fragments")
-                if self.fragment_bytes > self.max_bytes:
-                    raise self._fail(1009, f"the server's reply of over {self.max_bytes} bytes is over this "
-                                           f"client's max_message_bytes={self.core.max_message_bytes}")
-                if not event.fin:
-                    continue
-                done, self.fragments = b"".join(self.fragments), None
-            else:
-                if opcode == _OP_PONG and event.data == self.ping:
-                    self.ping = None
-                continue
-            if message is None and not idle:
-                message = done
-            elif self.unsolicited is None:
-                self.unsolicited = done  # the first is kept: a refusal, or proof of a broken server
-        self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
-        if proto.state != _OPEN:  # a reply that came is still the reply: the close is the next call's
-            closed = self._closing()
+                if message is None and not idle:
+                    message = done
+                elif self.unsolicited is None:
+                    self.unsolicited = done  # the first is kept: a refusal, or proof of a broken server
+            self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
+            if proto.state != _OPEN:
+                raise self._closing()
+        except _Closed:
             if message is None:
-                raise closed
-        return message
+                raise
+        return message  # a reply that came before the connection ended is still the reply: the end is the next call's
 
     def _read_available(self, idle: bool) -> None:
         """Read what has come, without blocking, at most _TEND_BYTES; frames are handled
