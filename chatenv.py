@@ -4245,6 +4245,7 @@ class _SocketWire:
         self.deadline: float | None = None  # the call's: no read or send under way waits past it
         self.interrupted = False  # close() from another thread cut the connection
         self.would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+        self.tls = False  # bytes TLS has decrypted but not handed over are not in the poll's view
 
     # Opening
 
@@ -4271,6 +4272,7 @@ class _SocketWire:
                 sock.settimeout(self._remaining(deadline))
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
                 self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                self.tls = True
             extensions = None
             if core.compression == "deflate":
                 extensions = _deflate_extensions("client")
@@ -4333,7 +4335,7 @@ class _SocketWire:
     def call(self, frame: str) -> Any:
         """Send one request and return the next data frame's payload: its reply. A data
         frame that came before the request was written is none: it is raised."""
-        if self.closed is None and (self.poller is None or self.poller.poll(0)):
+        if self.closed is None and (self.poller is None or self.poller.poll(0) or self.tls and self.sock.pending()):
             self._read_available(idle=True)  # pings, a close, or a frame no request asked for
         if self.closed is not None:
             raise self.closed
