@@ -3893,7 +3893,10 @@ _CLIENT_READ_BYTES = 2**16  # most bytes the sync client takes from its socket p
 _IDLE_S = 0.1  # a sync client quiet this long is tended by the keepalive thread
 _CLOSE_WAIT_S = 0.1  # close() waits this long for the server's close frame
 _BACKOFF_S = (0.05, 2.0)  # capacity waits: first and largest pause between rounds of tries
-_NO_LIMIT = 2**63  # a max_message_bytes of None
+_MAX_REPLY_BYTES = 2**31 - 1  # a max_message_bytes of None still refuses frames of 2 GiB or more: no reply is one
+_TEND_BYTES = 2**18  # most bytes the keepalive thread reads from one idle connection per turn
+_SETTLE_TURNS = 4  # loop turns AsyncChatEnv gives bytes that came before a request to be read (two do)
+_DEADLINE_SLACK_S = 0.05  # a call's blocking read or send may end this much past its deadline, saving a syscall a read
 
 _CLOSE_MEANINGS = {  # what each close code a chatenv or OpenEnv server sends means for a session
     1000: "closed normally",
@@ -4013,7 +4016,8 @@ class _ClientCore:
                 every server answers CAPACITY_REACHED. None disables waiting: one
                 round over the servers, then CAPACITY_REACHED.
             max_message_bytes: the largest reply accepted; a larger one closes the
-                connection (1009). None disables the limit.
+                connection (1009). None disables the limit (a frame of 2 GiB or
+                more, which no reply is, is still refused).
         """
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls or not all(isinstance(url, str) for url in urls):
@@ -4040,7 +4044,7 @@ class _ClientCore:
             open_timeout=connect_timeout_s,
             ping_interval=ping_interval_s,
             ping_timeout=ping_timeout_s,
-            max_size=max_message_bytes,
+            max_size=_MAX_REPLY_BYTES if max_message_bytes is None else max_message_bytes,
             compression=self.compression,
             additional_headers=dict(self.headers[1:]) or None,
             user_agent_header=self.headers[0][1],
@@ -4116,7 +4120,9 @@ class _ClientCore:
             return _Closed(1006, "", leftover=leftover)
         reason = sent.reason
         if sent.code == 1009:
-            reason = f"the server's reply is over this client's max_message_bytes={self.max_message_bytes} ({reason})"
+            limit = self.max_message_bytes
+            limit = f"max_message_bytes={limit}" if limit is not None else f"limit of {_MAX_REPLY_BYTES} bytes"
+            reason = f"the server's reply is over this client's {limit} ({reason})"
         elif sent.code == 1011 and "keepalive" in reason:
             reason = f"keepalive: no pong within ping_timeout_s={self.ping_timeout_s} s"
         return _Closed(sent.code, reason, ours=True, leftover=leftover)
@@ -4842,12 +4848,14 @@ class _ClientBase:
 class _SocketWire:
     """One WebSocket on a blocking socket, for ChatEnv.
 
-    websockets' Sans-I/O ClientProtocol does the handshake and every frame that is
-    not a whole, plain data frame (control frames, fragments, compressed frames);
-    whole data frames are written and read directly. The protocol is only ever fed
-    whole frames, so it always stands at a frame boundary, as the direct reads
-    need. The caller's thread drives the wire during a call; the keepalive thread
-    only while no call holds ``lock``.
+    websockets' Sans-I/O ClientProtocol parses and writes every frame, the handshake
+    included; this shell only moves bytes, within bounds of its own: a call's reads
+    share one deadline (message_timeout_s from the request), checked after every
+    read, so no trickle, ping or fragment stream outlasts it; a message may come in
+    at most _MAX_FRAGMENTS frames of max_message_bytes in all; the keepalive thread
+    reads at most _TEND_BYTES a turn, and of the data frames no call asked for keeps
+    the first only. The caller's thread drives the wire during a call; the keepalive
+    thread only while no call holds ``lock``.
     """
 
     def __init__(self, core: _ClientCore, lock: Any) -> None:
@@ -4856,12 +4864,12 @@ class _SocketWire:
         self.lock = lock
         self.sock: Any = None
         self.proto: Any = None
-        # Received bytes not parsed yet; they always start at a frame boundary
-        self.buffer: bytes | bytearray = b""
-        # The payloads of a fragmented message being received
+        self.poller: Any = None  # the socket alone, polled before a request: what came first is no reply
+        # The payloads of a fragmented message being received, and their size
         self.fragments: list[Any] | None = None
-        # Data frames that arrived while no call waited, for the next call
-        self.unsolicited: list[Any] = []
+        self.fragment_bytes = 0
+        # The first data frame that arrived while no call waited, for the next call to raise
+        self.unsolicited: Any = None
         # How the connection ended (a _Closed), None while it is open
         self.closed: _Closed | None = None
         # Keepalive: when the last call started, when bytes last came, the ping in flight
@@ -4869,14 +4877,14 @@ class _SocketWire:
         self.last_io = self.last_rx = self.clock()
         self.ping: bytes | None = None
         self.ping_sent_at = 0.0
-        self.max_bytes = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        self.max_bytes = _MAX_REPLY_BYTES if core.max_message_bytes is None else core.max_message_bytes
         waits = [t for t in (core.message_timeout_s, core.ping_interval_s) if t is not None]
         self.wait_s = min(waits) if waits else None  # one blocking read at most; then keepalive and deadline
-        self.wait_changed = False
+        self.timeout: float | None = None  # the socket's timeout now (wait_s, or less near a deadline)
+        self.deadline: float | None = None  # the call's: no read or send under way waits past it
         self.interrupted = False  # close() from another thread cut the connection
-        self.fast = True  # no extension: whole data frames are read and written directly
         self.would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-        self.urandom, self.mask = os.urandom, _apply_mask()
+        self.tls = False  # bytes TLS has decrypted but not handed over are not in the poll's view
 
     # Opening
 
@@ -4903,17 +4911,18 @@ class _SocketWire:
                 sock.settimeout(self._remaining(deadline))
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
                 self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                self.tls = True
             extensions = None
             if core.compression == "deflate":
                 extensions = _deflate_extensions("client")
-            proto = ClientProtocol(uri, extensions=extensions, max_size=core.max_message_bytes, logger=_wire_logger)
+            proto = ClientProtocol(uri, extensions=extensions, max_size=self.max_bytes, logger=_wire_logger)
             request = proto.connect()
             for name, value in core.headers:
                 request.headers[name] = value
             proto.send_request(request)
             sock.settimeout(self._remaining(deadline))
             sock.sendall(b"".join(proto.data_to_send()))
-            self._handshake(sock, proto, deadline)
+            frames = self._handshake(sock, proto, deadline)
         except Exception as exc:
             sock.close()
             raise core.connect_error(ws_url, exc) from exc
@@ -4921,10 +4930,13 @@ class _SocketWire:
             sock.close()
             raise
         self.sock, self.proto = sock, proto
-        self.fast = not _extensions(proto)
-        sock.settimeout(self.wait_s)
-        if self.buffer:  # frames that came with the handshake's answer (a refusal)
-            self._absorb()
+        self.poller = _poller(sock)
+        self._set_timeout(self.wait_s)
+        if frames:  # frames that came with the handshake's answer (a refusal)
+            try:
+                self._frames(frames, idle=True)
+            except _Closed:
+                pass  # recorded in self.closed
 
     def _remaining(self, deadline: float | None) -> float | None:
         if deadline is None:
@@ -4934,225 +4946,172 @@ class _SocketWire:
             raise TimeoutError("connect timeout")
         return remaining
 
-    def _handshake(self, sock: Any, proto: Any, deadline: float | None) -> None:
-        """Read the server's answer to the upgrade; frames that follow it stay in the buffer."""
-        received, whole = b"", False
+    def _handshake(self, sock: Any, proto: Any, deadline: float | None) -> list[Any]:
+        """Read the server's answer to the upgrade (the protocol bounds its size); returns
+        the frames that came with it."""
         while True:
             sock.settimeout(self._remaining(deadline))
             data = sock.recv(_CLIENT_READ_BYTES)
-            if not data:
-                proto.receive_eof()
-            elif whole:  # a refusal's body
+            if data:
                 proto.receive_data(data)
             else:
-                received += data
-                end = received.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(received) > _CLIENT_READ_BYTES:
-                        raise ValueError("the server's answer to the upgrade has no end")
-                    continue
-                if received.startswith(b"HTTP/1.1 101"):  # the answer alone: frames follow it
-                    proto.receive_data(received[:end + 4])
-                    self.buffer = received[end + 4:]
-                else:  # a refusal, with its body
-                    proto.receive_data(received)
-                    whole = True
+                proto.receive_eof()
             if proto.handshake_exc is not None:
                 raise proto.handshake_exc
-            if proto.events_received():
-                return
+            events = proto.events_received()
+            if events:
+                return events[1:]  # the first is the answer
             if not data:
                 raise EOFError("the server closed the connection during the handshake")
 
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+
     # Calls (under the client's lock)
 
-    def call(self, frame: str) -> bytes | bytearray:
-        """Send one request and return the next data frame's payload: its reply."""
-        if self.buffer:
-            self._absorb()  # frames that came after the last reply: pings, a close, a refusal
+    def call(self, frame: str) -> Any:
+        """Send one request and return the next data frame's payload: its reply. A data
+        frame that came before the request was written is none: it is raised."""
+        if self.closed is None and (self.poller is None or self.poller.poll(0) or self.tls and self.sock.pending()):
+            self._read_available(idle=True)  # pings, a close, or a frame no request asked for
         if self.closed is not None:
             raise self.closed
-        if self.unsolicited:
-            raise _Unsolicited(self.unsolicited.pop(0))
-        if self.wait_changed:
-            self.sock.settimeout(self.wait_s)
-            self.wait_changed = False
+        if self.unsolicited is not None:
+            raise _Unsolicited(self.unsolicited)
+        if self.timeout != self.wait_s:  # lowered near the last call's deadline
+            self._set_timeout(self.wait_s)
         self.last_io = start = self.clock()
-        payload = frame.encode()
-        if self.fast:
-            size, mask = len(payload), self.urandom(4)
-            if size < 126:
-                head = bytes((0x81, 0x80 | size))
-            elif size < 65536:
-                head = bytes((0x81, 0xFE)) + size.to_bytes(2, "big")
-            else:
-                head = bytes((0x81, 0xFF)) + size.to_bytes(8, "big")
-            data = head + mask + self.mask(payload, mask)
-        else:
-            self.proto.send_text(payload)
-            data = b"".join(self.proto.data_to_send())
+        timeout = self.core.message_timeout_s
+        self.deadline = None if timeout is None else start + timeout
+        proto = self.proto
+        proto.send_text(frame.encode())
+        data = b"".join(proto.data_to_send())
+        if len(data) >= _SEND_TIMER_BYTES and self.deadline is not None:  # it may wait on the server reading it
+            self._set_timeout(max(self.deadline - self.clock(), 1e-3))
         self._send(data)
-        return self._read_message(start)
+        while True:
+            message = self._frames(self._recv(), idle=False)
+            if message is not None:
+                return message
+
+    def _near_deadline(self) -> None:
+        """Keep the next blocking read or send from waiting past the call's deadline (to
+        within _DEADLINE_SLACK_S); raise TimeoutError once it has passed."""
+        deadline, timeout = self.deadline, self.timeout
+        if deadline is None:
+            return
+        remaining = deadline - self.clock()
+        if remaining <= 0:
+            raise TimeoutError("no reply within the message timeout")
+        if not timeout or remaining < timeout - _DEADLINE_SLACK_S:
+            self._set_timeout(remaining)
 
     def _send(self, data: bytes) -> None:
-        sock = self.sock
         try:
-            if len(data) < _SEND_TIMER_BYTES or self.core.message_timeout_s is None:
-                sock.sendall(data)
-            else:  # a big request may wait on the server reading it: give it the whole message timeout
-                sock.settimeout(self.core.message_timeout_s)
-                self.wait_changed = True
-                sock.sendall(data)
+            self.sock.sendall(data)
         except TimeoutError:
             raise
         except OSError as exc:
             raise self._shut(_Closed(1006, str(exc), leftover=self._leftover())) from None
 
-    def _receive(self, read: Any, into: Any, deadline: float | None) -> Any:
-        """``read(into)`` (the socket's recv or recv_into) during a call: a wait for nothing
-        is keepalive until ``deadline``, a dead socket or the end of stream ends the session."""
+    def _recv(self) -> bytes:
+        """The next bytes of a call's reply: a wait for nothing is keepalive, until the
+        deadline (checked before every read, whatever came before); a dead socket or
+        the end of stream ends the session."""
+        recv, clock = self.sock.recv, self.clock
         while True:
+            deadline, timeout = self.deadline, self.timeout
+            if deadline is not None and (not timeout or deadline - clock() < timeout - _DEADLINE_SLACK_S):
+                self._near_deadline()
             try:
-                got = read(into)
+                data = recv(_CLIENT_READ_BYTES)
             except TimeoutError:
-                self._waited(deadline)
+                self._keepalive(self.clock(), idle=False)
                 continue
             except OSError as exc:
                 raise self._shut(_Closed(1006, str(exc))) from None
-            if not got:
+            if not data:
                 raise self._eof()
-            return got
-
-    def _read_message(self, start: float) -> bytes | bytearray:
-        recv = self.sock.recv
-        timeout = self.core.message_timeout_s
-        deadline = None if timeout is None else start + timeout
-        while True:
-            data = self._receive(recv, _CLIENT_READ_BYTES, deadline)
-            if not self.buffer:
-                # The hot path: the reply is one whole, final, unmasked text frame
-                if data[0] == 0x81:
-                    size, head = data[1], 2
-                    if size == 126 and len(data) >= 4:
-                        size, head = (data[2] << 8) | data[3], 4
-                    elif size == 127 and len(data) >= 10:
-                        size, head = int.from_bytes(data[2:10], "big"), 10
-                    if head + size == len(data) and size <= self.max_bytes:
-                        return data[head:]
-                self.buffer = data
-            else:
-                self._append(data)
-            message = self._frames(deadline)
-            if message is not None:
-                return message
-
-    def _append(self, data: bytes) -> None:
-        """Add received bytes to the buffer (a bytearray once it holds more than one read)."""
-        if not self.buffer:
-            self.buffer = data
-        elif type(self.buffer) is bytearray:
-            self.buffer += data
-        else:
-            self.buffer = bytearray(self.buffer) + data
-
-    def _waited(self, deadline: float | None) -> None:
-        """A read waited ``wait_s`` for nothing: past the deadline, a timeout; before it,
-        keepalive (a ping, or a peer that stopped answering them)."""
-        now = self.clock()
-        if deadline is not None and now >= deadline:
-            raise TimeoutError("no reply within the message timeout")
-        self._keepalive(now, idle=False)
-        wait = self.wait_s
-        if deadline is not None:
-            wait = deadline - now if wait is None else min(wait, deadline - now)
-        self.sock.settimeout(wait)
-        self.wait_changed = True
+            return data
 
     # Frames
 
-    def _frames(self, deadline: Any, idle: bool = False) -> Any:
-        """Take the whole frames at the head of the buffer: control frames are handled
-        here; the first data message is returned (kept as unsolicited when ``idle``).
-        None when more bytes are needed."""
-        while True:
-            buf = self.buffer
-            have = len(buf)
-            if have < 2:
-                return None
-            first, second = buf[0], buf[1]
-            size, head = second & 0x7F, 2
-            if size == 126:
-                if have < 4:
-                    return None
-                size, head = (buf[2] << 8) | buf[3], 4
-            elif size == 127:
-                if have < 10:
-                    return None
-                size, head = int.from_bytes(buf[2:10], "big"), 10
-            if second & 0x80:
-                head += 4  # a masked frame: the protocol refuses it below
-            if size > self.max_bytes:  # refused at its header: its bytes are never waited for
-                raise self._fail(1009, f"the server's reply of {size} bytes is over this client's "
-                                       f"max_message_bytes={self.core.max_message_bytes}")
-            if first & 0x08 and size > 125:
-                raise self._fail(1002, f"the server sent a control frame of {size} bytes (at most 125)")
-            end = head + size
-            plain = self.fast and self.fragments is None and (first == 0x81 or first == 0x82) and not second & 0x80
-            if have < end:
-                if plain and not idle and end - have > _CLIENT_READ_BYTES:
-                    return self._read_rest(head, size, deadline)
-                return None
-            if plain:
-                message = buf[head:end]
-            else:
-                message = self._protocol_frame(buf[:end], idle)
-            self.buffer = buf[end:] if end < have else b""
-            if message is not None:
-                if not idle:
-                    return message
-                self.unsolicited.append(message)
-
-    def _read_rest(self, head: int, size: int, deadline: Any) -> bytearray:
-        """Read the rest of a big data frame straight into its payload: one copy, few reads."""
-        payload = bytearray(size)
-        got = len(self.buffer) - head
-        payload[:got] = self.buffer[head:]
-        self.buffer = b""
-        view = memoryview(payload)[got:]
-        recv_into = self.sock.recv_into
-        while view:
-            view = view[self._receive(recv_into, view, deadline):]
-        return payload
-
-    def _protocol_frame(self, frame: Any, idle: bool) -> Any:
-        """Feed one whole frame to the Sans-I/O protocol and act on what it parsed."""
+    def _frames(self, data: bytes, idle: bool) -> Any:
+        """Feed received bytes to the protocol and act on what it parsed: pongs and the
+        echo of a close are sent, the first data message returned (when ``idle``, kept
+        for the next call, which raises it)."""
         proto = self.proto
-        proto.receive_data(frame)
+        if type(data) is not list:
+            proto.receive_data(data)
+            events = proto.events_received()
+            if len(events) == 1 and not idle and self.fragments is None and proto.state == _OPEN:
+                event = events[0]  # the hot path: the whole reply alone, nothing to answer
+                if event.fin and (event.opcode == _OP_TEXT or event.opcode == _OP_BINARY):
+                    return event.data
+        else:
+            events = data  # parsed already (with the handshake's answer)
         message = None
-        for event in proto.events_received():
-            opcode = event.opcode
-            if opcode == _OP_TEXT or opcode == _OP_BINARY:
-                if event.fin:
-                    message = event.data
-                else:
-                    self.fragments = [event.data]
-            elif opcode == _OP_CONT and self.fragments is not None:
-                self.fragments.append(event.data)
-                if event.fin:
-                    message, self.fragments = b"".join(self.fragments), None
-            elif opcode == _OP_PONG and self.ping is not None and event.data == self.ping:
-                self.ping = None
-        self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
-        if proto.state != _OPEN:
-            raise self._closing(message)
-        return message
-
-    def _absorb(self) -> None:
-        """Handle whole frames received after the last reply (never a partial one)."""
         try:
-            self._frames(None, idle=True)
+            for event in events:
+                opcode = event.opcode
+                if opcode == _OP_TEXT or opcode == _OP_BINARY:
+                    if not event.fin:
+                        self.fragments, self.fragment_bytes = [event.data], len(event.data)
+                        continue
+                    done = event.data
+                elif opcode == _OP_CONT and self.fragments is not None:
+                    self.fragments.append(event.data)
+                    self.fragment_bytes += len(event.data)
+                    if len(self.fragments) > _MAX_FRAGMENTS:
+                        raise self._fail(1009, f"the server sent a message in more than {_MAX_FRAGMENTS} fragments")
+                    if self.fragment_bytes > self.max_bytes:
+                        raise self._fail(1009, f"the server's reply of over {self.max_bytes} bytes is over this "
+                                               f"client's max_message_bytes={self.core.max_message_bytes}")
+                    if not event.fin:
+                        continue
+                    done, self.fragments = b"".join(self.fragments), None
+                else:
+                    if opcode == _OP_PONG and event.data == self.ping:
+                        self.ping = None
+                    continue
+                if message is None and not idle:
+                    message = done
+                elif self.unsolicited is None:
+                    self.unsolicited = done  # the first is kept: a refusal, or proof of a broken server
+            self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
+            if proto.state != _OPEN:
+                raise self._closing()
+        except _Closed:
+            if message is None:
+                raise
+        return message  # a reply that came before the connection ended is still the reply: the end is the next call's
+
+    def _read_available(self, idle: bool) -> None:
+        """Read what has come, without blocking, at most _TEND_BYTES; frames are handled
+        as ``_frames`` does when idle."""
+        sock = self.sock
+        self._set_timeout(0.0)
+        try:
+            for _ in range(_TEND_BYTES // _CLIENT_READ_BYTES):
+                try:
+                    data = sock.recv(_CLIENT_READ_BYTES)
+                except self.would_block:
+                    return
+                except OSError as exc:
+                    raise self._shut(_Closed(1006, str(exc))) from None
+                if not data:
+                    raise self._eof()
+                self.last_rx = self.clock()
+                self._frames(data, idle=True)
+                if self.unsolicited is not None:
+                    return  # the next call raises it: nothing after it matters
         except _Closed:
             pass  # recorded in self.closed
+        finally:
+            if self.closed is None:
+                self._set_timeout(self.wait_s)
 
     def _flush(self, idle: bool) -> None:
         """Send what the protocol has queued (the end of stream is ours to do: close)."""
@@ -5161,10 +5120,16 @@ class _SocketWire:
             return
         try:
             if idle:  # the keepalive thread never blocks: a tiny frame fits, or the peer is stuck
+                self._set_timeout(0.0)
                 if self.sock.send(data) != len(data):
                     raise BlockingIOError("partial send")
-            else:
+            else:  # a call's: a server that does not read its pongs holds it no longer than the deadline
+                self._near_deadline()
                 self.sock.sendall(data)
+        except TimeoutError:
+            if idle:
+                raise self._shut(_Closed(1006, "cannot send to the server: it does not read")) from None
+            raise
         except OSError as exc:
             raise self._shut(_Closed(1006, f"cannot send to the server: {exc}")) from None
 
@@ -5186,67 +5151,49 @@ class _SocketWire:
         quiet_since = max(self.last_io, self.last_rx)
         if now - quiet_since < interval:
             return quiet_since + interval
-        self.ping, self.ping_sent_at = self.urandom(4), now
+        self.ping, self.ping_sent_at = os.urandom(4), now
         self.proto.send_ping(self.ping)
         self._flush(idle)
         return None if timeout is None else now + timeout
 
+    @property
+    def listening(self) -> bool:
+        """Whether the keepalive thread should read this wire: open, and holding no frame
+        for the next call (once one is held, nothing after it matters)."""
+        return self.closed is None and self.unsolicited is None
+
     def tend(self, now: float) -> float | None:
         """The keepalive thread's upkeep of an idle wire, under its lock and never blocking:
-        read what came (answering pings, keeping data frames for the next call, noting a
-        close), send keepalive pings, give up on a dead peer. Returns when to come back."""
-        if self.closed is not None:
-            return None
-        sock = self.sock
+        read what came (at most _TEND_BYTES: answering pings, keeping the first data
+        frame for the next call, noting a close), send keepalive pings, give up on a
+        dead peer. Returns when to come back."""
+        if self.unsolicited is None:
+            self._read_available(idle=True)
         try:
-            sock.settimeout(0.0)
-            while True:
-                try:
-                    data = sock.recv(_CLIENT_READ_BYTES)
-                except self.would_block:
-                    break
-                if not data:
-                    raise self._eof()
-                self.last_rx = now
-                self._append(data)
-            if self.buffer:
-                self._frames(None, idle=True)
             return self._keepalive(now, idle=True)
         except _Closed:
             return None
-        except OSError as exc:
-            self._shut(_Closed(1006, str(exc)))
-            return None
         finally:
             if self.closed is None:
-                sock.settimeout(self.wait_s)
-                self.wait_changed = False
+                self._set_timeout(self.wait_s)
 
     # Endings
 
     def _leftover(self) -> Any:
         """A data frame that arrived before the connection broke, if one can still be read."""
         try:
-            self.sock.settimeout(0.0)
-            while True:
-                data = self.sock.recv(_CLIENT_READ_BYTES)
-                if not data:
-                    break
-                self._append(data)
+            self._read_available(idle=True)
         except (OSError, ValueError):
             pass
-        try:
-            self._frames(None, idle=True)
-        except Exception:
-            pass
-        return self.unsolicited[0] if self.unsolicited else None
+        return self.unsolicited
 
     def _eof(self) -> _Closed:
         """The server closed the TCP connection without a close frame (or close() cut it)."""
-        self.proto.receive_eof()
         if self.interrupted:
             return self._shut(_Closed(1000, "close() was called from another thread", ours=True))
-        return self._shut(_Closed(1006, "", leftover=self.unsolicited[0] if self.unsolicited else None))
+        if self.proto.state != _OPEN:  # after a close frame
+            return self._closing()
+        return self._shut(_Closed(1006, "", leftover=self.unsolicited))
 
     def interrupt(self) -> None:
         """End a call another thread has under way (its blocking read returns at once)."""
@@ -5258,19 +5205,22 @@ class _SocketWire:
         except (OSError, AttributeError):
             pass
 
-    def _closing(self, message: Any) -> _Closed:
-        """The protocol left OPEN: the server's close frame, or our own after a broken frame."""
+    def _closing(self) -> _Closed:
+        """The protocol left OPEN: the server's close frame, or our own after a broken
+        frame; the connection is dropped, and the close read from the protocol's
+        close_exc (documented once the protocol has seen the end of stream)."""
         proto = self.proto
-        leftover = message if message is not None else (self.unsolicited[0] if self.unsolicited else None)
-        return self._shut(self.core.closed(_close_received(proto), _close_sent(proto),
-                                           _close_received_first(proto), leftover))
+        proto.receive_eof()  # we end it now: the protocol is CLOSED
+        proto.data_to_send()
+        exc = proto.close_exc
+        return self._shut(self.core.closed(exc.rcvd, exc.sent, exc.rcvd_then_sent, self.unsolicited))
 
     def _fail(self, code: int, reason: str) -> _Closed:
         """Close the connection ourselves (a limit, keepalive), telling the server why."""
         try:
             if self.proto.state == _OPEN:
-                self.proto.fail(code, reason[:120])
-                self.sock.settimeout(0.0)
+                self.proto.send_close(code, reason[:120])
+                self._set_timeout(0.0)
                 self.sock.send(b"".join(self.proto.data_to_send()))
         except (OSError, ValueError):
             pass
@@ -5288,18 +5238,10 @@ class _SocketWire:
     def await_close(self) -> _Closed | None:
         """After an error frame the server closes after: its close, if it comes within
         _CLOSE_WAIT_S; then the connection is dropped."""
-        deadline = self.clock() + _CLOSE_WAIT_S
+        self.deadline = self.clock() + _CLOSE_WAIT_S
         try:
-            self.sock.settimeout(_CLOSE_WAIT_S)
-            if self.buffer:
-                self._frames(None, idle=True)
-            while self.closed is None and self.clock() < deadline:
-                data = self.sock.recv(_CLIENT_READ_BYTES)
-                if not data:
-                    self._eof()
-                    break
-                self._append(data)
-                self._frames(None, idle=True)
+            while self.closed is None:
+                self._frames(self._recv(), idle=True)
         except (_Closed, OSError):
             pass
         closed = self.closed
@@ -5326,7 +5268,7 @@ class _SocketWire:
                 if not data:
                     break
                 proto.receive_data(data)
-                if _close_received(proto) is not None:
+                if any(event.opcode == _OP_CLOSE for event in proto.events_received()):
                     break
         except Exception:  # a dead or stuck server: the socket is closed all the same
             pass
@@ -5394,7 +5336,7 @@ class _Keepalive:
                         when = wire.tend(now)
                     finally:
                         wire.lock.release()
-                    if wire.closed is None:
+                    if wire.listening:
                         sockets.append(wire.sock)
                 else:  # a call is under way: look again once it may have ended
                     when = now + _IDLE_S
@@ -5407,6 +5349,18 @@ class _Keepalive:
                 pass
         except OSError:
             pass
+
+
+def _poller(sock: Any) -> Any:
+    """A poll object for ``sock`` alone, to see without blocking whether bytes came before a
+    request is written (None without poll or a socket: nothing is checked)."""
+    import select
+
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
 
 
 def _wait_readable(sockets: list[Any], timeout: float | None) -> None:
@@ -5627,6 +5581,8 @@ class AsyncChatEnv(_ClientBase):
         self._ws: Any = None
         # Held by each call: an asyncio.Lock, made in the loop of the first call
         self._lock: Any = None
+        # The connection's socket, polled before a request: what came first is read and raised
+        self._poller: Any = None
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -5655,6 +5611,12 @@ class AsyncChatEnv(_ClientBase):
             except Exception as exc:
                 action = call.on_connect_error(core.connect_error(ws_url, exc))
             else:
+                transport = _transport(self._ws)
+                try:  # a flood of tiny frames is parsed a read at a time: a smaller read keeps the deadline
+                    transport.max_size = _CLIENT_READ_BYTES
+                except AttributeError:  # uvloop's transport has no such attribute
+                    pass
+                self._poller = _poller(transport.get_extra_info("socket"))
                 action = call.on_connect()
         return action
 
@@ -5668,10 +5630,14 @@ class AsyncChatEnv(_ClientBase):
 
         from websockets.exceptions import ConnectionClosed
 
-        if _queued_frames(ws):  # a frame came that no request asked for
-            raise _Unsolicited(await ws.recv(decode=False))
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
+                turns = 0
+                while self._poller is not None and self._poller.poll(0) and turns < _SETTLE_TURNS:
+                    await asyncio.sleep(0)  # bytes came since the last reply: the loop reads them first
+                    turns += 1
+                if _queued_frames(ws):  # a frame came that no request asked for
+                    raise _Unsolicited(await ws.recv(decode=False))
                 await ws.send(frame)
                 return await ws.recv(decode=False)
         except ConnectionClosed as exc:
