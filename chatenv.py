@@ -51,8 +51,13 @@ __all__ = [
     "load_tokenizer",
     "tokens_to_list",
     "message_to_action",
-    # Environment
+    # Environment, its rewards and tasks
     "ChatEnvironment",
+    "Tasks",
+    "exact_match",
+    "boxed_match",
+    "format_match",
+    "overlong_penalty",
     # Protocol: pure, frame in and reply out
     "Session",
     "Reply",
@@ -178,6 +183,9 @@ class ChatObservation:
     done: bool = False
     reward: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Not on the wire: the episode's task (its answer too) while an environment's hooks
+    # run, so a reward function can read it; None on a client's observations
+    task: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def _sharing(
@@ -202,10 +210,18 @@ class ChatObservation:
         if shared is None or name not in shared:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         source, length = shared[name]
-        value = fields[name] = source[:length]
+        value = fields[name] = source() if length is None else source[:length]  # None: a history's reader
         if "messages" in fields and "tokens" in fields:
             del fields["_shared"]  # both read: the episode's lists are no longer needed
         return value
+
+    @classmethod
+    def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None) -> ChatObservation:
+        """What an environment's hooks see: its history's messages and tokens, read only if asked."""
+        obs = cls.__new__(cls)
+        obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,
+                            _shared={"messages": (history.messages, None), "tokens": (history.tokens, None)})
+        return obs
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -543,6 +559,383 @@ class _History:
         return [list(tokens[start:end]) for start, end in zip((0, *ends), ends)]
 
 
+# Rewards and tasks: OpenEnv's hooks, duck-typed (chatenv never imports openenv), the
+# built-in rewards, and task files indexed rather than parsed
+
+_TASK_BLOCK_BYTES = 2**20  # a task file is checked this many bytes of lines at a time (one json.loads each)
+_SPLIT_TYPES = ("train", "validation", "test")  # split names OpenEnv gives their own type; others are "validation"
+
+_hook_thread = threading.local()  # .loop: the server loop a step thread runs async hooks on; .own: its private one
+
+
+def _settle(value: Any) -> Any:
+    """A hook's result, awaited when it is awaitable (an ``async def`` rubric's call).
+
+    In a server's step thread it is awaited on the server's loop (other sessions go
+    on meanwhile); elsewhere on a private loop of this thread, kept for its next call.
+    """
+    if not hasattr(value, "__await__"):
+        return value
+    import asyncio
+
+    async def awaited() -> Any:
+        return await value
+
+    loop = getattr(_hook_thread, "loop", None)
+    if loop is not None:
+        return asyncio.run_coroutine_threadsafe(awaited(), loop).result()
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError("an async hook cannot be awaited on a running event loop's thread: "
+                           "call step() off it (await asyncio.to_thread(env.step, action))")
+    own = getattr(_hook_thread, "own", None)
+    if own is None:
+        own = _hook_thread.own = asyncio.new_event_loop()
+    return own.run_until_complete(awaited())
+
+
+def _reward_value(value: Any, what: str) -> float | bool | None:
+    """A reward as the wire carries it: a finite number, a bool (as OpenEnv sends it) or None."""
+    if value is None or type(value) is bool:
+        return value
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()  # a numpy or torch scalar
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        return value
+    raise ValueError(f"{what} returned {_preview(value)}: a reward is a finite number, a bool or None")
+
+
+def _collapsed(text: Any) -> str:
+    """Text stripped, whitespace runs one space: what the built-in rewards compare."""
+    return " ".join(str(text).split())
+
+
+def _answers(observation: Any) -> set[str] | None:
+    """The task's answers as compared text, or None when the episode has no task answer.
+
+    A number is compared as its JSON text: 42 is "42", 42.0 is "42.0", and
+    "42.0" does not equal "42" (exact means exact; list both to accept both).
+    """
+    task = getattr(observation, "task", None)
+    if not task or task.get("answer") is None:
+        return None
+    answer = task["answer"]
+    return {_collapsed(item if isinstance(item, str) else _dumps(item))
+            for item in (answer if isinstance(answer, list) else [answer])}
+
+
+def _last_reply(observation: Any) -> str:
+    """The last assistant message's content ("" when there is none)."""
+    for message in reversed(observation.messages):
+        if message.get("role") == "assistant":
+            return message.get("content", "")
+    return ""
+
+
+def _boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed), else the text after the last ``####``."""
+    start = text.rfind("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{"):i - 1]
+        start = text.rfind("\\boxed{", 0, start)  # unclosed: an earlier one may be whole
+    marker = text.rfind("####")
+    return text[marker + 4:] if marker >= 0 else None
+
+
+def exact_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message (whitespace collapsed) is the task's answer, or one of them; else 0.0.
+
+    None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    return 1.0 if _collapsed(_last_reply(observation)) in answers else 0.0
+
+
+def boxed_match(action: Any, observation: Any) -> float | None:
+    """exact_match on the last ``\\boxed{...}`` of the last assistant message, else on what follows its last ``####``.
+
+    0.0 when it has neither; None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    found = _boxed(_last_reply(observation))
+    return 1.0 if found is not None and _collapsed(found) in answers else 0.0
+
+
+def format_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message matches the task's ``format`` regular expression as a whole; else 0.0.
+
+    (``re.fullmatch``, with ``.`` matching newlines.) None when the task has no ``format``.
+    """
+    import re
+
+    task = getattr(observation, "task", None)
+    if not task or not isinstance(task.get("format"), str):
+        return None
+    return 1.0 if re.fullmatch(task["format"], _last_reply(observation), re.DOTALL) else 0.0
+
+
+def overlong_penalty(action: Any, observation: Any) -> float | None:
+    """-1.0 when the step's action has more tokens than the task's ``max_tokens``; else 0.0.
+
+    The count is exact: the action's token ids. None when the task has no ``max_tokens``.
+    """
+    task = getattr(observation, "task", None)
+    limit = task.get("max_tokens") if task else None
+    if type(limit) is not int:
+        return None
+    return -1.0 if len(action.tokens) > limit else 0.0
+
+
+# The built-in rewards, by the name a SPEC gives (--rubric exact_match)
+_BUILTIN_REWARDS = {f.__name__: f for f in (exact_match, boxed_match, format_match, overlong_penalty)}
+
+
+class _WeightedRubrics:
+    """Several rubrics as one: the sum of weight x score over the scores that are not None.
+
+    None when every score is. Each one's unweighted score goes into the
+    observation's ``metadata["rewards"]`` under its name. What ``--rubric``
+    repeated builds; a rubric itself (call, ``reset()``).
+    """
+
+    def __init__(self, rubrics: list[tuple[str, Any, float]]) -> None:
+        self.rubrics = rubrics  # (name, rubric, weight)
+
+    def __call__(self, action: Any, observation: Any) -> float | None:
+        scores: dict[str, Any] = {}
+        total = None
+        for name, rubric, weight in self.rubrics:
+            score = scores[name] = _reward_value(_settle(rubric(action, observation)), f"rubric {name!r}")
+            if score is not None:
+                total = (total or 0.0) + weight * score
+        observation.metadata["rewards"] = scores
+        return total
+
+    def reset(self) -> None:
+        for _, rubric, _ in self.rubrics:
+            if callable(getattr(rubric, "reset", None)):
+                _settle(rubric.reset())
+
+
+def _task_problem(task: Any) -> str | None:
+    """What is wrong with one parsed line of a task file, or None."""
+    if not isinstance(task, dict):
+        return f"a task is a JSON object, not {type(task).__name__}"
+    prompt = task.get("prompt")
+    if isinstance(prompt, list):
+        if not prompt or not all(_is_message(m) for m in prompt):
+            return "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages"
+    elif not isinstance(prompt, str):
+        return "'prompt' is required: a string or a list of messages"
+    if "id" in task and not isinstance(task["id"], str):
+        return f"'id' must be a string, not {type(task['id']).__name__}"
+    turns = task.get("turns")
+    if turns is not None and (not isinstance(turns, list)
+                              or not all(isinstance(t, str) or _is_message(t) for t in turns)):
+        return "'turns' must be a list of user messages (strings or {\"role\", \"content\"} objects)"
+    return None
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
+
+
+class _TaskFile:
+    """One split's JSONL task file, indexed: where each task's line starts, and its ids hashed.
+
+    The file is mapped, not read: every line is checked at load (a bad one
+    raises ValueError naming the file and line), then the pages are given back
+    (they are the page cache's, shared by forked workers), and a task is parsed
+    from its line when asked. What stays is 4 bytes a task (8 past 4 GiB) for
+    where its line starts and 8 a slot of an open-addressing table of id hashes
+    (at most half full): a million tasks cost ~20 MB whatever their size.
+    """
+
+    def __init__(self, path: str) -> None:
+        import mmap
+        from array import array
+
+        self.path = path
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._data, self._size = data, size
+        starts = array("I" if size < 2**32 else "Q")  # where each task's line starts
+        hashes = array("q")  # each task's id hash (0: no id); freed once the table is built
+        line, pos = 0, 0  # lines read so far; where the next block starts
+        while pos < size:
+            end = pos + _TASK_BLOCK_BYTES
+            newline = data.find(b"\n", end) if end < size else -1
+            end = size if newline < 0 else newline + 1
+            block = data[pos:end]
+            pieces = block.split(b"\n")
+            if block.endswith(b"\n"):
+                pieces.pop()  # (what follows the last newline is no line)
+            lines, offsets, numbers, offset = [], [], [], pos
+            for text in pieces:
+                line += 1
+                if text.strip():  # blank lines are skipped
+                    lines.append(text)
+                    offsets.append(offset)
+                    numbers.append(line)
+                offset += len(text) + 1
+            for task, number in zip(self._parse(lines, numbers), numbers):
+                problem = _task_problem(task)
+                if problem is not None:
+                    raise ValueError(f"{path}:{number}: {problem}")
+                hashes.append((hash(task["id"]) or 1) if "id" in task else 0)
+            starts.extend(offsets)
+            pos = end
+        if not starts:
+            raise ValueError(f"{path}: has no tasks")
+        self._starts = starts
+        self._build_ids(hashes)
+        if size and hasattr(data, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            data.madvise(mmap.MADV_DONTNEED)  # read again from the page cache when a task is asked for
+
+    def _parse(self, lines: list[bytes], numbers: list[int]) -> list[Any]:
+        """A block's lines parsed by one json.loads; line by line (naming the bad one) if that fails."""
+        try:
+            tasks = json.loads(b"[" + b",".join(lines) + b"]")
+            if len(tasks) == len(lines):
+                return tasks
+        except (ValueError, RecursionError):
+            pass
+        tasks = []
+        for text, number in zip(lines, numbers):
+            try:
+                tasks.append(json.loads(text))
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{self.path}:{number}: not a JSON object: "
+                                 f"{getattr(exc, 'msg', type(exc).__name__)}") from None
+        return tasks
+
+    def _build_ids(self, hashes: Any) -> None:
+        from array import array
+
+        count = len(hashes) - hashes.count(0)
+        capacity = 1 << max(1, (2 * count).bit_length())  # at most half full: short probes
+        mask = self._mask = capacity - 1
+        slots = self._slots = array("I", bytes(4 * capacity))  # a task's index + 1; 0: empty
+        prints = self._prints = array("I", bytes(4 * capacity))  # its hash's high half, compared before a parse
+        for index, h in enumerate(hashes):
+            if not h:
+                continue
+            fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+            while slots[i]:
+                if prints[i] == fingerprint and self.task(slots[i] - 1)["id"] == self.task(index)["id"]:
+                    raise ValueError(f"{self.path}: the id {self.task(index)['id']!r} is given twice "
+                                     f"(tasks {slots[i] - 1} and {index}, counting from 0)")
+                i = (i + 1) & mask
+            slots[i], prints[i] = index + 1, fingerprint
+
+    def find(self, task_id: str) -> int | None:
+        """The index of the task whose ``id`` is ``task_id``, or None."""
+        h = hash(task_id) or 1
+        mask, slots, prints = self._mask, self._slots, self._prints
+        fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+        while slots[i]:
+            if prints[i] == fingerprint and self.task(slots[i] - 1).get("id") == task_id:
+                return slots[i] - 1
+            i = (i + 1) & mask
+        return None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def task(self, index: int) -> dict[str, Any]:
+        """Task ``index``, parsed from its line (IndexError when there is none)."""
+        if index < 0:
+            raise IndexError(index)
+        start = self._starts[index]
+        end = self._data.find(b"\n", start)
+        return json.loads(self._data[start:end if end >= 0 else self._size])
+
+
+
+class _NoSuchTask(LookupError):
+    """A split or task id that no task file has: the client's VALIDATION_ERROR, a task route's 400."""
+
+
+class Tasks:
+    """Task files by split, loaded once: ``Tasks("math.jsonl")`` (split ``train``) or ``Tasks({"train": .., "test": ..})``.
+
+    A task file is JSONL, a task a line: ``{"id": optional string, "prompt": a
+    string or a list of messages, "answer": optional, "turns": optional
+    follow-up user messages, other keys}``. Every line is checked here (a bad
+    one is a ValueError naming the file and line); tasks are parsed when asked
+    for (see ``_TaskFile``). The methods are OpenEnv's task API; a task's spec
+    leaves ``answer`` out unless ``show_answers``.
+    """
+
+    def __init__(self, files: Any, show_answers: bool = False) -> None:
+        if isinstance(files, (str, os.PathLike)):
+            files = {"train": files}
+        self.files = {split: _TaskFile(os.fspath(path)) for split, path in dict(files).items()}
+        if not self.files:
+            raise ValueError("no task files given")
+        self.show_answers = show_answers
+
+    def _file(self, split: Any) -> _TaskFile:
+        if not isinstance(split, str) or split not in self.files:
+            raise _NoSuchTask(f"unknown split {_preview(split)}: the splits are {', '.join(map(repr, self.files))}")
+        return self.files[split]
+
+    def _spec(self, task: dict[str, Any]) -> dict[str, Any]:
+        if not self.show_answers:
+            task.pop("answer", None)
+        return task
+
+    def list_splits(self) -> list[str]:
+        return list(self.files)
+
+    def num_tasks(self, split: str) -> int:
+        return len(self._file(split))
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        """The task's spec (IndexError when ``index`` is out of range)."""
+        return self._spec(self._file(split).task(index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        """Specs in ``[start, stop)``, Python slice bounds."""
+        file = self._file(split)
+        return [self._spec(file.task(i)) for i in range(*slice(start, stop).indices(len(file)))]
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self.get_task_range(split)
+
+    def pick(self, split: str | None = None, index: int | None = None, task_id: str | None = None,
+             seed: int | None = None, rng: Any = None) -> tuple[str, int, dict[str, Any]]:
+        """(split, index, task) a reset asks for: by ``task_id``; by ``split`` and ``index``; by ``seed``
+        (the same seed, the same task); else drawn from ``rng``. A bad split, index or id: _NoSuchTask."""
+        import random
+
+        if task_id is not None:
+            for name, file in self.files.items() if split is None else [(split, self._file(split))]:
+                index = file.find(task_id)
+                if index is not None:
+                    return name, index, file.task(index)
+            raise _NoSuchTask(f"no task has the id {_preview(task_id)}")
+        name = split if split is not None else "train" if "train" in self.files else next(iter(self.files))
+        file = self._file(name)
+        if index is not None:
+            if not 0 <= index < len(file):
+                raise _NoSuchTask(f"index {index} is out of range: split {name!r} has {len(file)} tasks")
+        elif seed is not None:
+            index = random.Random(seed).randrange(len(file))  # (seeded by an int: the same on every run)
+        else:
+            index = (rng or random).randrange(len(file))
+        return name, index, file.task(index)
+
+
 class ChatEnvironment:
     """One episode of chat: reset() starts it, step() appends a message.
 
@@ -551,6 +944,20 @@ class ChatEnvironment:
     environment one kept as the JSON its replies send (``_WireHistory``), so
     nothing is held twice. ``history_messages``, ``history_tokens``,
     ``observation()`` and ``state`` are fresh copies.
+
+    Rewards and episode ends, OpenEnv's hooks duck-typed: ``transform``
+    (observation in, observation out; it may set reward, done and metadata) runs
+    on reset and every step; ``rubric(action, observation)`` (a number, a bool or
+    None; a plain function, an ``async def`` one or OpenEnv's Rubric objects)
+    scores every step, and its ``reset()``, when it has one, runs on reset.
+    While they run, the observation's ``task`` holds the episode's task, its
+    answer included (never sent); only reward, done and metadata of what they
+    return are kept: the messages are the episode's. ``tasks`` (a ``Tasks``, a
+    path or {split: path}) poses a task at each reset. An episode is done once
+    ``max_turns`` assistant steps are taken, an assistant message holds a
+    ``stop`` text, a task's prompt and each of its ``turns`` are answered, or a
+    hook sets ``done``; a step after that raises, naming why. With none of
+    these, episodes never end and observations say reward None, done False.
     """
 
     def __init__(
@@ -560,6 +967,12 @@ class ChatEnvironment:
         system_role: str = "system",
         max_episode_tokens: int | None = None,
         *,
+        # Rewards, tasks and episode ends (see above)
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
         # Given by a server that makes one per session: the system message's token ids
         # (a tuple, tokenized once for all sessions) and an empty history to keep the
         # episode in (default: the environment's own Python lists, a _History)
@@ -576,6 +989,17 @@ class ChatEnvironment:
                 system_tokens = _tokenize_message(self.tokenizer, {"role": system_role, "content": system_prompt})
             self._first = (system_role, system_prompt, tuple(system_tokens))
         self.episode_id: str | None = None
+        self.transform, self.rubric, self.max_turns = transform, rubric, max_turns
+        self.tasks = tasks if tasks is None or hasattr(tasks, "pick") else Tasks(tasks)
+        self.stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        # Whether anything can set a reward or end an episode: if not, steps take the plain path
+        self._hooked = (transform is not None or rubric is not None or self.tasks is not None
+                        or max_turns is not None or bool(self.stop))
+        self.task: dict[str, Any] | None = None  # the episode's task, its answer included
+        self.done_reason: str | None = None  # why the episode is over; None while it goes on
+        self._task_metadata: dict[str, Any] = {}  # what every observation's metadata says of the task
+        self._next_turn = 0  # the task's next scripted turn
+        self._rng: Any = None  # draws tasks for resets that name none
         self.use_history(_History() if history is None else history)
 
     def use_history(self, history: Any) -> None:
@@ -588,19 +1012,149 @@ class ChatEnvironment:
         self._history.reset(self._first)
         self.step_count = 0
 
-    def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
-        """Start a new episode; the history holds only the system prompt, if any."""
+    def reset(self, seed: int | None = None, episode_id: str | None = None, split: str | None = None,
+              index: int | None = None, task_id: str | None = None, **kwargs: Any) -> ChatObservation:
+        """Start a new episode: the system prompt, if any, then its task's prompt, if tasks are given.
+
+        A task is picked by ``split`` and ``index``, by ``task_id``, by ``seed``
+        (the same seed, the same task) or at random; a bad one raises
+        LookupError with nothing changed. Other keyword arguments are ignored, as OpenEnv's are.
+        """
+        return self._observation(self.reset_outcome(seed, episode_id, split=split, index=index, task_id=task_id))
+
+    def step(self, action: ChatAction | Any) -> ChatObservation:
+        """Append the action's tokens, decoded, as an assistant message; score it, maybe end the episode."""
+        ids = tokens_to_list(action.tokens if isinstance(action, ChatAction) else action)
+        return self._observation(self.step_outcome(ids, action if isinstance(action, ChatAction) else None))
+
+    def _observation(self, outcome: tuple[Any, bool, dict[str, Any], int] | None) -> ChatObservation:
+        obs = self.observation()
+        if outcome is not None:
+            obs.reward, obs.done, obs.metadata = outcome[0], outcome[1], outcome[2]
+        return obs
+
+    # What the protocol calls: the episode moves on, and its outcome is returned for
+    # the wire, as (reward, done, metadata, messages added); None for no hook's (null,
+    # false, {}), whose bytes the protocol has ready
+
+    def reset_outcome(self, seed: int | None = None, episode_id: str | None = None, *, split: str | None = None,
+                      index: int | None = None, task_id: str | None = None) -> tuple[Any, bool, dict, int] | None:
+        """reset(), returning its outcome rather than an observation (see above)."""
         import uuid
 
+        picked = None
+        if self.tasks is not None:
+            if self._rng is None:
+                import random
+
+                self._rng = random.Random()
+            picked = self.tasks.pick(split, index, task_id, seed, self._rng)  # may raise: nothing changed yet
+        elif split is not None or index is not None or task_id is not None:
+            named = "split" if split is not None else "index" if index is not None else "task_id"
+            raise _NoSuchTask(f"{named!r} picks a task, and this environment has no tasks")
         self._history.reset(self._first)
         self.episode_id = episode_id if episode_id is not None else str(uuid.uuid4())
         self.step_count = 0
-        return self.observation()
+        if not self._hooked:
+            return None
+        self.task, self._task_metadata, self._next_turn, self.done_reason = None, {}, 0, None
+        if picked is not None:
+            name, number, task = picked
+            self.task = task
+            self._task_metadata = {"task": {"split": name, "index": number, "id": task.get("id")}}
+            prompt = task["prompt"]
+            for message in [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt:
+                self._append_message(message)
+        if self.rubric is not None and callable(getattr(self.rubric, "reset", None)):
+            _settle(self.rubric.reset())
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task)
+        return self._run_transform(obs, None, self._history.message_count)
 
-    def step(self, action: ChatAction | Any) -> ChatObservation:
-        """Append the action's tokens, decoded, as an assistant message."""
-        self.append_tokens(action.tokens if isinstance(action, ChatAction) else action)
-        return self.observation()
+    def step_outcome(self, ids: list[int], action: ChatAction | None = None) -> tuple[Any, bool, dict, int] | None:
+        """A step of ids already checked (see ``append_ids``), returning its outcome (see above).
+
+        A step after the episode is done raises ValueError naming why, with
+        nothing changed. A hook that raises leaves the step taken and the episode done.
+        """
+        if not self._hooked:
+            self.append_ids(ids)
+            return None
+        if self.done_reason is not None:
+            raise ValueError(f"the episode is done ({self.done_reason}): reset to start a new one")
+        content = self.append_ids(ids)["content"]
+        count = self._history.message_count
+        turns = (self.task.get("turns") or ()) if self.task is not None else ()
+        reason = None
+        if self.max_turns is not None and self.step_count >= self.max_turns:
+            reason = f"max_turns: {self.step_count} assistant steps taken"
+        elif any(text in content for text in self.stop):
+            reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
+        elif self.task is not None and self._next_turn >= len(turns):
+            reason = "task: its prompt and each of its turns are answered"
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task)
+        obs.done = reason is not None
+        if action is None:
+            action = ChatAction.__new__(ChatAction)  # the ids are checked: no second pass
+            action.tokens, action.metadata = ids, {}
+        try:
+            if self.rubric is not None:
+                obs.reward = _reward_value(_settle(self.rubric(action, obs)), "the rubric")
+        except Exception as exc:
+            self.done_reason = "a hook failed on its last step"
+            raise RuntimeError(f"the step was taken, and then the rubric failed: {type(exc).__name__}: {exc}") from exc
+        outcome = self._run_transform(obs, reason, count)
+        if self.done_reason is None and self.task is not None and self._next_turn < len(turns):
+            turn = turns[self._next_turn]
+            self._next_turn += 1
+            self._append_message(turn if isinstance(turn, dict) else {"role": "user", "content": turn})
+            outcome = (*outcome[:3], 2)
+        return outcome
+
+    def _run_transform(self, obs: ChatObservation, reason: str | None, count: int) -> tuple[Any, bool, dict, int]:
+        """The transform, then the outcome; the episode is done if it or ``reason`` says so."""
+        if self.transform is not None:
+            try:
+                obs = _settle(self.transform(obs))
+                obs.reward = _reward_value(obs.reward, "the transform")
+                if not isinstance(obs.metadata, dict):
+                    raise TypeError(f"metadata must be a dict, not {type(obs.metadata).__name__}")
+            except Exception as exc:
+                self.done_reason = "a hook failed on its last step"
+                raise RuntimeError(f"the transform failed: {type(exc).__name__}: {exc}") from exc
+        if reason is None and obs.done:
+            reason = "a hook ended it"
+        self.done_reason = reason
+        metadata = obs.metadata
+        if reason is not None:
+            metadata["done_reason"] = reason
+        return obs.reward, reason is not None, metadata, 1
+
+    def _append_message(self, message: Mapping[str, Any]) -> None:
+        """Append a message the environment poses (a task's prompt, a scripted turn), tokenized."""
+        role, content = message["role"], message["content"]
+        self._history.append(role, content, _tokenize_message(self.tokenizer, {"role": role, "content": content}))
+
+    # OpenEnv's task API (its HTTP routes and clients call these): NotImplementedError without tasks
+
+    def _task_set(self) -> Any:
+        if self.tasks is None:
+            raise NotImplementedError("this environment has no tasks")
+        return self.tasks
+
+    def list_splits(self) -> list[str]:
+        return self._task_set().list_splits()
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self._task_set().list_tasks(split)
+
+    def num_tasks(self, split: str) -> int:
+        return self._task_set().num_tasks(split)
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        return self._task_set().get_task(split, index)
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        return self._task_set().get_task_range(split, start, stop)
 
     def append_tokens(self, tokens: Any) -> dict[str, str]:
         """Decode and append one message; on failure the history is unchanged."""
@@ -690,11 +1244,25 @@ _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
-_OBS_HEAD = b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
+_OBS_START = b'{"type":"observation","data":{"observation":{"metadata":'
 _OBS_MID = b'],"tokens":['
-_OBS_TAIL = b']},"reward":null,"done":false}}'
 _DELTA_MID = b'],"delta":{"messages":'
-_DELTA_TAIL = b'}},"reward":null,"done":false}}'
+
+
+def _observation_parts(outcome: tuple[Any, bool, dict[str, Any], int]) -> tuple[bytes, bytes, bytes]:
+    """The head, full tail and delta tail of an observation frame for an environment's outcome.
+
+    As OpenEnv 0.10 places them: metadata inside the observation always, and
+    beside reward and done as well when it is not empty.
+    """
+    reward, done, metadata = outcome[0], outcome[1], outcome[2]
+    meta = _json_bytes(metadata)
+    after = b'"reward":%s,"done":%s%s}}' % (
+        _json_bytes(reward), b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
+    return _OBS_START + meta + b',"messages":[', b"]}," + after, b"}}," + after
+
+
+_NO_OUTCOME = (None, False, {}, 1)  # an environment without hooks: reward null, done false, no metadata
 
 # The episode as JSON: written once, as each message is appended, so a reply is a
 # join of what is kept, never a re-dump of the history
@@ -715,6 +1283,9 @@ def _json_bytes(value: Any) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return _dumps_ascii(value).encode()
+
+
+_OBS_HEAD, _OBS_TAIL, _DELTA_TAIL = _observation_parts(_NO_OUTCOME)  # its frames' bytes, ready: the hot path's
 
 
 def _json_string_bytes(text: str) -> bytes:
@@ -839,6 +1410,15 @@ class _WireHistory:
         if token_start and end > token_start:
             token_start += 1
         return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
+
+    def since(self, count: int) -> tuple[bytes, bytes]:
+        """The JSON of the messages after the first ``count`` and their token text (a delta of several)."""
+        messages, tokens = self.messages_json, self.tokens_json
+        start = self.message_ends[count - 1] + 1 if count else 0
+        token_start = self.token_ends[count - 1] if count else 0
+        if tokens[token_start:token_start + 1] == b",":
+            token_start += 1
+        return bytes(messages[start:]), bytes(tokens[token_start:])
 
     def history_tokens_json(self) -> bytes:
         """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
@@ -1051,28 +1631,59 @@ def _reset_args(message: dict[str, Any]) -> dict[str, Any]:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' must be a string")
     if episode_id is not None and len(episode_id) > 256:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' is longer than 256")
-    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True}
+    split, index, task_id = data.get("split"), data.get("index"), data.get("task_id")  # which task (OpenEnv 0.10's)
+    if split is not None and not isinstance(split, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'split' must be a string")
+    if index is not None and type(index) is not int:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'index' must be an integer")
+    if task_id is not None and not isinstance(task_id, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'task_id' must be a string")
+    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True,
+            "split": split, "index": index, "task_id": task_id}
+
+
+def _reset_outcome(env: ChatEnvironment, args: dict[str, Any]) -> Any:
+    """Reset ``env`` as a request asks; a task it cannot pick is the client's VALIDATION_ERROR."""
+    try:
+        return env.reset_outcome(args["seed"], args["episode_id"], split=args["split"], index=args["index"],
+                                 task_id=args["task_id"])
+    except _NoSuchTask as exc:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {exc}") from None
 
 
 def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
-    session.env.reset(seed=args["seed"], episode_id=args["episode_id"])
+    try:
+        outcome = _reset_outcome(session.env, args)
+    except _RequestError:
+        raise
+    except Exception as exc:  # a hook failed
+        return _error_reply(EXECUTION_ERROR, f"Reset failed: {str(exc)[:200]}")
     session.delta = args["delta"]
     history = session.history
-    return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+    head, tail, _ = (_OBS_HEAD, _OBS_TAIL, None) if outcome is None else _observation_parts(outcome)
+    return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
 
 
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
     env = session.env  # (a session that cannot make one is an internal fault, not this step's)
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full or done, a hook failed
         return _error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history
+    if outcome is None:  # no hook: the bytes are ready
+        if not session.delta:
+            return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
+        message_json, token_text = history.last()
+        return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    head, tail, delta_tail = _observation_parts(outcome)
     if not session.delta:
-        return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
     totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
-    message_json, token_text = history.last()
-    return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    added = outcome[3]  # the step's message, and a scripted turn after it
+    message_json, token_text = history.last() if added == 1 else history.since(history.message_count - added)
+    return Reply([head, message_json, _OBS_MID, token_text, _DELTA_MID, totals, delta_tail])
 
 
 def _state_reply(session: Session) -> Reply:
@@ -1159,10 +1770,18 @@ def _unprocessable(loc: str, message: str, value: Any) -> tuple[int, Any]:
     return 422, {"detail": [{"type": "value_error", "loc": [loc], "msg": message, "input": value}]}
 
 
-def _http_observation(history: _WireHistory) -> bytes:
-    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape."""
-    return b"".join((b'{"observation":{"metadata":{},"messages":[', history.messages_json, _OBS_MID,
-                     history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
+def _http_observation(history: _WireHistory, outcome: Any = None) -> bytes:
+    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape.
+
+    Its metadata is in the observation, and beside it (null when empty); its reward
+    a number, as OpenEnv's response model makes it (a bool reward is 1.0 or 0.0).
+    """
+    reward, done, metadata = (outcome or _NO_OUTCOME)[:3]
+    meta = _json_bytes(metadata)
+    return b"".join((b'{"observation":{"metadata":', meta, b',"messages":[', history.messages_json, _OBS_MID,
+                     history.tokens_json, b']},"reward":%s,"done":%s,"metadata":%s}' % (
+                         _json_bytes(None if reward is None else float(reward)), b"true" if done else b"false",
+                         meta if metadata else b"null")))
 
 
 def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
@@ -1227,10 +1846,12 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/reset":
         try:
             args = _reset_args({"data": request})
+            outcome = _reset_outcome(env, args)
         except _RequestError as exc:
             return _unprocessable("body", exc.message, None)
-        env.reset(seed=args["seed"], episode_id=args["episode_id"])
-        return 200, _http_observation(history)
+        except Exception as exc:  # a hook failed
+            return 500, {"detail": f"Reset failed: {str(exc)[:200]}"}
+        return 200, _http_observation(history, outcome)
     action = request.get("action")
     if not isinstance(action, dict):
         return _unprocessable("action", "Field required: an object with 'tokens'", None)
@@ -1238,12 +1859,12 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
         tokens = _step_tokens({"data": action})
     except _RequestError as exc:
         return _unprocessable("tokens", exc.message, None)
-    env.reset()
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full
+        env.reset_outcome()
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full, a hook failed
         return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
-    return 200, _http_observation(history)
+    return 200, _http_observation(history, outcome)
 
 
 def _openapi_document() -> dict[str, Any]:
