@@ -879,7 +879,8 @@ class Tasks:
     def __init__(self, files: Any, show_answers: bool = False) -> None:
         if isinstance(files, (str, os.PathLike)):
             files = {"train": files}
-        self.files = {split: _TaskFile(os.fspath(path)) for split, path in dict(files).items()}
+        self.files = {split: path if isinstance(path, _TaskFile) else _TaskFile(os.fspath(path))
+                      for split, path in dict(files).items()}
         if not self.files:
             raise ValueError("no task files given")
         self.show_answers = show_answers
@@ -1757,7 +1758,7 @@ def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
 # same statuses and bodies of the same shape, from the same environment code
 
 _ENV_NAME = "chat_env"
-_TASK_ROUTES = {  # OpenEnv's task API; the chat environment has no tasks: 501, as OpenEnv says
+_TASK_ROUTES = {  # OpenEnv's task API: a server without tasks says 501, as OpenEnv does
     "splits": ("GET", "list_splits"), "tasks": ("POST", "list_tasks"), "num_tasks": ("POST", "num_tasks"),
     "task": ("POST", "get_task"), "task_range": ("POST", "get_task_range"),
 }
@@ -1803,7 +1804,9 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
             return 405, {"detail": "Method Not Allowed"}
         if parts[0].lower() != _ENV_NAME:
             return 404, {"detail": f"unknown environment {_type_text(parts[0])!r}"}
-        return 501, {"detail": f"{name} is not supported for this environment"}
+        if server.tasks is None:
+            return 501, {"detail": f"{name} is not supported for this environment"}
+        return _task_route(server.tasks, name, body)
     if path not in _GET_ROUTES and path not in _POST_ROUTES:
         return 404, {"detail": "Not Found"}
     if (method == "GET") != (path in _GET_ROUTES) or method not in ("GET", "POST"):
@@ -1865,6 +1868,43 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     except Exception as exc:  # the tokenizer refused the ids, the episode is full, a hook failed
         return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
     return 200, _http_observation(history, outcome)
+
+
+def _task_route(tasks: Tasks, name: str, body: bytes) -> tuple[int, Any]:
+    """A task route's answer, shaped as OpenEnv 0.10's; an unknown split is a 400 (OpenEnv leaves it to the environment)."""
+    if name == "list_splits":
+        return 200, [{"name": split, "type": split if split in _SPLIT_TYPES else "validation"}
+                     for split in tasks.list_splits()]
+    try:
+        request = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError):
+        return 422, {"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": None}]}
+    if not isinstance(request, dict):
+        return 422, {"detail": [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]}
+    fields = {"split": str, "index": int} if name == "get_task" else {"split": str}
+    for key, kind in fields.items():
+        value = request.get(key)
+        if value is None:
+            return 422, {"detail": [{"type": "missing", "loc": ["body", key], "msg": "Field required",
+                                     "input": request}]}
+        if type(value) is not kind:
+            return _unprocessable(key, f"Input should be a valid {'string' if kind is str else 'integer'}", value)
+    for key in ("start", "stop") if name == "get_task_range" else ():
+        if request.get(key) is not None and type(request[key]) is not int:
+            return _unprocessable(key, "Input should be a valid integer", request[key])
+    split = request["split"]
+    try:
+        if name == "list_tasks":
+            return 200, {"tasks": tasks.list_tasks(split), "env_name": _ENV_NAME}
+        if name == "num_tasks":
+            return 200, {"num_tasks": tasks.num_tasks(split)}
+        if name == "get_task":
+            return 200, {"task": tasks.get_task(split, request["index"])}
+        return 200, {"tasks": tasks.get_task_range(split, request.get("start"), request.get("stop"))}
+    except IndexError:
+        return 400, {"detail": "Invalid task index"}
+    except _NoSuchTask as exc:
+        return 400, {"detail": str(exc)}
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -2237,6 +2277,28 @@ class _MemoryAccount:
                 self.open, self.held = False, 0
 
 
+def _per_session(hook: Any) -> Any:
+    """A session's own instance of a hook: a copy of an object, which may keep state; a function is shared.
+
+    An object that cannot be copied (it holds a lock or a connection) is shared,
+    and must then be safe to call from several step threads at once.
+    """
+    import copy
+    import types
+
+    if hook is None or isinstance(hook, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return hook
+    try:
+        return copy.deepcopy(hook)
+    except Exception:
+        return hook
+
+
+def _hook_thread_init(loop: Any) -> None:
+    """A step thread's start: async hooks it meets are awaited on ``loop`` (see _settle)."""
+    _hook_thread.loop = loop
+
+
 class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
@@ -2277,6 +2339,14 @@ class ChatServer:
         close_timeout_s: float = 2.0,
         offload: bool | None = None,
         sock: Any = None,
+        # Rewards, tasks and episode ends: ChatEnvironment's, for every session (hook
+        # objects copied per session, see _per_session); show_answers: task routes send answers
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
+        show_answers: bool = False,
     ) -> None:
         if compression not in (None, "none", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
@@ -2295,9 +2365,17 @@ class ChatServer:
         self.max_episode_tokens = max_episode_tokens
         system = {"role": system_role, "content": system_prompt}
         system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, not {max_turns!r}")
+        if tasks is not None and not hasattr(tasks, "pick"):
+            tasks = Tasks(tasks, show_answers=show_answers)  # loaded once, here: sessions (and workers) share it
+        self.tasks, self.transform, self.rubric = tasks, transform, rubric
+        self.hooked = any(x is not None for x in (transform, rubric, tasks, max_turns)) or bool(stop)
         self._new_environment = functools.partial(  # (history=...): one factory, shared by every session
             ChatEnvironment, self.tokenizer, system_prompt, system_role, max_episode_tokens,
-            system_tokens=system_tokens)
+            system_tokens=system_tokens, tasks=tasks, max_turns=max_turns, stop=stop)
+        if transform is not None or rubric is not None:  # each session its own copies of hooks that keep state
+            self._new_environment = functools.partial(self._hooked_environment, self._new_environment)
         empty = _WireHistory()
         self._new_environment(history=empty)
         self._empty_episode_bytes = empty.nbytes  # what a new session's episode holds: its system prompt
@@ -2328,8 +2406,9 @@ class ChatServer:
         self.idle_timeout_s = idle_timeout_s
         self.send_timeout_s = send_timeout_s
         self.close_timeout_s = close_timeout_s
-        # Inline steps are safe only for a tokenizer known to be fast
-        self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
+        # Inline steps are safe only for a tokenizer known to be fast and no hooks (which may
+        # wait on a judge or compute): those run in a thread pool, a thread per busy session
+        self.offload = (self.hooked or not isinstance(self.tokenizer, ByteTokenizer)) if offload is None else offload
         self.sock = sock  # a bound socket to serve on instead of host:port (a worker's, see _Supervisor)
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
@@ -2510,12 +2589,23 @@ class ChatServer:
         if session.account is not None:
             session.account.close()
 
-    def _run_offloaded(self, session: Session, frame: Any) -> Any:
+    def _hooked_environment(self, make: Any, **kwargs: Any) -> ChatEnvironment:
+        return make(transform=_per_session(self.transform), rubric=_per_session(self.rubric), **kwargs)
+
+    def _run_offloaded(self, session: Session, frame: Any, loop: Any = None) -> Any:
+        """Handle a frame in the step pool; ``loop`` (default the server's) runs async hooks.
+
+        With hooks the pool has a thread per session (made when needed), so
+        sessions whose hooks wait never hold up the others; without, the default size.
+        """
+        loop = loop or self._loop
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
-        return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_sessions if self.hooked else None, thread_name_prefix="chatenv-step",
+                initializer=_hook_thread_init, initargs=(loop,))
+        return loop.run_in_executor(self._executor, handle_frame, session, frame)
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
@@ -3938,7 +4028,7 @@ class ASGIApp:
                 text = event.get("text")
                 frame = text if text is not None else event.get("bytes") or b""
                 if server.offload:
-                    reply = await loop.run_in_executor(None, handle_frame, session, frame)
+                    reply = await server._run_offloaded(session, frame, loop)
                 else:
                     reply = handle_frame(session, frame)
                 requests += 1
@@ -6033,6 +6123,14 @@ _ENV_FALLBACKS = {
     "allow_hosts": ("CHATENV_ALLOW_HOST",),
     "auth_token": ("CHATENV_AUTH_TOKEN",),
     "log_level": ("CHATENV_LOG_LEVEL",),
+    # Rewards, tasks and episode ends (repeated flags: comma-separated variables, but
+    # CHATENV_STOP, whose texts may hold commas: one a line)
+    "rubrics": ("CHATENV_RUBRIC",),
+    "transform": ("CHATENV_TRANSFORM",),
+    "tasks": ("CHATENV_TASKS",),
+    "max_turns": ("CHATENV_MAX_TURNS",),
+    "stop": ("CHATENV_STOP",),
+    "show_answers": ("CHATENV_SHOW_ANSWERS",),
 }
 
 
@@ -6137,6 +6235,72 @@ def _text(text: str) -> str:
     return text
 
 
+def _hook(text: str) -> Any:
+    """A hook a SPEC names: a built-in reward's name, or ``module:attr`` (uvicorn's app form), imported now."""
+    import importlib
+
+    text = text.strip()
+    if text in _BUILTIN_REWARDS:
+        return _BUILTIN_REWARDS[text]
+    module_name, _, attr = text.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"must be a built-in reward ({', '.join(_BUILTIN_REWARDS)}) or module:attr")
+    try:
+        hook: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import {module_name!r} ({_one_line(exc, 120)})") from None
+    try:
+        for name in attr.split("."):
+            hook = getattr(hook, name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(hook):
+        raise ValueError(f"{attr!r} is not callable: a hook is called with the observation")
+    return hook
+
+
+def _rubric_spec(text: str) -> tuple[str, Any, float]:
+    """``SPEC[=WEIGHT]``: (the SPEC as its score's name, the rubric, the weight, 1 by default)."""
+    spec, weight = text.strip(), 1.0
+    if "=" in spec:
+        spec, _, given = spec.rpartition("=")
+        try:
+            weight = float(given)
+        except ValueError:
+            raise ValueError("the weight after '=' must be a number") from None
+        if weight != weight or abs(weight) == float("inf"):
+            raise ValueError("the weight after '=' must be a finite number")
+    return spec.strip(), _hook(spec), weight
+
+
+def _tasks_spec(text: str) -> tuple[str, Any]:
+    """``[SPLIT=]PATH``: (the split, ``train`` by default, and its task file, loaded and checked now)."""
+    split, _, path = text.rpartition("=") if "=" in text and not os.path.exists(text) else ("", "", text)
+    split = split.strip() or "train"
+    try:
+        return split, _TaskFile(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the task file: {exc.strerror or exc}") from None
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty (it would end every episode)")
+    return text
+
+
+def _lines(validate: Any) -> Any:
+    """A variable's validator taking one value a line (for values that may hold commas)."""
+    def convert(text: str) -> list[Any]:
+        return [validate(item) for item in text.splitlines() if item]
+
+    convert.__name__ = validate.__name__
+    return convert
+
+
+_boolean = _choice("true", "false", "1", "0", "yes", "no")
+
+
 # Each setting of `chatenv serve`: its validator and its default (flags default to
 # None, so a variable is read, and checked, only when its flag is not given)
 _SETTINGS: dict[str, tuple[Any, Any]] = {
@@ -6156,6 +6320,12 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "allow_origins": (_each(_origin), ()),
     "allow_hosts": (_each(_host_allowed), ()),
     "log_level": (_log_level, "INFO"),
+    "rubrics": (_each(_rubric_spec), ()),
+    "transform": (_hook, None),
+    "tasks": (_each(_tasks_spec), ()),
+    "max_turns": (_at_least_one, None),
+    "stop": (_lines(_stop_text), ()),
+    "show_answers": (_boolean, "false"),
 }
 
 
@@ -6285,6 +6455,25 @@ def _parser() -> Any:
                            "comma-separated] (default: none)")
     serve_cmd.add_argument("--log-level", type=_flag_type(_log_level),
                            help="DEBUG, INFO, WARNING or ERROR [CHATENV_LOG_LEVEL] (default: INFO)")
+    hooks = serve_cmd.add_argument_group("rewards, tasks and episode ends")
+    hooks.add_argument("--rubric", dest="rubrics", action="append", type=_flag_type(_rubric_spec),
+                       metavar="SPEC[=WEIGHT]",
+                       help="score every step: a built-in (" + ", ".join(_BUILTIN_REWARDS) + ") or module:attr "
+                       "(a function or object called with (action, observation)); repeat for a weighted sum, "
+                       "each score in metadata['rewards'] [CHATENV_RUBRIC, comma-separated]")
+    hooks.add_argument("--transform", type=_flag_type(_hook), metavar="SPEC",
+                       help="module:attr called with each observation, returning it (may set reward, done, "
+                       "metadata) [CHATENV_TRANSFORM]")
+    hooks.add_argument("--tasks", action="append", type=_flag_type(_tasks_spec), metavar="[SPLIT=]PATH",
+                       help="a JSONL task file, one task a line; split 'train' by default; repeat for more "
+                       "splits [CHATENV_TASKS, comma-separated]")
+    hooks.add_argument("--max-turns", type=_flag_type(_at_least_one), metavar="N",
+                       help="an episode is done after N assistant steps [CHATENV_MAX_TURNS]")
+    hooks.add_argument("--stop", action="append", type=_flag_type(_stop_text), metavar="TEXT",
+                       help="an episode is done when an assistant message holds TEXT; repeat for more "
+                       "[CHATENV_STOP, one a line]")
+    hooks.add_argument("--show-answers", action="store_const", const="true",
+                       help="task routes include each task's answer [CHATENV_SHOW_ANSWERS] (default: no)")
     return parser
 
 
@@ -6322,6 +6511,16 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         idle_timeout_s=value["idle_timeout_s"] or None,
         allow_origins=value["allow_origins"], allow_hosts=value["allow_hosts"],
     )
+    if value["rubrics"]:
+        options["rubric"] = _WeightedRubrics(list(value["rubrics"]))
+    if value["tasks"]:
+        files: dict[str, Any] = {}
+        for split, file in value["tasks"]:
+            if split in files:
+                raise _ConfigError(f"--tasks: the split {split!r} is given twice, not {_preview(file.path)}")
+            files[split] = file
+        options["tasks"] = Tasks(files, show_answers=value["show_answers"] in ("true", "1", "yes"))
+    options.update(transform=value["transform"], max_turns=value["max_turns"], stop=tuple(value["stop"]))
     return tokenizer, options
 
 
