@@ -1653,8 +1653,9 @@ def _reset_outcome(env: ChatEnvironment, args: dict[str, Any]) -> Any:
 
 
 def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
+    env = session.env  # (a session that cannot make one is an internal fault, not this reset's)
     try:
-        outcome = _reset_outcome(session.env, args)
+        outcome = _reset_outcome(env, args)
     except _RequestError:
         raise
     except Exception as exc:  # a hook failed
