@@ -6281,7 +6281,7 @@ def _tasks_spec(text: str) -> tuple[str, Any]:
     try:
         return split, _TaskFile(path)
     except OSError as exc:
-        raise ValueError(f"cannot read the task file: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read the task file {path}: {exc.strerror or exc}") from None
 
 
 def _stop_text(text: str) -> str:
@@ -6518,7 +6518,8 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         files: dict[str, Any] = {}
         for split, file in value["tasks"]:
             if split in files:
-                raise _ConfigError(f"--tasks: the split {split!r} is given twice, not {_preview(file.path)}")
+                raise _ConfigError(f"--tasks: the split {split!r} is given twice (one split, one file), "
+                                   f"not {file.path!r}")
             files[split] = file
         options["tasks"] = Tasks(files, show_answers=value["show_answers"] in ("true", "1", "yes"))
     options.update(transform=value["transform"], max_turns=value["max_turns"], stop=tuple(value["stop"]))
