@@ -290,11 +290,16 @@ class StepResult:
 
 
 # The models' JSON schemas, as GET /schema serves them (OpenEnv's validator reads them)
-_ACTION_SCHEMA = {
+_ACTION_SCHEMA = {  # title and description: verifiers pastes the schema into a model's prompt, as OpenEnv's are
+    "title": "ChatAction",
+    "description": "One message for the chat environment, as token ids: it decodes them with its tokenizer "
+                   "and appends the text to the conversation as the assistant's message.",
     "type": "object",
     "properties": {
-        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        "metadata": {"type": "object"},
+        "tokens": {"title": "Tokens", "description": "The message's token ids (at least one)",
+                   "type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "metadata": {"title": "Metadata", "description": "Anything the client attaches; not scored",
+                     "type": "object"},
     },
     "required": ["tokens"],
     "additionalProperties": False,
@@ -305,13 +310,23 @@ _MESSAGE_SCHEMA = {
     "required": ["role", "content"],
 }
 _OBSERVATION_SCHEMA = {
+    "title": "ChatObservation",
+    "description": "The conversation so far, as chat messages (role, content) and the token ids of all of "
+                   "them, with what the environment made of the last step: its reward, whether the episode "
+                   "is done, and metadata.",
     "type": "object",
     "properties": {
-        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
-        "tokens": {"type": "array", "items": {"type": "integer"}},
-        "done": {"type": "boolean"},
-        "reward": {"type": ["number", "null"]},
-        "metadata": {"type": "object"},
+        "messages": {"title": "Messages", "description": "Every message of the episode, oldest first",
+                     "type": "array", "items": _MESSAGE_SCHEMA},
+        "tokens": {"title": "Tokens", "description": "The token ids of every message, in order",
+                   "type": "array", "items": {"type": "integer"}},
+        "done": {"title": "Done", "description": "Whether the episode is over: a further step is refused "
+                 "until a reset", "type": "boolean"},
+        "reward": {"title": "Reward", "description": "The last step's reward from the server's rubric or "
+                   "transform; null when none scores it", "type": ["number", "boolean", "null"]},
+        "metadata": {"title": "Metadata", "description": "What the environment adds: the task picked at "
+                     "reset ('task': split, index, id; never its answer), each rubric's own score "
+                     "('rewards') and why the episode ended ('done_reason')", "type": "object"},
     },
 }
 _STATE_SCHEMA = {

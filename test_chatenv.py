@@ -2594,3 +2594,13 @@ def test_task_routes_answer_as_openenv_0_10s(tmp_path):
     assert chatenv.http_reply(ChatServer(), "POST", "/chat_env/num_tasks", b'{"split":"train"}')[0] == 501
     shown = ChatServer(tasks=path, show_answers=True)
     assert chatenv.http_reply(shown, "POST", "/chat_env/task", b'{"split":"train","index":1}')[1]["task"]["answer"] == "1"
+
+
+def test_schema_titles_and_describes_what_is_sent():
+    status, schema = chatenv.http_reply(ChatServer(), "GET", "/schema")
+    for name, title in (("action", "ChatAction"), ("observation", "ChatObservation"),
+                        ("reset_observation", "ChatObservation")):
+        assert schema[name]["title"] == title and schema[name]["description"]
+    properties = schema["observation"]["properties"]
+    assert "boolean" in properties["reward"]["type"] and "null" in properties["reward"]["type"]
+    assert all(properties[key]["description"] for key in ("reward", "done", "metadata"))
