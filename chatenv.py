@@ -1741,9 +1741,8 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
             return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": session.id}}
         created = server.create_named_session() if server is not None else None
         if not isinstance(created, str):
-            active, limit = created if created else (0, 0)
-            return _rpc_error(request_id, _RPC_SERVER_ERROR, _capacity_text(active, limit),
-                              {"active_sessions": active, "max_sessions": limit})
+            text, data = created or (_capacity_text(0, 0), {"active_sessions": 0, "max_sessions": 0})
+            return _rpc_error(request_id, _RPC_SERVER_ERROR, text, data)
         return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": created}}
     if method == "openenv/session/close":
         target = params.get("session_id")
@@ -1946,6 +1945,85 @@ def _openapi_document() -> dict[str, Any]:
             "paths": paths}
 
 
+# Who may ask: one decision for every request, on both transports (the native server's
+# upgrades and plain HTTP, the ASGI app's HTTP and WebSocket scopes), made from its head
+# alone, before a body is read, a session opened or anything counted against a limit
+_OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})  # answered without the token: liveness probes
+
+
+def _authorized(headers: Any, token: str) -> bool:
+    """Check ``Authorization: Bearer <token>`` (scheme in any case) in constant time."""
+    import hmac
+
+    values = headers.get_all("Authorization")  # .get() raises when the header is repeated
+    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return matches and scheme.lower() == "bearer"
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: lowercased, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_host(name: str) -> bool:
+    """localhost, a name under .localhost (RFC 6761), 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
+    import ipaddress
+
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _access_refusal(method: str, path: str, upgrade: bool, headers: Any, *, token: str | None, loopback: bool,
+                    allow_origins: frozenset[str],
+                    allow_hosts: frozenset[str]) -> tuple[int, str, dict[str, str]] | None:
+    """Why a request may not reach the server at all, as (status, text, extra headers),
+    or None. Pure: both shells ask it of every request, and no route decides for itself.
+
+    ``upgrade``: the request opens a session (a WebSocket upgrade to /ws). A server
+    on a loopback address answers only loopback Host names (and ``allow_hosts``), so
+    a web page whose name was rebound to 127.0.0.1 cannot reach it; a WebSocket
+    upgrade or any request with a body that carries an ``Origin`` (a browser's)
+    needs that origin in ``allow_origins``, since browsers let any page open
+    WebSockets and POST to any address; clients that send no Origin (OpenEnv's,
+    chatenv's, curl) are not affected. With a ``token``, every request but
+    ``_OPEN_ROUTES`` needs ``Authorization: Bearer <token>``: 401 otherwise.
+    Host and Origin come first: they need no secret, so a page a browser runs gets
+    the same 403 whatever it sends, and learns nothing of the token, not even that
+    one is set.
+    """
+    if loopback and "*" not in allow_hosts:
+        hosts = headers.get_all("Host")
+        if len(hosts) > 1:
+            return 400, "Bad Request: more than one Host header\n", {}
+        name = _host_name(hosts[0]) if hosts else ""
+        if hosts and not _is_loopback_host(name) and name not in allow_hosts:
+            return 403, (f"Forbidden: this server listens on a loopback address and answers only loopback "
+                         f"Host names, not {_preview(name)} (allow it with --allow-host)\n"), {}
+    if upgrade or method not in ("GET", "HEAD"):
+        origins = headers.get_all("Origin")
+        if origins and "*" not in allow_origins:
+            origin = origins[0].strip().lower().rstrip("/")
+            if len(origins) > 1 or origin not in allow_origins:
+                return 403, (f"Forbidden: requests from web pages at {_preview(origin)} are not allowed "
+                             f"(allow the origin with --allow-origin)\n"), {}
+    if token is not None and (upgrade or (method, path.split("?", 1)[0]) not in _OPEN_ROUTES) \
+            and not _authorized(headers, token):
+        return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
+                {"WWW-Authenticate": "Bearer"})
+    return None
+
+
 # ------------------------------------------------------------------------------
 # Server: asyncio transports driving websockets' Sans-I/O protocol
 # ------------------------------------------------------------------------------
@@ -2089,75 +2167,12 @@ def _frame_header(length: int) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, length)
 
 
-def _authorized(headers: Any, token: str) -> bool:
-    """Check ``Authorization: Bearer <token>`` (scheme in any case) in constant time."""
-    import hmac
-
-    values = headers.get_all("Authorization")  # .get() raises when the header is repeated
-    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
-    matches = hmac.compare_digest(given.strip().encode(), token.encode())
-    return matches and scheme.lower() == "bearer"
-
-
 def _allow_list(value: Any, what: str) -> frozenset[str]:
     """Origins or host names, lowercased; a string may hold several, comma-separated."""
     items = value.split(",") if isinstance(value, str) else list(value or ())
     if not all(isinstance(item, str) for item in items):
         raise ValueError(f"{what} must be strings, not {value!r}")
     return frozenset(item.strip().lower().rstrip("/") for item in items if item.strip())
-
-
-def _host_name(host: str) -> str:
-    """The name in a Host header: lowercased, without its port or an IPv6 address's brackets."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def _is_loopback_host(name: str) -> bool:
-    """localhost, a name under .localhost (RFC 6761), 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
-    import ipaddress
-
-    name = name.rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def _access_refusal(method: str, upgrade: bool, headers: Any, loopback: bool,
-                    allow_origins: frozenset[str], allow_hosts: frozenset[str]) -> tuple[int, str] | None:
-    """Why a request may not reach the server at all, as (status, text), or None. Pure:
-    both shells (the native server and ASGIApp) ask it.
-
-    A server on a loopback address answers only loopback Host names (and
-    ``allow_hosts``), so a web page whose name was rebound to 127.0.0.1 cannot reach
-    it; a WebSocket upgrade or any request with a body that carries an ``Origin``
-    (a browser's) needs that origin in ``allow_origins``, since browsers let any
-    page open WebSockets and POST to any address. Clients that send no Origin
-    (OpenEnv's, chatenv's, curl) are not affected.
-    """
-    if loopback and "*" not in allow_hosts:
-        hosts = headers.get_all("Host")
-        if len(hosts) > 1:
-            return 400, "Bad Request: more than one Host header\n"
-        name = _host_name(hosts[0]) if hosts else ""
-        if hosts and not _is_loopback_host(name) and name not in allow_hosts:
-            return 403, (f"Forbidden: this server listens on a loopback address and answers only loopback "
-                         f"Host names, not {_preview(name)} (allow it with --allow-host)\n")
-    if upgrade or method not in ("GET", "HEAD"):
-        origins = headers.get_all("Origin")
-        if origins and "*" not in allow_origins:
-            origin = origins[0].strip().lower().rstrip("/")
-            if len(origins) > 1 or origin not in allow_origins:
-                return 403, (f"Forbidden: requests from web pages at {_preview(origin)} are not allowed "
-                             f"(allow the origin with --allow-origin)\n")
-    return None
 
 
 def _listen(host: str, port: int) -> list[Any]:
@@ -2341,6 +2356,7 @@ class ChatServer:
         allow_hosts: Any = (),
         # Limits
         max_sessions: int = 256,
+        max_named_sessions: int | None = None,
         max_handshakes: int = 1024,
         max_buffered_bytes: int | None = 2**28,
         max_message_bytes: int | None = 2**24,
@@ -2368,6 +2384,8 @@ class ChatServer:
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if max_named_sessions is not None and max_named_sessions < 0:
+            raise ValueError(f"max_named_sessions must be 0 (none) or more, not {max_named_sessions!r}")
         if max_memory_bytes is not None and max_memory_bytes < 0:
             raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
@@ -2404,6 +2422,9 @@ class ChatServer:
         self.allow_origins = _allow_list(allow_origins, "allow_origins")
         self.allow_hosts = _allow_list(allow_hosts, "allow_hosts")
         self.max_sessions = max_sessions
+        # Of those, sessions made over HTTP (openenv/session/create) at once: a quarter by
+        # default, so a client looping on creates leaves the rest to WebSockets; 0: none
+        self.max_named_sessions = max(1, max_sessions // 4) if max_named_sessions is None else max_named_sessions
         # Connections not (yet) sessions: handshakes, plain HTTP requests, refusals;
         # past the limit the oldest is dropped, so stalled ones cannot lock out new ones
         self.max_handshakes = max_handshakes
@@ -2625,34 +2646,25 @@ class ChatServer:
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
-    def _handshake_refusal(self, headers: Any, peer: str,
-                           loopback: bool | None = None) -> tuple[int, str, dict[str, str]] | None:
-        """Why a WebSocket upgrade to /ws is refused: (status, text, headers), or None.
-
-        ``loopback``: whether the server's address is a loopback one (the ASGI
-        server's, from its scope); by default, this server's listening address.
+    def _refusal(self, method: str, path: str, upgrade: bool, headers: Any, peer: str,
+                 loopback: bool | None = None) -> tuple[int, str, dict[str, str]] | None:
+        """Why a request is refused before it is read (``_access_refusal``): (status, text,
+        headers), logged, or None. ``loopback``: whether the server's address is a loopback
+        one (the ASGI server's, from its scope); by default, this server's listening address.
         """
-        refused = self._http_refusal("GET", headers, peer, loopback, upgrade=True)
-        if refused is not None:
-            return refused
-        if self.auth_token is not None and not _authorized(headers, self.auth_token):
-            self._log.log("refused an unauthenticated WebSocket upgrade", 1, logging.WARNING,
-                          "refused an unauthenticated WebSocket upgrade from %s", peer)
-            return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
-                    {"WWW-Authenticate": "Bearer"})
-        return None
-
-    def _http_refusal(self, method: str, headers: Any, peer: str, loopback: bool | None = None,
-                      upgrade: bool = False) -> tuple[int, str, dict[str, str]] | None:
-        """Why any request is refused before it is read (``_access_refusal``), or None."""
-        refused = _access_refusal(method, upgrade, headers, self._loopback if loopback is None else loopback,
-                                  self.allow_origins, self.allow_hosts)
+        refused = _access_refusal(method, path, upgrade, headers, token=self.auth_token,
+                                  loopback=self._loopback if loopback is None else loopback,
+                                  allow_origins=self.allow_origins, allow_hosts=self.allow_hosts)
         if refused is None:
             return None
-        status, text = refused
-        self._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: %d %s",
-                      peer, status, text.strip()[:200])
-        return status, text, {}
+        if refused[0] == 401:  # never the path's query nor the header: either may hold a token
+            what = "refused an unauthenticated WebSocket upgrade" if upgrade else "refused an unauthenticated request"
+            self._log.log(what, 1, logging.WARNING, what + " from %s: %s %s", peer, method[:16],
+                          _preview(path.split("?", 1)[0]))
+        else:
+            self._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: %d %s",
+                          peer, refused[0], refused[1].strip()[:200])
+        return refused
 
     def _open_session(self, query: str, peer: str) -> tuple[Session | None, str | None, Reply | None]:
         """The session for an accepted /ws upgrade: (session, its name if attached, refusal)."""
@@ -2695,15 +2707,26 @@ class ChatServer:
 
     # Named sessions: OpenEnv's MCP ``openenv/session/create`` makes one, a WebSocket
     # attaches to it with /ws?session_id=ID and leaves it alive when it goes; each
-    # counts against max_sessions until closed or unused for _NAMED_SESSION_TTL_S
+    # counts against max_sessions, and max_named_sessions, until closed or unused for
+    # _NAMED_SESSION_TTL_S
 
-    def create_named_session(self) -> str | tuple[int, int]:
-        """A new named session's id, or (active, limit) when the server is full."""
+    def create_named_session(self) -> str | tuple[str, dict[str, int]]:
+        """A new named session's id, or why not: (text, data) naming the limit reached."""
         import uuid
 
+        if len(self._named) >= self.max_named_sessions:
+            self._expire_named_sessions()  # the ASGI app has no housekeeping timer to do it
+        named, limit = len(self._named), self.max_named_sessions
+        if named >= limit and self.active_sessions < self.max_sessions:  # when both are reached: the server's
+            self._log.log("refused a session", 1, logging.WARNING,
+                          "refused a session: %d/%d named sessions (--max-named-sessions)", named, limit)
+            return (f"Server at capacity for named sessions: {named}/{limit} made with openenv/session/create "
+                    f"are open (--max-named-sessions). Close one with openenv/session/close, or use /ws.",
+                    {"named_sessions": named, "max_named_sessions": limit})
         session = self._new_session()
         if session is None:
-            return self.active_sessions, self.max_sessions
+            return _capacity_text(self.active_sessions, self.max_sessions), {
+                "active_sessions": self.active_sessions, "max_sessions": self.max_sessions}
         session.id = str(uuid.uuid4())
         self._named[session.id] = [session, False, False, self._clock()]  # attached, closing, last used
         return session.id
@@ -3022,16 +3045,15 @@ class _Connection:
         server, proto = self.server, self.proto
         _latin1_headers(request)
         path, _, query = request.path.partition("?")
+        method = _request_method(request)
+        refusal = server._refusal(method, path, path == "/ws", request.headers, self.peer)
         if path != "/ws":
-            method = _request_method(request)
-            refusal = server._http_refusal(method, request.headers, self.peer)
             if refusal is not None:
                 status, body = refusal[0], {"detail": refusal[1].strip()}
             else:
                 status, body = http_reply(server, method, path)
-            proto.send_response(_http_response(status, body, head=method == "HEAD"))
+            proto.send_response(_http_response(status, body, head=method == "HEAD", extra=refusal and refusal[2]))
             return
-        refusal = server._handshake_refusal(request.headers, self.peer)
         if refusal is not None:
             status, text, headers = refusal
             response = proto.reject(status, text)
@@ -3091,9 +3113,9 @@ class _Connection:
             elif name == "transfer-encoding":
                 self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
                 return
-        refusal = self.server._http_refusal(method[:16], headers, self.peer)
-        if refusal is not None:
-            self._answer_http(refusal[0], {"detail": refusal[1].strip()})
+        refusal = self.server._refusal(method[:16], target, False, headers, self.peer)
+        if refusal is not None:  # from the head: the body is neither waited for nor held
+            self._answer_http(refusal[0], {"detail": refusal[1].strip()}, extra=refusal[2])
             return
         limit = self.server.max_message_bytes
         if limit is not None and length > limit:
@@ -3111,11 +3133,11 @@ class _Connection:
                              self.peer, _HTTP_HEAD_BYTES)
         self._answer_http(431, {"detail": f"Request Header Fields Too Large: over {_HTTP_HEAD_BYTES} bytes"})
 
-    def _answer_http(self, status: int, body: Any, head: bool = False) -> None:
+    def _answer_http(self, status: int, body: Any, head: bool = False, extra: Any = None) -> None:
         """Answer a request ourselves (not through the protocol) and end the stream."""
         self.http_body = bytearray()  # what the client sends from now on is discarded
         self._count_held()
-        self._queue_write(_response_bytes(_http_response(status, body, head)))
+        self._queue_write(_response_bytes(_http_response(status, body, head, extra)))
         self._queue_eof()
 
     # Frame phase: frames split from the bytes, plain data frames read here directly
@@ -3537,7 +3559,8 @@ def _query_value(query: str, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _http_response(status: int, body: Any, head: bool = False) -> Any:
+def _http_response(status: int, body: Any, head: bool = False, extra: Any = None) -> Any:
+    """A whole HTTP response: JSON ``body``, and ``extra`` headers (a refusal's) if any."""
     import email.utils
     import http
 
@@ -3551,6 +3574,7 @@ def _http_response(status: int, body: Any, head: bool = False) -> Any:
         ("Connection", "close"),
         ("Content-Type", "application/json"),
         ("Content-Length", str(len(payload))),
+        *(extra or {}).items(),
     ])
     return Response(status, http.HTTPStatus(status).phrase, headers, b"" if head else payload)
 
@@ -3941,6 +3965,11 @@ def _asgi_loopback(scope: dict[str, Any]) -> bool:
     return bool(server) and _is_loopback_host(str(server[0]))
 
 
+def _asgi_extra(refusal: Any) -> list[tuple[bytes, bytes]]:
+    """A refusal's extra headers (WWW-Authenticate), as an ASGI message lists them."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (refusal[2] if refusal else {}).items()]
+
+
 class ASGIApp:
     """chatenv as an ASGI 3 application: ``python -m uvicorn chatenv:app``.
 
@@ -3995,8 +4024,9 @@ class ASGIApp:
 
     async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body, limit = bytearray(), server.max_message_bytes
-        refusal = server._http_refusal(scope["method"], _asgi_headers(scope), "?", _asgi_loopback(scope))
-        if refusal is not None:  # a foreign Host or Origin: refused before the body is read
+        refusal = server._refusal(scope["method"], scope["path"], False, _asgi_headers(scope), "?",
+                                  _asgi_loopback(scope))
+        if refusal is not None:  # a foreign Host or Origin, no token: refused before the body is read
             status, payload = refusal[0], {"detail": refusal[1].strip()}
         while refusal is None:
             event = await receive()
@@ -4011,7 +4041,8 @@ class ASGIApp:
                 break
         data = payload if isinstance(payload, bytes) else _json_bytes(payload)
         await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+            *_asgi_extra(refusal)]})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
 
     async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -4022,8 +4053,16 @@ class ASGIApp:
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "?"
         headers = _asgi_headers(scope)
-        refusal = server._handshake_refusal(headers, peer, _asgi_loopback(scope)) if scope["path"] == "/ws" \
-            else (404, "", {})
+        refusal = server._refusal("GET", scope["path"], True, headers, peer, _asgi_loopback(scope))
+        if refusal is None and scope["path"] != "/ws":
+            refusal = 404, "Not Found\n", {}
+        if refusal is not None and "websocket.http.response" in (scope.get("extensions") or {}):
+            data = refusal[1].encode()  # the status and headers as the native server sends them
+            await send({"type": "websocket.http.response.start", "status": refusal[0], "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(data)).encode()),
+                *_asgi_extra(refusal)]})
+            await send({"type": "websocket.http.response.body", "body": data})
+            return
         if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})  # the ASGI server answers 403
             return
@@ -4268,6 +4307,7 @@ class _ClientCore:
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
         self._seen: _Layout | None = None  # the last full observation frame and where its parts lie
+        self.env_names: dict[str, str] = {}  # base URL -> its server's env name (the task routes' prefix)
 
     @property
     def base_url(self) -> str:
@@ -4458,7 +4498,7 @@ class _ClientCore:
             self._seen = _frame_layout(data, payload, body)
         return self._result(done, reward, metadata)
 
-    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None) -> StepResult:
+    def _result(self, done: bool, reward: float | bool | None, metadata: dict[str, Any] | None) -> StepResult:
         obs = ChatObservation._sharing(self._messages, self._tokens, done, reward,
                                        dict(metadata) if metadata else None)
         return StepResult(obs, reward, done)
@@ -4857,24 +4897,148 @@ def _check_tokens(items: list[Any], what: str) -> None:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent {what} holding {_preview(bad)}, not a token id")
 
 
+_REWARD_TYPES = (int, float, bool)  # a reward as OpenEnv 0.10 types it (bool | int | float | None), kept as sent
+
+
 def _outcome(fields: dict[str, Any], body: dict[str, Any]) -> tuple[Any, bool, dict[str, Any] | None]:
     """An observation's reward, done and metadata, type-checked (OpenEnv 0.10 sends
-    metadata inside the observation and, when not empty, beside reward too)."""
+    metadata inside the observation and, when not empty, beside reward too: the one
+    inside when it holds anything, else the one beside)."""
     reward, done = fields.get("reward"), fields.get("done", False)
-    if reward is not None and type(reward) not in (int, float):
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, not a number or null")
+    if reward is not None and type(reward) not in _REWARD_TYPES:
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, "
+                                           "not a number, a boolean or null")
     if type(done) is not bool:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent done {_preview(done)}, not a boolean")
-    metadata = body.get("metadata") if "metadata" in body else fields.get("metadata")
-    if metadata is not None and type(metadata) is not dict:
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
-    return reward, done, metadata
+    inner, beside = body.get("metadata"), fields.get("metadata")
+    for metadata in (inner, beside):
+        if metadata is not None and type(metadata) is not dict:
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
+    return reward, done, inner or beside
 
 
 def _random() -> Any:
     import random
 
     return random
+
+
+# The task API: OpenEnv 0.10's HTTP routes, under its TaskProvider method names. Each
+# method: (HTTP method, route under /{env_name}, its arguments, the reply's member
+# that is the answer (None: the whole reply), the answer's type)
+_TASK_CALLS = {
+    "list_splits": ("GET", "splits", (), None, list),
+    "list_tasks": ("POST", "tasks", ("split",), "tasks", list),
+    "num_tasks": ("POST", "num_tasks", ("split",), "num_tasks", int),
+    "get_task": ("POST", "task", ("split", "index"), "task", object),
+    "get_task_range": ("POST", "task_range", ("split", "start", "stop"), "tasks", list),
+}
+_FALLBACK_ENV_NAME = "chat_env"  # the env name asked for when GET /list_environments names none
+
+
+def _http_base(base_url: str) -> tuple[str, str, int, str]:
+    """A client's base URL (http(s)://, ws(s):// or host:port, perhaps ending /ws) as
+    the server's HTTP root: (scheme, host, port, path prefix)."""
+    from urllib.parse import urlsplit
+
+    ws = urlsplit(_ws_url(base_url))
+    scheme = "https" if ws.scheme == "wss" else "http"
+    prefix = ws.path[:-len("/ws")]
+    return scheme, ws.hostname or "", ws.port or (443 if scheme == "https" else 80), prefix
+
+
+def _task_arguments(name: str, values: tuple[Any, ...]) -> dict[str, Any]:
+    """A task call's JSON body, its arguments checked here (a wrong type is the caller's
+    error, not the server's): ``split`` a string, the others integers or None."""
+    body = {}
+    for key, value in zip(_TASK_CALLS[name][2], values):
+        if key == "split":
+            if not isinstance(value, str):
+                raise TypeError(f"{name}(): split must be a string, not {type(value).__name__}")
+        elif value is None and key != "index":
+            continue  # start/stop left out: the server's default (the split's ends)
+        elif type(value) is not int:
+            raise TypeError(f"{name}(): {key} must be an integer, not {type(value).__name__}")
+        body[key] = value
+    return body
+
+
+def _http_exchange(core: _ClientCore, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+    """One plain HTTP request to the server in use (blocking): (status, the body as JSON,
+    or as text when it is not JSON). Never via a proxy; the client's auth token, TLS
+    and timeouts; a body over max_message_bytes is a PROTOCOL_ERROR."""
+    import http.client
+
+    scheme, host, port, prefix = _http_base(core.base_url)
+    timeout = core.message_timeout_s
+    if scheme == "https":
+        import ssl
+
+        conn: Any = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = dict(core.headers)
+    headers["Accept"] = "application/json"
+    payload = None
+    if body is not None:
+        payload = _dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    where = f"{method} {prefix}{path} on {core.base_url}"
+    try:
+        conn.request(method, prefix + path, body=payload, headers=headers)
+        response = conn.getresponse()
+        limit = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        data = response.read(limit + 1)
+    except TimeoutError:
+        raise TimeoutError(f"{where}: no answer within message_timeout_s={timeout} s") from None
+    except OSError as exc:
+        raise ConnectionError(f"{where}: {exc}") from None
+    finally:
+        conn.close()
+    if len(data) > limit:
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the answer is over this client's "
+                                           f"max_message_bytes={core.max_message_bytes}")
+    try:
+        return response.status, json.loads(data)
+    except (ValueError, RecursionError):
+        return response.status, data.decode("utf-8", "replace")
+
+
+def _task_call(core: _ClientCore, name: str, values: tuple[Any, ...]) -> Any:
+    """Call OpenEnv's task route for ``name`` on the server in use and return its answer.
+
+    The route's env name is the server's own, asked once per server of
+    ``GET /list_environments``. A 4xx answer (an unknown split or a bad index; 401
+    and 403 aside) is ChatEnvError(VALIDATION_ERROR), a 5xx one (a server without
+    tasks says 501; an OpenEnv environment that raised, 500) EXECUTION_ERROR, each
+    with the server's words; an answer of the wrong shape is PROTOCOL_ERROR.
+    """
+    method, route, _, member, kind = _TASK_CALLS[name]
+    body = _task_arguments(name, values) if method == "POST" else None
+    env_name = core.env_names.get(core.base_url)
+    if env_name is None:
+        status, names = _http_exchange(core, "GET", "/list_environments", None)
+        ok = status == 200 and type(names) is list and names and isinstance(names[0], str)
+        env_name = core.env_names[core.base_url] = names[0] if ok else _FALLBACK_ENV_NAME
+    path = f"/{env_name}/{route}"
+    status, answer = _http_exchange(core, method, path, body)
+    where = f"{name}() ({method} {path} on {core.base_url})"
+    if status != 200:
+        detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
+        if isinstance(detail, list):  # pydantic's errors, as a 422 lists them
+            detail = "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in detail)
+        text = f"{where}: HTTP {status}: {_preview(detail, 300) if not isinstance(detail, str) else detail[:300]}"
+        if status in (401, 403):
+            raise ConnectionError(f"{text} (missing or wrong auth token)")
+        raise ChatEnvError(VALIDATION_ERROR if status < 500 else EXECUTION_ERROR, text)
+    if member is not None:
+        if type(answer) is not dict or member not in answer:
+            raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not an object "
+                                               f"holding {member!r}")
+        answer = answer[member]
+    if not isinstance(answer, kind) or (kind is int and type(answer) is bool):
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not a {kind.__name__}")
+    return answer
 
 
 class _ClientBase:
@@ -5608,7 +5772,10 @@ class ChatEnv(_ClientBase):
             return call.result
 
     def reset(self, **kwargs: Any) -> StepResult:
-        """Start a new episode, on a new connection if the last one ended (close() included)."""
+        """Start a new episode, on a new connection if the last one ended (close() included).
+
+        ``kwargs`` go to the server's reset as they are: ``seed``, ``episode_id``, and a
+        task by ``split`` and ``index`` (OpenEnv 0.10's convention) or ``task_id``."""
         core = self._core
         return self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
 
@@ -5618,6 +5785,29 @@ class ChatEnv(_ClientBase):
 
     def state(self) -> ChatState:
         return self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API (OpenEnv 0.10's TaskProvider names), over HTTP to the server in use;
+    # no session needed. ChatEnvError(VALIDATION_ERROR) for an unknown split or a bad
+    # index, EXECUTION_ERROR from a server without tasks (see _task_call)
+
+    def list_splits(self) -> list[dict[str, Any]]:
+        """The server's task splits, as ``[{"name": "train", "type": "train"}, ...]``."""
+        return _task_call(self._core, "list_splits", ())
+
+    def list_tasks(self, split: str) -> list[Any]:
+        """The task specs of ``split`` (a server may send a bounded preview of a large one)."""
+        return _task_call(self._core, "list_tasks", (split,))
+
+    def num_tasks(self, split: str) -> int:
+        return _task_call(self._core, "num_tasks", (split,))
+
+    def get_task(self, split: str, index: int) -> Any:
+        """One task spec; ``reset(split=split, index=index)`` poses it."""
+        return _task_call(self._core, "get_task", (split, index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        """The task specs ``[start:stop]`` of ``split``, as a slice (None: the split's ends)."""
+        return _task_call(self._core, "get_task_range", (split, start, stop))
 
     def close(self) -> None:
         """Close the session (and stop the container this client started, if any).
@@ -5799,6 +5989,28 @@ class AsyncChatEnv(_ClientBase):
 
     async def state(self) -> ChatState:
         return await self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API, as ChatEnv's (the blocking HTTP request runs in the loop's executor)
+
+    async def _task(self, name: str, *values: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, _task_call, self._core, name, values)
+
+    async def list_splits(self) -> list[dict[str, Any]]:
+        return await self._task("list_splits")
+
+    async def list_tasks(self, split: str) -> list[Any]:
+        return await self._task("list_tasks", split)
+
+    async def num_tasks(self, split: str) -> int:
+        return await self._task("num_tasks", split)
+
+    async def get_task(self, split: str, index: int) -> Any:
+        return await self._task("get_task", split, index)
+
+    async def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        return await self._task("get_task_range", split, start, stop)
 
     async def close(self) -> None:
         """Close the session (and stop the container); then step() and state() raise
@@ -6128,6 +6340,7 @@ _ENV_FALLBACKS = {
     "tokenizer": ("CHATENV_TOKENIZER", "TOKENIZER_NAME"),
     "system_prompt": ("CHATENV_SYSTEM_PROMPT", "SYSTEM_PROMPT"),
     "max_sessions": ("CHATENV_MAX_SESSIONS",),
+    "max_named_sessions": ("CHATENV_MAX_NAMED_SESSIONS",),
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
     "max_episode_tokens": ("CHATENV_MAX_EPISODE_TOKENS",),
     "max_memory_bytes": ("CHATENV_MAX_MEMORY_BYTES",),
@@ -6177,6 +6390,7 @@ def _integer_in(low: int, high: float, wanted: str) -> Any:
 _port = _integer_in(0, 65535, "must be a TCP port from 0 to 65535 (0: a free one)")
 _at_least_one = _integer_in(1, float("inf"), "must be at least 1")
 _size = _integer_in(0, float("inf"), "must be 0 (no limit) or more")
+_count = _integer_in(0, float("inf"), "must be 0 (none) or more")
 
 
 def _seconds(text: str) -> float:
@@ -6325,6 +6539,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "tokenizer": (_text, None),
     "system_prompt": (_text, None),
     "max_sessions": (_at_least_one, 256),
+    "max_named_sessions": (_count, None),  # None: a quarter of max_sessions, at least 1
     "max_message_bytes": (_size, 2**24),
     "max_episode_tokens": (_size, 2**20),
     "max_memory_bytes": (_size, 2**31),
@@ -6436,6 +6651,10 @@ def _parser() -> Any:
     serve_cmd.add_argument("--max-sessions", type=_flag_type(_at_least_one),
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
                            "(default: 256)")
+    serve_cmd.add_argument("--max-named-sessions", type=_flag_type(_count),
+                           help="of those, sessions made over HTTP with MCP openenv/session/create, so a "
+                           "client looping on them leaves room on /ws; 0 for none [CHATENV_MAX_NAMED_SESSIONS] "
+                           "(default: a quarter of --max-sessions, at least 1)")
     serve_cmd.add_argument("--max-message-bytes", type=sizes,
                            help="largest incoming message; larger ones close the session with 1009; 0 for "
                            "no limit [CHATENV_MAX_MESSAGE_BYTES] (default: 16777216)")
@@ -6452,7 +6671,8 @@ def _parser() -> Any:
                            help="close sessions silent this long; 0, the default, for never "
                            "[CHATENV_IDLE_TIMEOUT_S]")
     serve_cmd.add_argument("--auth-token", type=_auth_token_flag,
-                           help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
+                           help="require 'Authorization: Bearer TOKEN' on every route but GET /health; "
+                           "prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
     serve_cmd.add_argument("--workers", type=_flag_type(_at_least_one),
                            help="server processes on the one port, each with its own sessions and limits "
@@ -6520,7 +6740,8 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         raise _ConfigError(f"{source}: {_one_line(exc)}") from None
     options = dict(
         host=value["host"], port=value["port"], system_prompt=value["system_prompt"],
-        max_sessions=value["max_sessions"], max_message_bytes=value["max_message_bytes"] or None,
+        max_sessions=value["max_sessions"], max_named_sessions=value["max_named_sessions"],
+        max_message_bytes=value["max_message_bytes"] or None,
         max_episode_tokens=value["max_episode_tokens"] or None,
         max_memory_bytes=value["max_memory_bytes"] or None,
         compression=value["compression"], auth_token=value["auth_token"],

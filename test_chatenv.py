@@ -1171,7 +1171,7 @@ def test_server_http_routes(server):
 
 
 def test_server_mcp_endpoint_and_named_sessions():
-    with serve_in_thread(max_sessions=2) as url:
+    with serve_in_thread(max_sessions=2, max_named_sessions=2) as url:  # named ones may take every slot
         rpc = lambda body: http_post(url + "/mcp", body)  # noqa: E731
         assert rpc(b"not json") == (200, {"jsonrpc": "2.0", "id": None,
                                           "error": {"code": -32700, "message": "Parse error", "data": None}})
@@ -1389,6 +1389,36 @@ def test_server_keepalive_drops_a_client_that_stops_answering():
         sock.sendall(b"\x81\xfe")  # half a frame header, then silence
         assert wait_until(lambda: url.server.active_sessions == 0, timeout=5)
         sock.close()
+
+
+def test_access_refusal_is_one_pure_decision_host_then_origin_then_token():
+    """chatenv._access_refusal from plain values, no server: what every request on both
+    transports is asked before it is read."""
+    from websockets.datastructures import Headers
+
+    def decide(method, path, upgrade=False, token="s3cret", **headers):
+        return chatenv._access_refusal(method, path, upgrade, Headers(list(headers.items())), token=token,
+                                       loopback=True, allow_origins=frozenset(), allow_hosts=frozenset())
+
+    good = {"Authorization": "Bearer s3cret"}
+    for method in ("GET", "HEAD"):  # the probes: open without the token
+        assert decide(method, "/health", Host="127.0.0.1") is None
+        assert decide(method, "/health?probe=1") is None
+    for method, path, upgrade in (("POST", "/health", False), ("GET", "/metadata", False), ("POST", "/mcp", False),
+                                  ("GET", "/ws", True), ("GET", "/ws?session_id=x", True), ("GET", "/health", True),
+                                  ("GET", "/nope", False), ("OPTIONS", "/step", False)):
+        assert decide(method, path, upgrade) == (
+            401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n", {"WWW-Authenticate": "Bearer"})
+        assert decide(method, path, upgrade, **good) is None
+        assert decide(method, path, upgrade, token=None) is None  # no token set: nothing to check
+    # Host, then Origin, then the token: a page's request gets 403 whatever it sends
+    rebound = decide("POST", "/step", Host="rebound.example", Origin="https://evil.example")
+    assert rebound[0] == 403 and "--allow-host" in rebound[1] and rebound[2] == {}
+    foreign = decide("POST", "/step", Origin="https://evil.example")
+    assert foreign[0] == 403 and "--allow-origin" in foreign[1]
+    assert decide("POST", "/step", Origin="https://evil.example", **good)[0] == 403
+    assert decide("GET", "/metadata", Origin="https://evil.example", **good) is None  # a read: Origin is not asked
+    assert decide("GET", "/ws", True, Origin="https://evil.example", **good)[0] == 403  # a session is
 
 
 def test_server_auth_token_guards_ws_but_not_health():

@@ -301,6 +301,70 @@ def test_memory_bound_refuses_steps_and_sessions_and_loses_nothing(offload):
 
 
 # ------------------------------------------------------------------------------
+# Named sessions (HTTP MCP openenv/session/create): bounded on their own
+# ------------------------------------------------------------------------------
+
+
+def test_named_sessions_have_their_own_cap_a_share_of_max_sessions():
+    assert ChatServer(max_sessions=256).max_named_sessions == 64  # a quarter by default
+    assert ChatServer(max_sessions=3).max_named_sessions == 1  # at least 1
+    assert ChatServer(max_named_sessions=0).max_named_sessions == 0
+    with pytest.raises(ValueError, match="max_named_sessions"):
+        ChatServer(max_named_sessions=-1)
+    create = b'{"jsonrpc":"2.0","id":7,"method":"openenv/session/create"}'
+    server = ChatServer(max_sessions=8, max_named_sessions=2)
+    made = [chatenv.http_reply(server, "POST", "/mcp", create)[1]["result"]["session_id"] for _ in range(2)]
+    refused = chatenv.http_reply(server, "POST", "/mcp", create)[1]["error"]
+    assert refused["code"] == -32000 and "--max-named-sessions" in refused["message"] and "2/2" in refused["message"]
+    assert refused["data"] == {"named_sessions": 2, "max_named_sessions": 2}
+    assert server.active_sessions == 2 and server._new_session() is not None  # room left for /ws
+    assert server.close_named_session(made[0]) == "closed"
+    assert "result" in chatenv.http_reply(server, "POST", "/mcp", create)[1]  # a closed one frees its place
+    server._clock = lambda: time.monotonic() + chatenv._NAMED_SESSION_TTL_S + 1  # all of them unused too long
+    assert "result" in chatenv.http_reply(server, "POST", "/mcp", create)[1]  # expired at the cap: room made
+    assert len(server._named) == 1
+    off = ChatServer(max_named_sessions=0)
+    assert "0/0" in chatenv.http_reply(off, "POST", "/mcp", create)[1]["error"]["message"]
+    assert off.active_sessions == 0
+    _, options = chatenv._server_arguments(chatenv._parser().parse_args(["serve", "--max-named-sessions", "0"]))
+    assert options["max_named_sessions"] == 0
+
+
+@linux_only
+def test_a_loop_of_session_creates_leaves_room_for_websockets_and_memory(tmp_path):
+    """10,000 openenv/session/create requests on default flags: a quarter of --max-sessions
+    are made, the rest refused naming the cap; a new /ws session still connects, resets and
+    steps, and the server's RSS grows by less than 50 MB."""
+    from support_chatenv import ServerProcess, read_all
+    from support_chatenv import connect as tcp_connect
+
+    body = b'{"jsonrpc":"2.0","id":1,"method":"openenv/session/create"}'
+    request = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
+    with ServerProcess(tmp_path, "server", cli=["--port", "0"], env=env) as server:
+        before = server.rss_kb()
+        made = refused = 0
+        for _ in range(10_000):
+            with tcp_connect(server.port, 10) as sock:
+                sock.sendall(request)
+                answer = json.loads(read_all(sock, 10).partition(b"\r\n\r\n")[2])
+            if "result" in answer:
+                made += 1
+            else:
+                assert "--max-named-sessions" in answer["error"]["message"], answer
+                refused += 1
+        grown_mb = (server.rss_kb() - before) / 1024
+        assert (made, refused) == (64, 10_000 - 64)
+        with chatenv.ChatEnv(server.url) as client:
+            client.reset()
+            assert client.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
+            assert server.active() == 65
+        print(f"RSS grew {grown_mb:.1f} MB over 10,000 creates")
+        assert grown_mb < 50, f"RSS grew {grown_mb:.1f} MB"
+
+
+# ------------------------------------------------------------------------------
 # Configuration errors: one line, exit 2, never a traceback
 # ------------------------------------------------------------------------------
 
@@ -312,6 +376,7 @@ _BAD_CONFIG = [
     (["--port", "70000"], {}, "--port", "70000"),
     (["--port", "-1"], {}, "--port", "-1"),
     (["--max-sessions", "0"], {}, "--max-sessions", "0"),
+    (["--max-named-sessions", "-1"], {}, "--max-named-sessions", "-1"),
     (["--max-message-bytes", "-1"], {}, "--max-message-bytes", "-1"),
     (["--max-episode-tokens", "-3"], {}, "--max-episode-tokens", "-3"),
     (["--max-memory-bytes", "-1"], {}, "--max-memory-bytes", "-1"),
@@ -331,6 +396,7 @@ _BAD_CONFIG = [
     ([], {"CHATENV_PORT": "abc"}, "CHATENV_PORT", "abc"),
     ([], {"CHATENV_PORT": "99999"}, "CHATENV_PORT", "99999"),
     ([], {"CHATENV_MAX_SESSIONS": "-2"}, "CHATENV_MAX_SESSIONS", "-2"),
+    ([], {"CHATENV_MAX_NAMED_SESSIONS": "a few"}, "CHATENV_MAX_NAMED_SESSIONS", "a few"),
     ([], {"CHATENV_MAX_MESSAGE_BYTES": "-1"}, "CHATENV_MAX_MESSAGE_BYTES", "-1"),
     ([], {"CHATENV_MAX_EPISODE_TOKENS": "1e6"}, "CHATENV_MAX_EPISODE_TOKENS", "1e6"),
     ([], {"CHATENV_MAX_MEMORY_BYTES": "lots"}, "CHATENV_MAX_MEMORY_BYTES", "lots"),

@@ -39,6 +39,7 @@ RECORDINGS = {
     "0.10.0": HERE / "recordings" / "openenv-0.10.0.jsonl",
     "0.3.0": HERE / "recordings" / "openenv-core-0.3.0.jsonl",
 }
+HOOKS_RECORDING = HERE / "recordings" / "openenv-0.10.0-hooks.jsonl"  # 0.10.0 with a transform, rubric, tasks
 PROMPT = "You are terse."
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -68,17 +69,19 @@ class _OpenEnv:
         for release in RELEASES:
             _require_venv(release)
         for release in RELEASES:  # importing OpenEnv takes seconds: start all four at once
-            self.peers[release] = PeerProcess(
-                release,
+            servers = [
                 {"max_concurrent_envs": 8},
                 {"max_concurrent_envs": 1},
                 {"max_concurrent_envs": 8, "system_prompt": PROMPT, "tokenizer": "chatenv"},
-            ).start()
+            ]
+            if release == "0.10.0":  # rubrics and the task API are 0.10's: its hooks server too
+                servers.append({"hooks": True, "max_concurrent_envs": 8})
+            self.peers[release] = PeerProcess(release, *servers).start()
             self.clients[release] = OpenEnvClients(release).start()
 
     def urls(self, release):
-        main, single, prompt = self.peers[release].wait_started()
-        return {"main": main, "single": single, "prompt": prompt}
+        main, single, prompt, *hooks = self.peers[release].wait_started()
+        return {"main": main, "single": single, "prompt": prompt, "hooks": hooks[0] if hooks else None}
 
     def client_host(self, release):
         return self.clients[release].wait_started()
@@ -452,6 +455,197 @@ def test_chatenv_client_big_step_against_openenv_server(openenv_url, client):
                 return (await env.step(chatenv.ChatAction(tokens=_BIG_STEP))).observation.tokens
 
         assert asyncio.run(run()) == _BIG_STEP
+
+
+# ------------------------------------------------------------------------------
+# chatenv's clients -> OpenEnv 0.10.0 serving a transform, a rubric and tasks
+# (support_chatenv.openenv_hooks_app; its frames are recordings/openenv-0.10.0-hooks.jsonl)
+# ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hooks_url(openenv):
+    return openenv.urls("0.10.0")["hooks"]
+
+
+def _hooks_recording():
+    with open(HOOKS_RECORDING) as f:
+        return [json.loads(line) for line in f]
+
+
+def _hooks_cases():
+    """The recording's cases by name (the WebSocket sessions' names are unique; an HTTP
+    route's are not: several bodies, so read those from the list)."""
+    return {case["case"]: case for case in _hooks_recording()}
+
+
+def _meaning(frame):
+    """What an observation frame says, as a chatenv result should read it (the reward's
+    type too: a boolean stays one); an error frame as (code, message)."""
+    frame = json.loads(frame)
+    data = frame["data"]
+    if frame["type"] == "error":
+        return ("error", data["code"], data["message"])
+    if frame["type"] == "state":
+        return ("state", data["history_messages"], data["history_tokens"])
+    body = data["observation"]
+    return ("observation", body["messages"], body["tokens"], data["reward"], type(data["reward"]), data["done"],
+            body.get("metadata") or data.get("metadata") or {})
+
+
+def _read(result):
+    if isinstance(result, chatenv.ChatEnvError):
+        return ("error", result.code, result.message)
+    if isinstance(result, chatenv.ChatState):
+        return ("state", result.history_messages, result.history_tokens)
+    obs = result.observation
+    assert (obs.reward, obs.done) == (result.reward, result.done) and type(obs.reward) is type(result.reward)
+    return ("observation", obs.messages, obs.tokens, result.reward, type(result.reward), result.done, obs.metadata)
+
+
+def _calls(frames):
+    """Recorded request frames as client calls: (method name, positional args, keyword args)."""
+    calls = []
+    for frame in map(json.loads, frames):
+        data = dict(frame.get("data") or {})
+        data.pop("chatenv_delta", None)  # the client's own option (delta=), not a reset argument
+        if frame["type"] == "reset":
+            calls.append(("reset", (), data))
+        elif frame["type"] == "step":
+            calls.append(("step", (chatenv.ChatAction(tokens=data["tokens"]),), {}))
+        else:
+            calls.append((frame["type"], (), {}))
+    return calls
+
+
+def _drive(url, client, calls, **options):
+    """Make ``calls`` on one ChatEnv or AsyncChatEnv session: each one's result, or its ChatEnvError."""
+    if client == "sync":
+        results = []
+        with chatenv.ChatEnv(url, **options) as env:
+            for name, args, kwargs in calls:
+                try:
+                    results.append(getattr(env, name)(*args, **kwargs))
+                except chatenv.ChatEnvError as exc:
+                    results.append(exc)
+        return results
+
+    async def run():
+        results = []
+        async with chatenv.AsyncChatEnv(url, **options) as env:
+            for name, args, kwargs in calls:
+                try:
+                    results.append(await getattr(env, name)(*args, **kwargs))
+                except chatenv.ChatEnvError as exc:
+                    results.append(exc)
+        return results
+
+    return asyncio.run(run())
+
+
+HOOK_SESSIONS = sorted(name for name in _hooks_cases() if name.startswith("hooks:") and "before any reset" not in name)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "full"])
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("name", HOOK_SESSIONS)
+def test_chatenv_clients_read_openenv_hooks_frames(hooks_url, client, delta, name):
+    """Each recorded session replayed by chatenv's clients against the live OpenEnv 0.10.0
+    hooks server: every reset (by split and index, by seed; an unknown split or a bad
+    index an EXECUTION_ERROR with OpenEnv's words) and step reads as the recorded frame
+    says: messages, tokens, reward (1.0, 0.25, 0.0, and a boolean true kept a bool),
+    done (by the rubric's 1.0, by "bye", and again after done), metadata."""
+    case = _hooks_cases()[name]
+    results = _drive(hooks_url, client, _calls(case["sent"]), delta=delta)
+    assert [_read(r) for r in results] == [_meaning(frame) for frame in case["received"]]
+
+
+def test_chatenv_client_keeps_openenv_s_boolean_reward(hooks_url):
+    """The one reward OpenEnv 0.10 sends as JSON true (recorded): chatenv's client used to
+    refuse it with PROTOCOL_ERROR; it now reads it, a bool, as OpenEnv's client does."""
+    frames = _hooks_cases()["hooks: reset test/1; wrong short, boolean reward, right, state"]["received"]
+    assert '"reward":true' in frames[2]
+    with chatenv.ChatEnv(hooks_url) as env:
+        env.reset(split="test", index=1)
+        assert env.step(chatenv.ChatAction(tokens=list(b"no"))).reward == 0.25
+        result = env.step(chatenv.ChatAction(tokens=list(b"pass")))
+        assert result.reward is True and result.observation.reward is True and result.done is False
+        assert result.observation.metadata == {"split": "test", "index": 1, "task_id": "test-1", "turn": 2}
+
+
+# The recorded task-route requests, as client calls: path -> the method and its arguments
+_TASK_ROUTE_CALLS = {
+    "/chat_env/splits": ("list_splits", ()),
+    "/chat_env/tasks": ("list_tasks", ("split",)),
+    "/chat_env/num_tasks": ("num_tasks", ("split",)),
+    "/chat_env/task": ("get_task", ("split", "index")),
+    "/chat_env/task_range": ("get_task_range", ("split", "start", "stop")),
+}
+_TASK_ROUTE_ANSWERS = {"list_splits": None, "list_tasks": "tasks", "num_tasks": "num_tasks", "get_task": "task",
+                       "get_task_range": "tasks"}
+
+
+def _task_route_cases():
+    """The recorded task-route requests chatenv's typed methods can make (not a malformed
+    body, another env name, or a GET where OpenEnv wants POST)."""
+    cases = []
+    for case in _hooks_recording():
+        method, _, path = case["case"].partition(" ")[2].partition(" ")
+        if path not in _TASK_ROUTE_CALLS or (method == "GET") != (path == "/chat_env/splits"):
+            continue
+        name, keys = _TASK_ROUTE_CALLS[path]
+        body = case["sent"] or {}
+        if ("index" in keys and "index" not in body) or type(body.get("index", 0)) is not int:
+            continue  # a 422 only an untyped request can get (recorded; chatenv's method checks first)
+        cases.append((name, tuple(body.get(k) for k in keys), case))
+    return cases
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_task_methods_answer_as_openenv_routes(hooks_url, client):
+    """list_splits, list_tasks, num_tasks, get_task, get_task_range against the live
+    OpenEnv 0.10.0 server return the recorded route's answer, unwrapped as OpenEnv's
+    TaskProvider returns it; its 400 (bad index) is VALIDATION_ERROR, its 500 (the
+    environment raised on an unknown split) EXECUTION_ERROR; reset(split=, index=)
+    then poses the task get_task named."""
+    cases = _task_route_cases()
+    assert {name for name, _, _ in cases} == set(_TASK_ROUTE_ANSWERS)
+    assert {case["http_status"] for _, _, case in cases} == {200, 400, 500}
+    calls = [(name, args, {}) for name, args, _ in cases] + [("reset", (), {"split": "train", "index": 2})]
+    results = _drive(hooks_url, client, calls)
+    for (name, args, case), result in zip(cases, results):
+        recorded = case["received"]
+        if case["http_status"] == 200:
+            member = _TASK_ROUTE_ANSWERS[name]
+            answer = json.loads(recorded)
+            assert result == (answer if member is None else answer[member]), (name, args)
+        else:
+            code = "VALIDATION_ERROR" if case["http_status"] < 500 else "EXECUTION_ERROR"
+            detail = json.loads(recorded)["detail"] if case["http_status"] < 500 else recorded
+            assert isinstance(result, chatenv.ChatEnvError) and result.code == code, (name, args, result)
+            assert f"HTTP {case['http_status']}: {detail}" in result.message
+    task = next(r for (name, args, _), r in zip(cases, results) if name == "get_task" and not isinstance(
+        r, chatenv.ChatEnvError))
+    posed = results[-1].observation
+    assert posed.messages == [{"role": "user", "content": "Capital of France?"}]
+    assert posed.metadata == {"split": "train", "index": 2, "task_id": "train-2", "turn": 0}
+    assert task == {"id": "train-1", "prompt": "What is 3*3?"}
+
+
+@pytest.mark.timeout(600)
+def test_openenv_hooks_server_answers_as_recorded(tmp_path):
+    """record_openenv.py --hooks run now against a fresh OpenEnv 0.10.0 hooks server
+    writes the committed recording, case for case."""
+    out = tmp_path / "hooks.jsonl"
+    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "record_openenv.py"), "--hooks", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = [json.loads(line) for line in out.read_text().splitlines()]
+    recorded = _hooks_recording()
+    assert [c["case"] for c in fresh] == [c["case"] for c in recorded]
+    assert fresh[0]["version"] == "0.10.0"
+    for mine, theirs in zip(fresh[1:], recorded[1:]):
+        assert mine == theirs
 
 
 def _with_metadata(frame, release):

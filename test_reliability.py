@@ -13,6 +13,7 @@ subprocesses and churn come from support_chatenv.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import websockets
@@ -1419,6 +1421,160 @@ def test_auth_empty_token_is_refused_not_treated_as_off():
         out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", "0", *argv],
                              capture_output=True, text=True, timeout=20, env=env)
         assert out.returncode != 0 and "empty auth token" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------
+# The token on every route: one access decision for both transports, as a matrix
+# ------------------------------------------------------------------------------
+
+# Every route the server answers: (method, path) -> the body a request to it carries.
+# test_the_route_matrix_is_the_code_s_route_table holds it equal to chatenv's own table,
+# so a route added later fails until it is here (and so tested below)
+ROUTE_BODIES = {
+    ("GET", "/health"): b"", ("HEAD", "/health"): b"", ("GET", "/metadata"): b"", ("GET", "/schema"): b"",
+    ("GET", "/openapi.json"): b"", ("GET", "/state"): b"", ("GET", "/list_environments"): b"",
+    ("POST", "/reset"): b"{}", ("POST", "/step"): b'{"action":{"tokens":[72]}}',
+    ("POST", "/mcp"): b'{"jsonrpc":"2.0","id":1,"method":"openenv/session/create"}',
+    ("GET", "/chat_env/splits"): b"", ("POST", "/chat_env/tasks"): b'{"split":"test"}',
+    ("POST", "/chat_env/num_tasks"): b'{"split":"test"}', ("POST", "/chat_env/task"): b'{"split":"test","index":0}',
+    ("POST", "/chat_env/task_range"): b'{"split":"test","start":0,"stop":1}',
+    ("GET", "/ws"): b"", ("GET", "/ws?session_id=attach"): b"",  # upgrades: a new session, an attach
+}
+AUTH_CASES = {"no token": b"", "a wrong token": b"Authorization: Bearer wrong-" + TOKEN.encode() + b"\r\n",
+              "the right token": b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"}
+RIGHT = AUTH_CASES["the right token"]
+
+
+def test_the_route_matrix_is_the_code_s_route_table():
+    routes = {("GET", path) for path in chatenv._GET_ROUTES} | {("POST", path) for path in chatenv._POST_ROUTES}
+    routes |= {(spec[0], f"/{chatenv._ENV_NAME}/{name}") for name, spec in chatenv._TASK_ROUTES.items()}
+    routes |= set(chatenv._OPEN_ROUTES) | {("GET", "/ws"), ("GET", "/ws?session_id=attach")}
+    assert set(ROUTE_BODIES) == routes
+
+
+def _route_answer(port: int, method: str, path: str, headers: bytes = b"", host: bytes = b"127.0.0.1",
+                  session_id: str = "") -> tuple[int, bytes]:
+    """(status, answer) of one request to a route of ROUTE_BODIES; an upgrade's connection is closed after."""
+    if path.startswith("/ws"):
+        path = path.replace("attach", session_id or "none")
+        data = answer_head(port, _with_host(upgrade_request(headers, path.encode()), host), body=True, timeout=TIMEOUT)
+        return status_of(data), data
+    return raw_http(port, http_request(method, path, headers, ROUTE_BODIES[method, path], host))
+
+
+def _token_matrix(port: int, active: Any, expected: dict) -> None:
+    """Every route, three ways, then Host and Origin: the access decision, whatever serves it.
+
+    ``active()``: the server's sessions; ``expected``: route -> its status with the right token.
+    """
+    session_id = ""  # a named session to attach to: made with the right token
+    for case, headers in AUTH_CASES.items():
+        if headers == RIGHT:
+            assert active() == 0  # the 401s above created nothing and counted nothing
+            session_id = json.loads(raw_http(port, http_request("POST", "/mcp", RIGHT, ROUTE_BODIES[
+                "POST", "/mcp"]))[1].partition(b"\r\n\r\n")[2])["result"]["session_id"]
+        for (method, path) in ROUTE_BODIES:
+            status, data = _route_answer(port, method, path, headers, session_id=session_id)
+            if headers == RIGHT or (method, path) in chatenv._OPEN_ROUTES:
+                assert status == expected[method, path], (case, method, path, data[:300])
+            else:
+                head = data.partition(b"\r\n\r\n")[0].lower() + b"\r\n"  # uvicorn spells header names in lower case
+                assert status == 401 and b"\r\nwww-authenticate: bearer\r\n" in head, \
+                    (case, method, path, data[:300])
+                assert TOKEN.encode() not in data
+    for (method, path) in ROUTE_BODIES:
+        for headers in (b"", RIGHT):  # Host and Origin come first: 403 with or without the token
+            status, data = _route_answer(port, method, path, headers, host=b"rebound.example")
+            assert status == 403 and (b"--allow-host" in data or method == "HEAD"), (method, path, headers, data[:300])
+            status, data = _route_answer(port, method, path, EVIL + headers)
+            if method == "POST" or path.startswith("/ws"):  # a body, or a session
+                assert status == 403 and b"--allow-origin" in data, (method, path, headers, data[:300])
+            else:
+                assert status == (401 if not headers and (method, path) not in chatenv._OPEN_ROUTES
+                                  else expected[method, path]), (method, path, headers, data[:300])
+
+
+def _expected_statuses(ws_status: int = 101) -> dict:
+    """What each route answers a request with the right token: what http_reply answers (one
+    named session made over /mcp: 200), an upgrade its 101."""
+    server = chatenv.ChatServer()
+    return {(m, p): ws_status if p.startswith("/ws") else chatenv.http_reply(server, m, p, body)[0]
+            for (m, p), body in ROUTE_BODIES.items()}
+
+
+def test_the_token_guards_every_route_of_the_native_server():
+    calls = []
+    with serve_in_thread(auth_token=TOKEN) as url:
+        server = url.server
+        made = server._new_environment
+        server._new_environment = lambda **kw: calls.append(kw) or made(**kw)  # any episode made or run
+        def active() -> int:
+            return len(calls) + server.active_sessions + len(server._named)
+
+        expected = _expected_statuses()
+        assert {expected["POST", "/reset"], expected["POST", "/step"], expected["GET", "/metadata"]} == {200}
+        _token_matrix(port_of(url), active, expected)
+        assert calls  # the right token ran what it asked for
+
+
+@contextlib.contextmanager
+def _uvicorn_app(**variables: str):
+    """``python -m uvicorn chatenv:app`` on a free loopback port, configured by CHATENV_* variables."""
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
+    env.update(variables)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "chatenv:app", "--host", "127.0.0.1", "--port",
+                             str(port), "--log-level", "warning"], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def up() -> bool:
+            try:
+                return raw_http(port, http_request("GET", "/health"))[0] == 200
+            except OSError:
+                return False
+
+        assert wait_until(up, 20)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    assert b"Traceback" not in stderr, stderr[-3000:]
+
+
+def _active_over_http(port: int) -> int:
+    answer = raw_http(port, http_request("GET", "/metadata", RIGHT))[1]
+    return json.loads(answer.partition(b"\r\n\r\n")[2])["active_sessions"]
+
+
+def test_the_token_guards_every_route_of_the_asgi_app_under_uvicorn():
+    with _uvicorn_app(CHATENV_AUTH_TOKEN=TOKEN) as port:
+        _token_matrix(port, lambda: _active_over_http(port), _expected_statuses())
+
+
+@pytest.mark.parametrize("transport", ["native", "uvicorn"])
+def test_operator_scenario_unauthenticated_requests_create_nothing_and_the_client_gets_in(tmp_path, transport):
+    """issue 19: with --auth-token s3cret --max-sessions 3, session/create and /step without
+    the token were answered 200 and filled the server; now 401, and the client's session works."""
+    create = b'{"jsonrpc":"2.0","method":"openenv/session/create"}'
+    with contextlib.ExitStack() as stack:
+        if transport == "native":
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
+            server = stack.enter_context(ServerProcess(tmp_path, "server", env=env, cli=[
+                "--port", "0", "--auth-token", "s3cret", "--max-sessions", "3"]))
+            port = server.port
+        else:
+            port = stack.enter_context(_uvicorn_app(CHATENV_AUTH_TOKEN="s3cret", CHATENV_MAX_SESSIONS="3"))
+        for _ in range(3):
+            status, data = raw_http(port, http_request("POST", "/mcp", body=create))
+            assert status == 401 and b"session_id" not in data, data[:300]
+        status, data = raw_http(port, http_request("POST", "/step", body=b'{"action":{"tokens":[72]}}'))
+        assert status == 401 and b"observation" not in data, data[:300]
+        metadata = raw_http(port, http_request("GET", "/metadata", b"Authorization: Bearer s3cret\r\n"))[1]
+        assert json.loads(metadata.partition(b"\r\n\r\n")[2])["active_sessions"] == 0
+        with ChatEnv(f"http://127.0.0.1:{port}", auth_token="s3cret") as env_client:
+            assert env_client.reset().observation.messages == []
+            assert env_client.step([72, 105]).observation.messages == [{"role": "assistant", "content": "Hi"}]
 
 
 def test_handshake_errors_echo_only_a_bounded_slice_of_the_request():
