@@ -1338,3 +1338,25 @@ def test_close_from_another_thread_ends_a_call_under_way():
         assert time.monotonic() - started < stall_s / 2.5  # not the 5 s stall, nor the 30 s timeout
         assert isinstance(outcome.get("error"), EpisodeLostError) and "close()" in str(outcome["error"])
         assert wait_until(lambda: url.server.active_sessions == 0)
+
+
+# ------------------------------------------------------------------------------
+# The README's "Rewards and tasks" example, run as written
+# ------------------------------------------------------------------------------
+
+def test_readme_rewards_and_tasks_example_runs_as_written(tmp_path):
+    """The section's command serves the shipped task file; its rollout loop prints the mean reward it says."""
+    import re
+
+    from support_chatenv import ServerProcess
+
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    section = readme.split("\n## Rewards and tasks\n", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```\n(chatenv serve [^\n]*)\n```", section).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"# (mean reward [0-9.]+)", code).group(1)
+    with ServerProcess(tmp_path, "rewards-example", cli=[*command.split()[2:], "--port", "0"]) as server:
+        out = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", server.url)],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected, out.stdout
