@@ -2393,7 +2393,7 @@ def _said(text):
     return {"type": "step", "data": {"tokens": _TEXT.encode(text)}}
 
 
-def _frame(session, message):
+def _reply_to(session, message):
     return json.loads(handle_frame(session, json.dumps(message)).data)
 
 
@@ -2443,13 +2443,13 @@ def test_no_hook_frames_are_byte_for_byte_what_they_were():
 def test_rubric_reward_done_and_metadata_go_where_openenv_0_10_puts_them(tmp_path):
     tasks = _task_file(tmp_path, {"id": "q1", "prompt": "1+1?", "answer": "secret-two"})
     session = Session(functools.partial(ChatEnvironment, tasks=tasks, rubric=chatenv.exact_match))
-    reset = _frame(session, {"type": "reset", "data": {"chatenv_delta": True}})["data"]
+    reset = _reply_to(session, {"type": "reset", "data": {"chatenv_delta": True}})["data"]
     task = {"task": {"split": "train", "index": 0, "id": "q1"}}
     assert reset["observation"]["metadata"] == task and reset["metadata"] == task
     assert reset["reward"] is None and reset["done"] is False
     assert reset["observation"]["messages"] == [{"role": "user", "content": "1+1?"}]
     assert "secret" not in json.dumps(reset)  # never the answer
-    step = _frame(session, _said("secret-two"))["data"]
+    step = _reply_to(session, _said("secret-two"))["data"]
     assert list(step) == ["observation", "reward", "done", "metadata"]  # metadata beside reward: not empty
     assert list(step["observation"]) == ["metadata", "messages", "tokens", "delta"]
     assert step["reward"] == 1.0 and step["done"] is True
@@ -2458,7 +2458,7 @@ def test_rubric_reward_done_and_metadata_go_where_openenv_0_10_puts_them(tmp_pat
     # a bool reward is sent as a JSON bool, as OpenEnv's WebSocket does; over HTTP a number, as its model makes it
     session = Session(functools.partial(ChatEnvironment, rubric=lambda action, obs: True))
     handle_frame(session, '{"type":"reset"}')
-    step = _frame(session, _said("x"))["data"]
+    step = _reply_to(session, _said("x"))["data"]
     assert step["reward"] is True and "metadata" not in step and step["observation"]["metadata"] == {}
     history = chatenv._WireHistory()
     env = ChatEnvironment(rubric=lambda action, obs: True, history=history)
@@ -2510,24 +2510,24 @@ def test_episode_ends_max_turns_stop_task_turns_and_hooks(tmp_path):
 def test_a_step_after_done_is_an_execution_error_naming_why_and_the_session_lives_on():
     session = Session(functools.partial(ChatEnvironment, max_turns=1))
     handle_frame(session, '{"type":"reset"}')
-    assert _frame(session, _said("a"))["data"]["done"] is True
-    error = _frame(session, _said("b"))["data"]
+    assert _reply_to(session, _said("a"))["data"]["done"] is True
+    error = _reply_to(session, _said("b"))["data"]
     assert error["code"] == "EXECUTION_ERROR" and "max_turns" in error["message"]
-    assert _frame(session, {"type": "state"})["data"]["step_count"] == 1
-    assert _frame(session, {"type": "reset"})["data"]["done"] is False
-    assert _frame(session, _said("c"))["type"] == "observation"
+    assert _reply_to(session, {"type": "state"})["data"]["step_count"] == 1
+    assert _reply_to(session, {"type": "reset"})["data"]["done"] is False
+    assert _reply_to(session, _said("c"))["type"] == "observation"
 
 
 def test_scripted_turns_reach_delta_and_full_frames_alike(tmp_path):
     tasks = _task_file(tmp_path, {"prompt": "p", "turns": ["t1", {"role": "user", "content": "t2"}]})
     full, delta = (Session(functools.partial(ChatEnvironment, tasks=tasks, system_prompt="sys")) for _ in "ab")
     handle_frame(full, '{"type":"reset"}')
-    _frame(delta, {"type": "reset", "data": {"chatenv_delta": True}})
-    held = list(_frame(full, {"type": "state"})["data"]["history_messages"])
-    held_tokens = [t for ts in _frame(full, {"type": "state"})["data"]["history_tokens"] for t in ts]
+    _reply_to(delta, {"type": "reset", "data": {"chatenv_delta": True}})
+    held = list(_reply_to(full, {"type": "state"})["data"]["history_messages"])
+    held_tokens = [t for ts in _reply_to(full, {"type": "state"})["data"]["history_tokens"] for t in ts]
     for reply in ("r1", "r2", "r3"):
-        whole = _frame(full, _said(reply))["data"]
-        part = _frame(delta, _said(reply))["data"]
+        whole = _reply_to(full, _said(reply))["data"]
+        part = _reply_to(delta, _said(reply))["data"]
         held += part["observation"]["messages"]
         held_tokens += part["observation"]["tokens"]
         assert held == whole["observation"]["messages"] and held_tokens == whole["observation"]["tokens"]
@@ -2543,21 +2543,21 @@ def test_tasks_are_picked_by_split_index_id_seed_or_at_random_and_bad_picks_are_
                                                       {"role": "user", "content": "c"}]}, name="test.jsonl")
     make = functools.partial(ChatEnvironment, tasks={"train": train, "test": test})
     session = Session(make)
-    picked = lambda data: _frame(session, {"type": "reset", "data": data})["data"]["metadata"]["task"]
+    picked = lambda data: _reply_to(session, {"type": "reset", "data": data})["data"]["metadata"]["task"]
     assert picked({"split": "train", "index": 7}) == {"split": "train", "index": 7, "id": "t7"}
     assert picked({"task_id": "t31"}) == {"split": "train", "index": 31, "id": "t31"}
     assert picked({"task_id": "x"})["split"] == "test"
     assert [picked({"seed": 5}) for _ in range(3)] == [picked({"seed": 5})] * 3  # the same seed, the same task
     assert len({picked({})["index"] for _ in range(40)}) > 5  # at random otherwise
-    obs = _frame(session, {"type": "reset", "data": {"split": "test", "index": 0}})["data"]["observation"]
+    obs = _reply_to(session, {"type": "reset", "data": {"split": "test", "index": 0}})["data"]["observation"]
     assert [m["role"] for m in obs["messages"]] == ["user", "assistant", "user"]
     for data, named in (({"split": "dev"}, "dev"), ({"split": "train", "index": 50}, "50"),
                         ({"task_id": "nope"}, "nope"), ({"index": "1"}, "index")):
-        error = _frame(session, {"type": "reset", "data": data})["data"]
+        error = _reply_to(session, {"type": "reset", "data": data})["data"]
         assert error["code"] == "VALIDATION_ERROR" and named in error["message"], (data, error)
-    assert _frame(session, _said("still here"))["type"] == "observation"
+    assert _reply_to(session, _said("still here"))["type"] == "observation"
     no_tasks = Session(ChatEnvironment)
-    assert _frame(no_tasks, {"type": "reset", "data": {"task_id": "t1"}})["data"]["code"] == "VALIDATION_ERROR"
+    assert _reply_to(no_tasks, {"type": "reset", "data": {"task_id": "t1"}})["data"]["code"] == "VALIDATION_ERROR"
 
 
 def test_task_file_index_checks_every_line_and_parses_only_what_is_asked(tmp_path):
