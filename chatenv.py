@@ -219,8 +219,10 @@ class ChatObservation:
     def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None) -> ChatObservation:
         """What an environment's hooks see: its history's messages and tokens, read only if asked."""
         obs = cls.__new__(cls)
-        obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,
-                            _shared={"messages": (history.messages, None), "tokens": (history.tokens, None)})
+        messages, tokens = history.message_count, history.token_count  # a snapshot: the episode goes on, and
+        obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,  # a rubric may keep obs
+                            _shared={"messages": (lambda: history.messages()[:messages], None),
+                                     "tokens": (lambda: history.tokens()[:tokens], None)})
         return obs
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields
