@@ -216,9 +216,16 @@ class ChatObservation:
         return value
 
     @classmethod
-    def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None) -> ChatObservation:
-        """What an environment's hooks see: its history's messages and tokens, read only if asked."""
+    def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None,
+                    reply: str | None = None) -> ChatObservation:
+        """What an environment's hooks see: its history's messages and tokens, read only if asked.
+
+        ``reply``: the step's assistant message, the last one, which the built-in
+        rewards read without parsing the history.
+        """
         obs = cls.__new__(cls)
+        if reply is not None:
+            obs.__dict__["_reply"] = reply
         messages, tokens = history.message_count, history.token_count  # a snapshot: the episode goes on, and
         obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,  # a rubric may keep obs
                             _shared={"messages": (lambda: history.messages()[:messages], None),
@@ -642,6 +649,9 @@ def _answers(observation: Any) -> set[str] | None:
 
 def _last_reply(observation: Any) -> str:
     """The last assistant message's content ("" when there is none)."""
+    fields = getattr(observation, "__dict__", {})
+    if "_reply" in fields and "messages" not in fields:  # the step's, as the environment gave it
+        return fields["_reply"]
     for message in reversed(observation.messages):
         if message.get("role") == "assistant":
             return message.get("content", "")
@@ -1109,7 +1119,7 @@ class ChatEnvironment:
             reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
         elif self.task is not None and self._next_turn >= len(turns):
             reason = "task: its prompt and each of its turns are answered"
-        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task)
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task, content)
         obs.done = reason is not None
         if action is None:
             action = ChatAction.__new__(ChatAction)  # the ids are checked: no second pass
@@ -2327,6 +2337,13 @@ def _per_session(hook: Any) -> Any:
         return hook
 
 
+def _known_fast(hook: Any) -> bool:
+    """Whether a hook is known to return at once (none, a built-in reward, a weighted sum of those)."""
+    if isinstance(hook, _WeightedRubrics):
+        return all(_known_fast(rubric) for _, rubric, _ in hook.rubrics)
+    return hook is None or any(hook is builtin for builtin in _BUILTIN_REWARDS.values())
+
+
 def _hook_thread_init(loop: Any) -> None:
     """A step thread's start: async hooks it meets are awaited on ``loop`` (see _settle)."""
     _hook_thread.loop = loop
@@ -2445,9 +2462,12 @@ class ChatServer:
         self.idle_timeout_s = idle_timeout_s
         self.send_timeout_s = send_timeout_s
         self.close_timeout_s = close_timeout_s
-        # Inline steps are safe only for a tokenizer known to be fast and no hooks (which may
-        # wait on a judge or compute): those run in a thread pool, a thread per busy session
-        self.offload = (self.hooked or not isinstance(self.tokenizer, ByteTokenizer)) if offload is None else offload
+        # Inline steps are safe only for a tokenizer known to be fast and hooks known to be
+        # (the built-in rewards); others may wait on a judge or compute: those steps run in
+        # a thread pool, a thread per busy session
+        if offload is None:
+            offload = not (isinstance(self.tokenizer, ByteTokenizer) and _known_fast(transform) and _known_fast(rubric))
+        self.offload = offload
         self.sock = sock  # a bound socket to serve on instead of host:port (a worker's, see _Supervisor)
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
