@@ -2634,3 +2634,27 @@ def test_schema_titles_and_describes_what_is_sent():
     properties = schema["observation"]["properties"]
     assert "boolean" in properties["reward"]["type"] and "null" in properties["reward"]["type"]
     assert all(properties[key]["description"] for key in ("reward", "done", "metadata"))
+
+
+def test_asgi_app_with_hooks_answers_as_the_native_server(tmp_path):
+    """The same hooks under uvicorn: tasks, a plain and an async rubric (run off the loop), the same frames."""
+    tasks = _task_file(tmp_path, {"id": "q", "prompt": "1+1?", "answer": "2", "turns": ["Sure?"]})
+
+    async def judged(action, observation):
+        await asyncio.sleep(0.001)
+        return chatenv.exact_match(action, observation)
+
+    options = dict(tasks=tasks, rubric=judged, max_turns=5)
+    messages = [{"type": "reset", "data": {"task_id": "q"}}, _said("3"), _said("2"), _said("2"),
+                {"type": "reset", "data": {"split": "nope"}}]
+    with asgi_server(chatenv.ASGIApp(**options)) as asgi_url, serve_in_thread(**options) as native_url:
+        answers = []
+        for url in (asgi_url, native_url):
+            with raw(url) as ws:
+                answers.append([ask(ws, message)["data"] for message in messages])
+            answers[-1].append(http_post(url + "/chat_env/task", {"split": "train", "index": 0}))
+        assert answers[0] == answers[1]
+    rewards = [frame.get("reward") for frame in answers[0][:3]]
+    assert rewards == [None, 0.0, 1.0] and answers[0][3]["code"] == "EXECUTION_ERROR"
+    assert answers[0][4]["code"] == "VALIDATION_ERROR" and answers[0][5][1] == {"task": {"id": "q", "prompt": "1+1?",
+                                                                                       "turns": ["Sure?"]}}
