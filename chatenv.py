@@ -52,8 +52,13 @@ __all__ = [
     "load_tokenizer",
     "tokens_to_list",
     "message_to_action",
-    # Environment
+    # Environment, its rewards and tasks
     "ChatEnvironment",
+    "Tasks",
+    "exact_match",
+    "boxed_match",
+    "format_match",
+    "overlong_penalty",
     # Protocol: pure, frame in and reply out
     "Session",
     "Reply",
@@ -179,6 +184,9 @@ class ChatObservation:
     done: bool = False
     reward: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Not on the wire: the episode's task (its answer too) while an environment's hooks
+    # run, so a reward function can read it; None on a client's observations
+    task: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def _sharing(
@@ -203,10 +211,27 @@ class ChatObservation:
         if shared is None or name not in shared:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         source, length = shared[name]
-        value = fields[name] = source[:length]
+        value = fields[name] = source() if length is None else source[:length]  # None: a history's reader
         if "messages" in fields and "tokens" in fields:
             del fields["_shared"]  # both read: the episode's lists are no longer needed
         return value
+
+    @classmethod
+    def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None,
+                    reply: str | None = None) -> ChatObservation:
+        """What an environment's hooks see: its history's messages and tokens, read only if asked.
+
+        ``reply``: the step's assistant message, the last one, which the built-in
+        rewards read without parsing the history.
+        """
+        obs = cls.__new__(cls)
+        if reply is not None:
+            obs.__dict__["_reply"] = reply
+        messages, tokens = history.message_count, history.token_count  # a snapshot: the episode goes on, and
+        obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,  # a rubric may keep obs
+                            _shared={"messages": (lambda: history.messages()[:messages], None),
+                                     "tokens": (lambda: history.tokens()[:tokens], None)})
+        return obs
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -275,11 +300,16 @@ class StepResult:
 
 
 # The models' JSON schemas, as GET /schema serves them (OpenEnv's validator reads them)
-_ACTION_SCHEMA = {
+_ACTION_SCHEMA = {  # title and description: verifiers pastes the schema into a model's prompt, as OpenEnv's are
+    "title": "ChatAction",
+    "description": "One message for the chat environment, as token ids: it decodes them with its tokenizer "
+                   "and appends the text to the conversation as the assistant's message.",
     "type": "object",
     "properties": {
-        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        "metadata": {"type": "object"},
+        "tokens": {"title": "Tokens", "description": "The message's token ids (at least one)",
+                   "type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "metadata": {"title": "Metadata", "description": "Anything the client attaches; not scored",
+                     "type": "object"},
     },
     "required": ["tokens"],
     "additionalProperties": False,
@@ -290,13 +320,23 @@ _MESSAGE_SCHEMA = {
     "required": ["role", "content"],
 }
 _OBSERVATION_SCHEMA = {
+    "title": "ChatObservation",
+    "description": "The conversation so far, as chat messages (role, content) and the token ids of all of "
+                   "them, with what the environment made of the last step: its reward, whether the episode "
+                   "is done, and metadata.",
     "type": "object",
     "properties": {
-        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
-        "tokens": {"type": "array", "items": {"type": "integer"}},
-        "done": {"type": "boolean"},
-        "reward": {"type": ["number", "null"]},
-        "metadata": {"type": "object"},
+        "messages": {"title": "Messages", "description": "Every message of the episode, oldest first",
+                     "type": "array", "items": _MESSAGE_SCHEMA},
+        "tokens": {"title": "Tokens", "description": "The token ids of every message, in order",
+                   "type": "array", "items": {"type": "integer"}},
+        "done": {"title": "Done", "description": "Whether the episode is over: a further step is refused "
+                 "until a reset", "type": "boolean"},
+        "reward": {"title": "Reward", "description": "The last step's reward from the server's rubric or "
+                   "transform; null when none scores it", "type": ["number", "boolean", "null"]},
+        "metadata": {"title": "Metadata", "description": "What the environment adds: the task picked at "
+                     "reset ('task': split, index, id; never its answer), each rubric's own score "
+                     "('rewards') and why the episode ended ('done_reason')", "type": "object"},
     },
 }
 _STATE_SCHEMA = {
@@ -654,6 +694,387 @@ class _History:
         return [list(tokens[start:end]) for start, end in zip((0, *ends), ends)]
 
 
+# Rewards and tasks: OpenEnv's hooks, duck-typed (chatenv never imports openenv), the
+# built-in rewards, and task files indexed rather than parsed
+
+_TASK_BLOCK_BYTES = 2**20  # a task file is checked this many bytes of lines at a time (one json.loads each)
+_SPLIT_TYPES = ("train", "validation", "test")  # split names OpenEnv gives their own type; others are "validation"
+
+_hook_thread = threading.local()  # .loop: the server loop a step thread runs async hooks on; .own: its private one
+
+
+def _settle(value: Any) -> Any:
+    """A hook's result, awaited when it is awaitable (an ``async def`` rubric's call).
+
+    In a server's step thread it is awaited on the server's loop (other sessions go
+    on meanwhile); elsewhere on a private loop of this thread, kept for its next call.
+    """
+    if not hasattr(value, "__await__"):
+        return value
+    import asyncio
+
+    async def awaited() -> Any:
+        return await value
+
+    loop = getattr(_hook_thread, "loop", None)
+    if loop is not None:
+        return asyncio.run_coroutine_threadsafe(awaited(), loop).result()
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError("an async hook cannot be awaited on a running event loop's thread: "
+                           "call step() off it (await asyncio.to_thread(env.step, action))")
+    own = getattr(_hook_thread, "own", None)
+    if own is None:
+        own = _hook_thread.own = asyncio.new_event_loop()
+    return own.run_until_complete(awaited())
+
+
+def _reward_value(value: Any, what: str) -> float | bool | None:
+    """A reward as the wire carries it: a finite number, a bool (as OpenEnv sends it) or None."""
+    if value is None or type(value) is bool:
+        return value
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()  # a numpy or torch scalar
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        return value
+    raise ValueError(f"{what} returned {_preview(value)}: a reward is a finite number, a bool or None")
+
+
+def _collapsed(text: Any) -> str:
+    """Text stripped, whitespace runs one space: what the built-in rewards compare."""
+    return " ".join(str(text).split())
+
+
+def _answers(observation: Any) -> set[str] | None:
+    """The task's answers as compared text, or None when the episode has no task answer.
+
+    A number is compared as its JSON text: 42 is "42", 42.0 is "42.0", and
+    "42.0" does not equal "42" (exact means exact; list both to accept both).
+    """
+    task = getattr(observation, "task", None)
+    if not task or task.get("answer") is None:
+        return None
+    answer = task["answer"]
+    return {_collapsed(item if isinstance(item, str) else _dumps(item))
+            for item in (answer if isinstance(answer, list) else [answer])}
+
+
+def _last_reply(observation: Any) -> str:
+    """The last assistant message's content ("" when there is none)."""
+    fields = getattr(observation, "__dict__", {})
+    if "_reply" in fields and "messages" not in fields:  # the step's, as the environment gave it
+        return fields["_reply"]
+    for message in reversed(observation.messages):
+        if message.get("role") == "assistant":
+            return message.get("content", "")
+    return ""
+
+
+def _boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed), else the text after the last ``####``."""
+    start = text.rfind("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{"):i - 1]
+        start = text.rfind("\\boxed{", 0, start)  # unclosed: an earlier one may be whole
+    marker = text.rfind("####")
+    return text[marker + 4:] if marker >= 0 else None
+
+
+def exact_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message (whitespace collapsed) is the task's answer, or one of them; else 0.0.
+
+    None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    return 1.0 if _collapsed(_last_reply(observation)) in answers else 0.0
+
+
+def boxed_match(action: Any, observation: Any) -> float | None:
+    """exact_match on the last ``\\boxed{...}`` of the last assistant message, else on what follows its last ``####``.
+
+    0.0 when it has neither; None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    found = _boxed(_last_reply(observation))
+    return 1.0 if found is not None and _collapsed(found) in answers else 0.0
+
+
+def format_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message matches the task's ``format`` regular expression as a whole; else 0.0.
+
+    (``re.fullmatch``, with ``.`` matching newlines.) None when the task has no ``format``.
+    """
+    import re
+
+    task = getattr(observation, "task", None)
+    if not task or not isinstance(task.get("format"), str):
+        return None
+    return 1.0 if re.fullmatch(task["format"], _last_reply(observation), re.DOTALL) else 0.0
+
+
+def overlong_penalty(action: Any, observation: Any) -> float | None:
+    """-1.0 when the step's action has more tokens than the task's ``max_tokens``; else 0.0.
+
+    The count is exact: the action's token ids. None when the task has no ``max_tokens``.
+    """
+    task = getattr(observation, "task", None)
+    limit = task.get("max_tokens") if task else None
+    if type(limit) is not int:
+        return None
+    return -1.0 if len(action.tokens) > limit else 0.0
+
+
+# The built-in rewards, by the name a SPEC gives (--rubric exact_match)
+_BUILTIN_REWARDS = {f.__name__: f for f in (exact_match, boxed_match, format_match, overlong_penalty)}
+
+
+class _WeightedRubrics:
+    """Several rubrics as one: the sum of weight x score over the scores that are not None.
+
+    None when every score is. Each one's unweighted score goes into the
+    observation's ``metadata["rewards"]`` under its name. What ``--rubric``
+    repeated builds; a rubric itself (call, ``reset()``).
+    """
+
+    def __init__(self, rubrics: list[tuple[str, Any, float]]) -> None:
+        self.rubrics = rubrics  # (name, rubric, weight)
+
+    def __call__(self, action: Any, observation: Any) -> float | None:
+        scores: dict[str, Any] = {}
+        total = None
+        for name, rubric, weight in self.rubrics:
+            score = scores[name] = _reward_value(_settle(rubric(action, observation)), f"rubric {name!r}")
+            if score is not None:
+                total = (total or 0.0) + weight * score
+        observation.metadata["rewards"] = scores
+        return total
+
+    def reset(self) -> None:
+        for _, rubric, _ in self.rubrics:
+            if callable(getattr(rubric, "reset", None)):
+                _settle(rubric.reset())
+
+
+def _task_problem(task: Any) -> str | None:
+    """What is wrong with one parsed line of a task file, or None."""
+    if not isinstance(task, dict):
+        return f"a task is a JSON object, not {type(task).__name__}"
+    prompt = task.get("prompt")
+    if isinstance(prompt, list):
+        if not prompt or not all(_is_message(m) for m in prompt):
+            return "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages"
+    elif not isinstance(prompt, str):
+        return "'prompt' is required: a string or a list of messages"
+    if "id" in task and not isinstance(task["id"], str):
+        return f"'id' must be a string, not {type(task['id']).__name__}"
+    turns = task.get("turns")
+    if turns is not None and (not isinstance(turns, list)
+                              or not all(isinstance(t, str) or _is_message(t) for t in turns)):
+        return "'turns' must be a list of user messages (strings or {\"role\", \"content\"} objects)"
+    return None
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
+
+
+class _TaskFile:
+    """One split's JSONL task file, indexed: where each task's line starts, and its ids hashed.
+
+    The file is mapped, not read: every line is checked at load (a bad one
+    raises ValueError naming the file and line), then the pages are given back
+    (they are the page cache's, shared by forked workers), and a task is parsed
+    from its line when asked. What stays is 4 bytes a task (8 past 4 GiB) for
+    where its line starts and 8 a slot of an open-addressing table of id hashes
+    (at most half full): a million tasks cost ~20 MB whatever their size.
+    """
+
+    def __init__(self, path: str) -> None:
+        import mmap
+        from array import array
+
+        self.path = path
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._data, self._size = data, size
+        starts = array("I" if size < 2**32 else "Q")  # where each task's line starts
+        hashes = array("q")  # each task's id hash (0: no id); freed once the table is built
+        line, pos = 0, 0  # lines read so far; where the next block starts
+        while pos < size:
+            end = pos + _TASK_BLOCK_BYTES
+            newline = data.find(b"\n", end) if end < size else -1
+            end = size if newline < 0 else newline + 1
+            block = data[pos:end]
+            pieces = block.split(b"\n")
+            if block.endswith(b"\n"):
+                pieces.pop()  # (what follows the last newline is no line)
+            lines, offsets, numbers, offset = [], [], [], pos
+            for text in pieces:
+                line += 1
+                if text.strip():  # blank lines are skipped
+                    lines.append(text)
+                    offsets.append(offset)
+                    numbers.append(line)
+                offset += len(text) + 1
+            for task, number in zip(self._parse(lines, numbers), numbers):
+                problem = _task_problem(task)
+                if problem is not None:
+                    raise ValueError(f"{path}:{number}: {problem}")
+                hashes.append((hash(task["id"]) or 1) if "id" in task else 0)
+            starts.extend(offsets)
+            pos = end
+        if not starts:
+            raise ValueError(f"{path}: has no tasks")
+        self._starts = starts
+        self._build_ids(hashes)
+        if size and hasattr(data, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            data.madvise(mmap.MADV_DONTNEED)  # read again from the page cache when a task is asked for
+
+    def _parse(self, lines: list[bytes], numbers: list[int]) -> list[Any]:
+        """A block's lines parsed by one json.loads; line by line (naming the bad one) if that fails."""
+        try:
+            tasks = json.loads(b"[" + b",".join(lines) + b"]")
+            if len(tasks) == len(lines):
+                return tasks
+        except (ValueError, RecursionError):
+            pass
+        tasks = []
+        for text, number in zip(lines, numbers):
+            try:
+                tasks.append(json.loads(text))
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{self.path}:{number}: not a JSON object: "
+                                 f"{getattr(exc, 'msg', type(exc).__name__)}") from None
+        return tasks
+
+    def _build_ids(self, hashes: Any) -> None:
+        from array import array
+
+        count = len(hashes) - hashes.count(0)
+        capacity = 1 << max(1, (2 * count).bit_length())  # at most half full: short probes
+        mask = self._mask = capacity - 1
+        slots = self._slots = array("I", bytes(4 * capacity))  # a task's index + 1; 0: empty
+        prints = self._prints = array("I", bytes(4 * capacity))  # its hash's high half, compared before a parse
+        for index, h in enumerate(hashes):
+            if not h:
+                continue
+            fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+            while slots[i]:
+                if prints[i] == fingerprint and self.task(slots[i] - 1)["id"] == self.task(index)["id"]:
+                    raise ValueError(f"{self.path}: the id {self.task(index)['id']!r} is given twice "
+                                     f"(tasks {slots[i] - 1} and {index}, counting from 0)")
+                i = (i + 1) & mask
+            slots[i], prints[i] = index + 1, fingerprint
+
+    def find(self, task_id: str) -> int | None:
+        """The index of the task whose ``id`` is ``task_id``, or None."""
+        h = hash(task_id) or 1
+        mask, slots, prints = self._mask, self._slots, self._prints
+        fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+        while slots[i]:
+            if prints[i] == fingerprint and self.task(slots[i] - 1).get("id") == task_id:
+                return slots[i] - 1
+            i = (i + 1) & mask
+        return None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def task(self, index: int) -> dict[str, Any]:
+        """Task ``index``, parsed from its line (IndexError when there is none)."""
+        if index < 0:
+            raise IndexError(index)
+        start = self._starts[index]
+        end = self._data.find(b"\n", start)
+        return json.loads(self._data[start:end if end >= 0 else self._size])
+
+
+
+class _NoSuchTask(LookupError):
+    """A split or task id that no task file has: the client's VALIDATION_ERROR, a task route's 400."""
+
+
+class Tasks:
+    """Task files by split, loaded once: ``Tasks("math.jsonl")`` (split ``train``) or ``Tasks({"train": .., "test": ..})``.
+
+    A task file is JSONL, a task a line: ``{"id": optional string, "prompt": a
+    string or a list of messages, "answer": optional, "turns": optional
+    follow-up user messages, other keys}``. Every line is checked here (a bad
+    one is a ValueError naming the file and line); tasks are parsed when asked
+    for (see ``_TaskFile``). The methods are OpenEnv's task API; a task's spec
+    leaves ``answer`` out unless ``show_answers``.
+    """
+
+    def __init__(self, files: Any, show_answers: bool = False) -> None:
+        if isinstance(files, (str, os.PathLike)):
+            files = {"train": files}
+        self.files = {split: path if isinstance(path, _TaskFile) else _TaskFile(os.fspath(path))
+                      for split, path in dict(files).items()}
+        if not self.files:
+            raise ValueError("no task files given")
+        self.show_answers = show_answers
+
+    def _file(self, split: Any) -> _TaskFile:
+        if not isinstance(split, str) or split not in self.files:
+            raise _NoSuchTask(f"unknown split {_preview(split)}: the splits are {', '.join(map(repr, self.files))}")
+        return self.files[split]
+
+    def _spec(self, task: dict[str, Any]) -> dict[str, Any]:
+        if not self.show_answers:
+            task.pop("answer", None)
+        return task
+
+    def list_splits(self) -> list[str]:
+        return list(self.files)
+
+    def num_tasks(self, split: str) -> int:
+        return len(self._file(split))
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        """The task's spec (IndexError when ``index`` is out of range)."""
+        return self._spec(self._file(split).task(index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        """Specs in ``[start, stop)``, Python slice bounds."""
+        file = self._file(split)
+        return [self._spec(file.task(i)) for i in range(*slice(start, stop).indices(len(file)))]
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self.get_task_range(split)
+
+    def pick(self, split: str | None = None, index: int | None = None, task_id: str | None = None,
+             seed: int | None = None, rng: Any = None) -> tuple[str, int, dict[str, Any]]:
+        """(split, index, task) a reset asks for: by ``task_id``; by ``split`` and ``index``; by ``seed``
+        (the same seed, the same task); else drawn from ``rng``. A bad split, index or id: _NoSuchTask."""
+        import random
+
+        if task_id is not None:
+            for name, file in self.files.items() if split is None else [(split, self._file(split))]:
+                index = file.find(task_id)
+                if index is not None:
+                    return name, index, file.task(index)
+            raise _NoSuchTask(f"no task has the id {_preview(task_id)}")
+        name = split if split is not None else "train" if "train" in self.files else next(iter(self.files))
+        file = self._file(name)
+        if index is not None:
+            if not 0 <= index < len(file):
+                raise _NoSuchTask(f"index {index} is out of range: split {name!r} has {len(file)} tasks")
+        elif seed is not None:
+            index = random.Random(seed).randrange(len(file))  # (seeded by an int: the same on every run)
+        else:
+            index = (rng or random).randrange(len(file))
+        return name, index, file.task(index)
+
+
 class ChatEnvironment:
     """One episode of chat: reset() starts it, step() appends a message.
 
@@ -662,6 +1083,20 @@ class ChatEnvironment:
     environment one kept as the JSON its replies send (``_WireHistory``), so
     nothing is held twice. ``history_messages``, ``history_tokens``,
     ``observation()`` and ``state`` are fresh copies.
+
+    Rewards and episode ends, OpenEnv's hooks duck-typed: ``transform``
+    (observation in, observation out; it may set reward, done and metadata) runs
+    on reset and every step; ``rubric(action, observation)`` (a number, a bool or
+    None; a plain function, an ``async def`` one or OpenEnv's Rubric objects)
+    scores every step, and its ``reset()``, when it has one, runs on reset.
+    While they run, the observation's ``task`` holds the episode's task, its
+    answer included (never sent); only reward, done and metadata of what they
+    return are kept: the messages are the episode's. ``tasks`` (a ``Tasks``, a
+    path or {split: path}) poses a task at each reset. An episode is done once
+    ``max_turns`` assistant steps are taken, an assistant message holds a
+    ``stop`` text, a task's prompt and each of its ``turns`` are answered, or a
+    hook sets ``done``; a step after that raises, naming why. With none of
+    these, episodes never end and observations say reward None, done False.
     """
 
     def __init__(
@@ -671,6 +1106,12 @@ class ChatEnvironment:
         system_role: str = "system",
         max_episode_tokens: int | None = None,
         *,
+        # Rewards, tasks and episode ends (see above)
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
         # Given by a server that makes one per session: the system message's token ids
         # (a tuple, tokenized once for all sessions) and an empty history to keep the
         # episode in (default: the environment's own Python lists, a _History)
@@ -687,6 +1128,17 @@ class ChatEnvironment:
                 system_tokens = _tokenize_message(self.tokenizer, {"role": system_role, "content": system_prompt})
             self._first = (system_role, system_prompt, tuple(system_tokens))
         self.episode_id: str | None = None
+        self.transform, self.rubric, self.max_turns = transform, rubric, max_turns
+        self.tasks = tasks if tasks is None or hasattr(tasks, "pick") else Tasks(tasks)
+        self.stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        # Whether anything can set a reward or end an episode: if not, steps take the plain path
+        self._hooked = (transform is not None or rubric is not None or self.tasks is not None
+                        or max_turns is not None or bool(self.stop))
+        self.task: dict[str, Any] | None = None  # the episode's task, its answer included
+        self.done_reason: str | None = None  # why the episode is over; None while it goes on
+        self._task_metadata: dict[str, Any] = {}  # what every observation's metadata says of the task
+        self._next_turn = 0  # the task's next scripted turn
+        self._rng: Any = None  # draws tasks for resets that name none
         self.use_history(_History() if history is None else history)
 
     def use_history(self, history: Any) -> None:
@@ -699,19 +1151,149 @@ class ChatEnvironment:
         self._history.reset(self._first)
         self.step_count = 0
 
-    def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
-        """Start a new episode; the history holds only the system prompt, if any."""
+    def reset(self, seed: int | None = None, episode_id: str | None = None, split: str | None = None,
+              index: int | None = None, task_id: str | None = None, **kwargs: Any) -> ChatObservation:
+        """Start a new episode: the system prompt, if any, then its task's prompt, if tasks are given.
+
+        A task is picked by ``split`` and ``index``, by ``task_id``, by ``seed``
+        (the same seed, the same task) or at random; a bad one raises
+        LookupError with nothing changed. Other keyword arguments are ignored, as OpenEnv's are.
+        """
+        return self._observation(self.reset_outcome(seed, episode_id, split=split, index=index, task_id=task_id))
+
+    def step(self, action: ChatAction | Any) -> ChatObservation:
+        """Append the action's tokens, decoded, as an assistant message; score it, maybe end the episode."""
+        ids = tokens_to_list(action.tokens if isinstance(action, ChatAction) else action)
+        return self._observation(self.step_outcome(ids, action if isinstance(action, ChatAction) else None))
+
+    def _observation(self, outcome: tuple[Any, bool, dict[str, Any], int] | None) -> ChatObservation:
+        obs = self.observation()
+        if outcome is not None:
+            obs.reward, obs.done, obs.metadata = outcome[0], outcome[1], outcome[2]
+        return obs
+
+    # What the protocol calls: the episode moves on, and its outcome is returned for
+    # the wire, as (reward, done, metadata, messages added); None for no hook's (null,
+    # false, {}), whose bytes the protocol has ready
+
+    def reset_outcome(self, seed: int | None = None, episode_id: str | None = None, *, split: str | None = None,
+                      index: int | None = None, task_id: str | None = None) -> tuple[Any, bool, dict, int] | None:
+        """reset(), returning its outcome rather than an observation (see above)."""
         import uuid
 
+        picked = None
+        if self.tasks is not None:
+            if self._rng is None:
+                import random
+
+                self._rng = random.Random()
+            picked = self.tasks.pick(split, index, task_id, seed, self._rng)  # may raise: nothing changed yet
+        elif split is not None or index is not None or task_id is not None:
+            named = "split" if split is not None else "index" if index is not None else "task_id"
+            raise _NoSuchTask(f"{named!r} picks a task, and this environment has no tasks")
         self._history.reset(self._first)
         self.episode_id = episode_id if episode_id is not None else str(uuid.uuid4())
         self.step_count = 0
-        return self.observation()
+        if not self._hooked:
+            return None
+        self.task, self._task_metadata, self._next_turn, self.done_reason = None, {}, 0, None
+        if picked is not None:
+            name, number, task = picked
+            self.task = task
+            self._task_metadata = {"task": {"split": name, "index": number, "id": task.get("id")}}
+            prompt = task["prompt"]
+            for message in [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt:
+                self._append_message(message)
+        if self.rubric is not None and callable(getattr(self.rubric, "reset", None)):
+            _settle(self.rubric.reset())
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task)
+        return self._run_transform(obs, None, self._history.message_count)
 
-    def step(self, action: ChatAction | Any) -> ChatObservation:
-        """Append the action's tokens, decoded, as an assistant message."""
-        self.append_tokens(action.tokens if isinstance(action, ChatAction) else action)
-        return self.observation()
+    def step_outcome(self, ids: list[int], action: ChatAction | None = None) -> tuple[Any, bool, dict, int] | None:
+        """A step of ids already checked (see ``append_ids``), returning its outcome (see above).
+
+        A step after the episode is done raises ValueError naming why, with
+        nothing changed. A hook that raises leaves the step taken and the episode done.
+        """
+        if not self._hooked:
+            self.append_ids(ids)
+            return None
+        if self.done_reason is not None:
+            raise ValueError(f"the episode is done ({self.done_reason}): reset to start a new one")
+        content = self.append_ids(ids)["content"]
+        count = self._history.message_count
+        turns = (self.task.get("turns") or ()) if self.task is not None else ()
+        reason = None
+        if self.max_turns is not None and self.step_count >= self.max_turns:
+            reason = f"max_turns: {self.step_count} assistant steps taken"
+        elif any(text in content for text in self.stop):
+            reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
+        elif self.task is not None and self._next_turn >= len(turns):
+            reason = "task: its prompt and each of its turns are answered"
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task, content)
+        obs.done = reason is not None
+        if action is None:
+            action = ChatAction.__new__(ChatAction)  # the ids are checked: no second pass
+            action.tokens, action.metadata = ids, {}
+        try:
+            if self.rubric is not None:
+                obs.reward = _reward_value(_settle(self.rubric(action, obs)), "the rubric")
+        except Exception as exc:
+            self.done_reason = "a hook failed on its last step"
+            raise RuntimeError(f"the step was taken, and then the rubric failed: {type(exc).__name__}: {exc}") from exc
+        outcome = self._run_transform(obs, reason, count)
+        if self.done_reason is None and self.task is not None and self._next_turn < len(turns):
+            turn = turns[self._next_turn]
+            self._next_turn += 1
+            self._append_message(turn if isinstance(turn, dict) else {"role": "user", "content": turn})
+            outcome = (*outcome[:3], 2)
+        return outcome
+
+    def _run_transform(self, obs: ChatObservation, reason: str | None, count: int) -> tuple[Any, bool, dict, int]:
+        """The transform, then the outcome; the episode is done if it or ``reason`` says so."""
+        if self.transform is not None:
+            try:
+                obs = _settle(self.transform(obs))
+                obs.reward = _reward_value(obs.reward, "the transform")
+                if not isinstance(obs.metadata, dict):
+                    raise TypeError(f"metadata must be a dict, not {type(obs.metadata).__name__}")
+            except Exception as exc:
+                self.done_reason = "a hook failed on its last step"
+                raise RuntimeError(f"the transform failed: {type(exc).__name__}: {exc}") from exc
+        if reason is None and obs.done:
+            reason = "a hook ended it"
+        self.done_reason = reason
+        metadata = obs.metadata
+        if reason is not None:
+            metadata["done_reason"] = reason
+        return obs.reward, reason is not None, metadata, 1
+
+    def _append_message(self, message: Mapping[str, Any]) -> None:
+        """Append a message the environment poses (a task's prompt, a scripted turn), tokenized."""
+        role, content = message["role"], message["content"]
+        self._history.append(role, content, _tokenize_message(self.tokenizer, {"role": role, "content": content}))
+
+    # OpenEnv's task API (its HTTP routes and clients call these): NotImplementedError without tasks
+
+    def _task_set(self) -> Any:
+        if self.tasks is None:
+            raise NotImplementedError("this environment has no tasks")
+        return self.tasks
+
+    def list_splits(self) -> list[str]:
+        return self._task_set().list_splits()
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self._task_set().list_tasks(split)
+
+    def num_tasks(self, split: str) -> int:
+        return self._task_set().num_tasks(split)
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        return self._task_set().get_task(split, index)
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        return self._task_set().get_task_range(split, start, stop)
 
     def append_tokens(self, tokens: Any) -> dict[str, str]:
         """Decode and append one message; on failure the history is unchanged."""
@@ -801,11 +1383,25 @@ _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
-_OBS_HEAD = b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
+_OBS_START = b'{"type":"observation","data":{"observation":{"metadata":'
 _OBS_MID = b'],"tokens":['
-_OBS_TAIL = b']},"reward":null,"done":false}}'
 _DELTA_MID = b'],"delta":{"messages":'
-_DELTA_TAIL = b'}},"reward":null,"done":false}}'
+
+
+def _observation_parts(outcome: tuple[Any, bool, dict[str, Any], int]) -> tuple[bytes, bytes, bytes]:
+    """The head, full tail and delta tail of an observation frame for an environment's outcome.
+
+    As OpenEnv 0.10 places them: metadata inside the observation always, and
+    beside reward and done as well when it is not empty.
+    """
+    reward, done, metadata = outcome[0], outcome[1], outcome[2]
+    meta = _json_bytes(metadata)
+    after = b'"reward":%s,"done":%s%s}}' % (
+        _json_bytes(reward), b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
+    return _OBS_START + meta + b',"messages":[', b"]}," + after, b"}}," + after
+
+
+_NO_OUTCOME = (None, False, {}, 1)  # an environment without hooks: reward null, done false, no metadata
 
 # The episode as JSON: written once, as each message is appended, so a reply is a
 # join of what is kept, never a re-dump of the history
@@ -826,6 +1422,9 @@ def _json_bytes(value: Any) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return _dumps_ascii(value).encode()
+
+
+_OBS_HEAD, _OBS_TAIL, _DELTA_TAIL = _observation_parts(_NO_OUTCOME)  # its frames' bytes, ready: the hot path's
 
 
 def _json_string_bytes(text: str) -> bytes:
@@ -950,6 +1549,15 @@ class _WireHistory:
         if token_start and end > token_start:
             token_start += 1
         return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
+
+    def since(self, count: int) -> tuple[bytes, bytes]:
+        """The JSON of the messages after the first ``count`` and their token text (a delta of several)."""
+        messages, tokens = self.messages_json, self.tokens_json
+        start = self.message_ends[count - 1] + 1 if count else 0
+        token_start = self.token_ends[count - 1] if count else 0
+        if tokens[token_start:token_start + 1] == b",":
+            token_start += 1
+        return bytes(messages[start:]), bytes(tokens[token_start:])
 
     def history_tokens_json(self) -> bytes:
         """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
@@ -1201,28 +1809,60 @@ def _reset_args(message: dict[str, Any]) -> dict[str, Any]:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' must be a string")
     if episode_id is not None and len(episode_id) > 256:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' is longer than 256")
-    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True}
+    split, index, task_id = data.get("split"), data.get("index"), data.get("task_id")  # which task (OpenEnv 0.10's)
+    if split is not None and not isinstance(split, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'split' must be a string")
+    if index is not None and type(index) is not int:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'index' must be an integer")
+    if task_id is not None and not isinstance(task_id, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'task_id' must be a string")
+    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True,
+            "split": split, "index": index, "task_id": task_id}
+
+
+def _reset_outcome(env: ChatEnvironment, args: dict[str, Any]) -> Any:
+    """Reset ``env`` as a request asks; a task it cannot pick is the client's VALIDATION_ERROR."""
+    try:
+        return env.reset_outcome(args["seed"], args["episode_id"], split=args["split"], index=args["index"],
+                                 task_id=args["task_id"])
+    except _NoSuchTask as exc:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {exc}") from None
 
 
 def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
-    session.env.reset(seed=args["seed"], episode_id=args["episode_id"])
+    env = session.env  # (a session that cannot make one is an internal fault, not this reset's)
+    try:
+        outcome = _reset_outcome(env, args)
+    except _RequestError:
+        raise
+    except Exception as exc:  # a hook failed
+        return _error_reply(EXECUTION_ERROR, f"Reset failed: {str(exc)[:200]}")
     session.delta = args["delta"]
     history = session.history
-    return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+    head, tail, _ = (_OBS_HEAD, _OBS_TAIL, None) if outcome is None else _observation_parts(outcome)
+    return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
 
 
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
     env = session.env  # (a session that cannot make one is an internal fault, not this step's)
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full or done, a hook failed
         return _error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history
+    if outcome is None:  # no hook: the bytes are ready
+        if not session.delta:
+            return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
+        message_json, token_text = history.last()
+        return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    head, tail, delta_tail = _observation_parts(outcome)
     if not session.delta:
-        return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
     totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
-    message_json, token_text = history.last()
-    return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    added = outcome[3]  # the step's message, and a scripted turn after it
+    message_json, token_text = history.last() if added == 1 else history.since(history.message_count - added)
+    return Reply([head, message_json, _OBS_MID, token_text, _DELTA_MID, totals, delta_tail])
 
 
 def _state_reply(session: Session) -> Reply:
@@ -1307,7 +1947,7 @@ def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
 # same statuses and bodies of the same shape, from the same environment code
 
 _ENV_NAME = "chat_env"
-_TASK_ROUTES = {  # OpenEnv's task API; the chat environment has no tasks: 501, as OpenEnv says
+_TASK_ROUTES = {  # OpenEnv's task API: a server without tasks says 501, as OpenEnv does
     "splits": ("GET", "list_splits"), "tasks": ("POST", "list_tasks"), "num_tasks": ("POST", "num_tasks"),
     "task": ("POST", "get_task"), "task_range": ("POST", "get_task_range"),
 }
@@ -1320,10 +1960,18 @@ def _unprocessable(loc: str, message: str, value: Any) -> tuple[int, Any]:
     return 422, {"detail": [{"type": "value_error", "loc": [loc], "msg": message, "input": value}]}
 
 
-def _http_observation(history: _WireHistory) -> bytes:
-    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape."""
-    return b"".join((b'{"observation":{"metadata":{},"messages":[', history.messages_json, _OBS_MID,
-                     history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
+def _http_observation(history: _WireHistory, outcome: Any = None) -> bytes:
+    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape.
+
+    Its metadata is in the observation, and beside it (null when empty); its reward
+    a number, as OpenEnv's response model makes it (a bool reward is 1.0 or 0.0).
+    """
+    reward, done, metadata = (outcome or _NO_OUTCOME)[:3]
+    meta = _json_bytes(metadata)
+    return b"".join((b'{"observation":{"metadata":', meta, b',"messages":[', history.messages_json, _OBS_MID,
+                     history.tokens_json, b']},"reward":%s,"done":%s,"metadata":%s}' % (
+                         _json_bytes(None if reward is None else float(reward)), b"true" if done else b"false",
+                         meta if metadata else b"null")))
 
 
 def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"") -> tuple[int, Any]:
@@ -1345,7 +1993,9 @@ def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"
             return 405, {"detail": "Method Not Allowed"}
         if parts[0].lower() != _ENV_NAME:
             return 404, {"detail": f"unknown environment {_type_text(parts[0])!r}"}
-        return 501, {"detail": f"{name} is not supported for this environment"}
+        if server.tasks is None:
+            return 501, {"detail": f"{name} is not supported for this environment"}
+        return _task_route(server.tasks, name, body)
     if path not in _GET_ROUTES and path not in _POST_ROUTES:
         return 404, {"detail": "Not Found"}
     if (method == "GET") != (path in _GET_ROUTES) or method not in ("GET", "POST"):
@@ -1392,10 +2042,12 @@ def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"
     if path == "/reset":
         try:
             args = _reset_args({"data": request})
+            outcome = _reset_outcome(env, args)
         except _RequestError as exc:
             return _unprocessable("body", exc.message, None)
-        env.reset(seed=args["seed"], episode_id=args["episode_id"])
-        return 200, _http_observation(history)
+        except Exception as exc:  # a hook failed
+            return 500, {"detail": f"Reset failed: {str(exc)[:200]}"}
+        return 200, _http_observation(history, outcome)
     action = request.get("action")
     if not isinstance(action, dict):
         return _unprocessable("action", "Field required: an object with 'tokens'", None)
@@ -1403,12 +2055,49 @@ def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"
         tokens = _step_tokens({"data": action})
     except _RequestError as exc:
         return _unprocessable("tokens", exc.message, None)
-    env.reset()
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full
+        env.reset_outcome()
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full, a hook failed
         return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
-    return 200, _http_observation(history)
+    return 200, _http_observation(history, outcome)
+
+
+def _task_route(tasks: Tasks, name: str, body: bytes) -> tuple[int, Any]:
+    """A task route's answer, shaped as OpenEnv 0.10's; an unknown split is a 400 (OpenEnv leaves it to the environment)."""
+    if name == "list_splits":
+        return 200, [{"name": split, "type": split if split in _SPLIT_TYPES else "validation"}
+                     for split in tasks.list_splits()]
+    try:
+        request = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError):
+        return 422, {"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": None}]}
+    if not isinstance(request, dict):
+        return 422, {"detail": [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]}
+    fields = {"split": str, "index": int} if name == "get_task" else {"split": str}
+    for key, kind in fields.items():
+        value = request.get(key)
+        if value is None:
+            return 422, {"detail": [{"type": "missing", "loc": ["body", key], "msg": "Field required",
+                                     "input": request}]}
+        if type(value) is not kind:
+            return _unprocessable(key, f"Input should be a valid {'string' if kind is str else 'integer'}", value)
+    for key in ("start", "stop") if name == "get_task_range" else ():
+        if request.get(key) is not None and type(request[key]) is not int:
+            return _unprocessable(key, "Input should be a valid integer", request[key])
+    split = request["split"]
+    try:
+        if name == "list_tasks":
+            return 200, {"tasks": tasks.list_tasks(split), "env_name": _ENV_NAME}
+        if name == "num_tasks":
+            return 200, {"num_tasks": tasks.num_tasks(split)}
+        if name == "get_task":
+            return 200, {"task": tasks.get_task(split, request["index"])}
+        return 200, {"tasks": tasks.get_task_range(split, request.get("start"), request.get("stop"))}
+    except IndexError:
+        return 400, {"detail": "Invalid task index"}
+    except _NoSuchTask as exc:
+        return 400, {"detail": str(exc)}
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -1834,6 +2523,35 @@ class _MemoryAccount:
                 self.open, self.held = False, 0
 
 
+def _per_session(hook: Any) -> Any:
+    """A session's own instance of a hook: a copy of an object, which may keep state; a function is shared.
+
+    An object that cannot be copied (it holds a lock or a connection) is shared,
+    and must then be safe to call from several step threads at once.
+    """
+    import copy
+    import types
+
+    if hook is None or isinstance(hook, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return hook
+    try:
+        return copy.deepcopy(hook)
+    except Exception:
+        return hook
+
+
+def _known_fast(hook: Any) -> bool:
+    """Whether a hook is known to return at once (none, a built-in reward, a weighted sum of those)."""
+    if isinstance(hook, _WeightedRubrics):
+        return all(_known_fast(rubric) for _, rubric, _ in hook.rubrics)
+    return hook is None or any(hook is builtin for builtin in _BUILTIN_REWARDS.values())
+
+
+def _hook_thread_init(loop: Any) -> None:
+    """A step thread's start: async hooks it meets are awaited on ``loop`` (see _settle)."""
+    _hook_thread.loop = loop
+
+
 class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
@@ -1875,6 +2593,14 @@ class ChatServer:
         close_timeout_s: float = 2.0,
         offload: bool | None = None,
         sock: Any = None,
+        # Rewards, tasks and episode ends: ChatEnvironment's, for every session (hook
+        # objects copied per session, see _per_session); show_answers: task routes send answers
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
+        show_answers: bool = False,
     ) -> None:
         if compression not in (None, "none", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
@@ -1897,9 +2623,17 @@ class ChatServer:
         self.max_episode_tokens = max_episode_tokens
         system = {"role": system_role, "content": system_prompt}
         system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, not {max_turns!r}")
+        if tasks is not None and not hasattr(tasks, "pick"):
+            tasks = Tasks(tasks, show_answers=show_answers)  # loaded once, here: sessions (and workers) share it
+        self.tasks, self.transform, self.rubric = tasks, transform, rubric
+        self.hooked = any(x is not None for x in (transform, rubric, tasks, max_turns)) or bool(stop)
         self._new_environment = functools.partial(  # (history=...): one factory, shared by every session
             ChatEnvironment, self.tokenizer, system_prompt, system_role, max_episode_tokens,
-            system_tokens=system_tokens)
+            system_tokens=system_tokens, tasks=tasks, max_turns=max_turns, stop=stop)
+        if transform is not None or rubric is not None:  # each session its own copies of hooks that keep state
+            self._new_environment = functools.partial(self._hooked_environment, self._new_environment)
         empty = _WireHistory()
         self._new_environment(history=empty)
         self._empty_episode_bytes = empty.nbytes  # what a new session's episode holds: its system prompt
@@ -1933,8 +2667,12 @@ class ChatServer:
         self.idle_timeout_s = idle_timeout_s
         self.send_timeout_s = send_timeout_s
         self.close_timeout_s = close_timeout_s
-        # Inline steps are safe only for a tokenizer known to be fast
-        self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
+        # Inline steps are safe only for a tokenizer known to be fast and hooks known to be
+        # (the built-in rewards); others may wait on a judge or compute: those steps run in
+        # a thread pool, a thread per busy session
+        if offload is None:
+            offload = not (isinstance(self.tokenizer, ByteTokenizer) and _known_fast(transform) and _known_fast(rubric))
+        self.offload = offload
         self.sock = sock  # a bound socket to serve on instead of host:port (a worker's, see _Supervisor)
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
@@ -2115,13 +2853,24 @@ class ChatServer:
         if session.account is not None:
             session.account.close()
 
-    def _run_offloaded(self, function: Any, *args: Any) -> Any:
-        """``function(*args)`` in the offload pool (a step, a stateless HTTP one too): a future."""
+    def _hooked_environment(self, make: Any, **kwargs: Any) -> ChatEnvironment:
+        return make(transform=_per_session(self.transform), rubric=_per_session(self.rubric), **kwargs)
+
+    def _run_offloaded(self, function: Any, *args: Any, loop: Any = None) -> Any:
+        """``function(*args)`` in the step pool (a step, a stateless HTTP one too): a future.
+
+        ``loop`` (default the server's) runs async hooks. With hooks the pool has a
+        thread per session (made when needed), so sessions whose hooks wait never
+        hold up the others; without, the default size.
+        """
+        loop = loop or self._loop
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
-        return self._loop.run_in_executor(self._executor, function, *args)
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_sessions if self.hooked else None, thread_name_prefix="chatenv-step",
+                initializer=_hook_thread_init, initargs=(loop,))
+        return loop.run_in_executor(self._executor, function, *args)
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
@@ -3698,7 +4447,11 @@ class ASGIApp:
                         status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
                         break
                     if not event.get("more_body"):
-                        status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
+                        request = (http_reply, server, scope["method"], scope["path"], bytes(body))
+                        if server.offload and scope["method"] == "POST":  # a step, as a WebSocket's would be
+                            status, payload = await server._run_offloaded(*request, loop=asyncio.get_running_loop())
+                        else:
+                            status, payload = request[0](*request[1:])
                         break
                     held += len(chunk)
                     server._buffered_bytes += len(chunk)
@@ -3769,7 +4522,7 @@ class ASGIApp:
                         "reason": f"message over the server's limit of {limit} bytes"})
                     return
                 if server.offload:
-                    reply = await loop.run_in_executor(None, handle_frame, session, frame)
+                    reply = await server._run_offloaded(handle_frame, session, frame, loop=loop)
                 else:
                     reply = handle_frame(session, frame)
                 requests += 1
@@ -6066,6 +6819,14 @@ _ENV_FALLBACKS = {
     "allow_hosts": ("CHATENV_ALLOW_HOST",),
     "auth_token": ("CHATENV_AUTH_TOKEN",),
     "log_level": ("CHATENV_LOG_LEVEL",),
+    # Rewards, tasks and episode ends (repeated flags: comma-separated variables, but
+    # CHATENV_STOP, whose texts may hold commas: one a line)
+    "rubrics": ("CHATENV_RUBRIC",),
+    "transform": ("CHATENV_TRANSFORM",),
+    "tasks": ("CHATENV_TASKS",),
+    "max_turns": ("CHATENV_MAX_TURNS",),
+    "stop": ("CHATENV_STOP",),
+    "show_answers": ("CHATENV_SHOW_ANSWERS",),
 }
 
 
@@ -6174,6 +6935,72 @@ def _text(text: str) -> str:
     return text
 
 
+def _hook(text: str) -> Any:
+    """A hook a SPEC names: a built-in reward's name, or ``module:attr`` (uvicorn's app form), imported now."""
+    import importlib
+
+    text = text.strip()
+    if text in _BUILTIN_REWARDS:
+        return _BUILTIN_REWARDS[text]
+    module_name, _, attr = text.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"must be a built-in reward ({', '.join(_BUILTIN_REWARDS)}) or module:attr")
+    try:
+        hook: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import {module_name!r} ({_one_line(exc, 120)})") from None
+    try:
+        for name in attr.split("."):
+            hook = getattr(hook, name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(hook):
+        raise ValueError(f"{attr!r} is not callable: a hook is called with the observation")
+    return hook
+
+
+def _rubric_spec(text: str) -> tuple[str, Any, float]:
+    """``SPEC[=WEIGHT]``: (the SPEC as its score's name, the rubric, the weight, 1 by default)."""
+    spec, weight = text.strip(), 1.0
+    if "=" in spec:
+        spec, _, given = spec.rpartition("=")
+        try:
+            weight = float(given)
+        except ValueError:
+            raise ValueError("the weight after '=' must be a number") from None
+        if weight != weight or abs(weight) == float("inf"):
+            raise ValueError("the weight after '=' must be a finite number")
+    return spec.strip(), _hook(spec), weight
+
+
+def _tasks_spec(text: str) -> tuple[str, Any]:
+    """``[SPLIT=]PATH``: (the split, ``train`` by default, and its task file, loaded and checked now)."""
+    split, _, path = text.rpartition("=") if "=" in text and not os.path.exists(text) else ("", "", text)
+    split = split.strip() or "train"
+    try:
+        return split, _TaskFile(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the task file {path}: {exc.strerror or exc}") from None
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty (it would end every episode)")
+    return text
+
+
+def _lines(validate: Any) -> Any:
+    """A variable's validator taking one value a line (for values that may hold commas)."""
+    def convert(text: str) -> list[Any]:
+        return [validate(item) for item in text.splitlines() if item]
+
+    convert.__name__ = validate.__name__
+    return convert
+
+
+_boolean = _choice("true", "false", "1", "0", "yes", "no")
+
+
 # Each setting of `chatenv serve`: its validator and its default (flags default to
 # None, so a variable is read, and checked, only when its flag is not given)
 _SETTINGS: dict[str, tuple[Any, Any]] = {
@@ -6194,6 +7021,12 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "allow_origins": (_each(_origin), ()),
     "allow_hosts": (_each(_host_allowed), ()),
     "log_level": (_log_level, "INFO"),
+    "rubrics": (_each(_rubric_spec), ()),
+    "transform": (_hook, None),
+    "tasks": (_each(_tasks_spec), ()),
+    "max_turns": (_at_least_one, None),
+    "stop": (_lines(_stop_text), ()),
+    "show_answers": (_boolean, "false"),
 }
 
 
@@ -6329,6 +7162,25 @@ def _parser() -> Any:
                            "comma-separated] (default: none)")
     serve_cmd.add_argument("--log-level", type=_flag_type(_log_level),
                            help="DEBUG, INFO, WARNING or ERROR [CHATENV_LOG_LEVEL] (default: INFO)")
+    hooks = serve_cmd.add_argument_group("rewards, tasks and episode ends")
+    hooks.add_argument("--rubric", dest="rubrics", action="append", type=_flag_type(_rubric_spec),
+                       metavar="SPEC[=WEIGHT]",
+                       help="score every step: a built-in (" + ", ".join(_BUILTIN_REWARDS) + ") or module:attr "
+                       "(a function or object called with (action, observation)); repeat for a weighted sum, "
+                       "each score in metadata['rewards'] [CHATENV_RUBRIC, comma-separated]")
+    hooks.add_argument("--transform", type=_flag_type(_hook), metavar="SPEC",
+                       help="module:attr called with each observation, returning it (may set reward, done, "
+                       "metadata) [CHATENV_TRANSFORM]")
+    hooks.add_argument("--tasks", action="append", type=_flag_type(_tasks_spec), metavar="[SPLIT=]PATH",
+                       help="a JSONL task file, one task a line; split 'train' by default; repeat for more "
+                       "splits [CHATENV_TASKS, comma-separated]")
+    hooks.add_argument("--max-turns", type=_flag_type(_at_least_one), metavar="N",
+                       help="an episode is done after N assistant steps [CHATENV_MAX_TURNS]")
+    hooks.add_argument("--stop", action="append", type=_flag_type(_stop_text), metavar="TEXT",
+                       help="an episode is done when an assistant message holds TEXT; repeat for more "
+                       "[CHATENV_STOP, one a line]")
+    hooks.add_argument("--show-answers", action="store_const", const="true",
+                       help="task routes include each task's answer [CHATENV_SHOW_ANSWERS] (default: no)")
     return parser
 
 
@@ -6366,6 +7218,17 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
         idle_timeout_s=value["idle_timeout_s"] or None,
         allow_origins=value["allow_origins"], allow_hosts=value["allow_hosts"],
     )
+    if value["rubrics"]:
+        options["rubric"] = _WeightedRubrics(list(value["rubrics"]))
+    if value["tasks"]:
+        files: dict[str, Any] = {}
+        for split, file in value["tasks"]:
+            if split in files:
+                raise _ConfigError(f"--tasks: the split {split!r} is given twice (one split, one file), "
+                                   f"not {file.path!r}")
+            files[split] = file
+        options["tasks"] = Tasks(files, show_answers=value["show_answers"] in ("true", "1", "yes"))
+    options.update(transform=value["transform"], max_turns=value["max_turns"], stop=tuple(value["stop"]))
     return tokenizer, options
 
 

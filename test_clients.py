@@ -1502,3 +1502,25 @@ def test_a_bad_server_holds_a_call_to_its_timeout_and_the_client_to_its_memory_b
     assert report["outcome"] in allowed, report
     assert report["elapsed"] < _ATTACK_TIMEOUT_S + 1.0, report
     assert report["peak"] - report["base"] < (limit or 0) + _ATTACK_HEADROOM, report
+
+
+# ------------------------------------------------------------------------------
+# The README's "Rewards and tasks" example, run as written
+# ------------------------------------------------------------------------------
+
+def test_readme_rewards_and_tasks_example_runs_as_written(tmp_path):
+    """The section's command serves the shipped task file; its rollout loop prints the mean reward it says."""
+    import re
+
+    from support_chatenv import ServerProcess
+
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    section = readme.split("\n## Rewards and tasks\n", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```\n(chatenv serve [^\n]*)\n```", section).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"# (mean reward [0-9.]+)", code).group(1)
+    with ServerProcess(tmp_path, "rewards-example", cli=[*command.split()[2:], "--port", "0"]) as server:
+        out = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", server.url)],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected, out.stdout

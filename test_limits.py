@@ -412,6 +412,21 @@ _BAD_CONFIG = [
     (["--auth-token", " t0k-9d1c"], {}, "--auth-token", "whitespace"),  # the token itself is never shown
     (["--auth-token", "t0k-9d1c\n"], {}, "--auth-token", "whitespace"),
     ([], {"CHATENV_AUTH_TOKEN": "t0k-9d1c "}, "CHATENV_AUTH_TOKEN", "whitespace"),
+    # rewards, tasks and episode ends: a bad spec, a missing or malformed task file (its line named)
+    (["--rubric", "no_such_reward"], {}, "--rubric", "no_such_reward"),
+    (["--rubric", "json:no_such_attr"], {}, "--rubric", "json:no_such_attr"),
+    (["--rubric", "no_such_module_xyz:f"], {}, "--rubric", "no_such_module_xyz:f"),
+    (["--rubric", "exact_match=heavy"], {}, "--rubric", "exact_match=heavy"),
+    (["--transform", "json:__version__"], {}, "--transform", "json:__version__"),
+    (["--tasks", "{tmp}/no-such-tasks.jsonl"], {}, "--tasks", "no-such-tasks.jsonl"),
+    (["--tasks", "{tmp}/bad-tasks.jsonl"], {}, "--tasks", "bad-tasks.jsonl:3"),
+    (["--tasks", "{tmp}/not-json-tasks.jsonl"], {}, "--tasks", "not-json-tasks.jsonl:2"),
+    (["--tasks", "{tmp}/tasks.jsonl", "--tasks", "{tmp}/tasks.jsonl"], {}, "--tasks", "tasks.jsonl"),
+    (["--max-turns", "0"], {}, "--max-turns", "0"),
+    (["--stop", ""], {}, "--stop", "''"),
+    ([], {"CHATENV_RUBRIC": "exact_match,nope"}, "CHATENV_RUBRIC", "nope"),
+    ([], {"CHATENV_TASKS": "test={tmp}/bad-tasks.jsonl"}, "CHATENV_TASKS", "bad-tasks.jsonl:3"),
+    ([], {"CHATENV_MAX_TURNS": "many"}, "CHATENV_MAX_TURNS", "many"),
 ]
 
 
@@ -424,6 +439,9 @@ def _without_chatenv_variables() -> dict[str, str]:
 def config_files(tmp_path):
     (tmp_path / "not-a-tokenizer.json").write_text(_NOT_A_TOKENIZER)
     (tmp_path / "plain.txt").write_text("not JSON at all\n")
+    (tmp_path / "tasks.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    (tmp_path / "bad-tasks.jsonl").write_text('{"prompt": "1+1?"}\n\n{"answer": "2"}\n')
+    (tmp_path / "not-json-tasks.jsonl").write_text('{"prompt": "1+1?"}\n{"prompt": \n')
     return tmp_path
 
 
@@ -880,3 +898,44 @@ def test_image_sets_uvicorn_limits_that_uvicorn_reads(tmp_path):
                 ws.recv(timeout=10)
             assert ws.close_code == 1009
         assert server.served()
+
+
+# ------------------------------------------------------------------------------
+# Task files: a million tasks index fast and small
+# ------------------------------------------------------------------------------
+
+_TASKS_SCRIPT = r"""
+import json, sys, time
+import chatenv
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+path = sys.argv[1]
+before, start = rss(), time.perf_counter()
+tasks = chatenv.Tasks(path)
+took = time.perf_counter() - start
+grown = rss() - before
+file = tasks.files["train"]
+assert len(file) == 1_000_000
+assert file.task(999_999)["id"] == "t999999" and file.find("t123456") == 123456 and file.find("nope") is None
+print(json.dumps({"seconds": took, "grown": grown}))
+"""
+
+
+@linux_only
+def test_a_million_tasks_load_within_10_s_and_hold_under_1_2x_the_file(tmp_path):
+    """Every line is checked at start, yet only an index stays: within 10 s, RSS growth under 1.2x the file."""
+    path = tmp_path / "million.jsonl"
+    with open(path, "w") as out:
+        for i in range(1_000_000):
+            out.write(f'{{"id": "t{i:06d}", "prompt": "What is {i} + {i % 97}?", "answer": "{i + i % 97}"}}\n')
+    size = path.stat().st_size
+    out = subprocess.run([sys.executable, "-c", _TASKS_SCRIPT, str(path)], capture_output=True, text=True,
+                         cwd=HERE, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout)
+    print(f"1,000,000 tasks ({size / 2**20:.0f} MiB): {figures['seconds']:.1f} s, RSS +{figures['grown'] / 2**20:.1f} MiB")
+    assert figures["seconds"] < 10, figures
+    assert figures["grown"] < 1.2 * size, (figures, size)

@@ -1197,3 +1197,79 @@ def test_launched_asgi_app_passes_openenv_validate(launchers):
 
 def test_this_process_never_imported_openenv():
     assert not any(name == "openenv" or name.startswith("openenv.") for name in sys.modules)
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv 0.10.0's own hook objects, passed to chatenv unchanged (in that release's venv)
+# ------------------------------------------------------------------------------
+
+_OPENENV_HOOKS_SCRIPT = r"""
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+import chatenv
+from openenv.core.env_server.interfaces import Transform
+from openenv.core.rubrics import Gate, Rubric, TrajectoryRubric, WeightedSum
+
+
+class Said(Rubric):
+    def __init__(self, word):
+        super().__init__()
+        self.word = word
+
+    def forward(self, action, observation):
+        return 1.0 if self.word in observation.messages[-1]["content"] else 0.0
+
+
+class SlowHalf(Rubric):  # an async rubric: its call returns an awaitable
+    async def forward(self, action, observation):
+        await asyncio.sleep(0.01)
+        return 0.5
+
+
+class YesShare(TrajectoryRubric):  # scored once, when the episode is done
+    def score_trajectory(self, trajectory):
+        return sum("yes" in obs.messages[-1]["content"] for _, obs in trajectory) / len(trajectory)
+
+    def compute_step_rewards(self):
+        return [0.0] * len(self._trajectory)
+
+
+class ByeEnds(Transform):
+    def __call__(self, observation):
+        observation.metadata["seen"] = len(observation.messages)
+        observation.done = bool(observation.messages) and "bye" in observation.messages[-1]["content"]
+        return observation
+
+
+def rollout(replies, reset=None, **hooks):
+    with chatenv.serve_in_thread(**hooks) as url, chatenv.ChatEnv(url) as env:
+        out = [env.reset(**(reset or {}))]
+        out += [env.step(chatenv.ChatAction(tokens=list(text.encode()))) for text in replies]
+        return [[r.reward, r.done, r.observation.metadata] for r in out]
+
+
+print(json.dumps({
+    "weighted": rollout(["yes", "no"], rubric=WeightedSum([Said("yes"), SlowHalf()], [0.5, 0.5])),
+    "gate": rollout(["no", "yes"], rubric=Gate(Said("yes"), threshold=1.0)),
+    "trajectory": rollout(["yes", "no", "yes"], rubric=YesShare(), max_turns=3),
+    "transform": rollout(["hi", "bye"], transform=ByeEnds()),
+    "async": rollout(["x"], rubric=SlowHalf()),
+}))
+"""
+
+
+def test_openenv_0_10_hook_objects_work_unchanged_in_chatenv():
+    """WeightedSum (with an async child), Gate, TrajectoryRubric and a Transform subclass from the real
+    openenv 0.10.0, served by chatenv and read by chatenv's client."""
+    python = _require_venv("0.10.0")
+    done = subprocess.run([str(python), "-c", _OPENENV_HOOKS_SCRIPT, str(HERE)], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    rewards = lambda case: [step[0] for step in got[case]]
+    assert rewards("weighted") == [None, 0.75, 0.25]
+    assert rewards("gate") == [None, 0.0, 1.0]
+    assert rewards("trajectory") == [None, 0.0, 0.0, 2 / 3] and got["trajectory"][-1][1] is True
+    assert [step[1] for step in got["transform"]] == [False, False, True]
+    assert got["transform"][2][2]["seen"] == 2 and got["transform"][2][2]["done_reason"] == "a hook ended it"
+    assert rewards("async") == [None, 0.5]

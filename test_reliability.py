@@ -2087,3 +2087,70 @@ def test_cli_loop_uvloop_serves_and_a_missing_uvloop_is_one_clear_line(tmp_path)
                              capture_output=True, text=True, timeout=30, env=env)
     assert missing.returncode == 2
     assert missing.stderr == "chatenv: error: the uvloop event loop is not installed: pip install uvloop\n"
+
+
+# ------------------------------------------------------------------------------
+# Rewards: no session waits on another's
+# ------------------------------------------------------------------------------
+
+def _slow_sync_rubric(action, observation):
+    """A remote judge, as a plain function: 100 ms on steps that say 'slow'."""
+    if "slow" in observation.messages[-1]["content"]:
+        time.sleep(0.1)
+    return 1.0
+
+
+async def _slow_async_rubric(action, observation):
+    """The same judge as ``async def``: awaited on the server's loop, holding up nothing."""
+    if "slow" in observation.messages[-1]["content"]:
+        import asyncio
+
+        await asyncio.sleep(0.1)
+    return 1.0
+
+
+@pytest.mark.parametrize("rubric", [_slow_sync_rubric, _slow_async_rubric], ids=["sync", "async"])
+def test_eight_sessions_waiting_on_their_rubric_do_not_delay_a_ninth(rubric):
+    """8 sessions whose every step's rubric waits 100 ms; a 9th session's steps keep a p95 round trip within 20 ms."""
+    slow_step = {"type": "step", "data": {"tokens": list(b"slow")}}
+    fast_step = {"type": "step", "data": {"tokens": list(b"fast")}}
+    with serve_in_thread(rubric=rubric) as url:
+        stop, slow_steps, errors = threading.Event(), [], []
+
+        def slow_session():
+            try:
+                with raw(url) as ws:
+                    ask(ws, {"type": "reset"})
+                    while not stop.is_set():
+                        reply = ask(ws, slow_step)
+                        assert reply["data"]["reward"] == 1.0, reply
+                        slow_steps.append(1)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=slow_session, daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        try:
+            assert wait_until(lambda: len(slow_steps) >= 8, timeout=10)  # all eight are waiting on their judge
+            times = []
+            with raw(url) as ws:
+                ask(ws, {"type": "reset"})
+                began = time.perf_counter()
+                while len(times) < 300 or time.perf_counter() - began < 1.0:  # through 10+ waits each
+                    start = time.perf_counter()
+                    reply = ask(ws, fast_step)
+                    times.append(time.perf_counter() - start)
+                    assert reply["data"]["reward"] == 1.0
+            waited = len(slow_steps)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(5)
+    assert not errors, errors[:1]
+    times.sort()
+    p95 = times[int(0.95 * len(times))]
+    print(f"{rubric.__name__}: the 9th session's p95 step round trip {p95 * 1000:.1f} ms "
+          f"while 8 sessions took {waited} slow steps")
+    assert waited >= 8 * 3, waited  # the slow ones really were stepping the whole time
+    assert p95 < 0.020, f"p95 {p95 * 1000:.1f} ms"
