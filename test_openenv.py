@@ -648,6 +648,124 @@ def test_openenv_hooks_server_answers_as_recorded(tmp_path):
         assert mine == theirs
 
 
+# ------------------------------------------------------------------------------
+# OpenEnv's clients (both releases) and chatenv's -> a chatenv server with tasks and a rubric
+# (`chatenv serve --tasks SPLIT=PATH --rubric exact_match`, issue 20 item 3: these need
+# the server side of that issue)
+# ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chatenv_tasks_url(tmp_path_factory):
+    """A chatenv server posing the hooks peer's tasks (support_chatenv.HOOK_TASKS, each
+    split a JSONL file), scored by exact_match; a test/1 copy with a scripted turn."""
+    root = tmp_path_factory.mktemp("tasks")
+    argv = [sys.executable, "-m", "chatenv", "serve", "--port", str(port := free_port()), "--log-level", "WARNING",
+            "--rubric", "exact_match"]
+    splits = dict(support_chatenv.HOOK_TASKS, turns=[{"id": "turns-0", "prompt": "What is 1+1?", "answer": "2",
+                                                      "turns": ["And 2+2?"]}])
+    for split, tasks in splits.items():
+        path = root / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+        argv += ["--tasks", f"{split}={path}"]
+    proc = _server(argv, _clean_env())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _names_the_task(metadata, split, index, task_id):
+    """The reset observation's metadata names the task (split, index, id) and holds no answer."""
+    values = {v for v in metadata.values() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+    return {split, index, task_id} <= values
+
+
+def test_openenv_clients_read_rewards_and_done_from_chatenv_tasks(chatenv_tasks_url, oe):
+    """OpenEnv's own clients (sync and async, this release's) pick a task by split and
+    index, and read exact_match's reward, done after the task's one answer, and the
+    metadata, from a chatenv server; a step after done is an EXECUTION_ERROR."""
+    for mode in ("sync", "async"):
+        with oe.open(chatenv_tasks_url, mode) as theirs:
+            first = theirs.reset(split="test", index=1)
+            assert first["observation"]["messages"] == [{"role": "user", "content": "Say yes."}]
+            assert (first["reward"], first["done"]) == (None, False)
+            assert _names_the_task(first["observation"]["metadata"], "test", 1, "test-1")
+            assert "yes" not in json.dumps(first["observation"]["metadata"])  # never the answer
+            right = theirs.step(list(b" yes "))  # stripped, as exact_match compares
+            assert (right["reward"], right["done"], right["observation"]["done"]) == (1.0, True, True)
+            assert right["observation"]["metadata"]["rewards"] == {"exact_match": 1.0}
+            with pytest.raises(RemoteError, match=r"\(code: EXECUTION_ERROR\)"):
+                theirs.step(list(b"yes"))
+            assert theirs.state()["history_messages"][-1] == {"role": "assistant", "content": " yes "}
+            again = theirs.reset(split="train", index=0)  # reset starts anew
+            assert again["observation"]["messages"] == [{"role": "user", "content": "What is 2+2?"}]
+            wrong = theirs.step(list(b"5"))
+            assert (wrong["reward"], wrong["done"]) == (0.0, True)
+            assert wrong["observation"]["metadata"]["rewards"] == {"exact_match": 0.0}
+
+
+def test_openenv_clients_follow_a_chatenv_task_s_scripted_turns(chatenv_tasks_url, oe):
+    with oe.open(chatenv_tasks_url, "sync") as theirs:
+        theirs.reset(split="turns", index=0)
+        first = theirs.step(list(b"2"))
+        assert (first["reward"], first["done"]) == (1.0, False)  # each turn scored against the task's answer
+        assert first["observation"]["messages"][-2:] == [{"role": "assistant", "content": "2"},
+                                                        {"role": "user", "content": "And 2+2?"}]
+        last = theirs.step(list(b"4"))
+        assert (last["reward"], last["done"]) == (0.0, True)
+
+
+def test_openenv_client_reset_with_a_bad_task_is_a_validation_error(chatenv_tasks_url, oe):
+    """OpenEnv's environment raised (EXECUTION_ERROR, recorded); chatenv names the bad
+    split or index with VALIDATION_ERROR and keeps the session."""
+    with oe.open(chatenv_tasks_url, "sync") as theirs:
+        for kwargs, named in [({"split": "nope", "index": 0}, "nope"), ({"split": "train", "index": 3}, "3")]:
+            with pytest.raises(RemoteError, match=r"\(code: VALIDATION_ERROR\)") as info:
+                theirs.reset(**kwargs)
+            assert named in info.value.message
+        assert theirs.reset(split="hard", index=0)["observation"]["messages"][-1]["content"] == "What is 12*12?"
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_task_methods_equal_on_chatenv_and_openenv(chatenv_tasks_url, hooks_url, client):
+    """The same tasks served by chatenv and by OpenEnv 0.10.0: the five methods answer
+    the same (answers left out on both), and reset(split=, index=) poses the same prompt."""
+    calls = [("list_tasks", ("train",), {}), ("list_tasks", ("test",), {}), ("num_tasks", ("hard",), {}),
+             ("get_task", ("train", 1), {}), ("get_task_range", ("train", 1, 5), {}),
+             ("get_task_range", ("test", None, None), {}), ("get_task", ("train", 3), {}),
+             ("reset", (), {"split": "test", "index": 0})]
+    mine, theirs = _drive(chatenv_tasks_url, client, calls), _drive(hooks_url, client, calls)
+    assert mine[:6] == theirs[:6]
+    assert mine[6].code == theirs[6].code == "VALIDATION_ERROR" and "HTTP 400" in mine[6].message
+    assert mine[7].observation.messages == theirs[7].observation.messages
+    splits = _drive(chatenv_tasks_url, client, [("list_splits", (), {})])[0]
+    assert splits == _drive(hooks_url, client, [("list_splits", (), {})])[0] + [{"name": "turns", "type": "validation"}]
+
+
+def test_chatenv_task_routes_answer_as_openenv_recorded(chatenv_tasks_url):
+    """The recorded OpenEnv 0.10.0 task routes, asked of chatenv serving the same tasks:
+    the same statuses and bodies, but for an unknown split (OpenEnv: whatever the
+    environment raised, a 500 here; chatenv: 400, a deliberate difference)."""
+    rec = record_openenv.Recorder(chatenv_tasks_url, io.StringIO())
+    for case in _hooks_recording():
+        method, _, path = case["case"].partition(" ")[2].partition(" ")
+        if not case["case"].startswith("HTTP ") or path in ("/reset", "/step"):
+            continue
+        body = case["sent"]
+        status, data, content_type, _ = rec.http(method, path, body=body)
+        if path == "/chat_env/splits" or path == "/CHAT_ENV/splits":
+            assert json.loads(data)[:3] == json.loads(case["received"]), case["case"]
+        elif (body or {}).get("split") == "nope":
+            assert case["http_status"] == 500 and status == 400 and "nope" in data, (case["case"], body, data)
+        elif case["http_status"] == 200:
+            assert (status, json.loads(data)) == (200, json.loads(case["received"])), (case["case"], body)
+        else:
+            assert status == case["http_status"] and "detail" in json.loads(data), (case["case"], body, data)
+
+
 def _with_metadata(frame, release):
     """A 0.3.0 observation frame as 0.10.0 writes it: ``"metadata":{}`` first in ``observation``."""
     return frame.replace('{"observation":{', '{"observation":{"metadata":{},') if release == "0.10.0" else frame
