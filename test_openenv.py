@@ -678,9 +678,10 @@ def chatenv_tasks_url(tmp_path_factory):
 
 
 def _names_the_task(metadata, split, index, task_id):
-    """The reset observation's metadata names the task (split, index, id) and holds no answer."""
-    values = {v for v in metadata.values() if isinstance(v, (str, int)) and not isinstance(v, bool)}
-    return {split, index, task_id} <= values
+    """The reset observation's metadata names the task (chatenv's ``metadata["task"]``:
+    split, index, id) and holds no answer."""
+    task = metadata.get("task")
+    return task == {"split": split, "index": index, "id": task_id} and "answer" not in json.dumps(metadata)
 
 
 def test_openenv_clients_read_rewards_and_done_from_chatenv_tasks(chatenv_tasks_url, oe):
