@@ -45,11 +45,22 @@ COPY --chown=root:root chatenv.py openenv.yaml /app/env/
 # TOKENIZER_NAME / SYSTEM_PROMPT (OpenEnv) and CHATENV_* are read by chatenv itself.
 # SYSTEM_PROMPT is OpenEnv's chat image default; its TOKENIZER_NAME (gpt2, downloaded at
 # build time there) cannot be: this image uses the embedded byte-level tokenizer.
+# UVICORN_* are uvicorn's own options (it reads UVICORN_<OPTION> for each flag), for the
+# launchers that run `python -m uvicorn chatenv:app` with no flags: the native server's
+# defaults where uvicorn decides. Messages up to 16 MiB (raise with CHATENV_MAX_MESSAGE_BYTES),
+# request heads up to 16 KiB, pings every 20 s with a 20 s timeout, 1,280 concurrent HTTP
+# requests (256 sessions + 1,024 other connections; 503 past it), idle keep-alive 5 s.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CHATENV_HOST=0.0.0.0 \
     CHATENV_PORT=8000 \
-    SYSTEM_PROMPT="You are a helpful AI assistant."
+    SYSTEM_PROMPT="You are a helpful AI assistant." \
+    UVICORN_WS_MAX_SIZE=16777216 \
+    UVICORN_H11_MAX_INCOMPLETE_EVENT_SIZE=16384 \
+    UVICORN_WS_PING_INTERVAL=20 \
+    UVICORN_WS_PING_TIMEOUT=20 \
+    UVICORN_LIMIT_CONCURRENCY=1280 \
+    UVICORN_TIMEOUT_KEEP_ALIVE=5
 
 USER chatenv
 EXPOSE 8000

@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -51,8 +52,13 @@ __all__ = [
     "load_tokenizer",
     "tokens_to_list",
     "message_to_action",
-    # Environment
+    # Environment, its rewards and tasks
     "ChatEnvironment",
+    "Tasks",
+    "exact_match",
+    "boxed_match",
+    "format_match",
+    "overlong_penalty",
     # Protocol: pure, frame in and reply out
     "Session",
     "Reply",
@@ -178,6 +184,9 @@ class ChatObservation:
     done: bool = False
     reward: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Not on the wire: the episode's task (its answer too) while an environment's hooks
+    # run, so a reward function can read it; None on a client's observations
+    task: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def _sharing(
@@ -202,10 +211,27 @@ class ChatObservation:
         if shared is None or name not in shared:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         source, length = shared[name]
-        value = fields[name] = source[:length]
+        value = fields[name] = source() if length is None else source[:length]  # None: a history's reader
         if "messages" in fields and "tokens" in fields:
             del fields["_shared"]  # both read: the episode's lists are no longer needed
         return value
+
+    @classmethod
+    def _of_history(cls, history: Any, metadata: dict[str, Any], task: dict[str, Any] | None,
+                    reply: str | None = None) -> ChatObservation:
+        """What an environment's hooks see: its history's messages and tokens, read only if asked.
+
+        ``reply``: the step's assistant message, the last one, which the built-in
+        rewards read without parsing the history.
+        """
+        obs = cls.__new__(cls)
+        if reply is not None:
+            obs.__dict__["_reply"] = reply
+        messages, tokens = history.message_count, history.token_count  # a snapshot: the episode goes on, and
+        obs.__dict__.update(done=False, reward=None, metadata=metadata, task=task,  # a rubric may keep obs
+                            _shared={"messages": (lambda: history.messages()[:messages], None),
+                                     "tokens": (lambda: history.tokens()[:tokens], None)})
+        return obs
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy see plain fields
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -274,11 +300,16 @@ class StepResult:
 
 
 # The models' JSON schemas, as GET /schema serves them (OpenEnv's validator reads them)
-_ACTION_SCHEMA = {
+_ACTION_SCHEMA = {  # title and description: verifiers pastes the schema into a model's prompt, as OpenEnv's are
+    "title": "ChatAction",
+    "description": "One message for the chat environment, as token ids: it decodes them with its tokenizer "
+                   "and appends the text to the conversation as the assistant's message.",
     "type": "object",
     "properties": {
-        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        "metadata": {"type": "object"},
+        "tokens": {"title": "Tokens", "description": "The message's token ids (at least one)",
+                   "type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        "metadata": {"title": "Metadata", "description": "Anything the client attaches; not scored",
+                     "type": "object"},
     },
     "required": ["tokens"],
     "additionalProperties": False,
@@ -289,13 +320,23 @@ _MESSAGE_SCHEMA = {
     "required": ["role", "content"],
 }
 _OBSERVATION_SCHEMA = {
+    "title": "ChatObservation",
+    "description": "The conversation so far, as chat messages (role, content) and the token ids of all of "
+                   "them, with what the environment made of the last step: its reward, whether the episode "
+                   "is done, and metadata.",
     "type": "object",
     "properties": {
-        "messages": {"type": "array", "items": _MESSAGE_SCHEMA},
-        "tokens": {"type": "array", "items": {"type": "integer"}},
-        "done": {"type": "boolean"},
-        "reward": {"type": ["number", "null"]},
-        "metadata": {"type": "object"},
+        "messages": {"title": "Messages", "description": "Every message of the episode, oldest first",
+                     "type": "array", "items": _MESSAGE_SCHEMA},
+        "tokens": {"title": "Tokens", "description": "The token ids of every message, in order",
+                   "type": "array", "items": {"type": "integer"}},
+        "done": {"title": "Done", "description": "Whether the episode is over: a further step is refused "
+                 "until a reset", "type": "boolean"},
+        "reward": {"title": "Reward", "description": "The last step's reward from the server's rubric or "
+                   "transform; null when none scores it", "type": ["number", "boolean", "null"]},
+        "metadata": {"title": "Metadata", "description": "What the environment adds: the task picked at "
+                     "reset ('task': split, index, id; never its answer), each rubric's own score "
+                     "('rewards') and why the episode ended ('done_reason')", "type": "object"},
     },
 }
 _STATE_SCHEMA = {
@@ -388,7 +429,10 @@ def load_tokenizer(spec: Any = None) -> Tokenizer:
 
     ``spec`` is None or "default" (embedded), a path to a ``tokenizer.json``
     (via ``tokenizers``), or a local directory or model name (via
-    ``transformers.AutoTokenizer``). Those libraries are imported only here.
+    ``transformers.AutoTokenizer``). Those libraries are imported only here. A model
+    name is looked for in the local Hugging Face cache first; only when it is not
+    there, and the Hub answers within _HUB_PROBE_S, is it downloaded. Each error
+    raised has a ``reason``: what is wrong, without the spec (``chatenv serve`` adds it).
     """
     if spec is None or (isinstance(spec, str) and spec.strip() in _DEFAULT_TOKENIZER_NAMES):
         return ByteTokenizer()
@@ -397,33 +441,140 @@ def load_tokenizer(spec: Any = None) -> Tokenizer:
         return spec
     path = os.fspath(spec)
     if path.endswith(".json") or os.path.isfile(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is not a file: a tokenizer.json was expected")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError(f"loading {path} needs the 'tokenizers' package: pip install tokenizers") from None
-        try:
-            tokenizer = Tokenizer.from_file(path)
-        except Exception as exc:  # tokenizers raises its own types, with the parser's reason
-            raise ValueError(f"{path} is not a tokenizer.json: {exc}") from None
-        tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
-        tokenizer.no_truncation()  # fixed length; a chat message is its own length
-        return tokenizer
+        return _load_tokenizer_json(path)
     if _is_path(path) and not os.path.exists(path):  # else transformers reports a bad model name
-        raise FileNotFoundError(f"tokenizer path not found: {path}")
+        raise _load_error(FileNotFoundError, f"tokenizer path not found: {path}", "no such file or directory")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FOLDER_FILES):
+        missing = " or ".join(_TOKENIZER_FOLDER_FILES)
+        raise _load_error(ValueError, f"{path} is not a tokenizer folder: it has no {missing}",
+                          f"not a tokenizer folder (no {missing} in it)")
+    needs = _load_error(ImportError, f"loading tokenizer {path!r} needs the 'transformers' package: pip install "
+                        "transformers", "needs the 'transformers' package: pip install transformers")
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise needs
+    cached = os.path.isdir(path) or _in_hub_cache(path)
+    if not cached and (why := _no_download()):  # fail before transformers' import and retries
+        raise _load_error(ValueError, f"cannot load tokenizer {path!r}: not in the local Hugging Face cache, and "
+                          f"{why}", f"not in the local Hugging Face cache, and {why}")
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise ImportError(
-            f"loading tokenizer {path!r} needs the 'transformers' package: pip install transformers"
-        ) from None
+        raise needs from None
+    if cached:
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises many types: a bad folder, a broken file
+            if os.path.isdir(path) or not isinstance(exc, OSError):  # OSError: files missing from the cache
+                what = "not a tokenizer folder" if os.path.isdir(path) else "cannot load it"
+                raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                                  f"{what} ({_one_line(exc)})") from exc
+            if why := _no_download():
+                raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                                  f"not all in the local Hugging Face cache, and {why}") from exc
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # transformers raises many types; say which spec failed
-        raise ValueError(f"cannot load tokenizer {path!r}: {exc}") from exc
+    except Exception as exc:
+        raise _load_error(ValueError, f"cannot load tokenizer {path!r}: {exc}",
+                          f"cannot load it ({_one_line(exc)})") from exc
+
+
+def _load_tokenizer_json(path: str) -> Tokenizer:
+    """A ``tokenizer.json`` through ``tokenizers``, padding and truncation off."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4096).lstrip()
+    except FileNotFoundError:
+        raise _load_error(FileNotFoundError, f"tokenizer path not found: {path}", "no such file or directory") from None
+    except IsADirectoryError:
+        raise _load_error(ValueError, f"{path} is a directory: a tokenizer.json was expected",
+                          "is a directory, where a tokenizer.json was expected") from None
+    except OSError as exc:
+        raise _load_error(ValueError, f"cannot read {path}: {exc}", f"cannot be read ({exc.strerror})") from None
+    if not start.startswith(b"{"):  # not JSON: say so whether or not tokenizers is installed
+        raise _load_error(ValueError, f"{path} is not a tokenizer.json: not a JSON object",
+                          "not a tokenizer.json (not a JSON object)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise _load_error(ImportError, f"loading {path} needs the 'tokenizers' package: pip install tokenizers",
+                          "needs the 'tokenizers' package: pip install tokenizers") from None
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises its own types, with the parser's reason
+        raise _load_error(ValueError, f"{path} is not a tokenizer.json: {exc}",
+                          f"not a tokenizer.json ({_one_line(exc)})") from None
+    tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a
+    tokenizer.no_truncation()  # fixed length; a chat message is its own length
+    try:
+        tokenizer.name_or_path = path  # what /metadata names it by (_tokenizer_name), as transformers' have
+    except AttributeError:  # a tokenizers release whose objects take no attributes
+        pass
+    return tokenizer
+
+
+def _load_error(kind: type, message: str, reason: str) -> Exception:
+    """An error of load_tokenizer: ``message`` for Python callers, ``.reason`` (what is
+    wrong, without the spec) for ``chatenv serve``'s one line, which adds the value."""
+    error = kind(message)
+    error.reason = reason
+    return error
+
+
+# How long load_tokenizer waits to learn whether the Hugging Face Hub answers, before
+# downloading a model that is not in the local cache (offline, its client retries ~45 s)
+_HUB_PROBE_S = 3.0
+_TRUE = {"1", "true", "yes", "on"}  # how the Hugging Face libraries spell a set flag
+# A folder transformers can load a tokenizer from holds at least one of these
+_TOKENIZER_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether a model name has a folder in the local Hugging Face cache (downloaded once)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return False
+    return os.path.isdir(os.path.join(HF_HUB_CACHE, "models--" + name.replace("/", "--")))
+
+
+def _no_download() -> str | None:
+    """Why a model cannot be downloaded now ("HF_HUB_OFFLINE is set", "huggingface.co
+    cannot be reached"), or None to try."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in _TRUE:
+            return f"{variable} is set"
+    host = _hub_unreachable()
+    return f"{host} cannot be reached" if host else None
+
+
+def _hub_unreachable(timeout: float = _HUB_PROBE_S) -> str | None:
+    """None when a TCP connection to the Hub (HF_ENDPOINT), or to the HTTPS proxy that
+    reaches it, opens within ``timeout``; else the host that did not answer."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    hub = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = hub
+    proxy = urllib.request.getproxies().get(hub.scheme)
+    if proxy and not urllib.request.proxy_bypass(hub.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection(address, timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, name="chatenv-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if opened else address[0]
 
 
 def _is_path(spec: str) -> bool:
@@ -543,6 +694,387 @@ class _History:
         return [list(tokens[start:end]) for start, end in zip((0, *ends), ends)]
 
 
+# Rewards and tasks: OpenEnv's hooks, duck-typed (chatenv never imports openenv), the
+# built-in rewards, and task files indexed rather than parsed
+
+_TASK_BLOCK_BYTES = 2**20  # a task file is checked this many bytes of lines at a time (one json.loads each)
+_SPLIT_TYPES = ("train", "validation", "test")  # split names OpenEnv gives their own type; others are "validation"
+
+_hook_thread = threading.local()  # .loop: the server loop a step thread runs async hooks on; .own: its private one
+
+
+def _settle(value: Any) -> Any:
+    """A hook's result, awaited when it is awaitable (an ``async def`` rubric's call).
+
+    In a server's step thread it is awaited on the server's loop (other sessions go
+    on meanwhile); elsewhere on a private loop of this thread, kept for its next call.
+    """
+    if not hasattr(value, "__await__"):
+        return value
+    import asyncio
+
+    async def awaited() -> Any:
+        return await value
+
+    loop = getattr(_hook_thread, "loop", None)
+    if loop is not None:
+        return asyncio.run_coroutine_threadsafe(awaited(), loop).result()
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError("an async hook cannot be awaited on a running event loop's thread: "
+                           "call step() off it (await asyncio.to_thread(env.step, action))")
+    own = getattr(_hook_thread, "own", None)
+    if own is None:
+        own = _hook_thread.own = asyncio.new_event_loop()
+    return own.run_until_complete(awaited())
+
+
+def _reward_value(value: Any, what: str) -> float | bool | None:
+    """A reward as the wire carries it: a finite number, a bool (as OpenEnv sends it) or None."""
+    if value is None or type(value) is bool:
+        return value
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        value = value.item()  # a numpy or torch scalar
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        return value
+    raise ValueError(f"{what} returned {_preview(value)}: a reward is a finite number, a bool or None")
+
+
+def _collapsed(text: Any) -> str:
+    """Text stripped, whitespace runs one space: what the built-in rewards compare."""
+    return " ".join(str(text).split())
+
+
+def _answers(observation: Any) -> set[str] | None:
+    """The task's answers as compared text, or None when the episode has no task answer.
+
+    A number is compared as its JSON text: 42 is "42", 42.0 is "42.0", and
+    "42.0" does not equal "42" (exact means exact; list both to accept both).
+    """
+    task = getattr(observation, "task", None)
+    if not task or task.get("answer") is None:
+        return None
+    answer = task["answer"]
+    return {_collapsed(item if isinstance(item, str) else _dumps(item))
+            for item in (answer if isinstance(answer, list) else [answer])}
+
+
+def _last_reply(observation: Any) -> str:
+    """The last assistant message's content ("" when there is none)."""
+    fields = getattr(observation, "__dict__", {})
+    if "_reply" in fields and "messages" not in fields:  # the step's, as the environment gave it
+        return fields["_reply"]
+    for message in reversed(observation.messages):
+        if message.get("role") == "assistant":
+            return message.get("content", "")
+    return ""
+
+
+def _boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed), else the text after the last ``####``."""
+    start = text.rfind("\\boxed{")
+    while start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{"):i - 1]
+        start = text.rfind("\\boxed{", 0, start)  # unclosed: an earlier one may be whole
+    marker = text.rfind("####")
+    return text[marker + 4:] if marker >= 0 else None
+
+
+def exact_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message (whitespace collapsed) is the task's answer, or one of them; else 0.0.
+
+    None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    return 1.0 if _collapsed(_last_reply(observation)) in answers else 0.0
+
+
+def boxed_match(action: Any, observation: Any) -> float | None:
+    """exact_match on the last ``\\boxed{...}`` of the last assistant message, else on what follows its last ``####``.
+
+    0.0 when it has neither; None when the episode has no task answer.
+    """
+    answers = _answers(observation)
+    if answers is None:
+        return None
+    found = _boxed(_last_reply(observation))
+    return 1.0 if found is not None and _collapsed(found) in answers else 0.0
+
+
+def format_match(action: Any, observation: Any) -> float | None:
+    """1.0 when the last assistant message matches the task's ``format`` regular expression as a whole; else 0.0.
+
+    (``re.fullmatch``, with ``.`` matching newlines.) None when the task has no ``format``.
+    """
+    import re
+
+    task = getattr(observation, "task", None)
+    if not task or not isinstance(task.get("format"), str):
+        return None
+    return 1.0 if re.fullmatch(task["format"], _last_reply(observation), re.DOTALL) else 0.0
+
+
+def overlong_penalty(action: Any, observation: Any) -> float | None:
+    """-1.0 when the step's action has more tokens than the task's ``max_tokens``; else 0.0.
+
+    The count is exact: the action's token ids. None when the task has no ``max_tokens``.
+    """
+    task = getattr(observation, "task", None)
+    limit = task.get("max_tokens") if task else None
+    if type(limit) is not int:
+        return None
+    return -1.0 if len(action.tokens) > limit else 0.0
+
+
+# The built-in rewards, by the name a SPEC gives (--rubric exact_match)
+_BUILTIN_REWARDS = {f.__name__: f for f in (exact_match, boxed_match, format_match, overlong_penalty)}
+
+
+class _WeightedRubrics:
+    """Several rubrics as one: the sum of weight x score over the scores that are not None.
+
+    None when every score is. Each one's unweighted score goes into the
+    observation's ``metadata["rewards"]`` under its name. What ``--rubric``
+    repeated builds; a rubric itself (call, ``reset()``).
+    """
+
+    def __init__(self, rubrics: list[tuple[str, Any, float]]) -> None:
+        self.rubrics = rubrics  # (name, rubric, weight)
+
+    def __call__(self, action: Any, observation: Any) -> float | None:
+        scores: dict[str, Any] = {}
+        total = None
+        for name, rubric, weight in self.rubrics:
+            score = scores[name] = _reward_value(_settle(rubric(action, observation)), f"rubric {name!r}")
+            if score is not None:
+                total = (total or 0.0) + weight * score
+        observation.metadata["rewards"] = scores
+        return total
+
+    def reset(self) -> None:
+        for _, rubric, _ in self.rubrics:
+            if callable(getattr(rubric, "reset", None)):
+                _settle(rubric.reset())
+
+
+def _task_problem(task: Any) -> str | None:
+    """What is wrong with one parsed line of a task file, or None."""
+    if not isinstance(task, dict):
+        return f"a task is a JSON object, not {type(task).__name__}"
+    prompt = task.get("prompt")
+    if isinstance(prompt, list):
+        if not prompt or not all(_is_message(m) for m in prompt):
+            return "'prompt' must be a string or a non-empty list of {\"role\", \"content\"} messages"
+    elif not isinstance(prompt, str):
+        return "'prompt' is required: a string or a list of messages"
+    if "id" in task and not isinstance(task["id"], str):
+        return f"'id' must be a string, not {type(task['id']).__name__}"
+    turns = task.get("turns")
+    if turns is not None and (not isinstance(turns, list)
+                              or not all(isinstance(t, str) or _is_message(t) for t in turns)):
+        return "'turns' must be a list of user messages (strings or {\"role\", \"content\"} objects)"
+    return None
+
+
+def _is_message(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
+
+
+class _TaskFile:
+    """One split's JSONL task file, indexed: where each task's line starts, and its ids hashed.
+
+    The file is mapped, not read: every line is checked at load (a bad one
+    raises ValueError naming the file and line), then the pages are given back
+    (they are the page cache's, shared by forked workers), and a task is parsed
+    from its line when asked. What stays is 4 bytes a task (8 past 4 GiB) for
+    where its line starts and 8 a slot of an open-addressing table of id hashes
+    (at most half full): a million tasks cost ~20 MB whatever their size.
+    """
+
+    def __init__(self, path: str) -> None:
+        import mmap
+        from array import array
+
+        self.path = path
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            data: Any = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._data, self._size = data, size
+        starts = array("I" if size < 2**32 else "Q")  # where each task's line starts
+        hashes = array("q")  # each task's id hash (0: no id); freed once the table is built
+        line, pos = 0, 0  # lines read so far; where the next block starts
+        while pos < size:
+            end = pos + _TASK_BLOCK_BYTES
+            newline = data.find(b"\n", end) if end < size else -1
+            end = size if newline < 0 else newline + 1
+            block = data[pos:end]
+            pieces = block.split(b"\n")
+            if block.endswith(b"\n"):
+                pieces.pop()  # (what follows the last newline is no line)
+            lines, offsets, numbers, offset = [], [], [], pos
+            for text in pieces:
+                line += 1
+                if text.strip():  # blank lines are skipped
+                    lines.append(text)
+                    offsets.append(offset)
+                    numbers.append(line)
+                offset += len(text) + 1
+            for task, number in zip(self._parse(lines, numbers), numbers):
+                problem = _task_problem(task)
+                if problem is not None:
+                    raise ValueError(f"{path}:{number}: {problem}")
+                hashes.append((hash(task["id"]) or 1) if "id" in task else 0)
+            starts.extend(offsets)
+            pos = end
+        if not starts:
+            raise ValueError(f"{path}: has no tasks")
+        self._starts = starts
+        self._build_ids(hashes)
+        if size and hasattr(data, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            data.madvise(mmap.MADV_DONTNEED)  # read again from the page cache when a task is asked for
+
+    def _parse(self, lines: list[bytes], numbers: list[int]) -> list[Any]:
+        """A block's lines parsed by one json.loads; line by line (naming the bad one) if that fails."""
+        try:
+            tasks = json.loads(b"[" + b",".join(lines) + b"]")
+            if len(tasks) == len(lines):
+                return tasks
+        except (ValueError, RecursionError):
+            pass
+        tasks = []
+        for text, number in zip(lines, numbers):
+            try:
+                tasks.append(json.loads(text))
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"{self.path}:{number}: not a JSON object: "
+                                 f"{str(exc).partition(':')[0][:120]}") from None
+        return tasks
+
+    def _build_ids(self, hashes: Any) -> None:
+        from array import array
+
+        count = len(hashes) - hashes.count(0)
+        capacity = 1 << max(1, (2 * count).bit_length())  # at most half full: short probes
+        mask = self._mask = capacity - 1
+        slots = self._slots = array("I", bytes(4 * capacity))  # a task's index + 1; 0: empty
+        prints = self._prints = array("I", bytes(4 * capacity))  # its hash's high half, compared before a parse
+        for index, h in enumerate(hashes):
+            if not h:
+                continue
+            fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+            while slots[i]:
+                if prints[i] == fingerprint and self.task(slots[i] - 1)["id"] == self.task(index)["id"]:
+                    raise ValueError(f"{self.path}: the id {self.task(index)['id']!r} is given twice "
+                                     f"(tasks {slots[i] - 1} and {index}, counting from 0)")
+                i = (i + 1) & mask
+            slots[i], prints[i] = index + 1, fingerprint
+
+    def find(self, task_id: str) -> int | None:
+        """The index of the task whose ``id`` is ``task_id``, or None."""
+        h = hash(task_id) or 1
+        mask, slots, prints = self._mask, self._slots, self._prints
+        fingerprint, i = (h >> 32) & 0xFFFFFFFF, h & mask
+        while slots[i]:
+            if prints[i] == fingerprint and self.task(slots[i] - 1).get("id") == task_id:
+                return slots[i] - 1
+            i = (i + 1) & mask
+        return None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def task(self, index: int) -> dict[str, Any]:
+        """Task ``index``, parsed from its line (IndexError when there is none)."""
+        if index < 0:
+            raise IndexError(index)
+        start = self._starts[index]
+        end = self._data.find(b"\n", start)
+        return json.loads(self._data[start:end if end >= 0 else self._size])
+
+
+
+class _NoSuchTask(LookupError):
+    """A split or task id that no task file has: the client's VALIDATION_ERROR, a task route's 400."""
+
+
+class Tasks:
+    """Task files by split, loaded once: ``Tasks("math.jsonl")`` (split ``train``) or ``Tasks({"train": .., "test": ..})``.
+
+    A task file is JSONL, a task a line: ``{"id": optional string, "prompt": a
+    string or a list of messages, "answer": optional, "turns": optional
+    follow-up user messages, other keys}``. Every line is checked here (a bad
+    one is a ValueError naming the file and line); tasks are parsed when asked
+    for (see ``_TaskFile``). The methods are OpenEnv's task API; a task's spec
+    leaves ``answer`` out unless ``show_answers``.
+    """
+
+    def __init__(self, files: Any, show_answers: bool = False) -> None:
+        if isinstance(files, (str, os.PathLike)):
+            files = {"train": files}
+        self.files = {split: path if isinstance(path, _TaskFile) else _TaskFile(os.fspath(path))
+                      for split, path in dict(files).items()}
+        if not self.files:
+            raise ValueError("no task files given")
+        self.show_answers = show_answers
+
+    def _file(self, split: Any) -> _TaskFile:
+        if not isinstance(split, str) or split not in self.files:
+            raise _NoSuchTask(f"unknown split {_preview(split)}: the splits are {', '.join(map(repr, self.files))}")
+        return self.files[split]
+
+    def _spec(self, task: dict[str, Any]) -> dict[str, Any]:
+        if not self.show_answers:
+            task.pop("answer", None)
+        return task
+
+    def list_splits(self) -> list[str]:
+        return list(self.files)
+
+    def num_tasks(self, split: str) -> int:
+        return len(self._file(split))
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        """The task's spec (IndexError when ``index`` is out of range)."""
+        return self._spec(self._file(split).task(index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        """Specs in ``[start, stop)``, Python slice bounds."""
+        file = self._file(split)
+        return [self._spec(file.task(i)) for i in range(*slice(start, stop).indices(len(file)))]
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self.get_task_range(split)
+
+    def pick(self, split: str | None = None, index: int | None = None, task_id: str | None = None,
+             seed: int | None = None, rng: Any = None) -> tuple[str, int, dict[str, Any]]:
+        """(split, index, task) a reset asks for: by ``task_id``; by ``split`` and ``index``; by ``seed``
+        (the same seed, the same task); else drawn from ``rng``. A bad split, index or id: _NoSuchTask."""
+        import random
+
+        if task_id is not None:
+            for name, file in self.files.items() if split is None else [(split, self._file(split))]:
+                index = file.find(task_id)
+                if index is not None:
+                    return name, index, file.task(index)
+            raise _NoSuchTask(f"no task has the id {_preview(task_id)}")
+        name = split if split is not None else "train" if "train" in self.files else next(iter(self.files))
+        file = self._file(name)
+        if index is not None:
+            if not 0 <= index < len(file):
+                raise _NoSuchTask(f"index {index} is out of range: split {name!r} has {len(file)} tasks")
+        elif seed is not None:
+            index = random.Random(seed).randrange(len(file))  # (seeded by an int: the same on every run)
+        else:
+            index = (rng or random).randrange(len(file))
+        return name, index, file.task(index)
+
+
 class ChatEnvironment:
     """One episode of chat: reset() starts it, step() appends a message.
 
@@ -551,6 +1083,20 @@ class ChatEnvironment:
     environment one kept as the JSON its replies send (``_WireHistory``), so
     nothing is held twice. ``history_messages``, ``history_tokens``,
     ``observation()`` and ``state`` are fresh copies.
+
+    Rewards and episode ends, OpenEnv's hooks duck-typed: ``transform``
+    (observation in, observation out; it may set reward, done and metadata) runs
+    on reset and every step; ``rubric(action, observation)`` (a number, a bool or
+    None; a plain function, an ``async def`` one or OpenEnv's Rubric objects)
+    scores every step, and its ``reset()``, when it has one, runs on reset.
+    While they run, the observation's ``task`` holds the episode's task, its
+    answer included (never sent); only reward, done and metadata of what they
+    return are kept: the messages are the episode's. ``tasks`` (a ``Tasks``, a
+    path or {split: path}) poses a task at each reset. An episode is done once
+    ``max_turns`` assistant steps are taken, an assistant message holds a
+    ``stop`` text, a task's prompt and each of its ``turns`` are answered, or a
+    hook sets ``done``; a step after that raises, naming why. With none of
+    these, episodes never end and observations say reward None, done False.
     """
 
     def __init__(
@@ -560,6 +1106,12 @@ class ChatEnvironment:
         system_role: str = "system",
         max_episode_tokens: int | None = None,
         *,
+        # Rewards, tasks and episode ends (see above)
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
         # Given by a server that makes one per session: the system message's token ids
         # (a tuple, tokenized once for all sessions) and an empty history to keep the
         # episode in (default: the environment's own Python lists, a _History)
@@ -576,6 +1128,17 @@ class ChatEnvironment:
                 system_tokens = _tokenize_message(self.tokenizer, {"role": system_role, "content": system_prompt})
             self._first = (system_role, system_prompt, tuple(system_tokens))
         self.episode_id: str | None = None
+        self.transform, self.rubric, self.max_turns = transform, rubric, max_turns
+        self.tasks = tasks if tasks is None or hasattr(tasks, "pick") else Tasks(tasks)
+        self.stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        # Whether anything can set a reward or end an episode: if not, steps take the plain path
+        self._hooked = (transform is not None or rubric is not None or self.tasks is not None
+                        or max_turns is not None or bool(self.stop))
+        self.task: dict[str, Any] | None = None  # the episode's task, its answer included
+        self.done_reason: str | None = None  # why the episode is over; None while it goes on
+        self._task_metadata: dict[str, Any] = {}  # what every observation's metadata says of the task
+        self._next_turn = 0  # the task's next scripted turn
+        self._rng: Any = None  # draws tasks for resets that name none
         self.use_history(_History() if history is None else history)
 
     def use_history(self, history: Any) -> None:
@@ -588,19 +1151,149 @@ class ChatEnvironment:
         self._history.reset(self._first)
         self.step_count = 0
 
-    def reset(self, seed: int | None = None, episode_id: str | None = None) -> ChatObservation:
-        """Start a new episode; the history holds only the system prompt, if any."""
+    def reset(self, seed: int | None = None, episode_id: str | None = None, split: str | None = None,
+              index: int | None = None, task_id: str | None = None, **kwargs: Any) -> ChatObservation:
+        """Start a new episode: the system prompt, if any, then its task's prompt, if tasks are given.
+
+        A task is picked by ``split`` and ``index``, by ``task_id``, by ``seed``
+        (the same seed, the same task) or at random; a bad one raises
+        LookupError with nothing changed. Other keyword arguments are ignored, as OpenEnv's are.
+        """
+        return self._observation(self.reset_outcome(seed, episode_id, split=split, index=index, task_id=task_id))
+
+    def step(self, action: ChatAction | Any) -> ChatObservation:
+        """Append the action's tokens, decoded, as an assistant message; score it, maybe end the episode."""
+        ids = tokens_to_list(action.tokens if isinstance(action, ChatAction) else action)
+        return self._observation(self.step_outcome(ids, action if isinstance(action, ChatAction) else None))
+
+    def _observation(self, outcome: tuple[Any, bool, dict[str, Any], int] | None) -> ChatObservation:
+        obs = self.observation()
+        if outcome is not None:
+            obs.reward, obs.done, obs.metadata = outcome[0], outcome[1], outcome[2]
+        return obs
+
+    # What the protocol calls: the episode moves on, and its outcome is returned for
+    # the wire, as (reward, done, metadata, messages added); None for no hook's (null,
+    # false, {}), whose bytes the protocol has ready
+
+    def reset_outcome(self, seed: int | None = None, episode_id: str | None = None, *, split: str | None = None,
+                      index: int | None = None, task_id: str | None = None) -> tuple[Any, bool, dict, int] | None:
+        """reset(), returning its outcome rather than an observation (see above)."""
         import uuid
 
+        picked = None
+        if self.tasks is not None:
+            if self._rng is None:
+                import random
+
+                self._rng = random.Random()
+            picked = self.tasks.pick(split, index, task_id, seed, self._rng)  # may raise: nothing changed yet
+        elif split is not None or index is not None or task_id is not None:
+            named = "split" if split is not None else "index" if index is not None else "task_id"
+            raise _NoSuchTask(f"{named!r} picks a task, and this environment has no tasks")
         self._history.reset(self._first)
         self.episode_id = episode_id if episode_id is not None else str(uuid.uuid4())
         self.step_count = 0
-        return self.observation()
+        if not self._hooked:
+            return None
+        self.task, self._task_metadata, self._next_turn, self.done_reason = None, {}, 0, None
+        if picked is not None:
+            name, number, task = picked
+            self.task = task
+            self._task_metadata = {"task": {"split": name, "index": number, "id": task.get("id")}}
+            prompt = task["prompt"]
+            for message in [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt:
+                self._append_message(message)
+        if self.rubric is not None and callable(getattr(self.rubric, "reset", None)):
+            _settle(self.rubric.reset())
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task)
+        return self._run_transform(obs, None, self._history.message_count)
 
-    def step(self, action: ChatAction | Any) -> ChatObservation:
-        """Append the action's tokens, decoded, as an assistant message."""
-        self.append_tokens(action.tokens if isinstance(action, ChatAction) else action)
-        return self.observation()
+    def step_outcome(self, ids: list[int], action: ChatAction | None = None) -> tuple[Any, bool, dict, int] | None:
+        """A step of ids already checked (see ``append_ids``), returning its outcome (see above).
+
+        A step after the episode is done raises ValueError naming why, with
+        nothing changed. A hook that raises leaves the step taken and the episode done.
+        """
+        if not self._hooked:
+            self.append_ids(ids)
+            return None
+        if self.done_reason is not None:
+            raise ValueError(f"the episode is done ({self.done_reason}): reset to start a new one")
+        content = self.append_ids(ids)["content"]
+        count = self._history.message_count
+        turns = (self.task.get("turns") or ()) if self.task is not None else ()
+        reason = None
+        if self.max_turns is not None and self.step_count >= self.max_turns:
+            reason = f"max_turns: {self.step_count} assistant steps taken"
+        elif any(text in content for text in self.stop):
+            reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
+        elif self.task is not None and self._next_turn >= len(turns):
+            reason = "task: its prompt and each of its turns are answered"
+        obs = ChatObservation._of_history(self._history, dict(self._task_metadata), self.task, content)
+        obs.done = reason is not None
+        if action is None:
+            action = ChatAction.__new__(ChatAction)  # the ids are checked: no second pass
+            action.tokens, action.metadata = ids, {}
+        try:
+            if self.rubric is not None:
+                obs.reward = _reward_value(_settle(self.rubric(action, obs)), "the rubric")
+        except Exception as exc:
+            self.done_reason = "a hook failed on its last step"
+            raise RuntimeError(f"the step was taken, and then the rubric failed: {type(exc).__name__}: {exc}") from exc
+        outcome = self._run_transform(obs, reason, count)
+        if self.done_reason is None and self.task is not None and self._next_turn < len(turns):
+            turn = turns[self._next_turn]
+            self._next_turn += 1
+            self._append_message(turn if isinstance(turn, dict) else {"role": "user", "content": turn})
+            outcome = (*outcome[:3], 2)
+        return outcome
+
+    def _run_transform(self, obs: ChatObservation, reason: str | None, count: int) -> tuple[Any, bool, dict, int]:
+        """The transform, then the outcome; the episode is done if it or ``reason`` says so."""
+        if self.transform is not None:
+            try:
+                obs = _settle(self.transform(obs))
+                obs.reward = _reward_value(obs.reward, "the transform")
+                if not isinstance(obs.metadata, dict):
+                    raise TypeError(f"metadata must be a dict, not {type(obs.metadata).__name__}")
+            except Exception as exc:
+                self.done_reason = "a hook failed on its last step"
+                raise RuntimeError(f"the transform failed: {type(exc).__name__}: {exc}") from exc
+        if reason is None and obs.done:
+            reason = "a hook ended it"
+        self.done_reason = reason
+        metadata = obs.metadata
+        if reason is not None:
+            metadata["done_reason"] = reason
+        return obs.reward, reason is not None, metadata, 1
+
+    def _append_message(self, message: Mapping[str, Any]) -> None:
+        """Append a message the environment poses (a task's prompt, a scripted turn), tokenized."""
+        role, content = message["role"], message["content"]
+        self._history.append(role, content, _tokenize_message(self.tokenizer, {"role": role, "content": content}))
+
+    # OpenEnv's task API (its HTTP routes and clients call these): NotImplementedError without tasks
+
+    def _task_set(self) -> Any:
+        if self.tasks is None:
+            raise NotImplementedError("this environment has no tasks")
+        return self.tasks
+
+    def list_splits(self) -> list[str]:
+        return self._task_set().list_splits()
+
+    def list_tasks(self, split: str) -> list[dict[str, Any]]:
+        return self._task_set().list_tasks(split)
+
+    def num_tasks(self, split: str) -> int:
+        return self._task_set().num_tasks(split)
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        return self._task_set().get_task(split, index)
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        return self._task_set().get_task_range(split, start, stop)
 
     def append_tokens(self, tokens: Any) -> dict[str, str]:
         """Decode and append one message; on failure the history is unchanged."""
@@ -690,11 +1383,25 @@ _STEP_KEYS = frozenset(("tokens", "metadata"))
 _TOP_KEYS = frozenset(("type", "data"))
 DELTA_KEY = "chatenv_delta"  # reset data key asking a chatenv server for delta observations
 
-_OBS_HEAD = b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
+_OBS_START = b'{"type":"observation","data":{"observation":{"metadata":'
 _OBS_MID = b'],"tokens":['
-_OBS_TAIL = b']},"reward":null,"done":false}}'
 _DELTA_MID = b'],"delta":{"messages":'
-_DELTA_TAIL = b'}},"reward":null,"done":false}}'
+
+
+def _observation_parts(outcome: tuple[Any, bool, dict[str, Any], int]) -> tuple[bytes, bytes, bytes]:
+    """The head, full tail and delta tail of an observation frame for an environment's outcome.
+
+    As OpenEnv 0.10 places them: metadata inside the observation always, and
+    beside reward and done as well when it is not empty.
+    """
+    reward, done, metadata = outcome[0], outcome[1], outcome[2]
+    meta = _json_bytes(metadata)
+    after = b'"reward":%s,"done":%s%s}}' % (
+        _json_bytes(reward), b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
+    return _OBS_START + meta + b',"messages":[', b"]}," + after, b"}}," + after
+
+
+_NO_OUTCOME = (None, False, {}, 1)  # an environment without hooks: reward null, done false, no metadata
 
 # The episode as JSON: written once, as each message is appended, so a reply is a
 # join of what is kept, never a re-dump of the history
@@ -715,6 +1422,9 @@ def _json_bytes(value: Any) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return _dumps_ascii(value).encode()
+
+
+_OBS_HEAD, _OBS_TAIL, _DELTA_TAIL = _observation_parts(_NO_OUTCOME)  # its frames' bytes, ready: the hot path's
 
 
 def _json_string_bytes(text: str) -> bytes:
@@ -840,6 +1550,15 @@ class _WireHistory:
             token_start += 1
         return self.messages_json[start:ends[-1]], self.tokens_json[token_start:end]
 
+    def since(self, count: int) -> tuple[bytes, bytes]:
+        """The JSON of the messages after the first ``count`` and their token text (a delta of several)."""
+        messages, tokens = self.messages_json, self.tokens_json
+        start = self.message_ends[count - 1] + 1 if count else 0
+        token_start = self.token_ends[count - 1] if count else 0
+        if tokens[token_start:token_start + 1] == b",":
+            token_start += 1
+        return bytes(messages[start:]), bytes(tokens[token_start:])
+
     def history_tokens_json(self) -> bytes:
         """``[ids],[ids],...``: one list per message (for ``state``; O(history), only there)."""
         text, pieces, start = self.tokens_json, [], 0
@@ -943,7 +1662,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
     internal fault (never the client's input) ends it with SESSION_ERROR.
     """
     try:
-        message = _parse_request(frame)
+        message = _parse_request(frame, session.server)
         kind = message.get("type")
         if kind == "step":
             return _step_reply(session, _step_tokens(message))
@@ -958,7 +1677,7 @@ def handle_frame(session: Session, frame: str | bytes | bytearray) -> Reply:
         if kind == "mcp":
             data = message.get("data")
             reply = _mcp_reply(session.server, data, session)
-            return Reply([_json_bytes({"type": "mcp", "data": reply})])
+            return Reply([_json_bytes({"type": "mcp", "data": reply})] if reply is not None else None)
         raise _RequestError(UNKNOWN_TYPE, f"Unknown message type: {_type_text(kind)}")
     except _RequestError as exc:
         return _error_reply(exc.code, exc.message)
@@ -983,9 +1702,48 @@ def _type_text(kind: Any) -> str:
     return kind[:64] if isinstance(kind, str) else _preview(kind)
 
 
-def _parse_request(frame: str | bytes | bytearray) -> dict[str, Any]:
+_MAX_CONTAINERS = 2**16  # arrays and objects one request may hold ('[' and '{' counted before parsing)
+_MAX_DIGITS = 64  # digits in a row one request may hold: a token id needs few, and int() is quadratic in them
+# A run of more digits, found as zeros once every digit is one (a translate and a substring
+# search, both in C and linear: a regular expression rescans runs and costs ten times more)
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGITS = b"0" * (_MAX_DIGITS + 1)
+
+
+def _costly_json(text: str | bytes | bytearray, max_tokens: int | None = None) -> tuple[str, str] | None:
+    """Why JSON text would cost too much to parse, as (error code, text), or None; decided
+    before json.loads builds it.
+
+    16 MiB of ``[[]]`` costs seconds of CPU and most of a gigabyte, of
+    4300-digit numbers a second, of ``1,1,...`` (8M items where an episode
+    holds ``max_tokens``) most of a second, all holding the event loop; no step
+    needs any of them. Upper bounds (brackets, commas or digits inside a string
+    count too), counted in C, and only for a request long enough to pass them:
+    an honest 1M-token step pays a few milliseconds.
+    """
+    if len(text) <= _MAX_CONTAINERS:
+        return None
+    plain = isinstance(text, str)
+    bracket, brace, comma = ("[", "{", ",") if plain else (b"[", b"{", b",")
+    if text.count(bracket) + text.count(brace) > _MAX_CONTAINERS:
+        return INVALID_JSON, (f"more than {_MAX_CONTAINERS} arrays and objects ('[' and '{{'); a step's "
+                              f"tokens are a list of token ids, or a few lists of them")
+    items = text.count(comma) + 1
+    if max_tokens is not None and items > max_tokens + _MAX_CONTAINERS:
+        return VALIDATION_ERROR, f"{items} items (',') where an episode holds at most {max_tokens} tokens"
+    data = text.encode("utf-8", "surrogatepass") if plain else text  # (no UTF-8 sequence holds a digit byte)
+    if _LONG_DIGITS in data.translate(_DIGITS_AS_ZEROS):
+        return VALIDATION_ERROR, f"a number over {_MAX_DIGITS} digits; a token id is a small integer"
+    return None
+
+
+def _parse_request(frame: str | bytes | bytearray, server: Any = None) -> dict[str, Any]:
     if not isinstance(frame, str):
         raise _RequestError(INVALID_JSON, "Binary frames are not supported: send JSON as a text frame")
+    costly = _costly_json(frame, getattr(server, "max_episode_tokens", None)) if len(frame) > _MAX_CONTAINERS else None
+    if costly is not None:
+        code, why = costly
+        raise _RequestError(code, f"{'Invalid JSON' if code == INVALID_JSON else 'Invalid message'}: {why}")
     try:
         message = json.loads(frame)
     except RecursionError:
@@ -1051,28 +1809,60 @@ def _reset_args(message: dict[str, Any]) -> dict[str, Any]:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' must be a string")
     if episode_id is not None and len(episode_id) > 256:
         raise _RequestError(VALIDATION_ERROR, "Invalid message: 'episode_id' is longer than 256")
-    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True}
+    split, index, task_id = data.get("split"), data.get("index"), data.get("task_id")  # which task (OpenEnv 0.10's)
+    if split is not None and not isinstance(split, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'split' must be a string")
+    if index is not None and type(index) is not int:
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'index' must be an integer")
+    if task_id is not None and not isinstance(task_id, str):
+        raise _RequestError(VALIDATION_ERROR, "Invalid message: 'task_id' must be a string")
+    return {"seed": seed, "episode_id": episode_id, "delta": data.get(DELTA_KEY) is True,
+            "split": split, "index": index, "task_id": task_id}
+
+
+def _reset_outcome(env: ChatEnvironment, args: dict[str, Any]) -> Any:
+    """Reset ``env`` as a request asks; a task it cannot pick is the client's VALIDATION_ERROR."""
+    try:
+        return env.reset_outcome(args["seed"], args["episode_id"], split=args["split"], index=args["index"],
+                                 task_id=args["task_id"])
+    except _NoSuchTask as exc:
+        raise _RequestError(VALIDATION_ERROR, f"Invalid message: {exc}") from None
 
 
 def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
-    session.env.reset(seed=args["seed"], episode_id=args["episode_id"])
+    env = session.env  # (a session that cannot make one is an internal fault, not this reset's)
+    try:
+        outcome = _reset_outcome(env, args)
+    except _RequestError:
+        raise
+    except Exception as exc:  # a hook failed
+        return _error_reply(EXECUTION_ERROR, f"Reset failed: {str(exc)[:200]}")
     session.delta = args["delta"]
     history = session.history
-    return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+    head, tail, _ = (_OBS_HEAD, _OBS_TAIL, None) if outcome is None else _observation_parts(outcome)
+    return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
 
 
 def _step_reply(session: Session, tokens: list[int]) -> Reply:
     env = session.env  # (a session that cannot make one is an internal fault, not this step's)
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full: the client's doing
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full or done, a hook failed
         return _error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history
+    if outcome is None:  # no hook: the bytes are ready
+        if not session.delta:
+            return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
+        message_json, token_text = history.last()
+        return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    head, tail, delta_tail = _observation_parts(outcome)
     if not session.delta:
-        return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
+        return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
     totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
-    message_json, token_text = history.last()
-    return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
+    added = outcome[3]  # the step's message, and a scripted turn after it
+    message_json, token_text = history.last() if added == 1 else history.since(history.message_count - added)
+    return Reply([head, message_json, _OBS_MID, token_text, _DELTA_MID, totals, delta_tail])
 
 
 def _state_reply(session: Session) -> Reply:
@@ -1093,8 +1883,13 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> di
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message, "data": data}}
 
 
-def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any]:
-    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws."""
+def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dict[str, Any] | None:
+    """Answer one JSON-RPC request sent to /mcp (HTTP) or as an ``mcp`` frame on /ws.
+
+    A notification (a valid request with no ``id`` member) is answered with None:
+    JSON-RPC 2.0 says a server must not reply to one. Its effect still happens,
+    except a session/create's: a session whose id nobody is told is never made.
+    """
     request_id = request.get("id") if isinstance(request, dict) else None
     if (not isinstance(request, dict) or request.get("jsonrpc") != "2.0"
             or not isinstance(request.get("method"), str) or request.keys() - {"jsonrpc", "method", "params", "id"}
@@ -1102,6 +1897,10 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
         return _rpc_error(None, _RPC_INVALID_REQUEST,
                           "Invalid request: a JSON-RPC 2.0 request needs 'jsonrpc': '2.0' and a string 'method'")
     method, params = request["method"], request.get("params", {})
+    if "id" not in request:
+        if method == "openenv/session/close" and isinstance(params, dict):
+            _mcp_reply(server, {**request, "id": None}, session)  # its effect, its answer dropped
+        return None
     if not isinstance(params, dict):
         return _rpc_error(request_id, _RPC_INVALID_PARAMS, "Params must be an object")
     if method == "openenv/session/create":
@@ -1113,9 +1912,8 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
             return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": session.id}}
         created = server.create_named_session() if server is not None else None
         if not isinstance(created, str):
-            active, limit = created if created else (0, 0)
-            return _rpc_error(request_id, _RPC_SERVER_ERROR, _capacity_text(active, limit),
-                              {"active_sessions": active, "max_sessions": limit})
+            text, data = created or (_capacity_text(0, 0), {"active_sessions": 0, "max_sessions": 0})
+            return _rpc_error(request_id, _RPC_SERVER_ERROR, text, data)
         return {"jsonrpc": "2.0", "id": request_id, "result": {"session_id": created}}
     if method == "openenv/session/close":
         target = params.get("session_id")
@@ -1133,8 +1931,11 @@ def _mcp_reply(server: Any, request: Any, session: Session | None = None) -> dic
     return _rpc_error(request_id, _RPC_INTERNAL_ERROR, "Environment does not support MCP")
 
 
-def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
-    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does."""
+def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any] | None:
+    """POST /mcp: parse the body, then answer as ``_mcp_reply`` does (None: a notification)."""
+    costly = _costly_json(body)
+    if costly is not None:
+        return _rpc_error(None, _RPC_INVALID_REQUEST, f"Invalid request: {costly[1]}")
     try:
         request = json.loads(body)
     except (ValueError, RecursionError):
@@ -1146,7 +1947,7 @@ def _mcp_http_reply(server: Any, body: bytes) -> dict[str, Any]:
 # same statuses and bodies of the same shape, from the same environment code
 
 _ENV_NAME = "chat_env"
-_TASK_ROUTES = {  # OpenEnv's task API; the chat environment has no tasks: 501, as OpenEnv says
+_TASK_ROUTES = {  # OpenEnv's task API: a server without tasks says 501, as OpenEnv does
     "splits": ("GET", "list_splits"), "tasks": ("POST", "list_tasks"), "num_tasks": ("POST", "num_tasks"),
     "task": ("POST", "get_task"), "task_range": ("POST", "get_task_range"),
 }
@@ -1159,13 +1960,21 @@ def _unprocessable(loc: str, message: str, value: Any) -> tuple[int, Any]:
     return 422, {"detail": [{"type": "value_error", "loc": [loc], "msg": message, "input": value}]}
 
 
-def _http_observation(history: _WireHistory) -> bytes:
-    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape."""
-    return b"".join((b'{"observation":{"metadata":{},"messages":[', history.messages_json, _OBS_MID,
-                     history.tokens_json, b']},"reward":null,"done":false,"metadata":null}'))
+def _http_observation(history: _WireHistory, outcome: Any = None) -> bytes:
+    """The stateless POST /reset and /step answer: the observation, OpenEnv 0.10's shape.
+
+    Its metadata is in the observation, and beside it (null when empty); its reward
+    a number, as OpenEnv's response model makes it (a bool reward is 1.0 or 0.0).
+    """
+    reward, done, metadata = (outcome or _NO_OUTCOME)[:3]
+    meta = _json_bytes(metadata)
+    return b"".join((b'{"observation":{"metadata":', meta, b',"messages":[', history.messages_json, _OBS_MID,
+                     history.tokens_json, b']},"reward":%s,"done":%s,"metadata":%s}' % (
+                         _json_bytes(None if reward is None else float(reward)), b"true" if done else b"false",
+                         meta if metadata else b"null")))
 
 
-def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+def http_reply(server: Any, method: str, path: str, body: bytes | bytearray = b"") -> tuple[int, Any]:
     """Answer one plain HTTP request: (status, a JSON-able body or pre-encoded JSON bytes).
 
     ``server`` is the ChatServer (its tokenizer, limits, fresh environments and
@@ -1184,7 +1993,9 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
             return 405, {"detail": "Method Not Allowed"}
         if parts[0].lower() != _ENV_NAME:
             return 404, {"detail": f"unknown environment {_type_text(parts[0])!r}"}
-        return 501, {"detail": f"{name} is not supported for this environment"}
+        if server.tasks is None:
+            return 501, {"detail": f"{name} is not supported for this environment"}
+        return _task_route(server.tasks, name, body)
     if path not in _GET_ROUTES and path not in _POST_ROUTES:
         return 404, {"detail": "Not Found"}
     if (method == "GET") != (path in _GET_ROUTES) or method not in ("GET", "POST"):
@@ -1213,11 +2024,15 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/list_environments":
         return 200, [_ENV_NAME]
     if path == "/mcp":
-        return 200, _mcp_http_reply(server, body)
+        answer = _mcp_http_reply(server, body)
+        return (200, answer) if answer is not None else (202, b"")  # a notification: accepted, no answer
     history = _WireHistory()
     env = server._new_environment(history=history)
     if path == "/state":
         return 200, env.state.to_dict()
+    costly = _costly_json(body, server.max_episode_tokens)
+    if costly is not None:
+        return _unprocessable("body", costly[1], None)
     try:
         request = json.loads(body) if body.strip() else {}
     except (ValueError, RecursionError):
@@ -1227,10 +2042,12 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
     if path == "/reset":
         try:
             args = _reset_args({"data": request})
+            outcome = _reset_outcome(env, args)
         except _RequestError as exc:
             return _unprocessable("body", exc.message, None)
-        env.reset(seed=args["seed"], episode_id=args["episode_id"])
-        return 200, _http_observation(history)
+        except Exception as exc:  # a hook failed
+            return 500, {"detail": f"Reset failed: {str(exc)[:200]}"}
+        return 200, _http_observation(history, outcome)
     action = request.get("action")
     if not isinstance(action, dict):
         return _unprocessable("action", "Field required: an object with 'tokens'", None)
@@ -1238,12 +2055,49 @@ def http_reply(server: Any, method: str, path: str, body: bytes = b"") -> tuple[
         tokens = _step_tokens({"data": action})
     except _RequestError as exc:
         return _unprocessable("tokens", exc.message, None)
-    env.reset()
     try:
-        env.append_ids(tokens)
-    except Exception as exc:  # the tokenizer refused the ids, or the episode is full
+        env.reset_outcome()
+        outcome = env.step_outcome(tokens)
+    except Exception as exc:  # the tokenizer refused the ids, the episode is full, a hook failed
         return 500, {"detail": f"Step failed: {str(exc)[:200]}"}
-    return 200, _http_observation(history)
+    return 200, _http_observation(history, outcome)
+
+
+def _task_route(tasks: Tasks, name: str, body: bytes) -> tuple[int, Any]:
+    """A task route's answer, shaped as OpenEnv 0.10's; an unknown split is a 400 (OpenEnv leaves it to the environment)."""
+    if name == "list_splits":
+        return 200, [{"name": split, "type": split if split in _SPLIT_TYPES else "validation"}
+                     for split in tasks.list_splits()]
+    try:
+        request = json.loads(body) if body.strip() else None
+    except (ValueError, RecursionError):
+        return 422, {"detail": [{"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": None}]}
+    if not isinstance(request, dict):
+        return 422, {"detail": [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]}
+    fields = {"split": str, "index": int} if name == "get_task" else {"split": str}
+    for key, kind in fields.items():
+        value = request.get(key)
+        if value is None:
+            return 422, {"detail": [{"type": "missing", "loc": ["body", key], "msg": "Field required",
+                                     "input": request}]}
+        if type(value) is not kind:
+            return _unprocessable(key, f"Input should be a valid {'string' if kind is str else 'integer'}", value)
+    for key in ("start", "stop") if name == "get_task_range" else ():
+        if request.get(key) is not None and type(request[key]) is not int:
+            return _unprocessable(key, "Input should be a valid integer", request[key])
+    split = request["split"]
+    try:
+        if name == "list_tasks":
+            return 200, {"tasks": tasks.list_tasks(split), "env_name": _ENV_NAME}
+        if name == "num_tasks":
+            return 200, {"num_tasks": tasks.num_tasks(split)}
+        if name == "get_task":
+            return 200, {"task": tasks.get_task(split, request["index"])}
+        return 200, {"tasks": tasks.get_task_range(split, request.get("start"), request.get("stop"))}
+    except IndexError:
+        return 400, {"detail": "Invalid task index"}
+    except _NoSuchTask as exc:
+        return 400, {"detail": str(exc)}
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -1267,6 +2121,85 @@ def _openapi_document() -> dict[str, Any]:
     # profile (OpenEnv says 1.0.0); chatenv's own version is beside it
     return {"openapi": "3.1.0", "info": {"title": "chatenv", "version": "1.0.0", "x-chatenv-version": __version__},
             "paths": paths}
+
+
+# Who may ask: one decision for every request, on both transports (the native server's
+# upgrades and plain HTTP, the ASGI app's HTTP and WebSocket scopes), made from its head
+# alone, before a body is read, a session opened or anything counted against a limit
+_OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})  # answered without the token: liveness probes
+
+
+def _authorized(headers: Any, token: str) -> bool:
+    """Check ``Authorization: Bearer <token>`` (scheme in any case) in constant time."""
+    import hmac
+
+    values = headers.get_all("Authorization")  # .get() raises when the header is repeated
+    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return matches and scheme.lower() == "bearer"
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: lowercased, without its port or an IPv6 address's brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_host(name: str) -> bool:
+    """localhost, a name under .localhost (RFC 6761), 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
+    import ipaddress
+
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _access_refusal(method: str, path: str, upgrade: bool, headers: Any, *, token: str | None, loopback: bool,
+                    allow_origins: frozenset[str],
+                    allow_hosts: frozenset[str]) -> tuple[int, str, dict[str, str]] | None:
+    """Why a request may not reach the server at all, as (status, text, extra headers),
+    or None. Pure: both shells ask it of every request, and no route decides for itself.
+
+    ``upgrade``: the request opens a session (a WebSocket upgrade to /ws). A server
+    on a loopback address answers only loopback Host names (and ``allow_hosts``), so
+    a web page whose name was rebound to 127.0.0.1 cannot reach it; a WebSocket
+    upgrade or any request with a body that carries an ``Origin`` (a browser's)
+    needs that origin in ``allow_origins``, since browsers let any page open
+    WebSockets and POST to any address; clients that send no Origin (OpenEnv's,
+    chatenv's, curl) are not affected. With a ``token``, every request but
+    ``_OPEN_ROUTES`` needs ``Authorization: Bearer <token>``: 401 otherwise.
+    Host and Origin come first: they need no secret, so a page a browser runs gets
+    the same 403 whatever it sends, and learns nothing of the token, not even that
+    one is set.
+    """
+    if loopback and "*" not in allow_hosts:
+        hosts = headers.get_all("Host")
+        if len(hosts) > 1:
+            return 400, "Bad Request: more than one Host header\n", {}
+        name = _host_name(hosts[0]) if hosts else ""
+        if hosts and not _is_loopback_host(name) and name not in allow_hosts:
+            return 403, (f"Forbidden: this server listens on a loopback address and answers only loopback "
+                         f"Host names, not {_preview(name)} (allow it with --allow-host)\n"), {}
+    if upgrade or method not in ("GET", "HEAD"):
+        origins = headers.get_all("Origin")
+        if origins and "*" not in allow_origins:
+            origin = origins[0].strip().lower().rstrip("/")
+            if len(origins) > 1 or origin not in allow_origins:
+                return 403, (f"Forbidden: requests from web pages at {_preview(origin)} are not allowed "
+                             f"(allow the origin with --allow-origin)\n"), {}
+    if token is not None and (upgrade or (method, path.split("?", 1)[0]) not in _OPEN_ROUTES) \
+            and not _authorized(headers, token):
+        return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
+                {"WWW-Authenticate": "Bearer"})
+    return None
 
 
 # ------------------------------------------------------------------------------
@@ -1329,33 +2262,6 @@ def _close_code(exc: Any) -> int:
 # them as pending (SYNC_CLIENT_PENDING), so nothing else may use them
 
 
-def _apply_mask() -> Any:
-    """websockets.frames.apply_mask, not exported."""
-    from websockets.frames import apply_mask
-
-    return apply_mask
-
-
-def _extensions(proto: Any) -> list[Any]:
-    """Protocol.extensions, undocumented: the negotiated extensions."""
-    return proto.extensions
-
-
-def _close_received(proto: Any) -> Any:
-    """Protocol.close_rcvd, undocumented: the peer's Close or None."""
-    return proto.close_rcvd
-
-
-def _close_sent(proto: Any) -> Any:
-    """Protocol.close_sent, undocumented: our Close or None."""
-    return proto.close_sent
-
-
-def _close_received_first(proto: Any) -> bool | None:
-    """Protocol.close_rcvd_then_sent, undocumented: whether the peer closed first."""
-    return proto.close_rcvd_then_sent
-
-
 def _websockets_version() -> tuple[int, int]:
     """The installed websockets release as (major, minor), from its distribution's metadata:
     the tests' sync client takes ``legacy`` from 17.1 on."""
@@ -1381,14 +2287,6 @@ _wire_logger = logging.getLogger("chatenv.wire")
 _wire_logger.setLevel(logging.WARNING)  # websockets logs every open/close at INFO; we log sessions
 
 
-def _authorized(headers: Any, token: str) -> bool:
-    """Check ``Authorization: Bearer <token>`` (scheme in any case) in constant time."""
-    import hmac
-
-    values = headers.get_all("Authorization")  # .get() raises when the header is repeated
-    scheme, _, given = (values[0] if len(values) == 1 else "").partition(" ")
-    matches = hmac.compare_digest(given.strip().encode(), token.encode())
-    return matches and scheme.lower() == "bearer"
 
 
 def _allow_list(value: Any, what: str) -> frozenset[str]:
@@ -1397,59 +2295,6 @@ def _allow_list(value: Any, what: str) -> frozenset[str]:
     if not all(isinstance(item, str) for item in items):
         raise ValueError(f"{what} must be strings, not {value!r}")
     return frozenset(item.strip().lower().rstrip("/") for item in items if item.strip())
-
-
-def _host_name(host: str) -> str:
-    """The name in a Host header: lowercased, without its port or an IPv6 address's brackets."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def _is_loopback_host(name: str) -> bool:
-    """localhost, a name under .localhost (RFC 6761), 127.0.0.0/8 or ::1 (IPv4-mapped too)."""
-    import ipaddress
-
-    name = name.rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def _access_refusal(method: str, upgrade: bool, headers: Any, loopback: bool,
-                    allow_origins: frozenset[str], allow_hosts: frozenset[str]) -> tuple[int, str] | None:
-    """Why a request may not reach the server at all, as (status, text), or None. Pure:
-    both shells (the native server and ASGIApp) ask it.
-
-    A server on a loopback address answers only loopback Host names (and
-    ``allow_hosts``), so a web page whose name was rebound to 127.0.0.1 cannot reach
-    it; a WebSocket upgrade or any request with a body that carries an ``Origin``
-    (a browser's) needs that origin in ``allow_origins``, since browsers let any
-    page open WebSockets and POST to any address. Clients that send no Origin
-    (OpenEnv's, chatenv's, curl) are not affected.
-    """
-    if loopback and "*" not in allow_hosts:
-        hosts = headers.get_all("Host")
-        if len(hosts) > 1:
-            return 400, "Bad Request: more than one Host header\n"
-        name = _host_name(hosts[0]) if hosts else ""
-        if hosts and not _is_loopback_host(name) and name not in allow_hosts:
-            return 403, (f"Forbidden: this server listens on a loopback address and answers only loopback "
-                         f"Host names, not {_preview(name)} (allow it with --allow-host)\n")
-    if upgrade or method not in ("GET", "HEAD"):
-        origins = headers.get_all("Origin")
-        if origins and "*" not in allow_origins:
-            origin = origins[0].strip().lower().rstrip("/")
-            if len(origins) > 1 or origin not in allow_origins:
-                return 403, (f"Forbidden: requests from web pages at {_preview(origin)} are not allowed "
-                             f"(allow the origin with --allow-origin)\n")
-    return None
 
 
 def _listen(host: str, port: int) -> list[Any]:
@@ -1535,6 +2380,43 @@ class _LogLimiter:
         self.window = now
 
 
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a method or header name (RFC 9110 5.6.2)
+_HTTP_VERSION = re.compile(r"HTTP/1\.[01]")
+_HTTP_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # bytes no request line or header may hold (tab may)
+
+
+def _parse_http_head(head: bytes) -> tuple[str, str, Any, int]:
+    """A request head (without its blank line) as (method, target, headers, Content-Length).
+
+    Strict, as a request that two parsers could read two ways must not be read
+    at all (RFC 9112): any malformed line, control byte, signed or non-decimal
+    or conflicting Content-Length raises ValueError saying what is wrong.
+    """
+    from websockets.datastructures import Headers
+
+    text = head.decode("latin-1")
+    if _HTTP_CONTROL.search(text.replace("\r\n", "  ")):
+        raise ValueError("a control character in the request line or headers")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not _HTTP_TOKEN.fullmatch(parts[0]) or not parts[1] or not _HTTP_VERSION.fullmatch(parts[2]):
+        raise ValueError(f"not a request line: {_preview(lines[0])}")
+    headers, lengths = Headers(), set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _HTTP_TOKEN.fullmatch(name):
+            raise ValueError(f"not a header line: {_preview(line)}")
+        value = value.strip(" \t")
+        headers[name] = value
+        if name.lower() == "content-length":
+            if not value.isascii() or not value.isdigit() or len(value) > 18:
+                raise ValueError(f"Content-Length is not a decimal number of bytes: {_preview(value)}")
+            lengths.add(int(value))
+    if len(lengths) > 1:
+        raise ValueError(f"conflicting Content-Length headers: {sorted(lengths)}")
+    return parts[0], parts[1], headers, lengths.pop() if lengths else 0
+
+
 # What a session costs its server beyond its episode's history (its connection, the
 # Sans-I/O protocol, the session and environment objects, a small last step kept for
 # delta replies): 7.3 KB by RSS over a thousand open sessions (test_limits.py checks
@@ -1585,6 +2467,35 @@ class _MemoryAccount:
                 self.open, self.held = False, 0
 
 
+def _per_session(hook: Any) -> Any:
+    """A session's own instance of a hook: a copy of an object, which may keep state; a function is shared.
+
+    An object that cannot be copied (it holds a lock or a connection) is shared,
+    and must then be safe to call from several step threads at once.
+    """
+    import copy
+    import types
+
+    if hook is None or isinstance(hook, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return hook
+    try:
+        return copy.deepcopy(hook)
+    except Exception:
+        return hook
+
+
+def _known_fast(hook: Any) -> bool:
+    """Whether a hook is known to return at once (none, a built-in reward, a weighted sum of those)."""
+    if isinstance(hook, _WeightedRubrics):
+        return all(_known_fast(rubric) for _, rubric, _ in hook.rubrics)
+    return hook is None or any(hook is builtin for builtin in _BUILTIN_REWARDS.values())
+
+
+def _hook_thread_init(loop: Any) -> None:
+    """A step thread's start: async hooks it meets are awaited on ``loop`` (see _settle)."""
+    _hook_thread.loop = loop
+
+
 class ChatServer:
     """An asyncio server: a chat session per WebSocket at /ws, HTTP probes beside.
 
@@ -1611,6 +2522,7 @@ class ChatServer:
         allow_hosts: Any = (),
         # Limits
         max_sessions: int = 256,
+        max_named_sessions: int | None = None,
         max_handshakes: int = 1024,
         max_buffered_bytes: int | None = 2**28,
         max_message_bytes: int | None = 2**24,
@@ -1625,15 +2537,27 @@ class ChatServer:
         close_timeout_s: float = 2.0,
         offload: bool | None = None,
         sock: Any = None,
+        # Rewards, tasks and episode ends: ChatEnvironment's, for every session (hook
+        # objects copied per session, see _per_session); show_answers: task routes send answers
+        transform: Any = None,
+        rubric: Any = None,
+        tasks: Any = None,
+        max_turns: int | None = None,
+        stop: Any = (),
+        show_answers: bool = False,
     ) -> None:
         if compression not in (None, "none", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        if max_named_sessions is not None and max_named_sessions < 0:
+            raise ValueError(f"max_named_sessions must be 0 (none) or more, not {max_named_sessions!r}")
         if max_memory_bytes is not None and max_memory_bytes < 0:
             raise ValueError(f"max_memory_bytes must be 0 or more (0 or None: no bound), not {max_memory_bytes!r}")
         if auth_token is not None and not auth_token.strip():
             raise ValueError("an empty auth token would let everyone in: set a token, or leave it unset")
+        if auth_token is not None and auth_token != auth_token.strip():  # headers are read stripped: never a match
+            raise ValueError("the auth token has leading or trailing whitespace, which no client's header can match")
         if max_handshakes < 1:
             raise ValueError("max_handshakes must be at least 1")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -1643,9 +2567,17 @@ class ChatServer:
         self.max_episode_tokens = max_episode_tokens
         system = {"role": system_role, "content": system_prompt}
         system_tokens = tuple(_tokenize_message(self.tokenizer, system)) if system_prompt else None
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1, not {max_turns!r}")
+        if tasks is not None and not hasattr(tasks, "pick"):
+            tasks = Tasks(tasks, show_answers=show_answers)  # loaded once, here: sessions (and workers) share it
+        self.tasks, self.transform, self.rubric = tasks, transform, rubric
+        self.hooked = any(x is not None for x in (transform, rubric, tasks, max_turns)) or bool(stop)
         self._new_environment = functools.partial(  # (history=...): one factory, shared by every session
             ChatEnvironment, self.tokenizer, system_prompt, system_role, max_episode_tokens,
-            system_tokens=system_tokens)
+            system_tokens=system_tokens, tasks=tasks, max_turns=max_turns, stop=stop)
+        if transform is not None or rubric is not None:  # each session its own copies of hooks that keep state
+            self._new_environment = functools.partial(self._hooked_environment, self._new_environment)
         empty = _WireHistory()
         self._new_environment(history=empty)
         self._empty_episode_bytes = empty.nbytes  # what a new session's episode holds: its system prompt
@@ -1658,6 +2590,9 @@ class ChatServer:
         self.allow_origins = _allow_list(allow_origins, "allow_origins")
         self.allow_hosts = _allow_list(allow_hosts, "allow_hosts")
         self.max_sessions = max_sessions
+        # Of those, sessions made over HTTP (openenv/session/create) at once: a quarter by
+        # default, so a client looping on creates leaves the rest to WebSockets; 0: none
+        self.max_named_sessions = max(1, max_sessions // 4) if max_named_sessions is None else max_named_sessions
         # Connections not (yet) sessions: handshakes, plain HTTP requests, refusals;
         # past the limit the oldest is dropped, so stalled ones cannot lock out new ones
         self.max_handshakes = max_handshakes
@@ -1676,8 +2611,12 @@ class ChatServer:
         self.idle_timeout_s = idle_timeout_s
         self.send_timeout_s = send_timeout_s
         self.close_timeout_s = close_timeout_s
-        # Inline steps are safe only for a tokenizer known to be fast
-        self.offload = not isinstance(self.tokenizer, ByteTokenizer) if offload is None else offload
+        # Inline steps are safe only for a tokenizer known to be fast and hooks known to be
+        # (the built-in rewards); others may wait on a judge or compute: those steps run in
+        # a thread pool, a thread per busy session
+        if offload is None:
+            offload = not (isinstance(self.tokenizer, ByteTokenizer) and _known_fast(transform) and _known_fast(rubric))
+        self.offload = offload
         self.sock = sock  # a bound socket to serve on instead of host:port (a worker's, see _Supervisor)
         self.active_sessions = 0
         self._connections: set[_Connection] = set()
@@ -1857,43 +2796,46 @@ class ChatServer:
         if session.account is not None:
             session.account.close()
 
-    def _run_offloaded(self, session: Session, frame: Any) -> Any:
+    def _hooked_environment(self, make: Any, **kwargs: Any) -> ChatEnvironment:
+        return make(transform=_per_session(self.transform), rubric=_per_session(self.rubric), **kwargs)
+
+    def _run_offloaded(self, function: Any, *args: Any, loop: Any = None) -> Any:
+        """``function(*args)`` in the step pool (a step, a stateless HTTP one too): a future.
+
+        ``loop`` (default the server's) runs async hooks. With hooks the pool has a
+        thread per session (made when needed), so sessions whose hooks wait never
+        hold up the others; without, the default size.
+        """
+        loop = loop or self._loop
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._executor = ThreadPoolExecutor(thread_name_prefix="chatenv-step")
-        return self._loop.run_in_executor(self._executor, handle_frame, session, frame)
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_sessions if self.hooked else None, thread_name_prefix="chatenv-step",
+                initializer=_hook_thread_init, initargs=(loop,))
+        return loop.run_in_executor(self._executor, function, *args)
 
     # Sessions as both shells (native and ASGI) open and close them: one decision, one place
 
-    def _handshake_refusal(self, headers: Any, peer: str,
-                           loopback: bool | None = None) -> tuple[int, str, dict[str, str]] | None:
-        """Why a WebSocket upgrade to /ws is refused: (status, text, headers), or None.
-
-        ``loopback``: whether the server's address is a loopback one (the ASGI
-        server's, from its scope); by default, this server's listening address.
+    def _refusal(self, method: str, path: str, upgrade: bool, headers: Any, peer: str,
+                 loopback: bool | None = None) -> tuple[int, str, dict[str, str]] | None:
+        """Why a request is refused before it is read (``_access_refusal``): (status, text,
+        headers), logged, or None. ``loopback``: whether the server's address is a loopback
+        one (the ASGI server's, from its scope); by default, this server's listening address.
         """
-        refused = self._http_refusal("GET", headers, peer, loopback, upgrade=True)
-        if refused is not None:
-            return refused
-        if self.auth_token is not None and not _authorized(headers, self.auth_token):
-            self._log.log("refused an unauthenticated WebSocket upgrade", 1, logging.WARNING,
-                          "refused an unauthenticated WebSocket upgrade from %s", peer)
-            return (401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n",
-                    {"WWW-Authenticate": "Bearer"})
-        return None
-
-    def _http_refusal(self, method: str, headers: Any, peer: str, loopback: bool | None = None,
-                      upgrade: bool = False) -> tuple[int, str, dict[str, str]] | None:
-        """Why any request is refused before it is read (``_access_refusal``), or None."""
-        refused = _access_refusal(method, upgrade, headers, self._loopback if loopback is None else loopback,
-                                  self.allow_origins, self.allow_hosts)
+        refused = _access_refusal(method, path, upgrade, headers, token=self.auth_token,
+                                  loopback=self._loopback if loopback is None else loopback,
+                                  allow_origins=self.allow_origins, allow_hosts=self.allow_hosts)
         if refused is None:
             return None
-        status, text = refused
-        self._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: %d %s",
-                      peer, status, text.strip()[:200])
-        return status, text, {}
+        if refused[0] == 401:  # never the path's query nor the header: either may hold a token
+            what = "refused an unauthenticated WebSocket upgrade" if upgrade else "refused an unauthenticated request"
+            self._log.log(what, 1, logging.WARNING, what + " from %s: %s %s", peer, method[:16],
+                          _preview(path.split("?", 1)[0]))
+        else:
+            self._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: %d %s",
+                          peer, refused[0], refused[1].strip()[:200])
+        return refused
 
     def _open_session(self, query: str, peer: str) -> tuple[Session | None, str | None, Reply | None]:
         """The session for an accepted /ws upgrade: (session, its name if attached, refusal)."""
@@ -1936,15 +2878,26 @@ class ChatServer:
 
     # Named sessions: OpenEnv's MCP ``openenv/session/create`` makes one, a WebSocket
     # attaches to it with /ws?session_id=ID and leaves it alive when it goes; each
-    # counts against max_sessions until closed or unused for _NAMED_SESSION_TTL_S
+    # counts against max_sessions, and max_named_sessions, until closed or unused for
+    # _NAMED_SESSION_TTL_S
 
-    def create_named_session(self) -> str | tuple[int, int]:
-        """A new named session's id, or (active, limit) when the server is full."""
+    def create_named_session(self) -> str | tuple[str, dict[str, int]]:
+        """A new named session's id, or why not: (text, data) naming the limit reached."""
         import uuid
 
+        if len(self._named) >= self.max_named_sessions:
+            self._expire_named_sessions()  # the ASGI app has no housekeeping timer to do it
+        named, limit = len(self._named), self.max_named_sessions
+        if named >= limit and self.active_sessions < self.max_sessions:  # when both are reached: the server's
+            self._log.log("refused a session", 1, logging.WARNING,
+                          "refused a session: %d/%d named sessions (--max-named-sessions)", named, limit)
+            return (f"Server at capacity for named sessions: {named}/{limit} made with openenv/session/create "
+                    f"are open (--max-named-sessions). Close one with openenv/session/close, or use /ws.",
+                    {"named_sessions": named, "max_named_sessions": limit})
         session = self._new_session()
         if session is None:
-            return self.active_sessions, self.max_sessions
+            return _capacity_text(self.active_sessions, self.max_sessions), {
+                "active_sessions": self.active_sessions, "max_sessions": self.max_sessions}
         session.id = str(uuid.uuid4())
         self._named[session.id] = [session, False, False, self._clock()]  # attached, closing, last used
         return session.id
@@ -2004,7 +2957,10 @@ class ChatServer:
     def _flush_writes(self) -> None:
         unflushed, self._unflushed = self._unflushed, []
         for conn in unflushed:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception as exc:  # flush guards its transport calls: a bug, still this connection's only
+                conn.drop("flushing its writes", exc, logging.ERROR)
 
     # Keepalive and timeouts: one timer for the whole server, not one per session
 
@@ -2026,20 +2982,27 @@ class ChatServer:
         for conn in list(self._connections):
             try:
                 conn.check_timeouts(now)
-            except Exception:  # one broken connection must not stop the others' keepalive
-                logger.exception("keepalive check failed for %s", conn.peer)
-                conn.transport.abort()
+            except Exception as exc:  # one broken connection must not stop the others' keepalive
+                conn.drop("checking its timeouts", exc, logging.ERROR)
         self._housekeeper = self._loop.call_later(self._tick_s, self._housekeeping)
 
 
+# Last parts of a tokenizer's path that name nothing a user would recognise on their own:
+# /metadata shows the folder above them too ("qwen/tokenizer.json", not "tokenizer.json")
+_GENERIC_PATH_PARTS = {"model", "models", "tokenizer", "tokenizer.json"}
+
+
 def _tokenizer_name(tokenizer: Tokenizer) -> str:
-    """A tokenizer's model name; of a local path, only its last part (HTTP answers show it)."""
+    """A tokenizer's model name; of a local path, only its last part, or its last two when
+    the last is generic (HTTP answers show it: never a full path)."""
     name = getattr(tokenizer, "name_or_path", None) or getattr(tokenizer, "name", None)
     if not isinstance(name, str) or not name:
         return type(tokenizer).__name__
-    if os.path.isabs(name) or os.path.exists(name):
-        return os.path.basename(name.rstrip("/" + os.sep)) or type(tokenizer).__name__
-    return name
+    if not (os.path.isabs(name) or os.path.exists(name)):
+        return name  # a model name: "gpt2", "org/model"
+    parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".", "..")]
+    shown = parts[-2:] if len(parts) > 1 and parts[-1].lower() in _GENERIC_PATH_PARTS else parts[-1:]
+    return "/".join(shown) or type(tokenizer).__name__
 
 
 class _LargeReply:
@@ -2089,6 +3052,8 @@ class _Connection:
         # A plain HTTP request with a body, as read so far; once answered, an empty
         # buffer that what the client still sends is discarded into
         self.http_body: bytearray | None = None
+        # That request's method, target and Content-Length, once its head is whole (parsed once)
+        self.http_head: tuple[str, str, int] | None = None
 
         # The session, from the accepted upgrade on (None: not yet, or refused)
         self.session: Session | None = None
@@ -2162,13 +3127,19 @@ class _Connection:
         self.last_rx = self.server._loop.time()
         if self.eof_queued or self.failed:
             return  # we have said our last word; the rest is discarded until the client closes
-        state = self.proto.state
-        if state is _OPEN or state is _CLOSING:
-            self._receive_frames(data)
-        elif state is _CONNECTING:
-            self._receive_head(data)
-        if self.inbox and not self.offloaded and not self.drain_scheduled:
-            self._drain()
+        try:
+            state = self.proto.state
+            if state is _OPEN or state is _CLOSING:
+                self._receive_frames(data)
+            elif state is _CONNECTING:
+                self._receive_head(data)
+            if self.inbox and not self.offloaded and not self.drain_scheduled:
+                self._drain()
+        except Exception as exc:  # else asyncio logs a traceback per such request, unbounded
+            if self.proto.state is _CONNECTING and not self.eof_queued:
+                self._refuse_malformed(f"unreadable request ({type(exc).__name__})")
+            else:
+                self.drop("reading", exc, logging.WARNING)
 
     def eof_received(self) -> None:
         self.proto.receive_eof()
@@ -2241,7 +3212,7 @@ class _Connection:
         self.head = None
         proto = self.proto
         # Access is decided on the head as read here (latin-1), before the protocol sees it
-        refusal = self.server._handshake_refusal(_head_headers(upgrade), self.peer)
+        refusal = self.server._refusal("GET", "/ws", True, _head_headers(upgrade), self.peer)
         if refusal is None and not upgrade.isascii():  # no upgrade header has bytes past ASCII
             refusal = 400, "Bad Request: the upgrade request's head is not ASCII\n", {}
         if refusal is not None:
@@ -2282,52 +3253,72 @@ class _Connection:
             server._handshakes.pop(self, None)  # a session now, counted by max_sessions
 
     def _receive_http_request(self, data: bytes) -> None:
-        """Collect a plain HTTP request with a Content-Length body, answer it, half-close."""
-        from websockets.datastructures import Headers
-
+        """Collect a plain HTTP request with a Content-Length body, answer it, half-close.
+        Its head is parsed once, when whole; then only the body is counted."""
+        if self.offloaded:
+            return  # the body is being answered in the offload pool; what follows is not read
         if self.http_body is None:
             self.http_body = bytearray()
         buffer = self.http_body
-        start = max(0, len(buffer) - 3)
-        buffer += data
-        end = buffer.find(b"\r\n\r\n", start) if not self.head_bytes else self.head_bytes - 4
-        if end < 0:
-            if len(buffer) > _HTTP_HEAD_BYTES:
-                self._refuse_head()
-            return
-        if not self.head_bytes:
-            self.head_bytes = end + 4
-            if self.head_bytes > _HTTP_HEAD_BYTES:
-                self._refuse_head()
+        if self.http_head is None:
+            start = max(0, len(buffer) - 3)
+            buffer += data
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0 or end + 4 > _HTTP_HEAD_BYTES:
+                if end >= 0 or len(buffer) > _HTTP_HEAD_BYTES:
+                    self._refuse_head()
                 return
-        lines = buffer[:end].decode("latin-1").split("\r\n")
-        method, _, target = lines[0].partition(" ")
-        target = target.rpartition(" ")[0] or target
-        length = 0
-        headers = Headers()
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip(), value.strip()
-            headers[name] = value
-            name = name.lower()
-            if name == "content-length" and value.isdigit():
-                length = int(value)
-            elif name == "transfer-encoding":
+            self.head_bytes = end + 4
+            try:
+                method, target, headers, length = _parse_http_head(bytes(buffer[:end]))
+            except ValueError as exc:
+                self._refuse_malformed(str(exc))
+                return
+            del buffer[:end + 4]
+            if "transfer-encoding" in headers:
                 self._answer_http(411, {"detail": "Length Required: send the body with a Content-Length"})
                 return
-        refusal = self.server._http_refusal(method[:16], headers, self.peer)
-        if refusal is not None:
-            self._answer_http(refusal[0], {"detail": refusal[1].strip()})
-            return
-        limit = self.server.max_message_bytes
-        if limit is not None and length > limit:
-            self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
-            return
-        if len(buffer) - end - 4 < length:
+            refusal = self.server._refusal(method, target, False, headers, self.peer)
+            if refusal is not None:  # from the head: the body is neither waited for nor held
+                self._answer_http(refusal[0], {"detail": refusal[1].strip()}, extra=refusal[2])
+                return
+            limit = self.server.max_message_bytes
+            if limit is not None and length > limit:
+                self._answer_http(413, {"detail": f"Request body over the server's limit of {limit} bytes"})
+                return
+            self.http_head = (method, target, length)
+        else:
+            buffer += data
+        method, target, length = self.http_head
+        if len(buffer) < length:
             self._count_held()  # the rest of the body is on its way
             return
-        status, body = http_reply(self.server, method[:16], target, bytes(buffer[end + 4:end + 4 + length]))
+        del buffer[length:]  # (the body is read whole, never copied; it stays counted until answered)
+        self._count_held()
+        if self.server.offload and method == "POST":  # a stateless step, as a WebSocket's would be
+            self.offloaded = True
+            self.server._run_offloaded(http_reply, self.server, method, target, buffer).add_done_callback(
+                self._on_http_offloaded)
+            return
+        status, body = http_reply(self.server, method, target, buffer)
         self._answer_http(status, body, head=method == "HEAD")
+
+    def _on_http_offloaded(self, future: Any) -> None:
+        self.offloaded = False
+        if future.cancelled() or self.transport.is_closing():
+            return
+        exc = future.exception()
+        if exc is not None:  # http_reply answers every bad request itself; this is a bug
+            self.server._log.log("HTTP request failed", 1, logging.ERROR, "HTTP request failed outside the "
+                                 "protocol for %s: %s", self.peer, _preview(exc, 200))
+            self._answer_http(500, {"detail": "Internal Server Error"})
+        else:
+            self._answer_http(*future.result())
+
+    def _refuse_malformed(self, why: str) -> None:
+        self.server._log.log("refused a request", 1, logging.WARNING, "refused a request from %s: 400 %s",
+                             self.peer, why)
+        self._answer_http(400, {"detail": f"Bad Request: {why}"})
 
     def _refuse_head(self) -> None:
         self.server._log.log("refused a request", 1, logging.WARNING,
@@ -2335,11 +3326,11 @@ class _Connection:
                              self.peer, _HTTP_HEAD_BYTES)
         self._answer_http(431, {"detail": f"Request Header Fields Too Large: over {_HTTP_HEAD_BYTES} bytes"})
 
-    def _answer_http(self, status: int, body: Any, head: bool = False) -> None:
+    def _answer_http(self, status: int, body: Any, head: bool = False, extra: Any = None) -> None:
         """Answer a request ourselves (not through the protocol) and end the stream."""
         self.http_body = bytearray()  # what the client sends from now on is discarded
         self._count_held()
-        self._queue_write(_http_response(status, body, head))
+        self._queue_write(_http_response(status, body, head, extra))
         self._queue_eof()
 
     # Frame phase: every byte to the protocol, the frames it parses acted on here
@@ -2463,7 +3454,7 @@ class _Connection:
             frame = bytes(data)
         if self.server.offload:
             self.offloaded = True
-            self.server._run_offloaded(session, frame).add_done_callback(self._on_offloaded)
+            self.server._run_offloaded(handle_frame, session, frame).add_done_callback(self._on_offloaded)
             return
         self._reply(handle_frame(session, frame))
 
@@ -2550,7 +3541,11 @@ class _Connection:
                     large.started = True
                 data = b"".join(proto.data_to_send())
         if data:
-            self.transport.write(data)
+            try:
+                self.transport.write(data)
+            except Exception as exc:
+                self.drop("writing", exc)
+                return
         if not done:
             if self.write_paused_at is None:
                 self.server._loop.call_soon(self._write_large_chunk)
@@ -2597,21 +3592,39 @@ class _Connection:
     def flush(self) -> None:
         """Write this turn's writes to the transport in one piece (the server calls it)."""
         writes, self.writes = self.writes, []
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if writes:
-            data = writes[0] if len(writes) == 1 else b"".join(writes)
-            if data:
-                self.transport.write(data)
-        if self.eof_queued and self.large_reply is None and not self.eof_written:
-            # Half-close and keep reading until the client closes (or close_timeout_s):
-            # closing outright would answer a client still sending with a TCP reset,
-            # which can destroy our close frame before the client reads it
-            self.eof_written = True
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+        try:
+            if writes:
+                data = writes[0] if len(writes) == 1 else b"".join(writes)
+                if data:
+                    transport.write(data)
+            if self.eof_queued and self.large_reply is None and not self.eof_written:
+                # Half-close and keep reading until the client closes (or close_timeout_s):
+                # closing outright would answer a client still sending with a TCP reset,
+                # which can destroy our close frame before the client reads it
+                self.eof_written = True
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except Exception as exc:  # the peer is gone: write_eof() raises ENOTCONN after a reset
+            self.drop("writing", exc)
+
+    def drop(self, doing: str, exc: BaseException, level: int = logging.INFO) -> None:
+        """End this connection, and only it, over a failure while ``doing`` something.
+
+        asyncio documents no exceptions for a transport's calls, yet a socket the peer
+        has reset makes write_eof() raise; a failure on one connection must never reach
+        another's work (the server's loops over connections call this), nor flood the log.
+        """
+        self.server._log.log("dropped a connection", _LOG_LINES_PER_S, level,
+                             "dropped a connection: %s, failed %s: %s", self.peer, doing, _preview(exc, 200))
+        try:
+            self.transport.abort()
+        except Exception:  # aborting only closes our socket; nothing is left to do if even that fails
+            pass
 
     def _update_reading(self) -> None:
         inbox = self.inbox
@@ -2701,15 +3714,17 @@ def _query_value(query: str, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _http_response(status: int, body: Any, head: bool = False) -> bytes:
-    """The bytes of a plain HTTP answer (JSON, or ``body`` as given), the connection closing after it."""
+def _http_response(status: int, body: Any, head: bool = False, extra: Any = None) -> bytes:
+    """The bytes of a plain HTTP answer (JSON, or ``body`` as given), and ``extra``
+    headers (a refusal's) if any; the connection closes after it."""
     import email.utils
     import http
 
     payload = body if isinstance(body, bytes) else _json_bytes(body)
+    more = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
     lines = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
              f"Date: {email.utils.formatdate(usegmt=True)}\r\nServer: chatenv/{__version__}\r\n"
-             f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+             f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n{more}\r\n")
     return lines.encode() + (b"" if head else payload)
 
 
@@ -2771,7 +3786,9 @@ def serve(tokenizer: Tokenizer | str | None = None, workers: int = 1, loop: str 
 
 
 # Workers: `chatenv serve --workers N` runs N ordinary servers on one port, forked
-# from a supervisor that restarts those that die and passes SIGTERM/SIGINT on. On
+# from a supervisor that restarts those that die or stop answering and passes
+# SIGTERM/SIGINT on. Each worker's event loop writes a heartbeat byte to its own pipe;
+# a worker silent too long (stopped, or its loop wedged) is killed and replaced. On
 # Linux each worker listens on its own SO_REUSEPORT socket, so the kernel spreads
 # connections over them evenly; elsewhere all accept from one listening socket
 # that the supervisor binds and the workers inherit
@@ -2779,6 +3796,9 @@ _REUSE_PORT = sys.platform.startswith("linux")  # BSD/macOS SO_REUSEPORT does no
 _WORKER_STABLE_S = 5.0  # a worker that ran this long was not crash-looping: restart it at once
 _RESTART_DELAY_S = (0.1, 10.0)  # a crash-looping worker's restart delay: doubles from the first to the last
 _WORKER_STOP_S = 5.0  # after SIGTERM, a worker still closing its sessions this long is killed
+_HEARTBEAT_S = 0.5  # a worker's event loop writes a byte to its supervisor this often
+_WORKER_SILENT_S = 4.0  # a worker whose loop wrote nothing this long is stopped or wedged: killed, replaced
+_STOPPING_SILENT_S = 1.0  # while stopping, a worker silent this long will not act on SIGTERM: killed
 
 
 def _note_signal(signum: int, frame: Any) -> None:
@@ -2805,6 +3825,8 @@ class _Supervisor:
         self.sock: Any = None  # with reuse_port the port's reservation (bound, never listening), else the listener
         self.address: Any = None  # (family, address) every worker binds
         self.pids: dict[int, tuple[int, float]] = {}  # live workers: pid -> (slot, started at)
+        self.beats: dict[int, int] = {}  # heartbeat pipes' read ends: fd -> worker pid (closed at EOF)
+        self.heard: dict[int, float] = {}  # live workers: pid -> when its loop last wrote (or it started)
         self.failures = [0] * workers  # per slot: deaths in a row that came soon after a start
         self.due: dict[int, float] = {}  # slots waiting for a restart: slot -> when
         self.stopping = False
@@ -2834,11 +3856,14 @@ class _Supervisor:
             logger.info("supervisor pid %d: %d workers on %s (%s)", os.getpid(), self.workers, self.server.url,
                         "a SO_REUSEPORT socket each" if self.reuse_port else "one shared socket")
             while True:
-                received = self._wait(min([1.0, *(when - self._now() for when in self.due.values())]))
+                now = self._now()
+                received = self._wait(min([1.0, *(when - now for when in self.due.values()),
+                                           *(heard + _WORKER_SILENT_S - now for heard in self.heard.values())]))
                 if received & stop_signals:
                     name = signal.Signals(min(received & stop_signals)).name
                     logger.info("received %s: stopping %d workers", name, len(self.pids))
                     break
+                self._kill_silent(_WORKER_SILENT_S)
                 self._reap()
                 for slot, when in list(self.due.items()):
                     if when <= self._now():
@@ -2861,10 +3886,10 @@ class _Supervisor:
         return time.monotonic()
 
     def _close(self) -> None:
-        for fd in self.pipe:
+        for fd in [*self.pipe, *self.beats]:
             if fd != -1:
                 os.close(fd)
-        self.pipe = (-1, -1)
+        self.pipe, self.beats = (-1, -1), {}
         self.sock.close()
 
     def _socket(self, listen: bool, reuse_port: bool) -> Any:
@@ -2904,13 +3929,24 @@ class _Supervisor:
 
     def _spawn(self, slot: int) -> None:
         supervisor = os.getpid()
-        pid = os.fork()
+        beat_read, beat_write = os.pipe()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(beat_read)
+            os.close(beat_write)
+            raise
         if pid == 0:
-            self._work(supervisor)  # never returns
+            os.close(beat_read)
+            self._work(supervisor, beat_write)  # never returns
+        os.close(beat_write)
+        os.set_blocking(beat_read, False)
+        self.beats[beat_read] = pid
         self.pids[pid] = (slot, self._now())
+        self.heard[pid] = self._now()
         logger.debug("worker %d started: pid %d", slot, pid)
 
-    def _work(self, supervisor: int) -> None:
+    def _work(self, supervisor: int, heartbeat: int) -> None:
         """The worker, in the child: an ordinary server on the supervisor's port. Exits, never returns."""
         import asyncio
         import signal
@@ -2920,14 +3956,15 @@ class _Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
-            for fd in self.pipe:
+            for fd in [*self.pipe, *self.beats]:  # the supervisor's ends, other workers' heartbeats
                 os.close(fd)
+            os.set_blocking(heartbeat, False)
             if self.reuse_port:
                 self.server.sock = self._socket(listen=True, reuse_port=True)
                 self.sock.close()  # the reservation stays the supervisor's
             else:
                 self.server.sock = self.sock
-            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor))
+            (self.run_loop or asyncio.run)(_serve_worker(self.server, supervisor, heartbeat))
             code = 0
         except BaseException:
             logger.exception("worker pid %d failed", os.getpid())
@@ -2936,14 +3973,42 @@ class _Supervisor:
             os._exit(code)  # never unwind into the supervisor's caller
 
     def _wait(self, timeout: float) -> set[int]:
-        """Sleep until a signal comes or ``timeout`` passes; the signals that came."""
+        """Sleep until a signal or a heartbeat comes or ``timeout`` passes; the signals that came."""
         import select
 
-        select.select([self.pipe[0]], [], [], max(0.0, timeout))
+        readable, _, _ = select.select([self.pipe[0], *self.beats], [], [], max(0.0, timeout))
+        now = self._now()
+        for fd in readable:
+            if fd == self.pipe[0]:
+                continue
+            pid = self.beats[fd]
+            try:
+                beat = os.read(fd, 512)
+            except BlockingIOError:
+                continue
+            if beat:
+                if pid in self.heard:
+                    self.heard[pid] = now
+            else:  # the worker is gone: its reaping follows its SIGCHLD
+                del self.beats[fd]
+                os.close(fd)
         try:
             return set(os.read(self.pipe[0], 512))
         except BlockingIOError:
             return set()
+
+    def _kill_silent(self, silent_s: float) -> None:
+        """SIGKILL each worker whose event loop has written nothing for ``silent_s``: stopped
+        or wedged, it holds its share of the port's connections and answers none (reaped next)."""
+        import signal
+
+        now = self._now()
+        for pid, heard in list(self.heard.items()):
+            if now - heard > silent_s:
+                del self.heard[pid]
+                logger.error("worker pid %d has not answered for %.1f s (stopped, or its event loop is "
+                             "blocked): killing it", pid, now - heard)
+                self._kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         """Collect dead workers; schedule their restarts, later for each quick death in a row."""
@@ -2959,6 +4024,7 @@ class _Supervisor:
             if pid not in self.pids:
                 continue
             slot, started = self.pids.pop(pid)
+            self.heard.pop(pid, None)
             if self.stopping:
                 continue
             lived = self._now() - started
@@ -2972,16 +4038,25 @@ class _Supervisor:
             self.due[slot] = self._now() + delay
 
     def _stop(self, stop_signals: set[int]) -> None:
-        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers."""
+        """SIGTERM every worker (each closes its sessions with 1012), wait for them, SIGKILL stragglers.
+
+        A stopped worker is continued so it acts on the SIGTERM; one whose loop stays
+        silent (wedged) is killed, so stopping takes no longer than the workers' closing.
+        """
         import signal
 
         self.stopping = True
         self.due.clear()
+        now = self._now()
         for pid in self.pids:
             self._kill(pid, signal.SIGTERM)
-        deadline = self._now() + _WORKER_STOP_S
+            self._kill(pid, signal.SIGCONT)
+            if pid in self.heard:
+                self.heard[pid] = now  # a closing loop still beats: it has _STOPPING_SILENT_S from now to show it
+        deadline = now + _WORKER_STOP_S
         while self.pids and self._now() < deadline:
             received = self._wait(min(0.1, deadline - self._now()))
+            self._kill_silent(_STOPPING_SILENT_S)
             self._reap()
             if received & stop_signals:
                 break  # asked again: do not wait
@@ -3002,8 +4077,9 @@ class _Supervisor:
             pass
 
 
-async def _serve_worker(server: ChatServer, supervisor: int) -> None:
-    """A worker's server, which also stops within a second of its supervisor dying."""
+async def _serve_worker(server: ChatServer, supervisor: int, heartbeat: int) -> None:
+    """A worker's server: its loop writes a heartbeat byte to ``heartbeat`` (a pipe to the
+    supervisor) every _HEARTBEAT_S, and it stops within a second of its supervisor dying."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -3012,11 +4088,20 @@ async def _serve_worker(server: ChatServer, supervisor: int) -> None:
         if os.getppid() != supervisor:
             logger.warning("worker pid %d: the supervisor is gone, stopping", os.getpid())
             asyncio.ensure_future(server.close())
-        else:
-            loop.call_later(1.0, watch)
+            return
+        try:
+            os.write(heartbeat, b".")
+        except BlockingIOError:  # the supervisor has not read the last ones yet
+            pass
+        except OSError:  # the supervisor closed its end: it is stopping, or gone (seen next turn)
+            pass
+        loop.call_later(_HEARTBEAT_S, watch)
 
-    loop.call_later(1.0, watch)
-    await _serve_until_signalled(server)
+    watch()
+    try:
+        await _serve_until_signalled(server)
+    finally:
+        os.close(heartbeat)
 
 
 class ServerURL(str):
@@ -3084,7 +4169,25 @@ class serve_in_thread:
 
 # The ASGI application: the same protocol and sessions under any ASGI server. OpenEnv's
 # cloud launchers run `python -m uvicorn <app> --host 0.0.0.0 --port 8000`; the native
-# server above stays the default and the faster path
+# server above stays the default and the faster path. What the app holds is bound as the
+# native server bounds it: HTTP bodies count against max_buffered_bytes and must come
+# within open_timeout_s, a received message over max_message_bytes closes with 1009, and
+# a peer that stops reading is dropped after send_timeout_s. Handshakes, fragments,
+# pings and descriptors are the ASGI server's (the image sets uvicorn's UVICORN_* limits)
+_ASGI_EXPIRY_S = 1.0  # named sessions' expiry is checked on requests (the app has no timer), at most this often
+
+
+def _asgi_transport(send: Any) -> Any:
+    """The asyncio transport behind an ASGI server's ``send``, or None.
+
+    ASGI has no message for "this peer stopped reading: drop it". uvicorn's ``send``
+    is its protocol's bound method, whose ``transport`` is asyncio's: the app reads
+    its write buffer and aborts it, as the native server does after send_timeout_s.
+    Under another server (None) a send that does not finish in time ends the session.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    needed = ("abort", "get_write_buffer_size", "get_write_buffer_limits")
+    return transport if all(hasattr(transport, name) for name in needed) else None
 
 
 def _asgi_headers(scope: dict[str, Any]) -> Any:
@@ -3093,10 +4196,25 @@ def _asgi_headers(scope: dict[str, Any]) -> Any:
     return Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])])
 
 
+def _asgi_peer(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+def _asgi_unread(transport: Any) -> bool:
+    """Whether a transport's write buffer is over its low-water mark: the peer has not read it yet."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
+
+
 def _asgi_loopback(scope: dict[str, Any]) -> bool:
     """Whether the ASGI server was reached on a loopback address (its scope's "server")."""
     server = scope.get("server")
     return bool(server) and _is_loopback_host(str(server[0]))
+
+
+def _asgi_extra(refusal: Any) -> list[tuple[bytes, bytes]]:
+    """A refusal's extra headers (WWW-Authenticate), as an ASGI message lists them."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (refusal[2] if refusal else {}).items()]
 
 
 class ASGIApp:
@@ -3112,6 +4230,7 @@ class ASGIApp:
     def __init__(self, tokenizer: Tokenizer | str | None = None, **options: Any) -> None:
         self._configure = lambda: ChatServer(tokenizer, **options)
         self.server: ChatServer | None = None
+        self._expiry_due = 0.0  # when named sessions' expiry is next checked (server._clock)
 
     @classmethod
     def _from_environment(cls) -> ASGIApp:
@@ -3132,10 +4251,15 @@ class ASGIApp:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "http":
-            await self._http(self._server(), scope, receive, send)
+            return
+        server = self._server()
+        if server._named and server._clock() >= self._expiry_due:  # the native server's housekeeping does this
+            self._expiry_due = server._clock() + _ASGI_EXPIRY_S
+            server._expire_named_sessions()
+        if kind == "http":
+            await self._http(server, scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(self._server(), scope, receive, send)
+            await self._websocket(server, scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -3152,24 +4276,54 @@ class ASGIApp:
                 return
 
     async def _http(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, limit = bytearray(), server.max_message_bytes
-        refusal = server._http_refusal(scope["method"], _asgi_headers(scope), "?", _asgi_loopback(scope))
-        if refusal is not None:  # a foreign Host or Origin: refused before the body is read
+        import asyncio
+
+        body, limit, buffered = bytearray(), server.max_message_bytes, server.max_buffered_bytes
+        refusal = server._refusal(scope["method"], scope["path"], False, _asgi_headers(scope), "?",
+                                  _asgi_loopback(scope))
+        if refusal is not None:  # a foreign Host or Origin, no token: refused before the body is read
             status, payload = refusal[0], {"detail": refusal[1].strip()}
-        while refusal is None:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                return
-            body += event.get("body", b"")
-            if limit is not None and len(body) > limit:
-                status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
-                break
-            if not event.get("more_body"):
-                status, payload = http_reply(server, scope["method"], scope["path"], bytes(body))
-                break
+        deadline = asyncio.get_running_loop().time() + server.open_timeout_s if server.open_timeout_s else None
+        held = 0  # of body, what counts against max_buffered_bytes (server._buffered_bytes, shared with native)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while refusal is None:
+                    event = await receive()
+                    if event["type"] == "http.disconnect":
+                        return
+                    chunk = event.get("body", b"")
+                    body += chunk
+                    if limit is not None and len(body) > limit:
+                        status, payload = 413, {"detail": f"Request body over the server's limit of {limit} bytes"}
+                        break
+                    if not event.get("more_body"):
+                        request = (http_reply, server, scope["method"], scope["path"], bytes(body))
+                        if server.offload and scope["method"] == "POST":  # a step, as a WebSocket's would be
+                            status, payload = await server._run_offloaded(*request, loop=asyncio.get_running_loop())
+                        else:
+                            status, payload = request[0](*request[1:])
+                        break
+                    held += len(chunk)
+                    server._buffered_bytes += len(chunk)
+                    if buffered is not None and server._buffered_bytes > buffered:
+                        server._log.log("refused a large message", 1, logging.WARNING,
+                                        "refused a large message from %s: incomplete messages would hold more "
+                                        "than max_buffered_bytes (%d)", _asgi_peer(scope), buffered)
+                        status, payload = 503, {"detail": "Service Unavailable: the server holds too much incoming "
+                                                          "data; try again later"}
+                        break
+        except TimeoutError:  # a stalled body: the native server drops it after open_timeout_s
+            status, payload = 408, {"detail": f"Request Timeout: the body did not come within "
+                                              f"{server.open_timeout_s} s"}
+        finally:
+            server._buffered_bytes -= held
+        del body
         data = payload if isinstance(payload, bytes) else _json_bytes(payload)
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                   *_asgi_extra(refusal)]
+        if status in (408, 413, 503):  # the rest of the body is not read: the connection goes with the answer
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
 
     async def _websocket(self, server: ChatServer, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -3177,43 +4331,121 @@ class ASGIApp:
 
         if (await receive())["type"] != "websocket.connect":
             return
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else "?"
+        peer = _asgi_peer(scope)
         headers = _asgi_headers(scope)
-        refusal = server._handshake_refusal(headers, peer, _asgi_loopback(scope)) if scope["path"] == "/ws" \
-            else (404, "", {})
+        refusal = server._refusal("GET", scope["path"], True, headers, peer, _asgi_loopback(scope))
+        if refusal is None and scope["path"] != "/ws":
+            refusal = 404, "Not Found\n", {}
+        if refusal is not None and "websocket.http.response" in (scope.get("extensions") or {}):
+            data = refusal[1].encode()  # the status and headers as the native server sends them
+            await send({"type": "websocket.http.response.start", "status": refusal[0], "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(data)).encode()),
+                *_asgi_extra(refusal)]})
+            await send({"type": "websocket.http.response.body", "body": data})
+            return
         if refusal is not None:
             await send({"type": "websocket.close", "code": 1008})  # the ASGI server answers 403
             return
         await send({"type": "websocket.accept"})
-        server._expire_named_sessions()
         session, named_id, refused = server._open_session(scope.get("query_string", b"").decode("latin-1"), peer)
         if refused is not None:
             await send({"type": "websocket.send", "text": refused.data.decode()})
             await send({"type": "websocket.close", "code": 1000})
             return
         loop, requests, code, opened = asyncio.get_running_loop(), 0, 1006, server._clock()
+        limit, transport, unread = server.max_message_bytes, _asgi_transport(send), False
         try:
             while True:
-                event = await receive()
+                event = await (self._receive_while_unread(server, receive, transport) if unread else receive())
+                if event is None:  # the peer stopped reading: dropped
+                    return
                 if event["type"] == "websocket.disconnect":
                     code = event.get("code", 1000)
                     return
                 text = event.get("text")
                 frame = text if text is not None else event.get("bytes") or b""
+                if limit is not None and len(frame) > limit // 4 and (
+                        len(frame) > limit or len(text.encode() if text is not None else frame) > limit):
+                    code = _CLOSE_TOO_BIG  # the ASGI server's own limit (uvicorn's --ws-max-size) may be larger
+                    await self._send_within(server, send, transport, {
+                        "type": "websocket.close", "code": code,
+                        "reason": f"message over the server's limit of {limit} bytes"})
+                    return
                 if server.offload:
-                    reply = await loop.run_in_executor(None, handle_frame, session, frame)
+                    reply = await server._run_offloaded(handle_frame, session, frame, loop=loop)
                 else:
                     reply = handle_frame(session, frame)
                 requests += 1
                 if reply.parts is not None:
-                    await send({"type": "websocket.send", "text": reply.data.decode()})
+                    if not await self._send_within(server, send, transport, {
+                            "type": "websocket.send", "text": reply.data.decode()}, len(reply.data)):
+                        return
+                    unread = transport is not None and _asgi_unread(transport)
                 if reply.close:
                     code = 1000
-                    await send({"type": "websocket.close", "code": 1000})
+                    await self._send_within(server, send, transport, {"type": "websocket.close", "code": 1000})
                     return
         finally:
             server._close_session(session, named_id, peer, code, requests, server._clock() - opened)
+
+    @staticmethod
+    async def _send_within(server: ChatServer, send: Any, transport: Any, message: dict[str, Any],
+                           size: int = 0) -> bool:
+        """Send ``size`` bytes, waiting at most send_timeout_s for a peer that does not read; False: dropped.
+
+        uvicorn's send waits while its transport's buffer is over the high-water
+        mark (before writing, or after, by its websockets implementation), so a
+        session never has more than one reply queued beyond it. A send that
+        cannot wait (the buffer stays under the mark) goes without a timer.
+        """
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout or (transport is not None and
+                           transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[1]):
+            await send(message)
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await send(message)
+            return True
+        except TimeoutError:
+            ASGIApp._drop_unread(server, transport, timeout)
+            return False
+
+    @staticmethod
+    async def _receive_while_unread(server: ChatServer, receive: Any, transport: Any) -> Any:
+        """The next event, while a reply is still unread in ``transport``'s buffer: a peer that
+        reads none of it for send_timeout_s is dropped (None), as the native server drops one."""
+        import asyncio
+
+        timeout = server.send_timeout_s
+        if not timeout:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        pending = asyncio.ensure_future(receive())
+        unread_since = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=min(1.0, timeout / 4))
+                if done:
+                    return pending.result()
+                if not _asgi_unread(transport):
+                    return await pending  # read down to the low-water mark: nothing left to watch
+                if loop.time() - unread_since > timeout:
+                    ASGIApp._drop_unread(server, transport, timeout)
+                    return None
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    @staticmethod
+    def _drop_unread(server: ChatServer, transport: Any, timeout: float) -> None:
+        server._log.log("client stopped reading", _LOG_LINES_PER_S, logging.INFO,
+                        "client stopped reading for %.0f s: dropping %s", timeout,
+                        "a connection" if transport is None else transport.get_extra_info("peername"))
+        if transport is not None:
+            transport.abort()
 
 
 def __getattr__(name: str) -> Any:
@@ -3264,7 +4496,10 @@ _CLIENT_READ_BYTES = 2**16  # most bytes the sync client takes from its socket p
 _IDLE_S = 0.1  # a sync client quiet this long is tended by the keepalive thread
 _CLOSE_WAIT_S = 0.1  # close() waits this long for the server's close frame
 _BACKOFF_S = (0.05, 2.0)  # capacity waits: first and largest pause between rounds of tries
-_NO_LIMIT = 2**63  # a max_message_bytes of None
+_MAX_REPLY_BYTES = 2**31 - 1  # a max_message_bytes of None still refuses frames of 2 GiB or more: no reply is one
+_TEND_BYTES = 2**18  # most bytes the keepalive thread reads from one idle connection per turn
+_SETTLE_TURNS = 4  # loop turns AsyncChatEnv gives bytes that came before a request to be read (two do)
+_DEADLINE_SLACK_S = 0.05  # a call's blocking read or send may end this much past its deadline, saving a syscall a read
 
 _CLOSE_MEANINGS = {  # what each close code a chatenv or OpenEnv server sends means for a session
     1000: "closed normally",
@@ -3384,7 +4619,8 @@ class _ClientCore:
                 every server answers CAPACITY_REACHED. None disables waiting: one
                 round over the servers, then CAPACITY_REACHED.
             max_message_bytes: the largest reply accepted; a larger one closes the
-                connection (1009). None disables the limit.
+                connection (1009). None disables the limit (a frame of 2 GiB or
+                more, which no reply is, is still refused).
         """
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls or not all(isinstance(url, str) for url in urls):
@@ -3411,7 +4647,7 @@ class _ClientCore:
             open_timeout=connect_timeout_s,
             ping_interval=ping_interval_s,
             ping_timeout=ping_timeout_s,
-            max_size=max_message_bytes,
+            max_size=_MAX_REPLY_BYTES if max_message_bytes is None else max_message_bytes,
             compression=self.compression,
             additional_headers=dict(self.headers[1:]) or None,
             user_agent_header=self.headers[0][1],
@@ -3426,6 +4662,7 @@ class _ClientCore:
         self._messages: list[dict[str, str]] = []
         self._tokens: list[int] = []
         self._seen: _Layout | None = None  # the last full observation frame and where its parts lie
+        self.env_names: dict[str, str] = {}  # base URL -> its server's env name (the task routes' prefix)
 
     @property
     def base_url(self) -> str:
@@ -3486,7 +4723,9 @@ class _ClientCore:
             return _Closed(1006, "", leftover=leftover)
         reason = sent.reason
         if sent.code == 1009:
-            reason = f"the server's reply is over this client's max_message_bytes={self.max_message_bytes} ({reason})"
+            limit = self.max_message_bytes
+            limit = f"max_message_bytes={limit}" if limit is not None else f"limit of {_MAX_REPLY_BYTES} bytes"
+            reason = f"the server's reply is over this client's {limit} ({reason})"
         elif sent.code == 1011 and "keepalive" in reason:
             reason = f"keepalive: no pong within ping_timeout_s={self.ping_timeout_s} s"
         return _Closed(sent.code, reason, ours=True, leftover=leftover)
@@ -3616,7 +4855,7 @@ class _ClientCore:
             self._seen = _frame_layout(data, payload, body)
         return self._result(done, reward, metadata)
 
-    def _result(self, done: bool, reward: float | None, metadata: dict[str, Any] | None) -> StepResult:
+    def _result(self, done: bool, reward: float | bool | None, metadata: dict[str, Any] | None) -> StepResult:
         obs = ChatObservation._sharing(self._messages, self._tokens, done, reward,
                                        dict(metadata) if metadata else None)
         return StepResult(obs, reward, done)
@@ -4015,24 +5254,148 @@ def _check_tokens(items: list[Any], what: str) -> None:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent {what} holding {_preview(bad)}, not a token id")
 
 
+_REWARD_TYPES = (int, float, bool)  # a reward as OpenEnv 0.10 types it (bool | int | float | None), kept as sent
+
+
 def _outcome(fields: dict[str, Any], body: dict[str, Any]) -> tuple[Any, bool, dict[str, Any] | None]:
     """An observation's reward, done and metadata, type-checked (OpenEnv 0.10 sends
-    metadata inside the observation and, when not empty, beside reward too)."""
+    metadata inside the observation and, when not empty, beside reward too: the one
+    inside when it holds anything, else the one beside)."""
     reward, done = fields.get("reward"), fields.get("done", False)
-    if reward is not None and type(reward) not in (int, float):
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, not a number or null")
+    if reward is not None and type(reward) not in _REWARD_TYPES:
+        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent reward {_preview(reward)}, "
+                                           "not a number, a boolean or null")
     if type(done) is not bool:
         raise ChatEnvError(PROTOCOL_ERROR, f"the server sent done {_preview(done)}, not a boolean")
-    metadata = body.get("metadata") if "metadata" in body else fields.get("metadata")
-    if metadata is not None and type(metadata) is not dict:
-        raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
-    return reward, done, metadata
+    inner, beside = body.get("metadata"), fields.get("metadata")
+    for metadata in (inner, beside):
+        if metadata is not None and type(metadata) is not dict:
+            raise ChatEnvError(PROTOCOL_ERROR, f"the server sent metadata {_preview(metadata)}, not an object")
+    return reward, done, inner or beside
 
 
 def _random() -> Any:
     import random
 
     return random
+
+
+# The task API: OpenEnv 0.10's HTTP routes, under its TaskProvider method names. Each
+# method: (HTTP method, route under /{env_name}, its arguments, the reply's member
+# that is the answer (None: the whole reply), the answer's type)
+_TASK_CALLS = {
+    "list_splits": ("GET", "splits", (), None, list),
+    "list_tasks": ("POST", "tasks", ("split",), "tasks", list),
+    "num_tasks": ("POST", "num_tasks", ("split",), "num_tasks", int),
+    "get_task": ("POST", "task", ("split", "index"), "task", object),
+    "get_task_range": ("POST", "task_range", ("split", "start", "stop"), "tasks", list),
+}
+_FALLBACK_ENV_NAME = "chat_env"  # the env name asked for when GET /list_environments names none
+
+
+def _http_base(base_url: str) -> tuple[str, str, int, str]:
+    """A client's base URL (http(s)://, ws(s):// or host:port, perhaps ending /ws) as
+    the server's HTTP root: (scheme, host, port, path prefix)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(_ws_url(base_url))
+    scheme = "https" if url.scheme == "wss" else "http"
+    prefix = url.path[:-len("/ws")]
+    return scheme, url.hostname or "", url.port or (443 if scheme == "https" else 80), prefix
+
+
+def _task_arguments(name: str, values: tuple[Any, ...]) -> dict[str, Any]:
+    """A task call's JSON body, its arguments checked here (a wrong type is the caller's
+    error, not the server's): ``split`` a string, the others integers or None."""
+    body = {}
+    for key, value in zip(_TASK_CALLS[name][2], values):
+        if key == "split":
+            if not isinstance(value, str):
+                raise TypeError(f"{name}(): split must be a string, not {type(value).__name__}")
+        elif value is None and key != "index":
+            continue  # start/stop left out: the server's default (the split's ends)
+        elif type(value) is not int:
+            raise TypeError(f"{name}(): {key} must be an integer, not {type(value).__name__}")
+        body[key] = value
+    return body
+
+
+def _http_exchange(core: _ClientCore, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+    """One plain HTTP request to the server in use (blocking): (status, the body as JSON,
+    or as text when it is not JSON). Never via a proxy; the client's auth token, TLS
+    and timeouts; a body over max_message_bytes is a PROTOCOL_ERROR."""
+    import http.client
+
+    scheme, host, port, prefix = _http_base(core.base_url)
+    timeout = core.message_timeout_s
+    if scheme == "https":
+        import ssl
+
+        conn: Any = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = dict(core.headers)
+    headers["Accept"] = "application/json"
+    payload = None
+    if body is not None:
+        payload = _dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    where = f"{method} {prefix}{path} on {core.base_url}"
+    try:
+        conn.request(method, prefix + path, body=payload, headers=headers)
+        answer = conn.getresponse()
+        limit = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        data = answer.read(limit + 1)
+    except TimeoutError:
+        raise TimeoutError(f"{where}: no answer within message_timeout_s={timeout} s") from None
+    except OSError as exc:
+        raise ConnectionError(f"{where}: {exc}") from None
+    finally:
+        conn.close()
+    if len(data) > limit:
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the answer is over this client's "
+                                           f"max_message_bytes={core.max_message_bytes}")
+    try:
+        return answer.status, json.loads(data)
+    except (ValueError, RecursionError):
+        return answer.status, data.decode("utf-8", "replace")
+
+
+def _task_call(core: _ClientCore, name: str, values: tuple[Any, ...]) -> Any:
+    """Call OpenEnv's task route for ``name`` on the server in use and return its answer.
+
+    The route's env name is the server's own, asked once per server of
+    ``GET /list_environments``. A 4xx answer (an unknown split or a bad index; 401
+    and 403 aside) is ChatEnvError(VALIDATION_ERROR), a 5xx one (a server without
+    tasks says 501; an OpenEnv environment that raised, 500) EXECUTION_ERROR, each
+    with the server's words; an answer of the wrong shape is PROTOCOL_ERROR.
+    """
+    method, route, _, member, kind = _TASK_CALLS[name]
+    body = _task_arguments(name, values) if method == "POST" else None
+    env_name = core.env_names.get(core.base_url)
+    if env_name is None:
+        status, names = _http_exchange(core, "GET", "/list_environments", None)
+        ok = status == 200 and type(names) is list and names and isinstance(names[0], str)
+        env_name = core.env_names[core.base_url] = names[0] if ok else _FALLBACK_ENV_NAME
+    path = f"/{env_name}/{route}"
+    status, answer = _http_exchange(core, method, path, body)
+    where = f"{name}() ({method} {path} on {core.base_url})"
+    if status != 200:
+        detail = answer.get("detail", answer) if isinstance(answer, dict) else answer
+        if isinstance(detail, list):  # pydantic's errors, as a 422 lists them
+            detail = "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in detail)
+        text = f"{where}: HTTP {status}: {_preview(detail, 300) if not isinstance(detail, str) else detail[:300]}"
+        if status in (401, 403):
+            raise ConnectionError(f"{text} (missing or wrong auth token)")
+        raise ChatEnvError(VALIDATION_ERROR if status < 500 else EXECUTION_ERROR, text)
+    if member is not None:
+        if type(answer) is not dict or member not in answer:
+            raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not an object "
+                                               f"holding {member!r}")
+        answer = answer[member]
+    if not isinstance(answer, kind) or (kind is int and type(answer) is bool):
+        raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the server sent {_preview(answer)}, not a {kind.__name__}")
+    return answer
 
 
 class _ClientBase:
@@ -4089,12 +5452,14 @@ class _ClientBase:
 class _SocketWire:
     """One WebSocket on a blocking socket, for ChatEnv.
 
-    websockets' Sans-I/O ClientProtocol does the handshake and every frame that is
-    not a whole, plain data frame (control frames, fragments, compressed frames);
-    whole data frames are written and read directly. The protocol is only ever fed
-    whole frames, so it always stands at a frame boundary, as the direct reads
-    need. The caller's thread drives the wire during a call; the keepalive thread
-    only while no call holds ``lock``.
+    websockets' Sans-I/O ClientProtocol parses and writes every frame, the handshake
+    included; this shell only moves bytes, within bounds of its own: a call's reads
+    share one deadline (message_timeout_s from the request), checked after every
+    read, so no trickle, ping or fragment stream outlasts it; a message may come in
+    at most _MAX_FRAGMENTS frames of max_message_bytes in all; the keepalive thread
+    reads at most _TEND_BYTES a turn, and of the data frames no call asked for keeps
+    the first only. The caller's thread drives the wire during a call; the keepalive
+    thread only while no call holds ``lock``.
     """
 
     def __init__(self, core: _ClientCore, lock: Any) -> None:
@@ -4103,12 +5468,12 @@ class _SocketWire:
         self.lock = lock
         self.sock: Any = None
         self.proto: Any = None
-        # Received bytes not parsed yet; they always start at a frame boundary
-        self.buffer: bytes | bytearray = b""
-        # The payloads of a fragmented message being received
+        self.poller: Any = None  # the socket alone, polled before a request: what came first is no reply
+        # The payloads of a fragmented message being received, and their size
         self.fragments: list[Any] | None = None
-        # Data frames that arrived while no call waited, for the next call
-        self.unsolicited: list[Any] = []
+        self.fragment_bytes = 0
+        # The first data frame that arrived while no call waited, for the next call to raise
+        self.unsolicited: Any = None
         # How the connection ended (a _Closed), None while it is open
         self.closed: _Closed | None = None
         # Keepalive: when the last call started, when bytes last came, the ping in flight
@@ -4116,14 +5481,14 @@ class _SocketWire:
         self.last_io = self.last_rx = self.clock()
         self.ping: bytes | None = None
         self.ping_sent_at = 0.0
-        self.max_bytes = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
+        self.max_bytes = _MAX_REPLY_BYTES if core.max_message_bytes is None else core.max_message_bytes
         waits = [t for t in (core.message_timeout_s, core.ping_interval_s) if t is not None]
         self.wait_s = min(waits) if waits else None  # one blocking read at most; then keepalive and deadline
-        self.wait_changed = False
+        self.timeout: float | None = None  # the socket's timeout now (wait_s, or less near a deadline)
+        self.deadline: float | None = None  # the call's: no read or send under way waits past it
         self.interrupted = False  # close() from another thread cut the connection
-        self.fast = True  # no extension: whole data frames are read and written directly
         self.would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
-        self.urandom, self.mask = os.urandom, _apply_mask()
+        self.tls = False  # bytes TLS has decrypted but not handed over are not in the poll's view
 
     # Opening
 
@@ -4150,17 +5515,18 @@ class _SocketWire:
                 sock.settimeout(self._remaining(deadline))
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=uri.host)
                 self.would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                self.tls = True
             extensions = None
             if core.compression == "deflate":
                 extensions = _deflate_extensions("client")
-            proto = ClientProtocol(uri, extensions=extensions, max_size=core.max_message_bytes, logger=_wire_logger)
+            proto = ClientProtocol(uri, extensions=extensions, max_size=self.max_bytes, logger=_wire_logger)
             request = proto.connect()
             for name, value in core.headers:
                 request.headers[name] = value
             proto.send_request(request)
             sock.settimeout(self._remaining(deadline))
             sock.sendall(b"".join(proto.data_to_send()))
-            self._handshake(sock, proto, deadline)
+            frames = self._handshake(sock, proto, deadline)
         except Exception as exc:
             sock.close()
             raise core.connect_error(ws_url, exc) from exc
@@ -4168,10 +5534,13 @@ class _SocketWire:
             sock.close()
             raise
         self.sock, self.proto = sock, proto
-        self.fast = not _extensions(proto)
-        sock.settimeout(self.wait_s)
-        if self.buffer:  # frames that came with the handshake's answer (a refusal)
-            self._absorb()
+        self.poller = _poller(sock)
+        self._set_timeout(self.wait_s)
+        if frames:  # frames that came with the handshake's answer (a refusal)
+            try:
+                self._frames(frames, idle=True)
+            except _Closed:
+                pass  # recorded in self.closed
 
     def _remaining(self, deadline: float | None) -> float | None:
         if deadline is None:
@@ -4181,225 +5550,172 @@ class _SocketWire:
             raise TimeoutError("connect timeout")
         return remaining
 
-    def _handshake(self, sock: Any, proto: Any, deadline: float | None) -> None:
-        """Read the server's answer to the upgrade; frames that follow it stay in the buffer."""
-        received, whole = b"", False
+    def _handshake(self, sock: Any, proto: Any, deadline: float | None) -> list[Any]:
+        """Read the server's answer to the upgrade (the protocol bounds its size); returns
+        the frames that came with it."""
         while True:
             sock.settimeout(self._remaining(deadline))
             data = sock.recv(_CLIENT_READ_BYTES)
-            if not data:
-                proto.receive_eof()
-            elif whole:  # a refusal's body
+            if data:
                 proto.receive_data(data)
             else:
-                received += data
-                end = received.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(received) > _CLIENT_READ_BYTES:
-                        raise ValueError("the server's answer to the upgrade has no end")
-                    continue
-                if received.startswith(b"HTTP/1.1 101"):  # the answer alone: frames follow it
-                    proto.receive_data(received[:end + 4])
-                    self.buffer = received[end + 4:]
-                else:  # a refusal, with its body
-                    proto.receive_data(received)
-                    whole = True
+                proto.receive_eof()
             if proto.handshake_exc is not None:
                 raise proto.handshake_exc
-            if proto.events_received():
-                return
+            events = proto.events_received()
+            if events:
+                return events[1:]  # the first is the answer
             if not data:
                 raise EOFError("the server closed the connection during the handshake")
 
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+
     # Calls (under the client's lock)
 
-    def call(self, frame: str) -> bytes | bytearray:
-        """Send one request and return the next data frame's payload: its reply."""
-        if self.buffer:
-            self._absorb()  # frames that came after the last reply: pings, a close, a refusal
+    def call(self, frame: str) -> Any:
+        """Send one request and return the next data frame's payload: its reply. A data
+        frame that came before the request was written is none: it is raised."""
+        if self.closed is None and (self.poller is None or self.poller.poll(0) or self.tls and self.sock.pending()):
+            self._read_available(idle=True)  # pings, a close, or a frame no request asked for
         if self.closed is not None:
             raise self.closed
-        if self.unsolicited:
-            raise _Unsolicited(self.unsolicited.pop(0))
-        if self.wait_changed:
-            self.sock.settimeout(self.wait_s)
-            self.wait_changed = False
+        if self.unsolicited is not None:
+            raise _Unsolicited(self.unsolicited)
+        if self.timeout != self.wait_s:  # lowered near the last call's deadline
+            self._set_timeout(self.wait_s)
         self.last_io = start = self.clock()
-        payload = frame.encode()
-        if self.fast:
-            size, mask = len(payload), self.urandom(4)
-            if size < 126:
-                head = bytes((0x81, 0x80 | size))
-            elif size < 65536:
-                head = bytes((0x81, 0xFE)) + size.to_bytes(2, "big")
-            else:
-                head = bytes((0x81, 0xFF)) + size.to_bytes(8, "big")
-            data = head + mask + self.mask(payload, mask)
-        else:
-            self.proto.send_text(payload)
-            data = b"".join(self.proto.data_to_send())
+        timeout = self.core.message_timeout_s
+        self.deadline = None if timeout is None else start + timeout
+        proto = self.proto
+        proto.send_text(frame.encode())
+        data = b"".join(proto.data_to_send())
+        if len(data) >= _SEND_TIMER_BYTES and self.deadline is not None:  # it may wait on the server reading it
+            self._set_timeout(max(self.deadline - self.clock(), 1e-3))
         self._send(data)
-        return self._read_message(start)
+        while True:
+            message = self._frames(self._recv(), idle=False)
+            if message is not None:
+                return message
+
+    def _near_deadline(self) -> None:
+        """Keep the next blocking read or send from waiting past the call's deadline (to
+        within _DEADLINE_SLACK_S); raise TimeoutError once it has passed."""
+        deadline, timeout = self.deadline, self.timeout
+        if deadline is None:
+            return
+        remaining = deadline - self.clock()
+        if remaining <= 0:
+            raise TimeoutError("no reply within the message timeout")
+        if not timeout or remaining < timeout - _DEADLINE_SLACK_S:
+            self._set_timeout(remaining)
 
     def _send(self, data: bytes) -> None:
-        sock = self.sock
         try:
-            if len(data) < _SEND_TIMER_BYTES or self.core.message_timeout_s is None:
-                sock.sendall(data)
-            else:  # a big request may wait on the server reading it: give it the whole message timeout
-                sock.settimeout(self.core.message_timeout_s)
-                self.wait_changed = True
-                sock.sendall(data)
+            self.sock.sendall(data)
         except TimeoutError:
             raise
         except OSError as exc:
             raise self._shut(_Closed(1006, str(exc), leftover=self._leftover())) from None
 
-    def _receive(self, read: Any, into: Any, deadline: float | None) -> Any:
-        """``read(into)`` (the socket's recv or recv_into) during a call: a wait for nothing
-        is keepalive until ``deadline``, a dead socket or the end of stream ends the session."""
+    def _recv(self) -> bytes:
+        """The next bytes of a call's reply: a wait for nothing is keepalive, until the
+        deadline (checked before every read, whatever came before); a dead socket or
+        the end of stream ends the session."""
+        recv, clock = self.sock.recv, self.clock
         while True:
+            deadline, timeout = self.deadline, self.timeout
+            if deadline is not None and (not timeout or deadline - clock() < timeout - _DEADLINE_SLACK_S):
+                self._near_deadline()
             try:
-                got = read(into)
+                data = recv(_CLIENT_READ_BYTES)
             except TimeoutError:
-                self._waited(deadline)
+                self._keepalive(self.clock(), idle=False)
                 continue
             except OSError as exc:
                 raise self._shut(_Closed(1006, str(exc))) from None
-            if not got:
+            if not data:
                 raise self._eof()
-            return got
-
-    def _read_message(self, start: float) -> bytes | bytearray:
-        recv = self.sock.recv
-        timeout = self.core.message_timeout_s
-        deadline = None if timeout is None else start + timeout
-        while True:
-            data = self._receive(recv, _CLIENT_READ_BYTES, deadline)
-            if not self.buffer:
-                # The hot path: the reply is one whole, final, unmasked text frame
-                if data[0] == 0x81:
-                    size, head = data[1], 2
-                    if size == 126 and len(data) >= 4:
-                        size, head = (data[2] << 8) | data[3], 4
-                    elif size == 127 and len(data) >= 10:
-                        size, head = int.from_bytes(data[2:10], "big"), 10
-                    if head + size == len(data) and size <= self.max_bytes:
-                        return data[head:]
-                self.buffer = data
-            else:
-                self._append(data)
-            message = self._frames(deadline)
-            if message is not None:
-                return message
-
-    def _append(self, data: bytes) -> None:
-        """Add received bytes to the buffer (a bytearray once it holds more than one read)."""
-        if not self.buffer:
-            self.buffer = data
-        elif type(self.buffer) is bytearray:
-            self.buffer += data
-        else:
-            self.buffer = bytearray(self.buffer) + data
-
-    def _waited(self, deadline: float | None) -> None:
-        """A read waited ``wait_s`` for nothing: past the deadline, a timeout; before it,
-        keepalive (a ping, or a peer that stopped answering them)."""
-        now = self.clock()
-        if deadline is not None and now >= deadline:
-            raise TimeoutError("no reply within the message timeout")
-        self._keepalive(now, idle=False)
-        wait = self.wait_s
-        if deadline is not None:
-            wait = deadline - now if wait is None else min(wait, deadline - now)
-        self.sock.settimeout(wait)
-        self.wait_changed = True
+            return data
 
     # Frames
 
-    def _frames(self, deadline: Any, idle: bool = False) -> Any:
-        """Take the whole frames at the head of the buffer: control frames are handled
-        here; the first data message is returned (kept as unsolicited when ``idle``).
-        None when more bytes are needed."""
-        while True:
-            buf = self.buffer
-            have = len(buf)
-            if have < 2:
-                return None
-            first, second = buf[0], buf[1]
-            size, head = second & 0x7F, 2
-            if size == 126:
-                if have < 4:
-                    return None
-                size, head = (buf[2] << 8) | buf[3], 4
-            elif size == 127:
-                if have < 10:
-                    return None
-                size, head = int.from_bytes(buf[2:10], "big"), 10
-            if second & 0x80:
-                head += 4  # a masked frame: the protocol refuses it below
-            if size > self.max_bytes:  # refused at its header: its bytes are never waited for
-                raise self._fail(1009, f"the server's reply of {size} bytes is over this client's "
-                                       f"max_message_bytes={self.core.max_message_bytes}")
-            if first & 0x08 and size > 125:
-                raise self._fail(1002, f"the server sent a control frame of {size} bytes (at most 125)")
-            end = head + size
-            plain = self.fast and self.fragments is None and (first == 0x81 or first == 0x82) and not second & 0x80
-            if have < end:
-                if plain and not idle and end - have > _CLIENT_READ_BYTES:
-                    return self._read_rest(head, size, deadline)
-                return None
-            if plain:
-                message = buf[head:end]
-            else:
-                message = self._protocol_frame(buf[:end], idle)
-            self.buffer = buf[end:] if end < have else b""
-            if message is not None:
-                if not idle:
-                    return message
-                self.unsolicited.append(message)
-
-    def _read_rest(self, head: int, size: int, deadline: Any) -> bytearray:
-        """Read the rest of a big data frame straight into its payload: one copy, few reads."""
-        payload = bytearray(size)
-        got = len(self.buffer) - head
-        payload[:got] = self.buffer[head:]
-        self.buffer = b""
-        view = memoryview(payload)[got:]
-        recv_into = self.sock.recv_into
-        while view:
-            view = view[self._receive(recv_into, view, deadline):]
-        return payload
-
-    def _protocol_frame(self, frame: Any, idle: bool) -> Any:
-        """Feed one whole frame to the Sans-I/O protocol and act on what it parsed."""
+    def _frames(self, data: bytes, idle: bool) -> Any:
+        """Feed received bytes to the protocol and act on what it parsed: pongs and the
+        echo of a close are sent, the first data message returned (when ``idle``, kept
+        for the next call, which raises it)."""
         proto = self.proto
-        proto.receive_data(frame)
+        if type(data) is not list:
+            proto.receive_data(data)
+            events = proto.events_received()
+            if len(events) == 1 and not idle and self.fragments is None and proto.state == _OPEN:
+                event = events[0]  # the hot path: the whole reply alone, nothing to answer
+                if event.fin and (event.opcode == _OP_TEXT or event.opcode == _OP_BINARY):
+                    return event.data
+        else:
+            events = data  # parsed already (with the handshake's answer)
         message = None
-        for event in proto.events_received():
-            opcode = event.opcode
-            if opcode == _OP_TEXT or opcode == _OP_BINARY:
-                if event.fin:
-                    message = event.data
-                else:
-                    self.fragments = [event.data]
-            elif opcode == _OP_CONT and self.fragments is not None:
-                self.fragments.append(event.data)
-                if event.fin:
-                    message, self.fragments = b"".join(self.fragments), None
-            elif opcode == _OP_PONG and self.ping is not None and event.data == self.ping:
-                self.ping = None
-        self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
-        if proto.state != _OPEN:
-            raise self._closing(message)
-        return message
-
-    def _absorb(self) -> None:
-        """Handle whole frames received after the last reply (never a partial one)."""
         try:
-            self._frames(None, idle=True)
+            for event in events:
+                opcode = event.opcode
+                if opcode == _OP_TEXT or opcode == _OP_BINARY:
+                    if not event.fin:
+                        self.fragments, self.fragment_bytes = [event.data], len(event.data)
+                        continue
+                    done = event.data
+                elif opcode == _OP_CONT and self.fragments is not None:
+                    self.fragments.append(event.data)
+                    self.fragment_bytes += len(event.data)
+                    if len(self.fragments) > _MAX_FRAGMENTS:
+                        raise self._fail(1009, f"the server sent a message in more than {_MAX_FRAGMENTS} fragments")
+                    if self.fragment_bytes > self.max_bytes:
+                        raise self._fail(1009, f"the server's reply of over {self.max_bytes} bytes is over this "
+                                               f"client's max_message_bytes={self.core.max_message_bytes}")
+                    if not event.fin:
+                        continue
+                    done, self.fragments = b"".join(self.fragments), None
+                else:
+                    if opcode == _OP_PONG and event.data == self.ping:
+                        self.ping = None
+                    continue
+                if message is None and not idle:
+                    message = done
+                elif self.unsolicited is None:
+                    self.unsolicited = done  # the first is kept: a refusal, or proof of a broken server
+            self._flush(idle)  # pongs, the echo of a close, our own close after a protocol error
+            if proto.state != _OPEN:
+                raise self._closing()
+        except _Closed:
+            if message is None:
+                raise
+        return message  # a reply that came before the connection ended is still the reply: the end is the next call's
+
+    def _read_available(self, idle: bool) -> None:
+        """Read what has come, without blocking, at most _TEND_BYTES; frames are handled
+        as ``_frames`` does when idle."""
+        sock = self.sock
+        self._set_timeout(0.0)
+        try:
+            for _ in range(_TEND_BYTES // _CLIENT_READ_BYTES):
+                try:
+                    data = sock.recv(_CLIENT_READ_BYTES)
+                except self.would_block:
+                    return
+                except OSError as exc:
+                    raise self._shut(_Closed(1006, str(exc))) from None
+                if not data:
+                    raise self._eof()
+                self.last_rx = self.clock()
+                self._frames(data, idle=True)
+                if self.unsolicited is not None:
+                    return  # the next call raises it: nothing after it matters
         except _Closed:
             pass  # recorded in self.closed
+        finally:
+            if self.closed is None:
+                self._set_timeout(self.wait_s)
 
     def _flush(self, idle: bool) -> None:
         """Send what the protocol has queued (the end of stream is ours to do: close)."""
@@ -4408,10 +5724,16 @@ class _SocketWire:
             return
         try:
             if idle:  # the keepalive thread never blocks: a tiny frame fits, or the peer is stuck
+                self._set_timeout(0.0)
                 if self.sock.send(data) != len(data):
                     raise BlockingIOError("partial send")
-            else:
+            else:  # a call's: a server that does not read its pongs holds it no longer than the deadline
+                self._near_deadline()
                 self.sock.sendall(data)
+        except TimeoutError:
+            if idle:
+                raise self._shut(_Closed(1006, "cannot send to the server: it does not read")) from None
+            raise
         except OSError as exc:
             raise self._shut(_Closed(1006, f"cannot send to the server: {exc}")) from None
 
@@ -4433,67 +5755,49 @@ class _SocketWire:
         quiet_since = max(self.last_io, self.last_rx)
         if now - quiet_since < interval:
             return quiet_since + interval
-        self.ping, self.ping_sent_at = self.urandom(4), now
+        self.ping, self.ping_sent_at = os.urandom(4), now
         self.proto.send_ping(self.ping)
         self._flush(idle)
         return None if timeout is None else now + timeout
 
+    @property
+    def listening(self) -> bool:
+        """Whether the keepalive thread should read this wire: open, and holding no frame
+        for the next call (once one is held, nothing after it matters)."""
+        return self.closed is None and self.unsolicited is None
+
     def tend(self, now: float) -> float | None:
         """The keepalive thread's upkeep of an idle wire, under its lock and never blocking:
-        read what came (answering pings, keeping data frames for the next call, noting a
-        close), send keepalive pings, give up on a dead peer. Returns when to come back."""
-        if self.closed is not None:
-            return None
-        sock = self.sock
+        read what came (at most _TEND_BYTES: answering pings, keeping the first data
+        frame for the next call, noting a close), send keepalive pings, give up on a
+        dead peer. Returns when to come back."""
+        if self.unsolicited is None:
+            self._read_available(idle=True)
         try:
-            sock.settimeout(0.0)
-            while True:
-                try:
-                    data = sock.recv(_CLIENT_READ_BYTES)
-                except self.would_block:
-                    break
-                if not data:
-                    raise self._eof()
-                self.last_rx = now
-                self._append(data)
-            if self.buffer:
-                self._frames(None, idle=True)
             return self._keepalive(now, idle=True)
         except _Closed:
             return None
-        except OSError as exc:
-            self._shut(_Closed(1006, str(exc)))
-            return None
         finally:
             if self.closed is None:
-                sock.settimeout(self.wait_s)
-                self.wait_changed = False
+                self._set_timeout(self.wait_s)
 
     # Endings
 
     def _leftover(self) -> Any:
         """A data frame that arrived before the connection broke, if one can still be read."""
         try:
-            self.sock.settimeout(0.0)
-            while True:
-                data = self.sock.recv(_CLIENT_READ_BYTES)
-                if not data:
-                    break
-                self._append(data)
+            self._read_available(idle=True)
         except (OSError, ValueError):
             pass
-        try:
-            self._frames(None, idle=True)
-        except Exception:
-            pass
-        return self.unsolicited[0] if self.unsolicited else None
+        return self.unsolicited
 
     def _eof(self) -> _Closed:
         """The server closed the TCP connection without a close frame (or close() cut it)."""
-        self.proto.receive_eof()
         if self.interrupted:
             return self._shut(_Closed(1000, "close() was called from another thread", ours=True))
-        return self._shut(_Closed(1006, "", leftover=self.unsolicited[0] if self.unsolicited else None))
+        if self.proto.state != _OPEN:  # after a close frame
+            return self._closing()
+        return self._shut(_Closed(1006, "", leftover=self.unsolicited))
 
     def interrupt(self) -> None:
         """End a call another thread has under way (its blocking read returns at once)."""
@@ -4505,19 +5809,22 @@ class _SocketWire:
         except (OSError, AttributeError):
             pass
 
-    def _closing(self, message: Any) -> _Closed:
-        """The protocol left OPEN: the server's close frame, or our own after a broken frame."""
+    def _closing(self) -> _Closed:
+        """The protocol left OPEN: the server's close frame, or our own after a broken
+        frame; the connection is dropped, and the close read from the protocol's
+        close_exc (documented once the protocol has seen the end of stream)."""
         proto = self.proto
-        leftover = message if message is not None else (self.unsolicited[0] if self.unsolicited else None)
-        return self._shut(self.core.closed(_close_received(proto), _close_sent(proto),
-                                           _close_received_first(proto), leftover))
+        proto.receive_eof()  # we end it now: the protocol is CLOSED
+        proto.data_to_send()
+        exc = proto.close_exc
+        return self._shut(self.core.closed(exc.rcvd, exc.sent, exc.rcvd_then_sent, self.unsolicited))
 
     def _fail(self, code: int, reason: str) -> _Closed:
         """Close the connection ourselves (a limit, keepalive), telling the server why."""
         try:
             if self.proto.state == _OPEN:
-                self.proto.fail(code, reason[:120])
-                self.sock.settimeout(0.0)
+                self.proto.send_close(code, reason[:120])
+                self._set_timeout(0.0)
                 self.sock.send(b"".join(self.proto.data_to_send()))
         except (OSError, ValueError):
             pass
@@ -4535,18 +5842,10 @@ class _SocketWire:
     def await_close(self) -> _Closed | None:
         """After an error frame the server closes after: its close, if it comes within
         _CLOSE_WAIT_S; then the connection is dropped."""
-        deadline = self.clock() + _CLOSE_WAIT_S
+        self.deadline = self.clock() + _CLOSE_WAIT_S
         try:
-            self.sock.settimeout(_CLOSE_WAIT_S)
-            if self.buffer:
-                self._frames(None, idle=True)
-            while self.closed is None and self.clock() < deadline:
-                data = self.sock.recv(_CLIENT_READ_BYTES)
-                if not data:
-                    self._eof()
-                    break
-                self._append(data)
-                self._frames(None, idle=True)
+            while self.closed is None:
+                self._frames(self._recv(), idle=True)
         except (_Closed, OSError):
             pass
         closed = self.closed
@@ -4573,7 +5872,7 @@ class _SocketWire:
                 if not data:
                     break
                 proto.receive_data(data)
-                if _close_received(proto) is not None:
+                if any(event.opcode == _OP_CLOSE for event in proto.events_received()):
                     break
         except Exception:  # a dead or stuck server: the socket is closed all the same
             pass
@@ -4641,7 +5940,7 @@ class _Keepalive:
                         when = wire.tend(now)
                     finally:
                         wire.lock.release()
-                    if wire.closed is None:
+                    if wire.listening:
                         sockets.append(wire.sock)
                 else:  # a call is under way: look again once it may have ended
                     when = now + _IDLE_S
@@ -4654,6 +5953,18 @@ class _Keepalive:
                 pass
         except OSError:
             pass
+
+
+def _poller(sock: Any) -> Any:
+    """A poll object for ``sock`` alone, to see without blocking whether bytes came before a
+    request is written (None without poll or a socket: nothing is checked)."""
+    import select
+
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return poller
 
 
 def _wait_readable(sockets: list[Any], timeout: float | None) -> None:
@@ -4767,7 +6078,10 @@ class ChatEnv(_ClientBase):
             return call.result
 
     def reset(self, **kwargs: Any) -> StepResult:
-        """Start a new episode, on a new connection if the last one ended (close() included)."""
+        """Start a new episode, on a new connection if the last one ended (close() included).
+
+        ``kwargs`` go to the server's reset as they are: ``seed``, ``episode_id``, and a
+        task by ``split`` and ``index`` (OpenEnv 0.10's convention) or ``task_id``."""
         core = self._core
         return self._call(core.reset_frame(kwargs), core.parse_result, new_episode=True)
 
@@ -4777,6 +6091,29 @@ class ChatEnv(_ClientBase):
 
     def state(self) -> ChatState:
         return self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API (OpenEnv 0.10's TaskProvider names), over HTTP to the server in use;
+    # no session needed. ChatEnvError(VALIDATION_ERROR) for an unknown split or a bad
+    # index, EXECUTION_ERROR from a server without tasks (see _task_call)
+
+    def list_splits(self) -> list[dict[str, Any]]:
+        """The server's task splits, as ``[{"name": "train", "type": "train"}, ...]``."""
+        return _task_call(self._core, "list_splits", ())
+
+    def list_tasks(self, split: str) -> list[Any]:
+        """The task specs of ``split`` (a server may send a bounded preview of a large one)."""
+        return _task_call(self._core, "list_tasks", (split,))
+
+    def num_tasks(self, split: str) -> int:
+        return _task_call(self._core, "num_tasks", (split,))
+
+    def get_task(self, split: str, index: int) -> Any:
+        """One task spec; ``reset(split=split, index=index)`` poses it."""
+        return _task_call(self._core, "get_task", (split, index))
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        """The task specs ``[start:stop]`` of ``split``, as a slice (None: the split's ends)."""
+        return _task_call(self._core, "get_task_range", (split, start, stop))
 
     def close(self) -> None:
         """Close the session (and stop the container this client started, if any).
@@ -4868,6 +6205,8 @@ class AsyncChatEnv(_ClientBase):
         self._sock: Any = None
         # Held by each call: an asyncio.Lock, made in the loop of the first call
         self._lock: Any = None
+        # The connection's socket, polled before a request: what came first is read and raised
+        self._poller: Any = None
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -4902,13 +6241,14 @@ class AsyncChatEnv(_ClientBase):
                 action = call.on_connect_error(core.connect_error(ws_url, exc))
             else:
                 self._sock = sock
+                self._poller = _poller(sock)
                 action = call.on_connect()
         return action
 
     def _drop(self) -> None:
         """Drop the connection at once (the reply, if any, must never be read): its socket is
         shut both ways, so the connection sees its end of stream now, not after a closing handshake."""
-        sock, self._ws, self._sock = self._sock, None, None
+        sock, self._ws, self._sock, self._poller = self._sock, None, None, None
         _shut(sock)
 
     async def _roundtrip(self, ws: Any, frame: str) -> Any:
@@ -4916,15 +6256,19 @@ class AsyncChatEnv(_ClientBase):
 
         from websockets.exceptions import ConnectionClosed
 
-        try:  # a frame already received that no request asked for is returned without waiting
-            async with asyncio.timeout(0):
-                early = await ws.recv(decode=False)
-        except (TimeoutError, ConnectionClosed):
-            pass
-        else:
-            raise _Unsolicited(early)
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
+                turns = 0
+                while self._poller is not None and self._poller.poll(0) and turns < _SETTLE_TURNS:
+                    await asyncio.sleep(0)  # bytes came since the last reply: the loop reads them first
+                    turns += 1
+                try:  # a frame already received that no request asked for is returned without waiting
+                    async with asyncio.timeout(0):
+                        early = await ws.recv(decode=False)
+                except TimeoutError:
+                    pass
+                else:
+                    raise _Unsolicited(early)
                 await ws.send(frame)
                 while True:
                     try:
@@ -4998,6 +6342,28 @@ class AsyncChatEnv(_ClientBase):
 
     async def state(self) -> ChatState:
         return await self._call(self._core.state_frame, self._core.parse_state)
+
+    # The task API, as ChatEnv's (the blocking HTTP request runs in the loop's executor)
+
+    async def _task(self, name: str, *values: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, _task_call, self._core, name, values)
+
+    async def list_splits(self) -> list[dict[str, Any]]:
+        return await self._task("list_splits")
+
+    async def list_tasks(self, split: str) -> list[Any]:
+        return await self._task("list_tasks", split)
+
+    async def num_tasks(self, split: str) -> int:
+        return await self._task("num_tasks", split)
+
+    async def get_task(self, split: str, index: int) -> Any:
+        return await self._task("get_task", split, index)
+
+    async def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[Any]:
+        return await self._task("get_task_range", split, start, stop)
 
     async def close(self) -> None:
         """Close the session (and stop the container); then step() and state() raise
@@ -5327,6 +6693,7 @@ _ENV_FALLBACKS = {
     "tokenizer": ("CHATENV_TOKENIZER", "TOKENIZER_NAME"),
     "system_prompt": ("CHATENV_SYSTEM_PROMPT", "SYSTEM_PROMPT"),
     "max_sessions": ("CHATENV_MAX_SESSIONS",),
+    "max_named_sessions": ("CHATENV_MAX_NAMED_SESSIONS",),
     "max_message_bytes": ("CHATENV_MAX_MESSAGE_BYTES",),
     "max_episode_tokens": ("CHATENV_MAX_EPISODE_TOKENS",),
     "max_memory_bytes": ("CHATENV_MAX_MEMORY_BYTES",),
@@ -5338,6 +6705,14 @@ _ENV_FALLBACKS = {
     "allow_hosts": ("CHATENV_ALLOW_HOST",),
     "auth_token": ("CHATENV_AUTH_TOKEN",),
     "log_level": ("CHATENV_LOG_LEVEL",),
+    # Rewards, tasks and episode ends (repeated flags: comma-separated variables, but
+    # CHATENV_STOP, whose texts may hold commas: one a line)
+    "rubrics": ("CHATENV_RUBRIC",),
+    "transform": ("CHATENV_TRANSFORM",),
+    "tasks": ("CHATENV_TASKS",),
+    "max_turns": ("CHATENV_MAX_TURNS",),
+    "stop": ("CHATENV_STOP",),
+    "show_answers": ("CHATENV_SHOW_ANSWERS",),
 }
 
 
@@ -5368,6 +6743,7 @@ def _integer_in(low: int, high: float, wanted: str) -> Any:
 _port = _integer_in(0, 65535, "must be a TCP port from 0 to 65535 (0: a free one)")
 _at_least_one = _integer_in(1, float("inf"), "must be at least 1")
 _size = _integer_in(0, float("inf"), "must be 0 (no limit) or more")
+_count = _integer_in(0, float("inf"), "must be 0 (none) or more")
 
 
 def _seconds(text: str) -> float:
@@ -5406,6 +6782,9 @@ _loop_name = _choice("asyncio", "uvloop")
 def _auth_token(text: str) -> str:
     if not text.strip():  # a secret that was never filled in must not mean "no auth"
         raise ValueError("is empty: an empty auth token would let everyone in; set a token, or leave it unset")
+    if text != text.strip():  # a header's value is read stripped: such a token could never match
+        raise ValueError("has leading or trailing whitespace, which no client's header can match; "
+                         "remove it (the token is not shown)")
     return text
 
 
@@ -5442,6 +6821,72 @@ def _text(text: str) -> str:
     return text
 
 
+def _hook(text: str) -> Any:
+    """A hook a SPEC names: a built-in reward's name, or ``module:attr`` (uvicorn's app form), imported now."""
+    import importlib
+
+    text = text.strip()
+    if text in _BUILTIN_REWARDS:
+        return _BUILTIN_REWARDS[text]
+    module_name, _, attr = text.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"must be a built-in reward ({', '.join(_BUILTIN_REWARDS)}) or module:attr")
+    try:
+        hook: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import {module_name!r} ({_one_line(exc, 120)})") from None
+    try:
+        for name in attr.split("."):
+            hook = getattr(hook, name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(hook):
+        raise ValueError(f"{attr!r} is not callable: a hook is called with the observation")
+    return hook
+
+
+def _rubric_spec(text: str) -> tuple[str, Any, float]:
+    """``SPEC[=WEIGHT]``: (the SPEC as its score's name, the rubric, the weight, 1 by default)."""
+    spec, weight = text.strip(), 1.0
+    if "=" in spec:
+        spec, _, given = spec.rpartition("=")
+        try:
+            weight = float(given)
+        except ValueError:
+            raise ValueError("the weight after '=' must be a number") from None
+        if weight != weight or abs(weight) == float("inf"):
+            raise ValueError("the weight after '=' must be a finite number")
+    return spec.strip(), _hook(spec), weight
+
+
+def _tasks_spec(text: str) -> tuple[str, Any]:
+    """``[SPLIT=]PATH``: (the split, ``train`` by default, and its task file, loaded and checked now)."""
+    split, _, path = text.rpartition("=") if "=" in text and not os.path.exists(text) else ("", "", text)
+    split = split.strip() or "train"
+    try:
+        return split, _TaskFile(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the task file {path}: {exc.strerror or exc}") from None
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty (it would end every episode)")
+    return text
+
+
+def _lines(validate: Any) -> Any:
+    """A variable's validator taking one value a line (for values that may hold commas)."""
+    def convert(text: str) -> list[Any]:
+        return [validate(item) for item in text.splitlines() if item]
+
+    convert.__name__ = validate.__name__
+    return convert
+
+
+_boolean = _choice("true", "false", "1", "0", "yes", "no")
+
+
 # Each setting of `chatenv serve`: its validator and its default (flags default to
 # None, so a variable is read, and checked, only when its flag is not given)
 _SETTINGS: dict[str, tuple[Any, Any]] = {
@@ -5450,6 +6895,7 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "tokenizer": (_text, None),
     "system_prompt": (_text, None),
     "max_sessions": (_at_least_one, 256),
+    "max_named_sessions": (_count, None),  # None: a quarter of max_sessions, at least 1
     "max_message_bytes": (_size, 2**24),
     "max_episode_tokens": (_size, 2**20),
     "max_memory_bytes": (_size, 2**31),
@@ -5461,6 +6907,12 @@ _SETTINGS: dict[str, tuple[Any, Any]] = {
     "allow_origins": (_each(_origin), ()),
     "allow_hosts": (_each(_host_allowed), ()),
     "log_level": (_log_level, "INFO"),
+    "rubrics": (_each(_rubric_spec), ()),
+    "transform": (_hook, None),
+    "tasks": (_each(_tasks_spec), ()),
+    "max_turns": (_at_least_one, None),
+    "stop": (_lines(_stop_text), ()),
+    "show_answers": (_boolean, "false"),
 }
 
 
@@ -5549,12 +7001,17 @@ def _parser() -> Any:
                            help="TCP port, 0 for a free one [CHATENV_PORT] (default: 8000)")
     serve_cmd.add_argument("--tokenizer",
                            help="'default' (embedded, byte-level), a tokenizer.json, a local directory "
-                           "or a model name for transformers [CHATENV_TOKENIZER, TOKENIZER_NAME]")
+                           "or a model name for transformers (the local cache first) "
+                           "[CHATENV_TOKENIZER, TOKENIZER_NAME]")
     serve_cmd.add_argument("--system-prompt",
                            help="first message of every episode [CHATENV_SYSTEM_PROMPT, SYSTEM_PROMPT]")
     serve_cmd.add_argument("--max-sessions", type=_flag_type(_at_least_one),
                            help="concurrent sessions; newcomers get CAPACITY_REACHED [CHATENV_MAX_SESSIONS] "
                            "(default: 256)")
+    serve_cmd.add_argument("--max-named-sessions", type=_flag_type(_count),
+                           help="of those, sessions made over HTTP with MCP openenv/session/create, so a "
+                           "client looping on them leaves room on /ws; 0 for none [CHATENV_MAX_NAMED_SESSIONS] "
+                           "(default: a quarter of --max-sessions, at least 1)")
     serve_cmd.add_argument("--max-message-bytes", type=sizes,
                            help="largest incoming message; larger ones close the session with 1009; 0 for "
                            "no limit [CHATENV_MAX_MESSAGE_BYTES] (default: 16777216)")
@@ -5571,7 +7028,8 @@ def _parser() -> Any:
                            help="close sessions silent this long; 0, the default, for never "
                            "[CHATENV_IDLE_TIMEOUT_S]")
     serve_cmd.add_argument("--auth-token", type=_auth_token_flag,
-                           help="require 'Authorization: Bearer TOKEN' on /ws; prefer the variable "
+                           help="require 'Authorization: Bearer TOKEN' on every route but GET /health; "
+                           "prefer the variable "
                            "[CHATENV_AUTH_TOKEN], which process listings do not show")
     serve_cmd.add_argument("--workers", type=_flag_type(_at_least_one),
                            help="server processes on the one port, each with its own sessions and limits "
@@ -5590,6 +7048,25 @@ def _parser() -> Any:
                            "comma-separated] (default: none)")
     serve_cmd.add_argument("--log-level", type=_flag_type(_log_level),
                            help="DEBUG, INFO, WARNING or ERROR [CHATENV_LOG_LEVEL] (default: INFO)")
+    hooks = serve_cmd.add_argument_group("rewards, tasks and episode ends")
+    hooks.add_argument("--rubric", dest="rubrics", action="append", type=_flag_type(_rubric_spec),
+                       metavar="SPEC[=WEIGHT]",
+                       help="score every step: a built-in (" + ", ".join(_BUILTIN_REWARDS) + ") or module:attr "
+                       "(a function or object called with (action, observation)); repeat for a weighted sum, "
+                       "each score in metadata['rewards'] [CHATENV_RUBRIC, comma-separated]")
+    hooks.add_argument("--transform", type=_flag_type(_hook), metavar="SPEC",
+                       help="module:attr called with each observation, returning it (may set reward, done, "
+                       "metadata) [CHATENV_TRANSFORM]")
+    hooks.add_argument("--tasks", action="append", type=_flag_type(_tasks_spec), metavar="[SPLIT=]PATH",
+                       help="a JSONL task file, one task a line; split 'train' by default; repeat for more "
+                       "splits [CHATENV_TASKS, comma-separated]")
+    hooks.add_argument("--max-turns", type=_flag_type(_at_least_one), metavar="N",
+                       help="an episode is done after N assistant steps [CHATENV_MAX_TURNS]")
+    hooks.add_argument("--stop", action="append", type=_flag_type(_stop_text), metavar="TEXT",
+                       help="an episode is done when an assistant message holds TEXT; repeat for more "
+                       "[CHATENV_STOP, one a line]")
+    hooks.add_argument("--show-answers", action="store_const", const="true",
+                       help="task routes include each task's answer [CHATENV_SHOW_ANSWERS] (default: no)")
     return parser
 
 
@@ -5614,20 +7091,53 @@ def _server_arguments(args: Any) -> tuple[Any, dict[str, Any]]:
     try:
         tokenizer = load_tokenizer(spec)
     except (ImportError, OSError, ValueError, TypeError) as exc:
-        given = getattr(args, "tokenizer", None) is not None
-        source = "argument --tokenizer" if given else next(
-            v for v in _ENV_FALLBACKS["tokenizer"] if os.environ.get(v))
-        raise _ConfigError(f"{source}: {_one_line(exc)}") from None
+        reason = getattr(exc, "reason", None) or _one_line(exc)
+        shown = _preview(spec, 1024)  # a path: whole, its last part is what tells
+        raise _ConfigError(f"{_source(args, 'tokenizer')}: {reason}, not {shown}") from None
     options = dict(
         host=value["host"], port=value["port"], system_prompt=value["system_prompt"],
-        max_sessions=value["max_sessions"], max_message_bytes=value["max_message_bytes"] or None,
+        max_sessions=value["max_sessions"], max_named_sessions=value["max_named_sessions"],
+        max_message_bytes=value["max_message_bytes"] or None,
         max_episode_tokens=value["max_episode_tokens"] or None,
         max_memory_bytes=value["max_memory_bytes"] or None,
         compression=value["compression"], auth_token=value["auth_token"],
         idle_timeout_s=value["idle_timeout_s"] or None,
         allow_origins=value["allow_origins"], allow_hosts=value["allow_hosts"],
     )
+    if value["rubrics"]:
+        options["rubric"] = _WeightedRubrics(list(value["rubrics"]))
+    if value["tasks"]:
+        files: dict[str, Any] = {}
+        for split, file in value["tasks"]:
+            if split in files:
+                raise _ConfigError(f"--tasks: the split {split!r} is given twice (one split, one file), "
+                                   f"not {file.path!r}")
+            files[split] = file
+        options["tasks"] = Tasks(files, show_answers=value["show_answers"] in ("true", "1", "yes"))
+    options.update(transform=value["transform"], max_turns=value["max_turns"], stop=tuple(value["stop"]))
     return tokenizer, options
+
+
+def _source(args: Any, name: str) -> str:
+    """Where a setting's value came from, as its error names it: its flag (argparse's
+    spelling, "argument --port") when given or defaulted, else the variable that set it."""
+    if getattr(args, name, None) is None:
+        for variable in _ENV_FALLBACKS[name]:
+            if os.environ.get(variable):
+                return variable
+    return f"argument --{name.replace('_', '-')}"
+
+
+def _listen_error(exc: OSError, args: Any, options: dict[str, Any]) -> str:
+    """The one line (without "chatenv: error: ") for a server that could not listen."""
+    import errno
+
+    host, port = options["host"], options["port"]
+    if exc.errno == errno.EADDRINUSE:
+        return f"{_source(args, 'port')}: already in use on {host}, not {_preview(str(port))}"
+    if exc.errno == errno.EACCES:
+        return f"{_source(args, 'port')}: not allowed here ({_one_line(exc)}), not {_preview(str(port))}"
+    return f"{_source(args, 'host')}: cannot listen there ({_one_line(exc)}), not {_preview(host)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -5656,9 +7166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatenv: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # could not listen: the port is taken, the host unknown
-        print(f"chatenv: error: cannot listen on {options['host']}:{options['port']}: {_one_line(exc)}",
-              file=sys.stderr)
-        return 1
+        print(f"chatenv: error: {_listen_error(exc, args, options)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

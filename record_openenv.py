@@ -9,7 +9,12 @@ Run with a venv's interpreter (``python support_chatenv.py venvs`` builds them):
 (``server/app.py``) is served under uvicorn with a byte-level tokenizer patched
 in for ``get_tokenizer`` (ids 0-255 are UTF-8 bytes, no chat template, so a
 system prompt is ``encode("system: <prompt>\\n")``). Without it the OpenEnv
-peer of support_chatenv is recorded, which should read the same.
+peer of support_chatenv is recorded, which should read the same. ``--hooks``
+records the peer's hooks server instead (support_chatenv.openenv_hooks_app: a
+transform, a WeightedSum rubric and the task API, on openenv 0.10.0)::
+
+    ~/.cache/chatenv/venvs/openenv-0.10.0/bin/python record_openenv.py --hooks \\
+        --out recordings/openenv-0.10.0-hooks.jsonl
 
 One JSON object a line: ``case``, ``sent``, ``received``; HTTP cases add
 ``http_status``, ``content_type``, ``server_header``; WebSocket cases may add
@@ -407,10 +412,73 @@ def record_shutdown(rec, proc):
               closed_within_s=2 if closed_after < 2 else round(closed_after), server_exit_status=code)
 
 
-def start_server(chat_env, env=None):
+# The hooks server's steps, as byte-level token ids
+HOOK_STEPS = {word: list(text.encode()) for word, text in (
+    ("4", "4"), ("no", "no"), ("pass", "pass"), ("yes", "yes"), ("long", "I am not sure at all"), ("bye", "bye"))}
+
+
+def _step(tokens):
+    return json.dumps({"type": "step", "data": {"tokens": tokens, "metadata": {}}}, separators=(",", ":"))
+
+
+def _reset(**data):
+    return json.dumps({"type": "reset", "data": data}, separators=(",", ":"))
+
+
+# WebSocket sessions on the hooks server: (case, [frames]); each a session of its own
+HOOK_SESSIONS = [
+    ("hooks: reset without a task", [_reset()]),
+    ("hooks: reset train/0, right answer ends the episode; a step after done; state", [
+        _reset(split="train", index=0), _step(HOOK_STEPS["4"]), _step(HOOK_STEPS["4"]), STATE]),
+    ("hooks: reset test/1; wrong short, boolean reward, right, state", [
+        _reset(split="test", index=1), _step(HOOK_STEPS["no"]), _step(HOOK_STEPS["pass"]),
+        _step(HOOK_STEPS["yes"]), STATE]),
+    ("hooks: reset seed 4 (train[4 % 3]); long wrong answer, bye", [
+        _reset(seed=4), _step(HOOK_STEPS["long"]), _step(HOOK_STEPS["bye"])]),
+    ("hooks: reset unknown split, bad index, task_id; then a task", [
+        _reset(split="nope", index=0), _reset(split="train", index=3), _reset(split="train", index=-1),
+        _reset(task_id="test-1"), _reset(split="hard", index=0)]),
+    ("hooks: reset with chatenv_delta true, split test/0; two steps", [
+        _reset(chatenv_delta=True, split="test", index=0), _step(HOOK_STEPS["no"]), _step([51])]),
+    ("hooks: a step before any reset", [_step(HOOK_STEPS["4"])]),
+]
+
+
+def record_hooks(rec):
+    """The hooks server (support_chatenv.openenv_hooks_app): task routes, HTTP reset
+    and step, and WebSocket sessions whose frames carry reward, done and metadata."""
+    rec.record_http("GET", "/list_environments")
+    rec.record_http("GET", "/chat_env/splits")
+    rec.record_http("GET", "/CHAT_ENV/splits")
+    rec.record_http("GET", "/other_env/splits")
+    for split in ("train", "test", "hard", "nope"):
+        rec.record_http("POST", "/chat_env/tasks", body={"split": split})
+    for split in ("train", "nope"):
+        rec.record_http("POST", "/chat_env/num_tasks", body={"split": split})
+    for body in ({"split": "train", "index": 1}, {"split": "train", "index": 3}, {"split": "train", "index": -1},
+                 {"split": "nope", "index": 0}, {"split": "train"}, {"split": "train", "index": "x"}):
+        rec.record_http("POST", "/chat_env/task", body=body)
+    for body in ({"split": "train", "start": 1, "stop": 5}, {"split": "train"}, {"split": "train", "start": -2},
+                 {"split": "test", "start": 1, "stop": 0}, {"split": "nope", "start": 0, "stop": 1}):
+        rec.record_http("POST", "/chat_env/task_range", body=body)
+    rec.record_http("POST", "/other_env/num_tasks", body={"split": "train"})
+    rec.record_http("GET", "/chat_env/tasks")
+    for body in ({}, {"split": "test", "index": 1}, {"seed": 4}, {"split": "test", "index": 9},
+                 {"split": "nope"}):
+        rec.record_http("POST", "/reset", body=body)
+    for words in ("4", "pass", "long"):
+        rec.record_http("POST", "/step", body={"action": {"tokens": HOOK_STEPS[words]}})
+    for case, frames in HOOK_SESSIONS:
+        with rec.open() as ws:
+            rec.write(case, sent=frames, received=[rec.ask(ws, frame) for frame in frames])
+
+
+def start_server(chat_env, env=None, server=None):
     argv = [sys.executable, str(HERE / "support_chatenv.py"), "serve-peer", "--port", "0"]
     if chat_env:
         argv += ["--chat-env", chat_env]
+    if server:  # the hooks server: its failing task routes would log a traceback each
+        argv += ["--server", json.dumps(server), "--log-level", "critical"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     if not line:
@@ -422,9 +490,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chat-env", help="an OpenEnv checkout's envs/chat_env (default: the peer)")
     parser.add_argument("--out", required=True, help="the JSONL file to write")
+    parser.add_argument("--hooks", action="store_true",
+                        help="record the hooks server instead (transform, rubric, tasks; openenv 0.10.0)")
     args = parser.parse_args(argv)
     dist = "openenv" if _has_dist("openenv") else "openenv-core"
     env = {k: v for k, v in os.environ.items() if k not in ("SYSTEM_PROMPT", "TOKENIZER_NAME")}
+    if args.hooks:
+        return _record_hooks_main(args.out, dist, env)
     proc, url = start_server(args.chat_env, env)
     with open(args.out, "w") as out:
         rec = Recorder(url, out)
@@ -460,6 +532,23 @@ def main(argv=None):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     print(f"{rec.count} cases written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _record_hooks_main(out_path, dist, env):
+    proc, url = start_server(None, env, server={"hooks": True, "max_concurrent_envs": 8})
+    with open(out_path, "w") as out:
+        rec = Recorder(url, out)
+        try:
+            rec.write("server", source="support_chatenv openenv_hooks_app", distribution=dist,
+                      version=importlib.metadata.version(dist), uvicorn=importlib.metadata.version("uvicorn"),
+                      websockets=importlib.metadata.version("websockets"),
+                      pydantic=importlib.metadata.version("pydantic"), tokenizer="bytes (0-255), no chat template")
+            record_hooks(rec)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    print(f"{rec.count} cases written to {out_path}", file=sys.stderr)
     return 0
 
 

@@ -69,6 +69,9 @@ __all__ = [
     "openenv_chat_types",
     "openenv_chat_app",
     "openenv_chat_server",
+    "openenv_hooks_app",
+    "HOOK_TASKS",
+    "HOOK_WEIGHTS",
     "make_openenv_chat_client_class",
     # Driving a venv from the main process
     "PeerProcess",
@@ -156,7 +159,7 @@ def require_venv(release: str) -> Path:
     if not venv_ready(release):
         raise VenvMissing(
             f"OpenEnv {release} is not installed in {venv_dir(release)}: build the venvs with "
-            f"`python {HERE / 'support_chatenv.py'} venvs` (CI does; the tests need both releases)"
+            f"`python {HERE / 'support_chatenv.py'} venvs` (the test suite builds them on first use)"
         )
     return venv_python(release)
 
@@ -364,6 +367,144 @@ def openenv_chat_app(max_concurrent_envs=1, system_prompt=None, tokenizer=None):
     )
 
 
+# The hooks peer's tasks: three splits, one not named train/validation/test
+HOOK_TASKS = {
+    "train": [{"id": "train-0", "prompt": "What is 2+2?", "answer": "4"},
+              {"id": "train-1", "prompt": "What is 3*3?", "answer": "9"},
+              {"id": "train-2", "prompt": "Capital of France?", "answer": "Paris"}],
+    "test": [{"id": "test-0", "prompt": "What is 10-7?", "answer": "3"},
+             {"id": "test-1", "prompt": "Say yes.", "answer": "yes"}],
+    "hard": [{"id": "hard-0", "prompt": "What is 12*12?", "answer": "144"}],
+}
+HOOK_WEIGHTS = (0.75, 0.25)  # WeightedSum: the exact answer, then brevity (at most 8 characters)
+
+
+def openenv_hooks_app(max_concurrent_envs=8, tokenizer=None):
+    """The chat environment with OpenEnv 0.10.0's hooks, served by its ``create_app``.
+
+    On the peer's ChatEnvironment, with OpenEnv's real classes: a ``Transform``, a
+    ``WeightedSum`` of two ``Rubric``s, and the task API (``list_splits`` ...
+    ``get_task_range``; HOOK_TASKS). What each does, so tests can predict frames:
+
+    - ``reset(split=, index=)`` poses that task (``seed`` alone: train[seed % 3];
+      nothing: no task): the prompt as one user message; observation metadata
+      ``{"split", "index", "task_id"}``. An unknown split raises ValueError, a bad
+      index IndexError. The rubric's ``reset()`` runs.
+    - a step: reward = 0.75 * (last assistant message stripped == the answer) +
+      0.25 * (it has at most 8 characters), 0.0 without a task; then the transform.
+    - the transform (reset and step): metadata gains ``"turn"`` (assistant
+      messages so far); a last assistant message "pass" makes the reward ``True``
+      (a JSON boolean); ``done`` when the reward is the float 1.0 or the message
+      holds "bye".
+    - task specs are ``{"id", "prompt"}`` (no answer), in route order.
+    """
+    from openenv.core.env_server import create_app
+    from openenv.core.env_server.interfaces import Transform
+    from openenv.core.rubrics import Rubric, WeightedSum
+
+    types = openenv_chat_types()
+    tokenizer = _peer_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+
+    def last_answer(observation):
+        said = [m["content"] for m in observation.messages if m["role"] == "assistant"]
+        return said[-1] if said else None
+
+    class ExactAnswer(Rubric):
+        def __init__(self, env):
+            super().__init__()
+            self.env = env
+
+        def forward(self, action, observation):
+            task = self.env.task
+            return float(task is not None and (last_answer(observation) or "").strip() == task["answer"])
+
+        def reset(self):
+            self.last_score = None
+
+    class Brevity(Rubric):
+        def forward(self, action, observation):
+            return float(len(last_answer(observation) or "") <= 8)
+
+    class TurnTransform(Transform):
+        def __call__(self, observation):
+            said = last_answer(observation)
+            observation.metadata = {**observation.metadata,
+                                    "turn": sum(m["role"] == "assistant" for m in observation.messages)}
+            if said == "pass":
+                observation.reward = True
+            if type(observation.reward) is float and observation.reward == 1.0 or "bye" in (said or ""):
+                observation.done = True
+            return observation
+
+    class HooksChatEnvironment(types.ChatEnvironment):
+        """The chat environment posing tasks, scored by a rubric, ended by a transform."""
+
+        def __init__(self, tokenizer=None):
+            self.task = None
+            self.task_metadata = {}
+            super().__init__(tokenizer=tokenizer, transform=TurnTransform())
+            self.rubric = WeightedSum([ExactAnswer(self), Brevity()], list(HOOK_WEIGHTS))
+
+        # The task API: discovery only
+        def list_splits(self):
+            return list(HOOK_TASKS)
+
+        def _split(self, split):
+            if split not in HOOK_TASKS:
+                raise ValueError(f"unknown split {split!r}")
+            return HOOK_TASKS[split]
+
+        def list_tasks(self, split):
+            return [{"id": t["id"], "prompt": t["prompt"]} for t in self._split(split)]
+
+        def num_tasks(self, split):
+            return len(self._split(split))
+
+        def get_task(self, split, index):
+            tasks = self.list_tasks(split)
+            if not 0 <= index < len(tasks):
+                raise IndexError(index)
+            return tasks[index]
+
+        def get_task_range(self, split, start=None, stop=None):
+            return self.list_tasks(split)[start:stop]
+
+        def reset(self, seed=None, episode_id=None, split=None, index=None, **kwargs):
+            if getattr(self, "rubric", None) is not None:
+                self._reset_rubric()
+            self.task, self.task_metadata = None, {}
+            if split is not None or seed is not None:
+                split = "train" if split is None else split
+                index = (seed % len(HOOK_TASKS["train"]) if split == "train" and index is None and seed is not None
+                         else 0 if index is None else index)
+                self.get_task(split, index)  # raises on an unknown split or a bad index
+                self.task = HOOK_TASKS[split][index]
+                self.task_metadata = {"split": split, "index": index, "task_id": self.task["id"]}
+            self._state.history_messages, self._state.history_tokens = [], []
+            if self.task is not None:
+                message = {"role": "user", "content": self.task["prompt"]}
+                self._state.history_messages = [message]
+                self._state.history_tokens = [self._tokenize([message])]
+            return self._apply_transform(self._plain_observation())
+
+        def step(self, action):
+            ids = [int(t) for t in action.tokens]
+            content = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self._state.history_tokens.append(ids)
+            self._state.history_messages.append({"role": "assistant", "content": content})
+            observation = self._plain_observation()
+            observation.reward = self._apply_rubric(action, observation)
+            return self._apply_transform(observation)
+
+        def _plain_observation(self):
+            flat = [t for ids in self._state.history_tokens for t in ids]
+            return types.ChatObservation(messages=list(self._state.history_messages), tokens=flat,
+                                         metadata=dict(self.task_metadata))
+
+    return create_app(functools.partial(HooksChatEnvironment, tokenizer=tokenizer), types.ChatAction,
+                      types.ChatObservation, env_name="chat_env", max_concurrent_envs=max_concurrent_envs)
+
+
 def _real_chat_env_app(path, tokenizer=None):
     """OpenEnv's own chat_env app (``<path>/server/app.py``) with ``get_tokenizer``
     patched to return a byte-level tokenizer (it would load gpt2 otherwise).
@@ -495,6 +636,8 @@ def _serve_peer_main(args):
     for i, config in enumerate(configs):
         if args.chat_env:
             app = _real_chat_env_app(args.chat_env, _peer_tokenizer(config.get("tokenizer")))
+        elif config.get("hooks"):
+            app = openenv_hooks_app(config.get("max_concurrent_envs", 8), config.get("tokenizer"))
         else:
             app = openenv_chat_app(
                 max_concurrent_envs=config.get("max_concurrent_envs", 1),
@@ -800,7 +943,8 @@ class _VenvProcess:
 class PeerProcess(_VenvProcess):
     """The OpenEnv peer of a release in a subprocess: ``with PeerProcess("0.10.0",
     {"max_concurrent_envs": 8}, {...}) as urls``. Each dict is one server
-    (``max_concurrent_envs``, ``system_prompt``, ``tokenizer``: bytes or chatenv).
+    (``max_concurrent_envs``, ``system_prompt``, ``tokenizer``: bytes or chatenv;
+    ``"hooks": true`` serves openenv_hooks_app instead: transform, rubric, tasks).
     Leaving sends SIGTERM; ``returncode`` then holds its exit status."""
 
     def __init__(self, release, *servers, chat_env=None, env=None, start_timeout_s=120):
@@ -1259,6 +1403,10 @@ class ServerProcess:
             options.setdefault("host", "127.0.0.1")
             options.setdefault("port", 0)
             argv = [sys.executable, "-c", SERVE_SCRIPT, json.dumps(options), log_level]
+        # The token it requires, if any, which active() sends (/metadata needs it then)
+        cli_token = cli[cli.index("--auth-token") + 1] if cli and "--auth-token" in cli else None
+        self.auth_token = options.get("auth_token") or cli_token or (os.environ if env is None else env).get(
+            "CHATENV_AUTH_TOKEN") or None
         self.log_path = Path(logdir) / f"{name}.log"
         self._log = open(self.log_path, "w")
         def limit() -> None:  # in the child, before it runs Python
@@ -1305,7 +1453,10 @@ class ServerProcess:
         import urllib.request
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(self.url + "/metadata", timeout=5) as response:
+        request = urllib.request.Request(self.url + "/metadata")
+        if self.auth_token:
+            request.add_header("Authorization", f"Bearer {self.auth_token}")
+        with opener.open(request, timeout=5) as response:
             return json.loads(response.read())["active_sessions"]
 
     def stop(self, signum=signal.SIGTERM, timeout=5.0) -> float | None:

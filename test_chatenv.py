@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -63,6 +65,7 @@ from chatenv import (
 )
 from chatenv import _AWAIT_CLOSE, _CONNECT, _RETURN, _SEND, _Closed, _ClientCore, _Unsolicited
 from conftest import (
+    CHAT_TEMPLATE,
     HERE,
     SHUTDOWN_S,
     SLACK,
@@ -292,46 +295,60 @@ def test_optional_libraries_are_not_imported_by_the_module():
     assert out.stdout.strip() == "[]"
 
 
-SIMPLE_TEMPLATE = "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-
-
-def test_load_tokenizer_real_hf_folder_and_tokenizer_json(minilm):
+def test_load_tokenizer_real_hf_folder_and_tokenizer_json(hf_tokenizer, hf_chat_tokenizer):
     import tokenizers
     import transformers
 
-    from_folder = chatenv.load_tokenizer(str(minilm))
+    from_folder = chatenv.load_tokenizer(str(hf_tokenizer))
     assert isinstance(from_folder, transformers.PreTrainedTokenizerBase)
-    assert from_folder.chat_template is None  # a BERT tokenizer: no chat template
-    from_file = chatenv.load_tokenizer(minilm / "tokenizer.json")
+    assert from_folder.chat_template is None  # none in its tokenizer_config.json
+    from_file = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     assert isinstance(from_file, tokenizers.Tokenizer)
-    assert from_file.get_vocab_size() == len(from_folder) == 30522
+    vocabulary = json.loads((hf_tokenizer / "tokenizer.json").read_text())["model"]["vocab"]
+    assert from_file.get_vocab_size() == len(from_folder) == len(vocabulary)
+    assert chatenv.load_tokenizer(str(hf_chat_tokenizer)).chat_template == CHAT_TEMPLATE
 
 
-def test_real_tokenizer_without_chat_template_falls_back_to_encode(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
+def test_metadata_names_a_loaded_tokenizer_as_a_user_would(hf_tokenizer, tmp_path):
+    """/metadata's name: a path's last part, with the folder above a generic one, never a full
+    path nor a class name (it named a tokenizer.json "Tokenizer", a folder called model "model")."""
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(hf_tokenizer))) == "wordpiece"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")) == "wordpiece/tokenizer.json"
+    renamed = tmp_path / "home" / "alice" / "my-org-model.json"
+    renamed.parent.mkdir(parents=True)
+    shutil.copy(hf_tokenizer / "tokenizer.json", renamed)
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(renamed)) == "my-org-model.json"
+    shutil.copytree(hf_tokenizer, tmp_path / "bert-tiny" / "model")
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer(str(tmp_path / "bert-tiny" / "model"))) == "bert-tiny/model"
+    assert chatenv._tokenizer_name(chatenv.load_tokenizer("default")) == "chatenv/bytes"
+    assert chatenv._tokenizer_name(EncodeOnlyTokenizer()) == "EncodeOnlyTokenizer"  # an object, nameless
+
+
+def test_real_tokenizer_without_chat_template_falls_back_to_encode(hf_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_tokenizer))
     message = {"role": "user", "content": "Hello World"}
     # transformers itself refuses the chat template path for this tokenizer
     with pytest.raises(ValueError, match="chat_template"):
         tok.apply_chat_template(conversation=[message], tokenize=True)
     action = ChatEnv.message_to_action(message, tok)
     assert action.tokens == tok.encode("user: Hello World\n")
-    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased by BERT
+    assert tok.decode(action.tokens, skip_special_tokens=True) == "user : hello world"  # lower-cased, as BERT does
     assert ChatEnvironment(tok).message_to_action(message) == action
 
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
+    tk = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")  # tokenizers.Tokenizer: encode() -> Encoding
     action = AsyncChatEnv.message_to_action(message, tk)
     assert all(type(i) is int for i in action.tokens)
     assert tk.decode(action.tokens, skip_special_tokens=True) == "user : hello world"
 
 
-def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(minilm):
-    # a sentence-transformers tokenizer.json pads every encoding to 128 ids and cuts at
-    # 128: load_tokenizer turns both off, so an action holds the message's own ids
-    tk = chatenv.load_tokenizer(minilm / "tokenizer.json")
+def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(hf_tokenizer):
+    # the test tokenizer.json, like sentence-transformers' ones, pads every encoding to
+    # 128 ids and cuts at 128: load_tokenizer turns both off, so an action holds the message's own ids
+    tk = chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     pad_id = tk.token_to_id("[PAD]")
     action = ChatEnv.message_to_action({"role": "user", "content": "Hello World"}, tk)
     assert pad_id not in action.tokens
-    same_vocab = chatenv.load_tokenizer(str(minilm))  # transformers, which turns padding off
+    same_vocab = chatenv.load_tokenizer(str(hf_tokenizer))  # transformers, which turns padding off
     assert action.tokens == same_vocab.encode("user: Hello World\n")
     long_text = " ".join(["hello"] * 200) + " goodbye"
     action = ChatEnv.message_to_action({"role": "user", "content": long_text}, tk)
@@ -340,12 +357,11 @@ def test_real_tokenizer_json_padding_and_truncation_do_not_leak_into_actions(min
     assert pad_id not in env.observation().tokens
 
 
-def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
+def test_real_tokenizer_chat_template_batch_encoding_is_normalised(hf_chat_tokenizer):
     import numpy
     import transformers
 
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
+    tok = chatenv.load_tokenizer(str(hf_chat_tokenizer))  # its template comes from tokenizer_config.json
     message = {"role": "user", "content": "Hello World"}
     result = tok.apply_chat_template(conversation=[message], tokenize=True)
     if int(transformers.__version__.split(".")[0]) >= 5:
@@ -369,9 +385,8 @@ def test_real_tokenizer_chat_template_batch_encoding_is_normalised(minilm):
 
 
 @pytest.fixture
-def real_server(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
-    tok.chat_template = SIMPLE_TEMPLATE
+def real_server(hf_chat_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_chat_tokenizer))
     with serve_in_thread(tok, system_prompt="You are brief.") as url:
         yield url, tok
 
@@ -416,13 +431,13 @@ def test_real_tokenizer_undecodable_id_is_an_execution_error(real_server, bad_id
         assert env.step(hello_ids).observation.messages[-1]["content"] == "hello world"
 
 
-def test_load_tokenizer_missing_library_is_a_clear_import_error(minilm, monkeypatch):
+def test_load_tokenizer_missing_library_is_a_clear_import_error(hf_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"'transformers' package.*pip install"):
-        chatenv.load_tokenizer(str(minilm))
+        chatenv.load_tokenizer(str(hf_tokenizer))
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r"'tokenizers' package.*pip install"):
-        chatenv.load_tokenizer(minilm / "tokenizer.json")
+        chatenv.load_tokenizer(hf_tokenizer / "tokenizer.json")
     assert isinstance(chatenv.load_tokenizer("default"), ByteTokenizer)  # the embedded one needs neither
 
 
@@ -838,11 +853,6 @@ WEBSOCKETS_ATTRIBUTES = {
     "CONNECTING", "OPEN", "CLOSING", "CLOSED", "CONT", "TEXT", "BINARY", "CLOSE", "PING", "PONG",
 }
 
-# Undocumented names the sync client's _SocketWire still reaches on this branch; it moves
-# onto ClientProtocol's documented API on branch client-bounds, and this set goes then
-SYNC_CLIENT_PENDING = {"websockets.frames.apply_mask", "extensions", "close_rcvd", "close_sent",
-                       "close_rcvd_then_sent"}
-
 # Names chatenv gives the websockets objects it holds: an attribute of one that chatenv
 # also defines on its own objects (``transport``, say) is checked on these
 WEBSOCKETS_HOLDERS = {"proto", "protocol", "ws", "_ws", "request", "response", "event", "connection"}
@@ -876,7 +886,7 @@ def test_the_module_reaches_websockets_only_through_documented_names():
     import ast
 
     tree = ast.parse((HERE / "chatenv.py").read_text())
-    documented = WEBSOCKETS_ATTRIBUTES | SYNC_CLIENT_PENDING
+    documented = WEBSOCKETS_ATTRIBUTES
     undocumented = _websockets_attribute_names() - documented
     own = {node.attr for node in ast.walk(tree)  # the attributes chatenv sets on its own objects
            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)}
@@ -895,7 +905,7 @@ def test_the_module_reaches_websockets_only_through_documented_names():
             for alias in node.names:
                 name = f"{node.module}.{alias.name}"
                 imported.add(alias.asname or alias.name)
-                if name not in WEBSOCKETS_IMPORTS | SYNC_CLIENT_PENDING:
+                if name not in WEBSOCKETS_IMPORTS:
                     found.append(f"from {node.module} import {alias.name}")
                 if name == "websockets.extensions.permessage_deflate":
                     modules.add(alias.asname or alias.name)
@@ -1036,7 +1046,7 @@ def test_server_http_routes(server):
 
 
 def test_server_mcp_endpoint_and_named_sessions():
-    with serve_in_thread(max_sessions=2) as url:
+    with serve_in_thread(max_sessions=2, max_named_sessions=2) as url:  # named ones may take every slot
         rpc = lambda body: http_post(url + "/mcp", body)  # noqa: E731
         assert rpc(b"not json") == (200, {"jsonrpc": "2.0", "id": None,
                                           "error": {"code": -32700, "message": "Parse error", "data": None}})
@@ -1254,6 +1264,36 @@ def test_server_keepalive_drops_a_client_that_stops_answering():
         sock.sendall(b"\x81\xfe")  # half a frame header, then silence
         assert wait_until(lambda: url.server.active_sessions == 0, timeout=5)
         sock.close()
+
+
+def test_access_refusal_is_one_pure_decision_host_then_origin_then_token():
+    """chatenv._access_refusal from plain values, no server: what every request on both
+    transports is asked before it is read."""
+    from websockets.datastructures import Headers
+
+    def decide(method, path, upgrade=False, token="s3cret", **headers):
+        return chatenv._access_refusal(method, path, upgrade, Headers(list(headers.items())), token=token,
+                                       loopback=True, allow_origins=frozenset(), allow_hosts=frozenset())
+
+    good = {"Authorization": "Bearer s3cret"}
+    for method in ("GET", "HEAD"):  # the probes: open without the token
+        assert decide(method, "/health", Host="127.0.0.1") is None
+        assert decide(method, "/health?probe=1") is None
+    for method, path, upgrade in (("POST", "/health", False), ("GET", "/metadata", False), ("POST", "/mcp", False),
+                                  ("GET", "/ws", True), ("GET", "/ws?session_id=x", True), ("GET", "/health", True),
+                                  ("GET", "/nope", False), ("OPTIONS", "/step", False)):
+        assert decide(method, path, upgrade) == (
+            401, "Unauthorized: a valid 'Authorization: Bearer' token is required\n", {"WWW-Authenticate": "Bearer"})
+        assert decide(method, path, upgrade, **good) is None
+        assert decide(method, path, upgrade, token=None) is None  # no token set: nothing to check
+    # Host, then Origin, then the token: a page's request gets 403 whatever it sends
+    rebound = decide("POST", "/step", Host="rebound.example", Origin="https://evil.example")
+    assert rebound[0] == 403 and "--allow-host" in rebound[1] and rebound[2] == {}
+    foreign = decide("POST", "/step", Origin="https://evil.example")
+    assert foreign[0] == 403 and "--allow-origin" in foreign[1]
+    assert decide("POST", "/step", Origin="https://evil.example", **good)[0] == 403
+    assert decide("GET", "/metadata", Origin="https://evil.example", **good) is None  # a read: Origin is not asked
+    assert decide("GET", "/ws", True, Origin="https://evil.example", **good)[0] == 403  # a session is
 
 
 def test_server_auth_token_guards_ws_but_not_health():
@@ -2169,11 +2209,12 @@ def test_cli_environment_fallbacks_openenv_names():
 
 
 def test_cli_console_script_and_module_forms():
-    script = shutil.which("chatenv")  # installed by `pip install -e .`
-    assert script, "the chatenv console script is not installed"
+    # installed by `pip install -e .` beside this interpreter: found there, the venv need not be active
+    script = Path(sys.executable).parent / ("chatenv.exe" if os.name == "nt" else "chatenv")
+    assert script.is_file(), f"the chatenv console script is not installed beside {sys.executable}"
     for argv in ([script, "--version"], [sys.executable, "-m", "chatenv", "--version"],
                  [sys.executable, str(HERE / "chatenv.py"), "--version"]):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.strip() == f"chatenv {chatenv.__version__}", (argv, out)
 
 
@@ -2191,15 +2232,15 @@ def test_cli_help_and_bad_tokenizer():
         busy.listen()
         out = subprocess.run([sys.executable, str(HERE / "chatenv.py"), "serve", "--port", str(port)],
                              capture_output=True, text=True, timeout=20)
-    assert out.returncode != 0 and "error" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "error" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_serves_a_real_tokenizer_folder(minilm):
-    tok = chatenv.load_tokenizer(str(minilm))
+def test_cli_serves_a_real_tokenizer_folder(hf_tokenizer):
+    tok = chatenv.load_tokenizer(str(hf_tokenizer))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc, url = _start_cli("--tokenizer", str(minilm), "--system-prompt", "Be brief.", env=env, ready_s=60)
+    proc, url = _start_cli("--tokenizer", str(hf_tokenizer), "--system-prompt", "Be brief.", env=env, ready_s=60)
     try:
-        assert http_get(url + "/metadata")[1]["tokenizer"] == minilm.name  # no filesystem path
+        assert http_get(url + "/metadata")[1]["tokenizer"] == hf_tokenizer.name  # no filesystem path
         with ChatEnv(url) as client:
             result = client.reset()
             assert result.observation.messages == [{"role": "system", "content": "Be brief."}]
@@ -2208,3 +2249,288 @@ def test_cli_serves_a_real_tokenizer_folder(minilm):
             assert result.observation.messages[-1] == {"role": "assistant", "content": "hello world"}
     finally:
         _stop_cli(proc)
+
+
+# ------------------------------------------------------------------------------
+# Rewards, episode ends and tasks: the environment decides, the protocol encodes
+# ------------------------------------------------------------------------------
+
+_TEXT = ByteTokenizer()
+
+
+def _task_file(tmp_path, *tasks, name="tasks.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+    return str(path)
+
+
+def _said(text):
+    """What a policy says: the text's byte ids (the embedded tokenizer decodes them back to it)."""
+    return {"type": "step", "data": {"tokens": _TEXT.encode(text)}}
+
+
+def _reply_to(session, message):
+    return json.loads(handle_frame(session, json.dumps(message)).data)
+
+
+def test_built_in_rewards_compare_collapsed_text_exactly():
+    def obs(reply, **task):
+        o = ChatObservation(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}])
+        o.task = task or None
+        return o
+
+    action = ChatAction(tokens=[1, 2, 3])
+    assert chatenv.exact_match(action, obs("  the\n answer  ", answer="the answer")) == 1.0
+    assert chatenv.exact_match(action, obs("42", answer=["41", 42])) == 1.0  # a number is its JSON text
+    assert chatenv.exact_match(action, obs("42", answer=42.0)) == 0.0  # "42.0" is not "42": exact
+    assert chatenv.exact_match(action, obs("42")) is None  # no task: no reward
+    assert chatenv.exact_match(action, obs("42", prompt="p")) is None  # a task without an answer
+    assert chatenv.boxed_match(action, obs(r"so \boxed{1} then \boxed{\frac{1}{2}}", answer=r"\frac{1}{2}")) == 1.0
+    assert chatenv.boxed_match(action, obs(r"\boxed{7} and \boxed{8", answer="7")) == 1.0  # unclosed last: the one before
+    assert chatenv.boxed_match(action, obs("work... #### 12 ", answer="12")) == 1.0
+    assert chatenv.boxed_match(action, obs("12", answer="12")) == 0.0  # neither a box nor ####
+    assert chatenv.format_match(action, obs("<think>x</think>\n7", format=r"<think>.*</think>\s*\d+")) == 1.0
+    assert chatenv.format_match(action, obs("7", format=r"<think>.*</think>\s*\d+")) == 0.0
+    assert chatenv.format_match(action, obs("7", answer="7")) is None
+    assert chatenv.overlong_penalty(action, obs("x", max_tokens=3)) == 0.0
+    assert chatenv.overlong_penalty(action, obs("x", max_tokens=2)) == -1.0
+    assert chatenv.overlong_penalty(action, obs("x")) is None
+
+
+def test_no_hook_frames_are_byte_for_byte_what_they_were():
+    """Without hooks the outcome is None and the ready-made bytes are sent: full, delta and HTTP."""
+    assert chatenv._OBS_HEAD == b'{"type":"observation","data":{"observation":{"metadata":{},"messages":['
+    assert chatenv._OBS_TAIL == b']},"reward":null,"done":false}}'
+    assert chatenv._DELTA_TAIL == b'}},"reward":null,"done":false}}'
+    session = Session(ChatEnvironment)
+    assert handle_frame(session, '{"type":"reset"}').data == (
+        b'{"type":"observation","data":{"observation":{"metadata":{},"messages":[],"tokens":[]},'
+        b'"reward":null,"done":false}}')
+    assert handle_frame(session, json.dumps(_said("Hi"))).data == (
+        b'{"type":"observation","data":{"observation":{"metadata":{},"messages":[{"role":"assistant",'
+        b'"content":"Hi"}],"tokens":[72,105]},"reward":null,"done":false}}')
+    assert session.env.step_outcome([72]) is None
+    history = chatenv._WireHistory()
+    ChatEnvironment(history=history).reset()
+    assert chatenv._http_observation(history) == (
+        b'{"observation":{"metadata":{},"messages":[],"tokens":[]},"reward":null,"done":false,"metadata":null}')
+
+
+def test_rubric_reward_done_and_metadata_go_where_openenv_0_10_puts_them(tmp_path):
+    tasks = _task_file(tmp_path, {"id": "q1", "prompt": "1+1?", "answer": "secret-two"})
+    session = Session(functools.partial(ChatEnvironment, tasks=tasks, rubric=chatenv.exact_match))
+    reset = _reply_to(session, {"type": "reset", "data": {"chatenv_delta": True}})["data"]
+    task = {"task": {"split": "train", "index": 0, "id": "q1"}}
+    assert reset["observation"]["metadata"] == task and reset["metadata"] == task
+    assert reset["reward"] is None and reset["done"] is False
+    assert reset["observation"]["messages"] == [{"role": "user", "content": "1+1?"}]
+    assert "secret" not in json.dumps(reset)  # never the answer
+    step = _reply_to(session, _said("secret-two"))["data"]
+    assert list(step) == ["observation", "reward", "done", "metadata"]  # metadata beside reward: not empty
+    assert list(step["observation"]) == ["metadata", "messages", "tokens", "delta"]
+    assert step["reward"] == 1.0 and step["done"] is True
+    assert step["metadata"] == step["observation"]["metadata"]
+    assert step["metadata"]["done_reason"].startswith("task")
+    # a bool reward is sent as a JSON bool, as OpenEnv's WebSocket does; over HTTP a number, as its model makes it
+    session = Session(functools.partial(ChatEnvironment, rubric=lambda action, obs: True))
+    handle_frame(session, '{"type":"reset"}')
+    step = _reply_to(session, _said("x"))["data"]
+    assert step["reward"] is True and "metadata" not in step and step["observation"]["metadata"] == {}
+    history = chatenv._WireHistory()
+    env = ChatEnvironment(rubric=lambda action, obs: True, history=history)
+    env.reset_outcome()
+    body = json.loads(chatenv._http_observation(history, env.step_outcome([72])))
+    assert body["reward"] == 1.0 and type(body["reward"]) is float and body["metadata"] is None
+
+
+def test_episode_ends_max_turns_stop_task_turns_and_hooks(tmp_path):
+    env = ChatEnvironment(max_turns=2)
+    env.reset()
+    assert env.step(_TEXT.encode("a")).done is False
+    obs = env.step(_TEXT.encode("b"))
+    assert obs.done is True and obs.metadata["done_reason"].startswith("max_turns")
+    with pytest.raises(ValueError, match="episode is done .max_turns"):
+        env.step(_TEXT.encode("c"))
+    assert env.state.step_count == 2 and env.reset().done is False  # state answers; reset starts anew
+    env = ChatEnvironment(stop=["</answer>"])
+    env.reset()
+    assert env.step(_TEXT.encode("thinking")).done is False
+    assert env.step(_TEXT.encode("<answer>4</answer>")).metadata["done_reason"] == "stop: the assistant wrote '</answer>'"
+    # a task's scripted turns: appended one at a time, a reward on every turn
+    tasks = _task_file(tmp_path, {"prompt": "Name a colour.", "answer": "blue", "turns": ["Another?", "One more?"]})
+    env = ChatEnvironment(tasks=tasks, rubric=chatenv.exact_match)
+    env.reset()
+    rewards = []
+    for reply, done in (("red", False), ("blue", False), ("blue", True)):
+        obs = env.step(_TEXT.encode(reply))
+        rewards.append(obs.reward)
+        assert obs.done is done
+    assert rewards == [0.0, 1.0, 1.0]
+    assert [m["content"] for m in env.history_messages] == [
+        "Name a colour.", "red", "Another?", "blue", "One more?", "blue"]
+    # a hook ends it
+    def transform(obs):
+        obs.done = "stop" in obs.messages[-1]["content"] if obs.messages else False
+        return obs
+
+    env = ChatEnvironment(transform=transform)
+    env.reset()
+    assert env.step(_TEXT.encode("go")).done is False
+    assert env.step(_TEXT.encode("stop now")).metadata["done_reason"] == "a hook ended it"
+    # without any of these, episodes never end
+    env = ChatEnvironment()
+    env.reset()
+    assert not any(env.step([72]).done for _ in range(50))
+
+
+def test_a_step_after_done_is_an_execution_error_naming_why_and_the_session_lives_on():
+    session = Session(functools.partial(ChatEnvironment, max_turns=1))
+    handle_frame(session, '{"type":"reset"}')
+    assert _reply_to(session, _said("a"))["data"]["done"] is True
+    error = _reply_to(session, _said("b"))["data"]
+    assert error["code"] == "EXECUTION_ERROR" and "max_turns" in error["message"]
+    assert _reply_to(session, {"type": "state"})["data"]["step_count"] == 1
+    assert _reply_to(session, {"type": "reset"})["data"]["done"] is False
+    assert _reply_to(session, _said("c"))["type"] == "observation"
+
+
+def test_scripted_turns_reach_delta_and_full_frames_alike(tmp_path):
+    tasks = _task_file(tmp_path, {"prompt": "p", "turns": ["t1", {"role": "user", "content": "t2"}]})
+    full, delta = (Session(functools.partial(ChatEnvironment, tasks=tasks, system_prompt="sys")) for _ in "ab")
+    handle_frame(full, '{"type":"reset"}')
+    _reply_to(delta, {"type": "reset", "data": {"chatenv_delta": True}})
+    held = list(_reply_to(full, {"type": "state"})["data"]["history_messages"])
+    held_tokens = [t for ts in _reply_to(full, {"type": "state"})["data"]["history_tokens"] for t in ts]
+    for reply in ("r1", "r2", "r3"):
+        whole = _reply_to(full, _said(reply))["data"]
+        part = _reply_to(delta, _said(reply))["data"]
+        held += part["observation"]["messages"]
+        held_tokens += part["observation"]["tokens"]
+        assert held == whole["observation"]["messages"] and held_tokens == whole["observation"]["tokens"]
+        assert part["observation"]["delta"] == {"messages": len(held), "tokens": len(held_tokens)}
+        assert part["done"] == whole["done"]
+    assert whole["done"] is True and [m["content"] for m in held][-2:] == ["t2", "r3"]
+
+
+def test_tasks_are_picked_by_split_index_id_seed_or_at_random_and_bad_picks_are_validation_errors(tmp_path):
+    train = _task_file(tmp_path, *({"id": f"t{i}", "prompt": f"q{i}", "answer": str(i)} for i in range(50)))
+    test = _task_file(tmp_path, {"id": "x", "prompt": [{"role": "user", "content": "a"},
+                                                      {"role": "assistant", "content": "b"},
+                                                      {"role": "user", "content": "c"}]}, name="test.jsonl")
+    make = functools.partial(ChatEnvironment, tasks={"train": train, "test": test})
+    session = Session(make)
+    picked = lambda data: _reply_to(session, {"type": "reset", "data": data})["data"]["metadata"]["task"]
+    assert picked({"split": "train", "index": 7}) == {"split": "train", "index": 7, "id": "t7"}
+    assert picked({"task_id": "t31"}) == {"split": "train", "index": 31, "id": "t31"}
+    assert picked({"task_id": "x"})["split"] == "test"
+    assert [picked({"seed": 5}) for _ in range(3)] == [picked({"seed": 5})] * 3  # the same seed, the same task
+    assert len({picked({})["index"] for _ in range(40)}) > 5  # at random otherwise
+    obs = _reply_to(session, {"type": "reset", "data": {"split": "test", "index": 0}})["data"]["observation"]
+    assert [m["role"] for m in obs["messages"]] == ["user", "assistant", "user"]
+    for data, named in (({"split": "dev"}, "dev"), ({"split": "train", "index": 50}, "50"),
+                        ({"task_id": "nope"}, "nope"), ({"index": "1"}, "index")):
+        error = _reply_to(session, {"type": "reset", "data": data})["data"]
+        assert error["code"] == "VALIDATION_ERROR" and named in error["message"], (data, error)
+    assert _reply_to(session, _said("still here"))["type"] == "observation"
+    no_tasks = Session(ChatEnvironment)
+    assert _reply_to(no_tasks, {"type": "reset", "data": {"task_id": "t1"}})["data"]["code"] == "VALIDATION_ERROR"
+
+
+def test_task_file_index_checks_every_line_and_parses_only_what_is_asked(tmp_path):
+    path = _task_file(tmp_path, {"id": "a", "prompt": "p"}, {"prompt": "q", "answer": [1, 2]})
+    with open(path, "a") as f:
+        f.write("\n   \n" + json.dumps({"id": "c", "prompt": "r"}))  # blank lines, no final newline
+    file = chatenv._TaskFile(path)
+    assert len(file) == 3 and file.task(2)["id"] == "c" and file.find("c") == 2 and file.find("b") is None
+    with pytest.raises(IndexError):
+        file.task(3)
+    for body, problem in (('{"prompt": "p"}\n{"id": 3, "prompt": "p"}\n', ":2: 'id' must be a string"),
+                          ('{"prompt": "p"}\n\n[1]\n', ":3: a task is a JSON object"),
+                          ('{"prompt": "p", "turns": [5]}\n', ":1: 'turns'"),
+                          ('{"prompt": []}\n', ":1: 'prompt'"),
+                          ('{"prompt": "p"}\n{"prompt": "p"\n', ":2: not a JSON object"),
+                          ('{"id": "a", "prompt": "p"}\n{"id": "a", "prompt": "q"}\n', "given twice"),
+                          ("\n", "has no tasks")):
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            chatenv._TaskFile(str(tmp_path / "bad.jsonl"))
+    tasks = chatenv.Tasks(path)
+    assert tasks.get_task("train", 1) == {"prompt": "q"}  # no answer unless asked
+    assert chatenv.Tasks(path, show_answers=True).get_task("train", 1)["answer"] == [1, 2]
+    assert [t["prompt"] for t in tasks.get_task_range("train", 1)] == ["q", "r"]
+
+
+def test_weighted_rubrics_sum_the_scores_given_and_name_each_one():
+    def half(action, obs):
+        return 0.5
+
+    async def judged(action, obs):  # an async rubric: awaited on a private loop off a server
+        await asyncio.sleep(0)
+        return 1
+
+    rubric = chatenv._WeightedRubrics([("half", half, 2.0), ("judge", judged, -1.0), ("none", lambda a, o: None, 5.0)])
+    env = ChatEnvironment(rubric=rubric)
+    env.reset()
+    obs = env.step([72])
+    assert obs.reward == 0.0 and obs.metadata["rewards"] == {"half": 0.5, "judge": 1, "none": None}
+    env = ChatEnvironment(rubric=chatenv._WeightedRubrics([("none", lambda a, o: None, 1.0)]))
+    env.reset()
+    assert env.step([72]).reward is None
+    env = ChatEnvironment(rubric=lambda a, o: float("nan"))
+    env.reset()
+    with pytest.raises(RuntimeError, match="rubric failed"):
+        env.step([72])
+
+
+def test_task_routes_answer_as_openenv_0_10s(tmp_path):
+    path = _task_file(tmp_path, *({"id": f"t{i}", "prompt": f"q{i}", "answer": str(i)} for i in range(5)))
+    server = ChatServer(tasks={"train": path, "hard": path})
+    post = lambda route, body: chatenv.http_reply(server, "POST", f"/chat_env/{route}", json.dumps(body).encode())
+    assert chatenv.http_reply(server, "GET", "/chat_env/splits") == (
+        200, [{"name": "train", "type": "train"}, {"name": "hard", "type": "validation"}])
+    assert post("num_tasks", {"split": "hard"}) == (200, {"num_tasks": 5})
+    assert post("task", {"split": "train", "index": 2}) == (200, {"task": {"id": "t2", "prompt": "q2"}})
+    assert post("task", {"split": "train", "index": 5}) == (400, {"detail": "Invalid task index"})
+    assert post("task_range", {"split": "train", "start": 3}) == (
+        200, {"tasks": [{"id": "t3", "prompt": "q3"}, {"id": "t4", "prompt": "q4"}]})
+    status, body = post("tasks", {"split": "train"})
+    assert status == 200 and body["env_name"] == "chat_env" and len(body["tasks"]) == 5
+    assert post("tasks", {"split": "dev"})[0] == 400
+    assert post("task", {"split": "train"})[0] == 422
+    assert chatenv.http_reply(ChatServer(), "POST", "/chat_env/num_tasks", b'{"split":"train"}')[0] == 501
+    shown = ChatServer(tasks=path, show_answers=True)
+    assert chatenv.http_reply(shown, "POST", "/chat_env/task", b'{"split":"train","index":1}')[1]["task"]["answer"] == "1"
+
+
+def test_schema_titles_and_describes_what_is_sent():
+    status, schema = chatenv.http_reply(ChatServer(), "GET", "/schema")
+    for name, title in (("action", "ChatAction"), ("observation", "ChatObservation"),
+                        ("reset_observation", "ChatObservation")):
+        assert schema[name]["title"] == title and schema[name]["description"]
+    properties = schema["observation"]["properties"]
+    assert "boolean" in properties["reward"]["type"] and "null" in properties["reward"]["type"]
+    assert all(properties[key]["description"] for key in ("reward", "done", "metadata"))
+
+
+def test_asgi_app_with_hooks_answers_as_the_native_server(tmp_path):
+    """The same hooks under uvicorn: tasks, a plain and an async rubric (run off the loop), the same frames."""
+    tasks = _task_file(tmp_path, {"id": "q", "prompt": "1+1?", "answer": "2", "turns": ["Sure?"]})
+
+    async def judged(action, observation):
+        await asyncio.sleep(0.001)
+        return chatenv.exact_match(action, observation)
+
+    options = dict(tasks=tasks, rubric=judged, max_turns=5)
+    messages = [{"type": "reset", "data": {"task_id": "q"}}, _said("3"), _said("2"), _said("2"),
+                {"type": "reset", "data": {"split": "nope"}}]
+    with asgi_server(chatenv.ASGIApp(**options)) as asgi_url, serve_in_thread(**options) as native_url:
+        answers = []
+        for url in (asgi_url, native_url):
+            with raw(url) as ws:
+                answers.append([ask(ws, message)["data"] for message in messages])
+            answers[-1].append(http_post(url + "/chat_env/task", {"split": "train", "index": 0}))
+        assert answers[0] == answers[1]
+    rewards = [frame.get("reward") for frame in answers[0][:3]]
+    assert rewards == [None, 0.0, 1.0] and answers[0][3]["code"] == "EXECUTION_ERROR"
+    assert answers[0][4]["code"] == "VALIDATION_ERROR" and answers[0][5][1] == {"task": {"id": "q", "prompt": "1+1?",
+                                                                                       "turns": ["Sure?"]}}

@@ -173,7 +173,7 @@ def expected(frame: bytes):
     """What a reply means, read with json.loads: (messages, tokens, reward, done, metadata)."""
     data = json.loads(frame)["data"]
     body = data["observation"]
-    metadata = body["metadata"] if "metadata" in body else data.get("metadata")
+    metadata = body.get("metadata") or data.get("metadata")  # inside when it holds anything, else beside
     return body["messages"], body["tokens"], data.get("reward"), data.get("done", False), metadata or {}
 
 
@@ -400,6 +400,38 @@ def test_a_frame_no_request_asked_for_is_a_protocol_error_not_a_later_reply(make
             env.step([33])
 
 
+def test_a_frame_that_came_before_the_request_was_written_is_never_its_reply(make_client):
+    """A data frame in the client's socket before a request goes out (sent after the last
+    reply, read by nobody yet: no loop turn, no keepalive turn in between) is raised as a
+    frame no request asked for, never returned as the request's reply."""
+    stale, fresh = observation(HI, [72, 105]), observation([], [33])
+
+    def script(peer):
+        peer.recv()
+        peer.send(observation([], []))
+        time.sleep(0.01)
+        peer.send(stale)  # before the step request: no request asked for it
+        if peer.recv() is not None:
+            peer.send(fresh)
+        peer.recv()
+
+    async def reset_then_step(client):  # no loop turn between the reset's reply and the step
+        await client.reset()
+        time.sleep(0.05)
+        return await client.step([33])
+
+    with ScriptServer(script) as url:
+        env = make_client(url)
+        with pytest.raises(ChatEnvError) as info:
+            if make_client.kind == "sync":
+                env.reset()
+                time.sleep(0.05)  # under the keepalive's _IDLE_S: the frame waits in the socket
+                env.step([33])
+            else:
+                env.run(reset_then_step(env.client))
+        assert info.value.code == "PROTOCOL_ERROR" and "no request asked for" in info.value.message
+
+
 # ------------------------------------------------------------------------------
 # Replies the client cannot read: always ChatEnvError(PROTOCOL_ERROR), naming what is wrong
 # ------------------------------------------------------------------------------
@@ -431,10 +463,11 @@ _BAD_OBSERVATIONS = {
     "token a list": (_with(tokens=[72, [105]]), "observation.tokens"),
     "tokens an object": (_with(observation='{"messages":[],"tokens":{"a":1}}'), "tokens"),
     "reward a string": (_with(reward='"1.0"'), "reward"),
-    "reward a bool": (_with(reward="true"), "reward"),
+    "reward a list": (_with(reward="[1]"), "reward"),
     "done a string": (_with(done='"no"'), "done"),
     "done a number": (_with(done="1"), "done"),
     "metadata a string": (_with(observation='{"messages":[],"tokens":[],"metadata":"x"}'), "metadata"),
+    "metadata beside reward a string": (_with(metadata='"x"'), "metadata"),
     "delta not an object": (_with(observation='{"messages":[],"tokens":[],"delta":3}'), "delta"),
     "observation a list": (_with(observation="[1]"), "observation"),
     "not UTF-8": (_with(messages=[{"role": "assistant", "content": "H\udcff"}]).replace(b"\\udcff", b"\xff"),
@@ -912,6 +945,176 @@ def test_wss_refuses_a_certificate_it_does_not_trust(make_client, tls_front, mon
         env.reset()
 
 
+def test_task_methods_over_tls(make_client, tls_front):
+    """The task API's HTTP requests go over TLS when the URL says https:// (or wss://):
+    the chatenv server behind the front answers (no tasks: its 501)."""
+    url, _ = tls_front
+    env = make_client(url.replace("https://", "wss://") + "/ws")
+    with pytest.raises(ChatEnvError, match="HTTP 501") as info:
+        _task(env, "list_splits")
+    assert info.value.code == "EXECUTION_ERROR" and "on wss://localhost" in info.value.message
+
+
+# ------------------------------------------------------------------------------
+# The task API: OpenEnv 0.10's HTTP routes under its method names
+# ------------------------------------------------------------------------------
+
+TASK_METHODS = [("list_splits", ()), ("list_tasks", ("train",)), ("num_tasks", ("train",)),
+                ("get_task", ("train", 0)), ("get_task_range", ("train", 0, 1))]
+
+
+def _task(env, name, *args):
+    """Call a task method on either driver (conftest's async driver runs its coroutine)."""
+    if env.kind == "async":
+        return env.run(getattr(env.client, name)(*args))
+    return getattr(env.client, name)(*args)
+
+
+class TaskServer:
+    """A scripted HTTP server: ``answers[(method, path)] = (status, body)`` (a body not a
+    str is sent as JSON); it records each request's method, path, headers and body."""
+
+    def __init__(self, answers):
+        import http.server
+
+        self.answers, self.requests = answers, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                outer.requests.append((self.command, self.path, dict(self.headers),
+                                       json.loads(body) if body else None))
+                status, answer = outer.answers.get((self.command, self.path), (404, {"detail": "Not Found"}))
+                data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+_SPLITS = [{"name": "train", "type": "train"}, {"name": "dev", "type": "validation"}]
+_TASKS = [{"id": "a", "prompt": "1+1?"}, {"id": "b", "prompt": "2+2?"}]
+
+
+@pytest.mark.parametrize("form", ["ws", "http", "host:port", "prefix"])
+def test_task_methods_call_openenv_s_routes_with_the_token(make_client, form):
+    """Each method is its route, under the env name GET /list_environments gives (asked
+    once); the answer unwrapped as OpenEnv's TaskProvider returns it; the auth token
+    and User-Agent sent; any base URL form, a path prefix kept; start/stop left out
+    when None."""
+    prefix = "/under/here" if form == "prefix" else ""
+    answers = {
+        ("GET", f"{prefix}/list_environments"): (200, ["my_env"]),
+        ("GET", f"{prefix}/my_env/splits"): (200, _SPLITS),
+        ("POST", f"{prefix}/my_env/tasks"): (200, {"tasks": _TASKS, "env_name": "my_env"}),
+        ("POST", f"{prefix}/my_env/num_tasks"): (200, {"num_tasks": 2}),
+        ("POST", f"{prefix}/my_env/task"): (200, {"task": _TASKS[1]}),
+        ("POST", f"{prefix}/my_env/task_range"): (200, {"tasks": _TASKS[:1]}),
+    }
+    with TaskServer(answers) as server:
+        url = {"ws": f"ws://127.0.0.1:{server.port}/ws", "http": f"http://127.0.0.1:{server.port}/",
+               "host:port": f"127.0.0.1:{server.port}", "prefix": f"http://127.0.0.1:{server.port}{prefix}"}[form]
+        env = make_client(url, auth_token="s3cret")
+        assert _task(env, "list_splits") == _SPLITS
+        assert _task(env, "list_tasks", "train") == _TASKS
+        assert _task(env, "num_tasks", "train") == 2
+        assert _task(env, "get_task", "train", 1) == _TASKS[1]
+        assert _task(env, "get_task_range", "train", None, 1) == _TASKS[:1]
+        assert _task(env, "get_task_range", "train") == _TASKS[:1]
+    sent = [(method, path, body) for method, path, _, body in server.requests]
+    assert sent == [
+        ("GET", f"{prefix}/list_environments", None), ("GET", f"{prefix}/my_env/splits", None),
+        ("POST", f"{prefix}/my_env/tasks", {"split": "train"}), ("POST", f"{prefix}/my_env/num_tasks", {"split": "train"}),
+        ("POST", f"{prefix}/my_env/task", {"split": "train", "index": 1}),
+        ("POST", f"{prefix}/my_env/task_range", {"split": "train", "stop": 1}),
+        ("POST", f"{prefix}/my_env/task_range", {"split": "train"}),
+    ]
+    for _, _, headers, body in server.requests:
+        assert headers["Authorization"] == "Bearer s3cret"
+        assert headers["User-Agent"].startswith("chatenv/")
+        assert (headers.get("Content-Type") == "application/json") == (body is not None)
+
+
+_TASK_FAILURES = {  # the server's answer -> the error raised, and what its message holds
+    "400 bad index": ((400, {"detail": "Invalid task index"}), ChatEnvError, "VALIDATION_ERROR", "HTTP 400: Invalid task index"),
+    "422 pydantic errors": ((422, {"detail": [{"type": "missing", "loc": ["body", "index"], "msg": "Field required"}]}),
+                            ChatEnvError, "VALIDATION_ERROR", "HTTP 422: Field required"),
+    "404 unknown environment": ((404, {"detail": "unknown environment 'x'"}), ChatEnvError, "VALIDATION_ERROR",
+                                "HTTP 404: unknown environment 'x'"),
+    "501 no tasks": ((501, {"detail": "get_task is not supported for this environment"}), ChatEnvError,
+                     "EXECUTION_ERROR", "HTTP 501: get_task is not supported"),
+    "500 text": ((500, "Internal Server Error"), ChatEnvError, "EXECUTION_ERROR", "HTTP 500: Internal Server Error"),
+    "401": ((401, {"detail": "Unauthorized"}), ConnectionError, None, "auth token"),
+    "200 not an object": ((200, [1]), ChatEnvError, "PROTOCOL_ERROR", "not an object holding 'task'"),
+    "200 without task": ((200, {"tasks": []}), ChatEnvError, "PROTOCOL_ERROR", "not an object holding 'task'"),
+    "200 not JSON": ((200, "<html>"), ChatEnvError, "PROTOCOL_ERROR", "<html>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TASK_FAILURES))
+def test_task_method_failures_are_named(make_client, case):
+    answer, error, code, text = _TASK_FAILURES[case]
+    answers = {("GET", "/list_environments"): (200, ["chat_env"]), ("POST", "/chat_env/task"): answer}
+    with TaskServer(answers) as server:
+        env = make_client(f"http://127.0.0.1:{server.port}")
+        with pytest.raises(error) as info:
+            _task(env, "get_task", "train", 9)
+        assert type(info.value) is error and text in str(info.value)
+        assert "get_task() (POST /chat_env/task on http://127.0.0.1:" in str(info.value)
+        if code:
+            assert info.value.code == code
+
+
+def test_task_methods_check_their_arguments_before_sending(make_client):
+    with TaskServer({}) as server:
+        env = make_client(f"http://127.0.0.1:{server.port}")
+        for name, args, named in [("list_tasks", (1,), "split"), ("get_task", ("train", "0"), "index"),
+                                  ("get_task", ("train", True), "index"), ("get_task", ("train", None), "index"),
+                                  ("get_task_range", ("train", 0.5), "start")]:
+            with pytest.raises(TypeError, match=f"{name}\\(\\): {named} must be"):
+                _task(env, name, *args)
+        assert [path for _, path, _, _ in server.requests] == []
+
+
+def test_task_methods_against_a_server_without_tasks_say_so(make_client):
+    """A chatenv server without tasks answers each route 501, as OpenEnv's does for an
+    environment without the methods: EXECUTION_ERROR naming the method; the session
+    (none needed for the task API) still works."""
+    with serve_in_thread() as url:
+        env = make_client(url)
+        for name, args in TASK_METHODS:
+            with pytest.raises(ChatEnvError) as info:
+                _task(env, name, *args)
+            assert info.value.code == "EXECUTION_ERROR"
+            assert f"HTTP 501: {name} is not supported for this environment" in info.value.message
+        assert env.reset().observation.tokens == []
+
+
+def test_task_methods_on_a_server_that_is_not_there(make_client):
+    env = make_client(f"http://127.0.0.1:{free_port()}", message_timeout_s=5)
+    with pytest.raises(ConnectionError, match="GET /list_environments on http://127.0.0.1"):
+        _task(env, "list_splits")
+
+
 # ------------------------------------------------------------------------------
 # Full observations, OpenEnv's two shapes: parsed O(new), equal to json.loads
 # ------------------------------------------------------------------------------
@@ -985,6 +1188,46 @@ def test_a_0_10_0_observation_with_metadata_reads_it(make_client):
         last = env.step([72, 105])
         assert (last.observation.metadata, last.reward, last.done) == ({"turn": 2}, 0.5, True)
         assert last.observation.tokens == [72, 105] * 2
+
+
+def _delta(messages, tokens, totals, reward=None, done=False, metadata=None, top_metadata=None) -> bytes:
+    """A chatenv delta observation frame: only what the step added, and the totals."""
+    body = {} if metadata is None else {"metadata": metadata}
+    body.update(messages=messages, tokens=tokens, delta={"messages": totals[0], "tokens": totals[1]})
+    data = {"observation": body, "reward": reward, "done": done}
+    if top_metadata is not None:
+        data["metadata"] = top_metadata
+    return json.dumps({"type": "observation", "data": data}, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("frames", ["full", "delta"])
+def test_reward_done_and_metadata_are_read_from_full_and_delta_frames(make_client, frames):
+    """A boolean reward (OpenEnv 0.10 passes one through, recorded) is kept as sent, as
+    OpenEnv's client keeps it; done; metadata inside the observation, or beside reward
+    when only there. The same from full frames (parsed past the last one) and deltas."""
+    task = {"split": "train", "index": 0, "task_id": "train-0"}
+    outcomes = [(True, False, {**task, "turn": 1}, "both"), (0.25, False, {**task, "turn": 2}, "inside"),
+                (False, False, {"turn": 3}, "beside"), (1, True, {**task, "turn": 4}, "both")]
+    script, messages, tokens = [observation([], [], shape="0.10.0", metadata=task)], [], []
+    for reward, done, meta, where in outcomes:
+        messages, tokens = messages + HI, tokens + [72, 105]
+        inside = meta if where != "beside" else None
+        beside = meta if where != "inside" else None
+        if frames == "full":
+            script.append(observation(messages, tokens, reward, done, where="first" if inside else None,
+                                      metadata=inside, top_metadata=beside or {}))
+        else:
+            script.append(_delta(HI, [72, 105], (len(messages), len(tokens)), reward, done, inside, beside))
+    with replay_server(script) as url:
+        env = make_client(url, delta=frames == "delta")
+        first = env.reset(split="train", index=0)
+        assert (first.reward, first.done, first.observation.metadata) == (None, False, task)
+        for i, (reward, done, meta, _) in enumerate(outcomes, 1):
+            result = env.step([72, 105])
+            assert (result.reward, result.done, result.observation.metadata) == (reward, done, meta)
+            assert type(result.reward) is type(reward) and type(result.observation.reward) is type(reward)
+            assert (result.observation.messages, result.observation.tokens) == (HI * i, [72, 105] * i)
+    assert json.loads(script[0])["data"]["observation"]["metadata"] == task
 
 
 _texts = st.text(alphabet=st.sampled_from('ab "\\]}[{,:\u00e9\u2713\U0001f600\n\x00'), max_size=10) | st.sampled_from(
@@ -1066,7 +1309,7 @@ def openenv_pinging(request):
     that does not answer within 0.2 s (20 + 20 s by default)."""
     import support_chatenv
 
-    python = support_chatenv.require_venv(request.param)  # CI builds the venvs; a missing one fails
+    python = support_chatenv.require_venv(request.param)  # the suite builds the venvs first; a missing one fails
     code = _OPENENV_PEER.format(here=str(HERE), interval=0.2, timeout=0.2)
     proc = subprocess.Popen([str(python), "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -1127,3 +1370,157 @@ def test_close_from_another_thread_ends_a_call_under_way():
         assert time.monotonic() - started < stall_s / 2.5  # not the 5 s stall, nor the 30 s timeout
         assert isinstance(outcome.get("error"), EpisodeLostError) and "close()" in str(outcome["error"])
         assert wait_until(lambda: url.server.active_sessions == 0)
+
+
+# ------------------------------------------------------------------------------
+# A bad server: each call is bounded by message_timeout_s, the client's memory by
+# max_message_bytes + 64 MB, whatever arrives (the client runs in a subprocess, so a
+# hang or a blow-up is killed and measured, never the test run's)
+# ------------------------------------------------------------------------------
+
+_ATTACK_TIMEOUT_S = 2.0  # the client's message_timeout_s in these cases
+_ATTACK_LIMIT = 4 * 2**20  # the client's max_message_bytes (None in the impossible-header cases)
+_ATTACK_HEADROOM = 64 * 2**20  # what the client process may grow by beyond max_message_bytes
+_ATTACK_RUN_S = 8.0  # how long any scripted attack goes on at most
+_ATTACK_IDLE_S = 1.5  # the idle cases: how long the client sleeps while the server floods it
+
+_ATTACK_SCRIPT = """
+import asyncio, json, sys, time
+sys.path.insert(0, {here!r})
+from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError
+url, kind, idle_s, limit = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+options = dict(message_timeout_s={timeout}, max_message_bytes=None if limit == "none" else int(limit))
+
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+async def steps(env, report):
+    await env.reset()
+    report["base"] = peak()
+    await asyncio.sleep(idle_s)
+    started = time.monotonic()
+    try:
+        await env.step([72])
+        report["outcome"] = "returned"
+    except ChatEnvError as exc:
+        report["outcome"] = "ChatEnvError:" + exc.code
+    except Exception as exc:
+        report["outcome"] = type(exc).__name__
+    report["elapsed"] = time.monotonic() - started
+
+report = {{}}
+if kind == "sync":
+    env = ChatEnv(url, **options)
+    env.reset()
+    report["base"] = peak()
+    time.sleep(idle_s)
+    started = time.monotonic()
+    try:
+        env.step([72])
+        report["outcome"] = "returned"
+    except ChatEnvError as exc:
+        report["outcome"] = "ChatEnvError:" + exc.code
+    except Exception as exc:
+        report["outcome"] = type(exc).__name__
+    report["elapsed"] = time.monotonic() - started
+else:
+    asyncio.run(steps(AsyncChatEnv(url, **options), report))
+report["peak"] = peak()
+print(json.dumps(report), flush=True)
+"""
+
+
+def _flood(peer, chunk: bytes, first: bytes = b"", every_s: float = 0.0) -> None:
+    """Send ``first``, then ``chunk`` again and again (every ``every_s``), for _ATTACK_RUN_S at most."""
+    peer.send_raw(first)
+    end = time.monotonic() + _ATTACK_RUN_S
+    while time.monotonic() < end:
+        peer.send_raw(chunk)
+        if every_s:
+            time.sleep(every_s)
+
+
+def _attack(when: str, attack):
+    """A scripted server that answers the reset, then runs ``attack(peer)`` on the step
+    request (``when="call"``) or at once, while the client idles (``when="idle"``)."""
+    def script(peer):
+        peer.recv()
+        peer.send(observation([], []))
+        if when == "call":
+            peer.recv(answer_pings=False)
+        attack(peer)
+
+    return script
+
+
+_REPLY = observation(HI, [72])
+_ATTACKS = {  # name: (when, attack, max_message_bytes)
+    "reply-trickled-1-byte-per-0.2s": ("call", lambda peer: [
+        (peer.send_raw(server_frame(_REPLY)[i:i + 1]), time.sleep(0.2)) for i in range(40)], _ATTACK_LIMIT),
+    "one-ping-a-second": ("call", lambda peer: _flood(peer, server_frame(b"p", opcode=9), every_s=1.0),
+                          _ATTACK_LIMIT),
+    "ping-flood": ("call", lambda peer: _flood(peer, server_frame(b"", opcode=9) * 8192), _ATTACK_LIMIT),
+    "pong-flood": ("call", lambda peer: _flood(peer, server_frame(b"", opcode=10) * 8192), _ATTACK_LIMIT),
+    "endless-1-byte-fragments": ("call", lambda peer: _flood(
+        peer, server_frame(b"x", opcode=0, fin=False) * 8192, server_frame(b"{", fin=False)), _ATTACK_LIMIT),
+    "endless-empty-fragments": ("call", lambda peer: _flood(
+        peer, server_frame(b"", opcode=0, fin=False) * 8192, server_frame(b"", fin=False)), _ATTACK_LIMIT),
+    "idle-1-MiB-frames": ("idle", lambda peer: _flood(peer, server_frame(b" " * 2**20)), _ATTACK_LIMIT),
+    "idle-empty-fragments": ("idle", lambda peer: _flood(
+        peer, server_frame(b"", opcode=0, fin=False) * 8192, server_frame(b"", fin=False)), _ATTACK_LIMIT),
+    "2-GiB-header-no-limit": ("call", lambda peer: _flood(
+        peer, b"x" * 2**16, bytes((0x81, 127)) + (2**31).to_bytes(8, "big"), every_s=0.05), None),
+    "2^62-header-no-limit": ("call", lambda peer: _flood(
+        peer, b"x" * 2**16, bytes((0x81, 127)) + (2**62).to_bytes(8, "big"), every_s=0.05), None),
+}
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("case", list(_ATTACKS))
+def test_a_bad_server_holds_a_call_to_its_timeout_and_the_client_to_its_memory_bound(case, kind, tmp_path):
+    """Whatever a server sends (trickles, pings, pongs, endless fragments, frames while
+    idle, a length no reply has), a call ends within message_timeout_s + 1 s with
+    TimeoutError or EpisodeLostError (a frame that came while idle: PROTOCOL_ERROR, as
+    no request asked for it), and the client grows by at most max_message_bytes + 64 MB."""
+    when, attack, limit = _ATTACKS[case]
+    if kind == "async" and "fragments" in case and chatenv._websockets_version() < (17, 0):
+        pytest.xfail("websockets' asyncio client before 17.0 gathers endless fragments until the timeout "
+                     "(+75 to 100 MB in 2 s here); AsyncChatEnv cannot count them through its public API")
+    script = tmp_path / "client.py"
+    script.write_text(_ATTACK_SCRIPT.format(here=str(HERE), timeout=_ATTACK_TIMEOUT_S))
+    idle_s = _ATTACK_IDLE_S if when == "idle" else 0.0
+    with ScriptServer(_attack(when, attack)) as url:
+        try:
+            run = subprocess.run([sys.executable, str(script), url, kind, str(idle_s), str(limit).lower()],
+                                 capture_output=True, text=True, timeout=idle_s + _ATTACK_TIMEOUT_S + 2 * SLACK)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the client hung past message_timeout_s={_ATTACK_TIMEOUT_S} s + {2 * SLACK} s")
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    allowed = {"TimeoutError", "EpisodeLostError"} | ({"ChatEnvError:PROTOCOL_ERROR"} if when == "idle" else set())
+    assert report["outcome"] in allowed, report
+    assert report["elapsed"] < _ATTACK_TIMEOUT_S + 1.0, report
+    assert report["peak"] - report["base"] < (limit or 0) + _ATTACK_HEADROOM, report
+
+
+# ------------------------------------------------------------------------------
+# The README's "Rewards and tasks" example, run as written
+# ------------------------------------------------------------------------------
+
+def test_readme_rewards_and_tasks_example_runs_as_written(tmp_path):
+    """The section's command serves the shipped task file; its rollout loop prints the mean reward it says."""
+    import re
+
+    from support_chatenv import ServerProcess
+
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    section = readme.split("\n## Rewards and tasks\n", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```\n(chatenv serve [^\n]*)\n```", section).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"# (mean reward [0-9.]+)", code).group(1)
+    with ServerProcess(tmp_path, "rewards-example", cli=[*command.split()[2:], "--port", "0"]) as server:
+        out = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", server.url)],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected, out.stdout

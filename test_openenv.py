@@ -6,7 +6,7 @@ against a chatenv server; chatenv's clients against the OpenEnv peer (chat_env
 on OpenEnv's API, served by uvicorn in each venv); chatenv's frames against the
 frames recorded from OpenEnv's own chat_env (``recordings/``); OpenEnv's
 validator and launchers against chatenv. This process never imports OpenEnv.
-CI builds the venvs (``python support_chatenv.py venvs``): a missing one fails.
+The suite builds the venvs on first use (conftest.py): a missing one fails.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ RECORDINGS = {
     "0.10.0": HERE / "recordings" / "openenv-0.10.0.jsonl",
     "0.3.0": HERE / "recordings" / "openenv-core-0.3.0.jsonl",
 }
+HOOKS_RECORDING = HERE / "recordings" / "openenv-0.10.0-hooks.jsonl"  # 0.10.0 with a transform, rubric, tasks
 PROMPT = "You are terse."
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -68,17 +69,19 @@ class _OpenEnv:
         for release in RELEASES:
             _require_venv(release)
         for release in RELEASES:  # importing OpenEnv takes seconds: start all four at once
-            self.peers[release] = PeerProcess(
-                release,
+            servers = [
                 {"max_concurrent_envs": 8},
                 {"max_concurrent_envs": 1},
                 {"max_concurrent_envs": 8, "system_prompt": PROMPT, "tokenizer": "chatenv"},
-            ).start()
+            ]
+            if release == "0.10.0":  # rubrics and the task API are 0.10's: its hooks server too
+                servers.append({"hooks": True, "max_concurrent_envs": 8})
+            self.peers[release] = PeerProcess(release, *servers).start()
             self.clients[release] = OpenEnvClients(release).start()
 
     def urls(self, release):
-        main, single, prompt = self.peers[release].wait_started()
-        return {"main": main, "single": single, "prompt": prompt}
+        main, single, prompt, *hooks = self.peers[release].wait_started()
+        return {"main": main, "single": single, "prompt": prompt, "hooks": hooks[0] if hooks else None}
 
     def client_host(self, release):
         return self.clients[release].wait_started()
@@ -452,6 +455,316 @@ def test_chatenv_client_big_step_against_openenv_server(openenv_url, client):
                 return (await env.step(chatenv.ChatAction(tokens=_BIG_STEP))).observation.tokens
 
         assert asyncio.run(run()) == _BIG_STEP
+
+
+# ------------------------------------------------------------------------------
+# chatenv's clients -> OpenEnv 0.10.0 serving a transform, a rubric and tasks
+# (support_chatenv.openenv_hooks_app; its frames are recordings/openenv-0.10.0-hooks.jsonl)
+# ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hooks_url(openenv):
+    return openenv.urls("0.10.0")["hooks"]
+
+
+def _hooks_recording():
+    with open(HOOKS_RECORDING) as f:
+        return [json.loads(line) for line in f]
+
+
+def _hooks_cases():
+    """The recording's cases by name (the WebSocket sessions' names are unique; an HTTP
+    route's are not: several bodies, so read those from the list)."""
+    return {case["case"]: case for case in _hooks_recording()}
+
+
+def _meaning(frame):
+    """What an observation frame says, as a chatenv result should read it (the reward's
+    type too: a boolean stays one); an error frame as (code, message)."""
+    frame = json.loads(frame)
+    data = frame["data"]
+    if frame["type"] == "error":
+        return ("error", data["code"], data["message"])
+    if frame["type"] == "state":
+        return ("state", data["history_messages"], data["history_tokens"])
+    body = data["observation"]
+    return ("observation", body["messages"], body["tokens"], data["reward"], type(data["reward"]), data["done"],
+            body.get("metadata") or data.get("metadata") or {})
+
+
+def _read(result):
+    if isinstance(result, chatenv.ChatEnvError):
+        return ("error", result.code, result.message)
+    if isinstance(result, chatenv.ChatState):
+        return ("state", result.history_messages, result.history_tokens)
+    obs = result.observation
+    assert (obs.reward, obs.done) == (result.reward, result.done) and type(obs.reward) is type(result.reward)
+    return ("observation", obs.messages, obs.tokens, result.reward, type(result.reward), result.done, obs.metadata)
+
+
+def _calls(frames):
+    """Recorded request frames as client calls: (method name, positional args, keyword args)."""
+    calls = []
+    for frame in map(json.loads, frames):
+        data = dict(frame.get("data") or {})
+        data.pop("chatenv_delta", None)  # the client's own option (delta=), not a reset argument
+        if frame["type"] == "reset":
+            calls.append(("reset", (), data))
+        elif frame["type"] == "step":
+            calls.append(("step", (chatenv.ChatAction(tokens=data["tokens"]),), {}))
+        else:
+            calls.append((frame["type"], (), {}))
+    return calls
+
+
+def _drive(url, client, calls, **options):
+    """Make ``calls`` on one ChatEnv or AsyncChatEnv session: each one's result, or its ChatEnvError."""
+    if client == "sync":
+        results = []
+        with chatenv.ChatEnv(url, **options) as env:
+            for name, args, kwargs in calls:
+                try:
+                    results.append(getattr(env, name)(*args, **kwargs))
+                except chatenv.ChatEnvError as exc:
+                    results.append(exc)
+        return results
+
+    async def run():
+        results = []
+        async with chatenv.AsyncChatEnv(url, **options) as env:
+            for name, args, kwargs in calls:
+                try:
+                    results.append(await getattr(env, name)(*args, **kwargs))
+                except chatenv.ChatEnvError as exc:
+                    results.append(exc)
+        return results
+
+    return asyncio.run(run())
+
+
+HOOK_SESSIONS = sorted(name for name in _hooks_cases() if name.startswith("hooks:") and "before any reset" not in name)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "full"])
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("name", HOOK_SESSIONS)
+def test_chatenv_clients_read_openenv_hooks_frames(hooks_url, client, delta, name):
+    """Each recorded session replayed by chatenv's clients against the live OpenEnv 0.10.0
+    hooks server: every reset (by split and index, by seed; an unknown split or a bad
+    index an EXECUTION_ERROR with OpenEnv's words) and step reads as the recorded frame
+    says: messages, tokens, reward (1.0, 0.25, 0.0, and a boolean true kept a bool),
+    done (by the rubric's 1.0, by "bye", and again after done), metadata."""
+    case = _hooks_cases()[name]
+    results = _drive(hooks_url, client, _calls(case["sent"]), delta=delta)
+    assert [_read(r) for r in results] == [_meaning(frame) for frame in case["received"]]
+
+
+def test_chatenv_client_keeps_openenv_s_boolean_reward(hooks_url):
+    """The one reward OpenEnv 0.10 sends as JSON true (recorded): chatenv's client used to
+    refuse it with PROTOCOL_ERROR; it now reads it, a bool, as OpenEnv's client does."""
+    frames = _hooks_cases()["hooks: reset test/1; wrong short, boolean reward, right, state"]["received"]
+    assert '"reward":true' in frames[2]
+    with chatenv.ChatEnv(hooks_url) as env:
+        env.reset(split="test", index=1)
+        assert env.step(chatenv.ChatAction(tokens=list(b"no"))).reward == 0.25
+        result = env.step(chatenv.ChatAction(tokens=list(b"pass")))
+        assert result.reward is True and result.observation.reward is True and result.done is False
+        assert result.observation.metadata == {"split": "test", "index": 1, "task_id": "test-1", "turn": 2}
+
+
+# The recorded task-route requests, as client calls: path -> the method and its arguments
+_TASK_ROUTE_CALLS = {
+    "/chat_env/splits": ("list_splits", ()),
+    "/chat_env/tasks": ("list_tasks", ("split",)),
+    "/chat_env/num_tasks": ("num_tasks", ("split",)),
+    "/chat_env/task": ("get_task", ("split", "index")),
+    "/chat_env/task_range": ("get_task_range", ("split", "start", "stop")),
+}
+_TASK_ROUTE_ANSWERS = {"list_splits": None, "list_tasks": "tasks", "num_tasks": "num_tasks", "get_task": "task",
+                       "get_task_range": "tasks"}
+
+
+def _task_route_cases():
+    """The recorded task-route requests chatenv's typed methods can make (not a malformed
+    body, another env name, or a GET where OpenEnv wants POST)."""
+    cases = []
+    for case in _hooks_recording():
+        method, _, path = case["case"].partition(" ")[2].partition(" ")
+        if path not in _TASK_ROUTE_CALLS or (method == "GET") != (path == "/chat_env/splits"):
+            continue
+        name, keys = _TASK_ROUTE_CALLS[path]
+        body = case["sent"] or {}
+        if ("index" in keys and "index" not in body) or type(body.get("index", 0)) is not int:
+            continue  # a 422 only an untyped request can get (recorded; chatenv's method checks first)
+        cases.append((name, tuple(body.get(k) for k in keys), case))
+    return cases
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_task_methods_answer_as_openenv_routes(hooks_url, client):
+    """list_splits, list_tasks, num_tasks, get_task, get_task_range against the live
+    OpenEnv 0.10.0 server return the recorded route's answer, unwrapped as OpenEnv's
+    TaskProvider returns it; its 400 (bad index) is VALIDATION_ERROR, its 500 (the
+    environment raised on an unknown split) EXECUTION_ERROR; reset(split=, index=)
+    then poses the task get_task named."""
+    cases = _task_route_cases()
+    assert {name for name, _, _ in cases} == set(_TASK_ROUTE_ANSWERS)
+    assert {case["http_status"] for _, _, case in cases} == {200, 400, 500}
+    calls = [(name, args, {}) for name, args, _ in cases] + [("reset", (), {"split": "train", "index": 2})]
+    results = _drive(hooks_url, client, calls)
+    for (name, args, case), result in zip(cases, results):
+        recorded = case["received"]
+        if case["http_status"] == 200:
+            member = _TASK_ROUTE_ANSWERS[name]
+            answer = json.loads(recorded)
+            assert result == (answer if member is None else answer[member]), (name, args)
+        else:
+            code = "VALIDATION_ERROR" if case["http_status"] < 500 else "EXECUTION_ERROR"
+            detail = json.loads(recorded)["detail"] if case["http_status"] < 500 else recorded
+            assert isinstance(result, chatenv.ChatEnvError) and result.code == code, (name, args, result)
+            assert f"HTTP {case['http_status']}: {detail}" in result.message
+    task = next(r for (name, args, _), r in zip(cases, results) if name == "get_task" and not isinstance(
+        r, chatenv.ChatEnvError))
+    posed = results[-1].observation
+    assert posed.messages == [{"role": "user", "content": "Capital of France?"}]
+    assert posed.metadata == {"split": "train", "index": 2, "task_id": "train-2", "turn": 0}
+    assert task == {"id": "train-1", "prompt": "What is 3*3?"}
+
+
+@pytest.mark.timeout(600)
+def test_openenv_hooks_server_answers_as_recorded(tmp_path):
+    """record_openenv.py --hooks run now against a fresh OpenEnv 0.10.0 hooks server
+    writes the committed recording, case for case."""
+    out = tmp_path / "hooks.jsonl"
+    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "record_openenv.py"), "--hooks", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = [json.loads(line) for line in out.read_text().splitlines()]
+    recorded = _hooks_recording()
+    assert [c["case"] for c in fresh] == [c["case"] for c in recorded]
+    assert fresh[0]["version"] == "0.10.0"
+    for mine, theirs in zip(fresh[1:], recorded[1:]):
+        assert mine == theirs
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv's clients (both releases) and chatenv's -> a chatenv server with tasks and a rubric
+# (`chatenv serve --tasks SPLIT=PATH --rubric exact_match`, issue 20 item 3: these need
+# the server side of that issue)
+# ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chatenv_tasks_url(tmp_path_factory):
+    """A chatenv server posing the hooks peer's tasks (support_chatenv.HOOK_TASKS, each
+    split a JSONL file), scored by exact_match; a test/1 copy with a scripted turn."""
+    root = tmp_path_factory.mktemp("tasks")
+    argv = [sys.executable, "-m", "chatenv", "serve", "--port", str(port := free_port()), "--log-level", "WARNING",
+            "--rubric", "exact_match"]
+    splits = dict(support_chatenv.HOOK_TASKS, turns=[{"id": "turns-0", "prompt": "What is 1+1?", "answer": "2",
+                                                      "turns": ["And 2+2?"]}])
+    for split, tasks in splits.items():
+        path = root / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+        argv += ["--tasks", f"{split}={path}"]
+    proc = _server(argv, _clean_env())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _names_the_task(metadata, split, index, task_id):
+    """The reset observation's metadata names the task (chatenv's ``metadata["task"]``:
+    split, index, id) and holds no answer."""
+    task = metadata.get("task")
+    return task == {"split": split, "index": index, "id": task_id} and "answer" not in json.dumps(metadata)
+
+
+def test_openenv_clients_read_rewards_and_done_from_chatenv_tasks(chatenv_tasks_url, oe):
+    """OpenEnv's own clients (sync and async, this release's) pick a task by split and
+    index, and read exact_match's reward, done after the task's one answer, and the
+    metadata, from a chatenv server; a step after done is an EXECUTION_ERROR."""
+    for mode in ("sync", "async"):
+        with oe.open(chatenv_tasks_url, mode) as theirs:
+            first = theirs.reset(split="test", index=1)
+            assert first["observation"]["messages"] == [{"role": "user", "content": "Say yes."}]
+            assert (first["reward"], first["done"]) == (None, False)
+            assert _names_the_task(first["observation"]["metadata"], "test", 1, "test-1")
+            assert "yes" not in json.dumps(first["observation"]["metadata"])  # never the answer
+            right = theirs.step(list(b" yes "))  # stripped, as exact_match compares
+            assert (right["reward"], right["done"], right["observation"]["done"]) == (1.0, True, True)
+            assert right["observation"]["metadata"]["rewards"] == {"exact_match": 1.0}
+            with pytest.raises(RemoteError, match=r"\(code: EXECUTION_ERROR\)"):
+                theirs.step(list(b"yes"))
+            assert theirs.state()["history_messages"][-1] == {"role": "assistant", "content": " yes "}
+            again = theirs.reset(split="train", index=0)  # reset starts anew
+            assert again["observation"]["messages"] == [{"role": "user", "content": "What is 2+2?"}]
+            wrong = theirs.step(list(b"5"))
+            assert (wrong["reward"], wrong["done"]) == (0.0, True)
+            assert wrong["observation"]["metadata"]["rewards"] == {"exact_match": 0.0}
+
+
+def test_openenv_clients_follow_a_chatenv_task_s_scripted_turns(chatenv_tasks_url, oe):
+    with oe.open(chatenv_tasks_url, "sync") as theirs:
+        theirs.reset(split="turns", index=0)
+        first = theirs.step(list(b"2"))
+        assert (first["reward"], first["done"]) == (1.0, False)  # each turn scored against the task's answer
+        assert first["observation"]["messages"][-2:] == [{"role": "assistant", "content": "2"},
+                                                        {"role": "user", "content": "And 2+2?"}]
+        last = theirs.step(list(b"4"))
+        assert (last["reward"], last["done"]) == (0.0, True)
+
+
+def test_openenv_client_reset_with_a_bad_task_is_a_validation_error(chatenv_tasks_url, oe):
+    """OpenEnv's environment raised (EXECUTION_ERROR, recorded); chatenv names the bad
+    split or index with VALIDATION_ERROR and keeps the session."""
+    with oe.open(chatenv_tasks_url, "sync") as theirs:
+        for kwargs, named in [({"split": "nope", "index": 0}, "nope"), ({"split": "train", "index": 3}, "3")]:
+            with pytest.raises(RemoteError, match=r"\(code: VALIDATION_ERROR\)") as info:
+                theirs.reset(**kwargs)
+            assert named in info.value.message
+        assert theirs.reset(split="hard", index=0)["observation"]["messages"][-1]["content"] == "What is 12*12?"
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_chatenv_task_methods_equal_on_chatenv_and_openenv(chatenv_tasks_url, hooks_url, client):
+    """The same tasks served by chatenv and by OpenEnv 0.10.0: the five methods answer
+    the same (answers left out on both), and reset(split=, index=) poses the same prompt."""
+    calls = [("list_tasks", ("train",), {}), ("list_tasks", ("test",), {}), ("num_tasks", ("hard",), {}),
+             ("get_task", ("train", 1), {}), ("get_task_range", ("train", 1, 5), {}),
+             ("get_task_range", ("test", None, None), {}), ("get_task", ("train", 3), {}),
+             ("reset", (), {"split": "test", "index": 0})]
+    mine, theirs = _drive(chatenv_tasks_url, client, calls), _drive(hooks_url, client, calls)
+    assert mine[:6] == theirs[:6]
+    assert mine[6].code == theirs[6].code == "VALIDATION_ERROR" and "HTTP 400" in mine[6].message
+    assert mine[7].observation.messages == theirs[7].observation.messages
+    splits = _drive(chatenv_tasks_url, client, [("list_splits", (), {})])[0]
+    assert splits == _drive(hooks_url, client, [("list_splits", (), {})])[0] + [{"name": "turns", "type": "validation"}]
+
+
+def test_chatenv_task_routes_answer_as_openenv_recorded(chatenv_tasks_url):
+    """The recorded OpenEnv 0.10.0 task routes, asked of chatenv serving the same tasks:
+    the same statuses and bodies, but for an unknown split (OpenEnv: whatever the
+    environment raised, a 500 here; chatenv: 400, a deliberate difference)."""
+    rec = record_openenv.Recorder(chatenv_tasks_url, io.StringIO())
+    for case in _hooks_recording():
+        method, _, path = case["case"].partition(" ")[2].partition(" ")
+        if not case["case"].startswith("HTTP ") or path in ("/reset", "/step"):
+            continue
+        body = case["sent"]
+        status, data, content_type, _ = rec.http(method, path, body=body)
+        if path == "/chat_env/splits" or path == "/CHAT_ENV/splits":
+            assert json.loads(data)[:3] == json.loads(case["received"]), case["case"]
+        elif (body or {}).get("split") == "nope":
+            assert case["http_status"] == 500 and status == 400 and "nope" in data, (case["case"], body, data)
+        elif case["http_status"] == 200:
+            assert (status, json.loads(data)) == (200, json.loads(case["received"])), (case["case"], body)
+        else:
+            assert status == case["http_status"] and "detail" in json.loads(data), (case["case"], body, data)
 
 
 def _with_metadata(frame, release):
@@ -1003,3 +1316,79 @@ def test_launched_asgi_app_passes_openenv_validate(launchers):
 
 def test_this_process_never_imported_openenv():
     assert not any(name == "openenv" or name.startswith("openenv.") for name in sys.modules)
+
+
+# ------------------------------------------------------------------------------
+# OpenEnv 0.10.0's own hook objects, passed to chatenv unchanged (in that release's venv)
+# ------------------------------------------------------------------------------
+
+_OPENENV_HOOKS_SCRIPT = r"""
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+import chatenv
+from openenv.core.env_server.interfaces import Transform
+from openenv.core.rubrics import Gate, Rubric, TrajectoryRubric, WeightedSum
+
+
+class Said(Rubric):
+    def __init__(self, word):
+        super().__init__()
+        self.word = word
+
+    def forward(self, action, observation):
+        return 1.0 if self.word in observation.messages[-1]["content"] else 0.0
+
+
+class SlowHalf(Rubric):  # an async rubric: its call returns an awaitable
+    async def forward(self, action, observation):
+        await asyncio.sleep(0.01)
+        return 0.5
+
+
+class YesShare(TrajectoryRubric):  # scored once, when the episode is done
+    def score_trajectory(self, trajectory):
+        return sum("yes" in obs.messages[-1]["content"] for _, obs in trajectory) / len(trajectory)
+
+    def compute_step_rewards(self):
+        return [0.0] * len(self._trajectory)
+
+
+class ByeEnds(Transform):
+    def __call__(self, observation):
+        observation.metadata["seen"] = len(observation.messages)
+        observation.done = bool(observation.messages) and "bye" in observation.messages[-1]["content"]
+        return observation
+
+
+def rollout(replies, reset=None, **hooks):
+    with chatenv.serve_in_thread(**hooks) as url, chatenv.ChatEnv(url) as env:
+        out = [env.reset(**(reset or {}))]
+        out += [env.step(chatenv.ChatAction(tokens=list(text.encode()))) for text in replies]
+        return [[r.reward, r.done, r.observation.metadata] for r in out]
+
+
+print(json.dumps({
+    "weighted": rollout(["yes", "no"], rubric=WeightedSum([Said("yes"), SlowHalf()], [0.5, 0.5])),
+    "gate": rollout(["no", "yes"], rubric=Gate(Said("yes"), threshold=1.0)),
+    "trajectory": rollout(["yes", "no", "yes"], rubric=YesShare(), max_turns=3),
+    "transform": rollout(["hi", "bye"], transform=ByeEnds()),
+    "async": rollout(["x"], rubric=SlowHalf()),
+}))
+"""
+
+
+def test_openenv_0_10_hook_objects_work_unchanged_in_chatenv():
+    """WeightedSum (with an async child), Gate, TrajectoryRubric and a Transform subclass from the real
+    openenv 0.10.0, served by chatenv and read by chatenv's client."""
+    python = _require_venv("0.10.0")
+    done = subprocess.run([str(python), "-c", _OPENENV_HOOKS_SCRIPT, str(HERE)], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    rewards = lambda case: [step[0] for step in got[case]]
+    assert rewards("weighted") == [None, 0.75, 0.25]
+    assert rewards("gate") == [None, 0.0, 1.0]
+    assert rewards("trajectory") == [None, 0.0, 0.0, 2 / 3] and got["trajectory"][-1][1] is True
+    assert [step[1] for step in got["transform"]] == [False, False, True]
+    assert got["transform"][2][2]["seen"] == 2 and got["transform"][2][2]["done_reason"] == "a hook ended it"
+    assert rewards("async") == [None, 0.5]

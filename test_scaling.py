@@ -416,6 +416,93 @@ def test_crash_looping_worker_backs_off_and_sigterm_still_stops(served, tmp_path
     assert server.proc.returncode == 0 and elapsed < SHUTDOWN_S * SLACK
 
 
+def _new_sessions_all_served(url: str, count: int) -> None:
+    """``count`` new sessions in a row, each reset and stepped within a few seconds."""
+    for i in range(count):
+        with ChatEnv(url, connect_timeout_s=3, message_timeout_s=3) as env:
+            env.reset()
+            assert env.step([65 + i % 26]).observation.messages[-1]["content"] == chr(65 + i % 26), i
+
+
+def _silent_kill_logged(log: str, pid: int) -> float:
+    """How long the supervisor says ``pid`` had been silent when it killed it."""
+    match = re.search(rf"worker pid {pid} has not answered for ([\d.]+) s", log)
+    assert match, log
+    return float(match.group(1))
+
+
+def _wedging_script(tmp_path: Path) -> Path:
+    """``chatenv.py`` whose worker blocks its event loop for good on ``GET /wedge``."""
+    script = tmp_path / "wedging.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import chatenv\n"
+        "reply = chatenv.http_reply\n"
+        "def wedge(server, method, path, body=b''):\n"
+        "    if path == '/wedge':\n"
+        "        time.sleep(3600)\n"
+        "    return reply(server, method, path, body)\n"
+        "chatenv.http_reply = wedge\n"
+        "sys.exit(chatenv.main())\n"
+    )
+    return script
+
+
+def test_stopped_worker_is_killed_and_replaced_and_new_connections_succeed(served):
+    """A SIGSTOPped worker keeps its SO_REUSEPORT socket (the kernel still hands it
+    connections) and answers none: the supervisor hears no heartbeat, kills it and
+    starts another, and every new connection is served again."""
+    server = served("--workers", "2").ready(workers=2)
+    victim, survivor = pids = server.workers()
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    replacement = wait_until(lambda: [p for p in server.workers() if p not in pids], 5.0 + SLACK, 0.05)
+    took = time.monotonic() - stopped
+    assert len(replacement) == 1, server.log()
+    assert took < 5.0 + SLACK, took
+    assert _silent_kill_logged(server.log(), victim) < 5.0, "detected within 5 s"
+    assert not alive(victim) and alive(survivor)
+    _new_sessions_all_served(server.url, 40)
+    assert server.proc.poll() is None
+
+
+def test_worker_with_a_blocked_event_loop_is_killed_and_replaced(served, tmp_path):
+    """A live process whose event loop is wedged (here a request handler that never
+    returns) is found by the same heartbeat: a dead-process check would not see it."""
+    script = _wedging_script(tmp_path)
+    server = served("--workers", "2", script=script).ready(workers=2)
+    pids = server.workers()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /wedge HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        replacement = wait_until(lambda: [p for p in server.workers() if p not in pids], 5.0 + SLACK, 0.05)
+    assert len(replacement) == 1, server.log()
+    (victim,) = [pid for pid in pids if not alive(pid)]
+    assert _silent_kill_logged(server.log(), victim) < 5.0
+    _new_sessions_all_served(server.url, 40)
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("how", ["stopped", "blocked"])
+def test_sigterm_stops_the_supervisor_at_once_with_a_stopped_or_blocked_worker(served, tmp_path, how):
+    """A stopped worker does not act on SIGTERM until continued, a wedged one never: the
+    supervisor continues the first and kills the second, so it exits within 1.5 s."""
+    script = _wedging_script(tmp_path)
+    server = served("--workers", "2", script=script).ready(workers=2)
+    pids = server.workers()
+    with ChatEnv(server.url) as env, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        env.reset()
+        if how == "stopped":
+            os.kill(pids[0], signal.SIGSTOP)
+        else:
+            sock.sendall(b"GET /wedge HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.3)  # well before the supervisor would notice by itself
+        elapsed = server.stop(signal.SIGTERM)
+    assert server.proc.returncode == 0, server.log()
+    assert elapsed < SHUTDOWN_S * 2, (elapsed, server.log())  # 1.5 s, with room for a loaded machine
+    assert not [pid for pid in pids if alive(pid)], "a worker outlived its supervisor"
+
+
 def test_workers_fall_back_to_one_shared_listening_socket(served, tmp_path):
     """Where SO_REUSEPORT does not balance, the supervisor binds one socket every worker accepts from."""
     script = tmp_path / "shared.py"
