@@ -6207,6 +6207,10 @@ class AsyncChatEnv(_ClientBase):
         self._lock: Any = None
         # The connection's socket, polled before a request: what came first is read and raised
         self._poller: Any = None
+        # The one recv() in flight on the connection, from its opening on: never cancelled
+        # while the connection lives (websockets 17.4 loses the first frame of a fragmented
+        # message to a recv() cancelled at the wrong moment, then asserts on the rest)
+        self._next: Any = None
 
     @classmethod
     async def from_docker_image(cls, image: str, **options: Any) -> AsyncChatEnv:
@@ -6242,6 +6246,7 @@ class AsyncChatEnv(_ClientBase):
             else:
                 self._sock = sock
                 self._poller = _poller(sock)
+                self._next = asyncio.ensure_future(self._ws.recv(decode=False))
                 action = call.on_connect()
         return action
 
@@ -6250,6 +6255,21 @@ class AsyncChatEnv(_ClientBase):
         shut both ways, so the connection sees its end of stream now, not after a closing handshake."""
         sock, self._ws, self._sock, self._poller = self._sock, None, None, None
         _shut(sock)
+        received, self._next = self._next, None
+        if received is not None:
+            if not received.done():
+                received.cancel()
+            elif not received.cancelled():
+                received.exception()  # retrieved: a lost connection's error is the call's, not a log line's
+
+    def _take(self, ws: Any) -> Any:
+        """The message the recv() in flight got (or its error), and the next recv() started."""
+        import asyncio
+
+        received, self._next = self._next, None
+        data = received.result()
+        self._next = asyncio.ensure_future(ws.recv(decode=False))
+        return data
 
     async def _roundtrip(self, ws: Any, frame: str) -> Any:
         import asyncio
@@ -6259,24 +6279,19 @@ class AsyncChatEnv(_ClientBase):
         try:
             async with asyncio.timeout(self._core.message_timeout_s):
                 turns = 0
-                while self._poller is not None and self._poller.poll(0) and turns < _SETTLE_TURNS:
-                    await asyncio.sleep(0)  # bytes came since the last reply: the loop reads them first
-                    turns += 1
-                try:  # a frame already received that no request asked for is returned without waiting
-                    async with asyncio.timeout(0):
-                        early = await ws.recv(decode=False)
-                except TimeoutError:
-                    pass
-                else:
-                    raise _Unsolicited(early)
+                if self._poller is not None and self._poller.poll(0):  # bytes came since the last reply:
+                    while turns < _SETTLE_TURNS and not self._next.done():  # the loop reads them first
+                        await asyncio.sleep(0)
+                        turns += 1
+                if self._next.done():  # a frame came that no request asked for (or the close)
+                    raise _Unsolicited(self._take(ws))
                 await ws.send(frame)
-                while True:
-                    try:
-                        async with asyncio.timeout(_CLOSE_WAIT_S):
-                            return await ws.recv(decode=False)
-                    except TimeoutError:  # a close under way (this side failed it: a reply over
-                        if ws.state is not _OPEN:  # max_message_bytes, a broken frame): end it now,
-                            _shut(self._sock)  # not when the server closes TCP
+                while True:  # waiting on the recv() in flight never cancels it
+                    done, _ = await asyncio.wait((self._next,), timeout=_CLOSE_WAIT_S)
+                    if done:
+                        return self._take(ws)
+                    if ws.state is not _OPEN:  # a close under way (this side failed it: a reply over
+                        _shut(self._sock)  # max_message_bytes, a broken frame): end it now, not when the server closes TCP
         except ConnectionClosed as exc:
             raise await self._closed(ws, exc) from None
 
@@ -6301,11 +6316,13 @@ class AsyncChatEnv(_ClientBase):
         import asyncio
 
         leftover = None
-        try:
-            async with asyncio.timeout(0.1):
-                leftover = await ws.recv(decode=False)
-        except Exception:
-            pass
+        received = self._next or asyncio.ensure_future(ws.recv(decode=False))
+        await asyncio.wait((received,), timeout=0.1)
+        if received.done() and not received.cancelled() and received.exception() is None:
+            leftover = received.result()
+        elif not received.done():
+            received.cancel()
+        self._next = None
         return self._core.closed(exc.rcvd, exc.sent, exc.rcvd_then_sent, leftover)
 
     async def _call(self, frame: str, parse: Any, new_episode: bool = False) -> Any:
