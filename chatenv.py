@@ -1367,7 +1367,7 @@ def message_to_action(message: Mapping[str, Any], tokenizer: Tokenizer) -> ChatA
 # Protocol: one frame in, one reply out; pure, no sockets
 # ------------------------------------------------------------------------------
 
-# The error codes of the wire protocol (PROTOCOL.md)
+# The error codes of the wire protocol (docs/protocol.md)
 INVALID_JSON = "INVALID_JSON"
 UNKNOWN_TYPE = "UNKNOWN_TYPE"
 VALIDATION_ERROR = "VALIDATION_ERROR"

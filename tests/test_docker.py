@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import chatenv
-from conftest import wait_until
+from helpers import wait_until
 from chatenv import ChatAction, ChatEnv
 
 
@@ -217,10 +217,10 @@ def _image_config(image):
 
 def _launch_forms(image):
     """(name, docker run arguments) for each way OpenEnv 0.10's launchers start an image,
-    their commands read from the installed openenv package (support_chatenv)."""
-    import support_chatenv
+    their commands read from the installed openenv package (support)."""
+    import support
 
-    commands = support_chatenv.launcher_commands(port=8000)
+    commands = support.launcher_commands(port=8000)
     config = _image_config(image)
     entrypoint, cmd = config["Entrypoint"], config["Cmd"]
     docker_run = commands["docker_run"]  # LocalDockerProvider's argv: docker run -d --name N -p P:8000 ...

@@ -7,7 +7,7 @@ descriptors, its log, signals or its own file-descriptor limit) over raw sockets
 or real clients. Bounds here are behaviours and counts, and "within its
 configured time" with generous slack; the figures (how fast, how much) are
 measured by ``python soak_chatenv.py --attacks``. Raw frames, sockets, server
-subprocesses and churn come from support_chatenv.
+subprocesses and churn come from support.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from websockets.sync.client import connect as ws_connect
 
 import chatenv
 from chatenv import ChatEnv, EpisodeLostError, Session, handle_frame, serve_in_thread
-from conftest import (
+from helpers import (
     SHUTDOWN_S,
     SLACK,
     EncodeOnlyTokenizer,
@@ -51,7 +51,7 @@ from conftest import (
     ws_frame,
     ws_text,
 )
-from support_chatenv import (
+from support import (
     OVERSIZE_CLIENT,
     RECOVERABLE,
     TYPES,
@@ -71,11 +71,11 @@ from support_chatenv import (
     text,
     upgrade_request,
 )
-from support_chatenv import connect as tcp_connect
+from support import connect as tcp_connect
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets CPU affinity")
-TIMEOUT = 5  # seconds a raw socket waits for anything here (support_chatenv's helpers default to 10)
+TIMEOUT = 5  # seconds a raw socket waits for anything here (support's helpers default to 10)
 MAX_ERROR_MESSAGE = 300  # characters of an error message: a bounded slice, never the input
 
 
@@ -1862,7 +1862,7 @@ def test_a_foreign_origin_is_refused_on_websockets_and_posts_and_clients_without
         assert raw_http(port, http_request("POST", "/reset", body=b"{}"))[0] == 200
         with ChatEnv(url) as env:
             assert env.step([72]).observation.tokens == [72]
-        assert wait_until(lambda: url.server.active_sessions == 0, 10)  # support_chatenv.wait_until's default wait
+        assert wait_until(lambda: url.server.active_sessions == 0, 10)  # support.wait_until's default wait
     with serve_in_thread(allow_origins=["https://app.example"]) as url:
         port = port_of(url)
         assert upgrade_status(port, upgrade_request(b"Origin: https://app.example\r\n")) == 101

@@ -22,11 +22,11 @@ itself never imports OpenEnv. This module is both halves of that split:
 
 Commands::
 
-    python support_chatenv.py venvs [--release R]    # create the venvs (idempotent, fast when present)
-    python support_chatenv.py where [--release R]    # print the interpreters
-    VENV_PYTHON support_chatenv.py serve-peer --port 0 [--server JSON ...] [--chat-env PATH]
-    VENV_PYTHON support_chatenv.py openenv-clients [--scenario FILE]
-    VENV_PYTHON support_chatenv.py launcher-commands --root DIR --port P
+    python tests/support.py venvs [--release R]    # create the venvs (idempotent, fast when present)
+    python tests/support.py where [--release R]    # print the interpreters
+    VENV_PYTHON tests/support.py serve-peer --port 0 [--server JSON ...] [--chat-env PATH]
+    VENV_PYTHON tests/support.py openenv-clients [--scenario FILE]
+    VENV_PYTHON tests/support.py launcher-commands --root DIR --port P
 
 ``serve-peer`` prints one JSON line, ``{"urls": [...]}``, once every server
 answers, and exits 0 on SIGTERM. ``openenv-clients`` reads one JSON request a
@@ -106,7 +106,8 @@ __all__ = [
     "main",
 ]
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # tests/
+ROOT = HERE.parent  # the repository: chatenv.py
 _COMPACT = (",", ":")
 
 
@@ -159,7 +160,7 @@ def require_venv(release: str) -> Path:
     if not venv_ready(release):
         raise VenvMissing(
             f"OpenEnv {release} is not installed in {venv_dir(release)}: build the venvs with "
-            f"`python {HERE / 'support_chatenv.py'} venvs` (the test suite builds them on first use)"
+            f"`python {HERE / 'support.py'} venvs` (the test suite builds them on first use)"
         )
     return venv_python(release)
 
@@ -210,7 +211,7 @@ def _peer_tokenizer(name):
     if name in (None, "bytes"):
         return ByteTokenizer()
     if name == "chatenv":
-        sys.path.insert(0, str(HERE))
+        sys.path.insert(0, str(ROOT))
         import chatenv
 
         return chatenv.ByteTokenizer()
@@ -959,7 +960,7 @@ class PeerProcess(_VenvProcess):
         self.stderr_tail = ""
 
     def start(self):
-        argv = [str(require_venv(self.release)), str(HERE / "support_chatenv.py"), "serve-peer", "--port", "0"]
+        argv = [str(require_venv(self.release)), str(HERE / "support.py"), "serve-peer", "--port", "0"]
         for server in self.servers:
             argv += ["--server", json.dumps(server)]
         if self.chat_env:
@@ -1046,7 +1047,7 @@ class OpenEnvClients(_VenvProcess):
         self._lock = threading.Lock()
 
     def start(self):
-        argv = [str(require_venv(self.release)), str(HERE / "support_chatenv.py"), "openenv-clients"]
+        argv = [str(require_venv(self.release)), str(HERE / "support.py"), "openenv-clients"]
         self.proc = _popen(argv, stdin=subprocess.PIPE, bufsize=1)
         return self
 
@@ -1096,10 +1097,10 @@ class OpenEnvClients(_VenvProcess):
         return code
 
 
-def launcher_commands(root=HERE, port=8000, app="chatenv:app"):
+def launcher_commands(root=ROOT, port=8000, app="chatenv:app"):
     """The server commands OpenEnv 0.10.0's launchers run for ``root``, read from the
     installed package at call time (see ``_launcher_commands_main``)."""
-    argv = [str(require_venv("0.10.0")), str(HERE / "support_chatenv.py"), "launcher-commands",
+    argv = [str(require_venv("0.10.0")), str(HERE / "support.py"), "launcher-commands",
             "--root", str(root), "--port", str(port), "--app", app]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180)
     if done.returncode:
@@ -1392,7 +1393,7 @@ class ServerProcess:
     """
 
     # Where the servers' chatenv.py is: soak's --baseline points it at an older one.
-    chatenv_dir = HERE
+    chatenv_dir = ROOT
 
     def __init__(self, logdir, name: str, cli=None, env=None, log_level="INFO", nofile=None, cpus=None,
                  **options):
@@ -1417,7 +1418,7 @@ class ServerProcess:
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
 
-        if self.chatenv_dir != HERE:
+        if self.chatenv_dir != ROOT:
             env = dict(os.environ if env is None else env, CHATENV_SOAK_BASELINE="1")
         self.proc = subprocess.Popen(argv, cwd=self.chatenv_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL,
@@ -1544,7 +1545,7 @@ class StallingTokenizer:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="support_chatenv.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tests/support.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("venvs", "where"):
         sub = commands.add_parser(name, help="create the venvs" if name == "venvs" else "print the interpreters")
@@ -1558,7 +1559,7 @@ def main(argv=None):
     clients = commands.add_parser("openenv-clients", help="drive OpenEnv's clients by JSON lines (in a venv)")
     clients.add_argument("--scenario", help="a file of JSON requests (- for stdin); prints the answers as a list")
     launch = commands.add_parser("launcher-commands", help="print OpenEnv's launcher commands (in the 0.10.0 venv)")
-    launch.add_argument("--root", default=str(HERE))
+    launch.add_argument("--root", default=str(ROOT))
     launch.add_argument("--port", type=int, default=8000)
     launch.add_argument("--app", default="chatenv:app")
     args = parser.parse_args(argv)

@@ -1,20 +1,20 @@
 """Record what an OpenEnv chat server sends: raw frames and HTTP answers, as JSONL.
 
-Run with a venv's interpreter (``python support_chatenv.py venvs`` builds them)::
+Run with a venv's interpreter (``python tests/support.py venvs`` builds them)::
 
-    ~/.cache/chatenv/venvs/openenv-0.10.0/bin/python record_openenv.py \\
-        --chat-env ../OpenEnv/envs/chat_env --out recordings/openenv-0.10.0.jsonl
+    ~/.cache/chatenv/venvs/openenv-0.10.0/bin/python tools/record_openenv.py \\
+        --chat-env ../OpenEnv/envs/chat_env --out tests/recordings/openenv-0.10.0.jsonl
 
 ``--chat-env`` names an OpenEnv checkout's ``envs/chat_env``: its own app
 (``server/app.py``) is served under uvicorn with a byte-level tokenizer patched
 in for ``get_tokenizer`` (ids 0-255 are UTF-8 bytes, no chat template, so a
 system prompt is ``encode("system: <prompt>\\n")``). Without it the OpenEnv
-peer of support_chatenv is recorded, which should read the same. ``--hooks``
-records the peer's hooks server instead (support_chatenv.openenv_hooks_app: a
+peer of tests/support.py is recorded, which should read the same. ``--hooks``
+records the peer's hooks server instead (support.openenv_hooks_app: a
 transform, a WeightedSum rubric and the task API, on openenv 0.10.0)::
 
-    ~/.cache/chatenv/venvs/openenv-0.10.0/bin/python record_openenv.py --hooks \\
-        --out recordings/openenv-0.10.0-hooks.jsonl
+    ~/.cache/chatenv/venvs/openenv-0.10.0/bin/python tools/record_openenv.py --hooks \\
+        --out tests/recordings/openenv-0.10.0-hooks.jsonl
 
 One JSON object a line: ``case``, ``sent``, ``received``; HTTP cases add
 ``http_status``, ``content_type``, ``server_header``; WebSocket cases may add
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "tests"  # support.py, the peer it serves
 sys.path.insert(0, str(HERE))
 
 from websockets.exceptions import ConnectionClosed  # noqa: E402  (in every OpenEnv venv)
@@ -445,7 +445,7 @@ HOOK_SESSIONS = [
 
 
 def record_hooks(rec):
-    """The hooks server (support_chatenv.openenv_hooks_app): task routes, HTTP reset
+    """The hooks server (support.openenv_hooks_app): task routes, HTTP reset
     and step, and WebSocket sessions whose frames carry reward, done and metadata."""
     rec.record_http("GET", "/list_environments")
     rec.record_http("GET", "/chat_env/splits")
@@ -474,7 +474,7 @@ def record_hooks(rec):
 
 
 def start_server(chat_env, env=None, server=None):
-    argv = [sys.executable, str(HERE / "support_chatenv.py"), "serve-peer", "--port", "0"]
+    argv = [sys.executable, str(HERE / "support.py"), "serve-peer", "--port", "0"]
     if chat_env:
         argv += ["--chat-env", chat_env]
     if server:  # the hooks server: its failing task routes would log a traceback each

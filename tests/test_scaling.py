@@ -34,9 +34,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import chatenv
 from chatenv import AsyncChatEnv, ChatEnv, EpisodeLostError
-from conftest import SHUTDOWN_S, SLACK, free_port
+from helpers import SHUTDOWN_S, SLACK, free_port
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 NGINX_CONF = HERE / "deploy" / "nginx" / "chatenv.conf"
 KUBERNETES = HERE / "deploy" / "kubernetes" / "chatenv.yaml"
 
@@ -768,7 +768,7 @@ def test_nginx_backend_lost_mid_run_costs_only_its_own_sessions(behind_nginx, si
 
 
 def test_openenv_client_runs_sessions_through_nginx(behind_nginx):
-    from support_chatenv import OpenEnvClients
+    from support import OpenEnvClients
 
     front, backends = behind_nginx(3)
     with OpenEnvClients("0.10.0") as openenv:

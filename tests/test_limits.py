@@ -22,19 +22,19 @@ import pytest
 
 import chatenv
 from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
-from conftest import SLACK, ask, raw, wait_until
+from helpers import SLACK, ask, raw, wait_until
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc (Linux)")
 
 
 def _ws(url: str):
-    """conftest.raw without a limit on the size of a reply: big episodes."""
+    """helpers.raw without a limit on the size of a reply: big episodes."""
     return raw(url, max_size=None)
 
 
 def _ask(ws, message, timeout: float = 10):
-    """conftest.ask with a longer wait: big episodes."""
+    """helpers.ask with a longer wait: big episodes."""
     return ask(ws, message, timeout)
 
 
@@ -336,8 +336,8 @@ def test_a_loop_of_session_creates_leaves_room_for_websockets_and_memory(tmp_pat
     """10,000 openenv/session/create requests on default flags: a quarter of --max-sessions
     are made, the rest refused naming the cap; a new /ws session still connects, resets and
     steps, and the server's RSS grows by less than 50 MB."""
-    from support_chatenv import ServerProcess, read_all
-    from support_chatenv import connect as tcp_connect
+    from support import ServerProcess, read_all
+    from support import connect as tcp_connect
 
     body = b'{"jsonrpc":"2.0","id":1,"method":"openenv/session/create"}'
     request = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -630,7 +630,7 @@ class _Uvicorn:
     """``python -m uvicorn`` serving ASGIApp(**options) on a free loopback port; its log in a file."""
 
     def __init__(self, tmp_path: Path, env=None, **options) -> None:
-        from conftest import free_port
+        from helpers import free_port
 
         (tmp_path / "asgi_limits.py").write_text(_ASGI_MODULE)
         self.port = free_port()
@@ -648,7 +648,7 @@ class _Uvicorn:
             self.log()
 
     def _healthy(self) -> bool:
-        from conftest import http_get
+        from helpers import http_get
 
         try:
             return http_get(self.url + "/health", timeout=1)[0] == 200
@@ -767,7 +767,7 @@ def test_asgi_replies_nobody_reads_are_dropped_after_the_send_timeout(tmp_path, 
     memory back, so the waves do not add up. uvicorn's two websockets implementations
     wait for the peer at different points (before writing, after). (Before: every
     reply kept for good.)"""
-    from support_chatenv import open_session, text
+    from support import open_session, text
 
     waves, sessions, timeout = 3, 10, 1.0
     step = text({"type": "step", "data": {"tokens": [65] * (2**20 - 64)}})  # a 4 MiB reply each
@@ -796,7 +796,7 @@ def test_asgi_replies_nobody_reads_are_dropped_after_the_send_timeout(tmp_path, 
 
 
 def chatenv_active(server: _Uvicorn) -> int:
-    from conftest import http_get
+    from helpers import http_get
 
     return http_get(server.url + "/metadata")[1]["active_sessions"]
 

@@ -28,15 +28,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chatenv
-from conftest import AT_ONCE_S, SLACK, SyncClient, free_port, server_frame, wait_until
-from support_chatenv import StallingTokenizer, open_session
+from helpers import AT_ONCE_S, SLACK, SyncClient, free_port, server_frame, wait_until
+from support import StallingTokenizer, open_session
 from chatenv import AsyncChatEnv, ChatEnv, ChatEnvError, EpisodeLostError, serve_in_thread
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 
 
 # ------------------------------------------------------------------------------
-# Helpers: scripted servers and frames (the client drivers and server_frame: conftest)
+# Helpers: scripted servers and frames (the client drivers and server_frame: helpers)
 # ------------------------------------------------------------------------------
 
 
@@ -964,7 +964,7 @@ TASK_METHODS = [("list_splits", ()), ("list_tasks", ("train",)), ("num_tasks", (
 
 
 def _task(env, name, *args):
-    """Call a task method on either driver (conftest's async driver runs its coroutine)."""
+    """Call a task method on either driver (helpers' async driver runs its coroutine)."""
     if env.kind == "async":
         return env.run(getattr(env.client, name)(*args))
     return getattr(env.client, name)(*args)
@@ -1287,8 +1287,8 @@ _OPENENV_PEER = """
 import asyncio, json, socket, sys
 sys.path.insert(0, {here!r})
 import uvicorn
-import support_chatenv
-app = support_chatenv.openenv_chat_app(max_concurrent_envs=4)
+import support
+app = support.openenv_chat_app(max_concurrent_envs=4)
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 config = uvicorn.Config(app, log_level="warning", ws_ping_interval={interval}, ws_ping_timeout={timeout})
@@ -1307,9 +1307,9 @@ asyncio.run(main())
 def openenv_pinging(request):
     """OpenEnv's server of each release (uvicorn) pinging every 0.2 s, dropping a client
     that does not answer within 0.2 s (20 + 20 s by default)."""
-    import support_chatenv
+    import support
 
-    python = support_chatenv.require_venv(request.param)  # the suite builds the venvs first; a missing one fails
+    python = support.require_venv(request.param)  # the suite builds the venvs first; a missing one fails
     code = _OPENENV_PEER.format(here=str(HERE), interval=0.2, timeout=0.2)
     proc = subprocess.Popen([str(python), "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -1507,25 +1507,3 @@ def test_a_bad_server_holds_a_call_to_its_timeout_and_the_client_to_its_memory_b
     read_s = 1.0 if kind == "async" and case == "ping-flood" else 0.0
     assert report["elapsed"] < _ATTACK_TIMEOUT_S + 1.0 + read_s, report
     assert report["peak"] - report["base"] < (limit or 0) + _ATTACK_HEADROOM, report
-
-
-# ------------------------------------------------------------------------------
-# The README's "Rewards and tasks" example, run as written
-# ------------------------------------------------------------------------------
-
-def test_readme_rewards_and_tasks_example_runs_as_written(tmp_path):
-    """The section's command serves the shipped task file; its rollout loop prints the mean reward it says."""
-    import re
-
-    from support_chatenv import ServerProcess
-
-    readme = (Path(__file__).resolve().parent / "README.md").read_text()
-    section = readme.split("\n## Rewards and tasks\n", 1)[1].split("\n## ", 1)[0]
-    command = re.search(r"```\n(chatenv serve [^\n]*)\n```", section).group(1)
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    expected = re.search(r"# (mean reward [0-9.]+)", code).group(1)
-    with ServerProcess(tmp_path, "rewards-example", cli=[*command.split()[2:], "--port", "0"]) as server:
-        out = subprocess.run([sys.executable, "-c", code.replace("http://127.0.0.1:8000", server.url)],
-                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == expected, out.stdout

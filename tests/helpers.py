@@ -1,16 +1,12 @@
-"""Shared by the test modules: the wall-clock slack, helpers, fixtures and the client drivers.
-
-pytest loads this file first (it sits at the repo root), so the test modules import its
-helpers by name, ``from conftest import ...``, and get this same module. What the tests
-share with the soak and the benchmark (raw sockets, server subprocesses) lives in
-support_chatenv instead.
+"""Shared by the test modules, which import it by name (``from helpers import ...``): the
+wall-clock slack, raw WebSocket and HTTP helpers, the test tokenizer and the client drivers.
+The fixtures are conftest.py's; what the tests share with the tools (raw sockets, server
+subprocesses, OpenEnv's venvs) is support.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import json
 import random
 import socket
@@ -19,14 +15,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 from websockets.sync.client import connect
 
 import chatenv
-import support_chatenv
-from chatenv import AsyncChatEnv, ChatEnv, ChatEnvironment, Session, handle_frame, serve_in_thread
+import support
+from chatenv import AsyncChatEnv, ChatEnv, ChatEnvironment, Session, handle_frame
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 # How much slack a wall-clock bound gets over the budget it checks: a shared 2-core machine
 # runs the suite beside other work, so a bound is "within its configured time", never a speed
 SLACK = 5
@@ -45,8 +40,8 @@ _MASKS = random.Random(0)  # frame masks drawn inside hypothesis strategies: nev
 
 
 def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bool = True) -> bytes:
-    """A raw client frame (support_chatenv.frame) whose mask never touches the global random."""
-    return support_chatenv.frame(payload, opcode, fin, rsv, mask, rng=_MASKS)
+    """A raw client frame (support.frame) whose mask never touches the global random."""
+    return support.frame(payload, opcode, fin, rsv, mask, rng=_MASKS)
 
 
 def ws_text(message) -> bytes:
@@ -109,8 +104,8 @@ def server_frame(payload: bytes | str, opcode: int = 1, fin: bool = True) -> byt
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
-    """support_chatenv.wait_until with the tighter defaults of a test."""
-    return support_chatenv.wait_until(predicate, timeout, interval)
+    """support.wait_until with the tighter defaults of a test."""
+    return support.wait_until(predicate, timeout, interval)
 
 
 def new_session(**env_options) -> Session:
@@ -190,38 +185,9 @@ def build_hf_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def _hf_tokenizers(tmp_path_factory) -> dict[str, Path]:
-    """The test tokenizer's two folders, made once a run: without and with a chat template."""
-    pytest.importorskip("tokenizers")
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {"plain": build_hf_tokenizer(root / "wordpiece"),
-            "chat": build_hf_tokenizer(root / "wordpiece-chat", CHAT_TEMPLATE)}
-
-
-@pytest.fixture
-def hf_tokenizer(monkeypatch, _hf_tokenizers) -> Path:
-    """A real tokenizer's folder without a chat template, the Hugging Face libraries forced offline."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return _hf_tokenizers["plain"]
-
-
-@pytest.fixture
-def hf_chat_tokenizer(hf_tokenizer, _hf_tokenizers) -> Path:
-    """The same tokenizer's folder with CHAT_TEMPLATE in its tokenizer_config.json, offline."""
-    return _hf_tokenizers["chat"]
-
-
 # ------------------------------------------------------------------------------
 # Servers and clients: a server in this process, both clients behind one interface
 # ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server():
-    with serve_in_thread() as url:
-        yield url
 
 
 class SyncClient:
@@ -297,58 +263,3 @@ class AsyncClient:
 
 
 CLIENTS = {"sync": SyncClient, "async": AsyncClient}
-
-
-@pytest.fixture(params=sorted(CLIENTS))
-def make_client(request):
-    """A factory for ChatEnv or AsyncChatEnv (the test runs once with each); closes them all."""
-    made = []
-
-    def make(url, **options):
-        client = CLIENTS[request.param](url, **options)
-        made.append(client)
-        return client
-
-    make.kind = request.param
-    yield make
-    for client in made:
-        client.close()
-
-
-# ------------------------------------------------------------------------------
-# OpenEnv's releases: their venvs built on first use, before the tests that need them
-# ------------------------------------------------------------------------------
-
-# The tests that run OpenEnv in its venvs: a file of them, and a fixture elsewhere
-_OPENENV_FILES, _OPENENV_FIXTURES = {"test_openenv.py"}, {"openenv_pinging"}
-
-
-@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
-def pytest_collection_modifyitems(session, config, items):
-    """Build each OpenEnv release's venv that is missing, when a collected test needs one.
-
-    The first run takes a few minutes (pip installs both releases, in parallel); later
-    runs find them ready. Where they go is printed (CHATENV_VENVS moves them). A build
-    that fails is reported and left to the tests, which then fail saying what is missing.
-    """
-    if not any(item.path.name in _OPENENV_FILES or _OPENENV_FIXTURES & set(getattr(item, "fixturenames", ()))
-               for item in items):
-        return
-    missing = [release for release in support_chatenv.RELEASES if not support_chatenv.venv_ready(release)]
-    if not missing:
-        return
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    say = reporter.write_line if reporter else print
-
-    def build(release):
-        try:
-            support_chatenv.create_venv(release, log=lambda line: say(f"OpenEnv venvs: {line}"))
-        except Exception as exc:  # no network, no pip: the tests that need it say so
-            say(f"OpenEnv venvs: {release}: could not build {support_chatenv.venv_dir(release)}: {exc}")
-
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        say(f"OpenEnv venvs: building {', '.join(missing)} under {support_chatenv.venv_dir(missing[0]).parent}"
-            " (first run only: a few minutes)")
-        with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
-            list(pool.map(build, missing))

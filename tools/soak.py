@@ -1,8 +1,8 @@
 """Soak chatenv: fuzz, churn and shutdown at larger counts than the tests, with numbers.
 
-    python soak_chatenv.py            # a few minutes
-    python soak_chatenv.py --quick    # under a minute
-    python soak_chatenv.py --seed 7 --churn 30000 --frames 100000
+    python tools/soak.py            # a few minutes
+    python tools/soak.py --quick    # under a minute
+    python tools/soak.py --seed 7 --churn 30000 --frames 100000
 
 Every server runs in its own subprocess (``chatenv.serve`` with the phase's
 options) on a free loopback port, so its RSS, file descriptors and log are its
@@ -33,8 +33,8 @@ own; each is stopped (SIGTERM, then SIGKILL) before the script ends. Phases:
    target. ``--baseline DIR`` serves from the chatenv.py in DIR (an older one) for
    before/after figures.
 
-Needs only chatenv, websockets and support_chatenv (uvloop for its phase); the raw
-sockets and server subprocesses it shares with the tests live in support_chatenv. Exit status 0 when every check held.
+Needs only chatenv, websockets and tests/support.py (uvloop for its phase); the raw
+sockets and server subprocesses it shares with the tests live in tests/support.py. Exit status 0 when every check held.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import chatenv
-from chatenv import Session, handle_frame
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / part) for part in ("", "tests")]  # chatenv, support
+import chatenv  # noqa: E402
+from chatenv import Session, handle_frame  # noqa: E402
 
-from support_chatenv import (
+from support import (  # noqa: E402
     OVERSIZE_CLIENT,
     RECOVERABLE,
     TYPES,

@@ -1,17 +1,17 @@
 """Benchmark chatenv against the best it could do and against OpenEnv.
 
-One command, ``python bench_chatenv.py``, starts three kinds of server, each in
+One command, ``python tools/bench.py``, starts three kinds of server, each in
 its own subprocess on a free loopback port, drives them from this process with
 a raw ``websockets`` asyncio client, and prints one Markdown table:
 
 * chatenv: ``python chatenv.py serve --port P --compression none``;
 * the floor: a raw ``websockets`` server written here whose replies are
   byte-identical to chatenv's, built only by joining pre-serialised history
-  strings (``python bench_chatenv.py floor --port P``): the best a library on
+  strings (``python tools/bench.py floor --port P``): the best a library on
   ``websockets`` can do;
 * the OpenEnv peer: the same chat environment written on OpenEnv's public API
-  and run under uvicorn (``support_chatenv.py serve-peer``), once in each
-  release's venv (``python support_chatenv.py venvs`` builds them): OpenEnv
+  and run under uvicorn (``tests/support.py serve-peer``), once in each
+  release's venv (``python tests/support.py venvs`` builds them): OpenEnv
   0.10.0, the main comparison, and openenv-core 0.3.0, the older release.
 
 The module is also importable without ``openenv-core`` installed: the OpenEnv
@@ -72,18 +72,19 @@ __all__ = [
     "main",
 ]
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's root: chatenv.py
 CHATENV_PY = os.path.join(HERE, "chatenv.py")
+sys.path[:0] = [path for path in (HERE, os.path.join(HERE, "tests")) if path not in sys.path]  # chatenv, support
 _COMPACT = (",", ":")  # compact JSON, as OpenEnv (pydantic) and chatenv send it
 
 
 # ------------------------------------------------------------------------------
-# The OpenEnv peer: support_chatenv's chat_env on OpenEnv's API, imported lazily
+# The OpenEnv peer: support's chat_env on OpenEnv's API, imported lazily
 # ------------------------------------------------------------------------------
 
-# Re-exported under the names the benchmark has always had; support_chatenv is
+# Re-exported under the names the benchmark has always had; support is
 # stdlib-only until a peer is built, so this module still imports without OpenEnv.
-from support_chatenv import (  # noqa: E402
+from support import (  # noqa: E402
     RELEASES as OPENENV_RELEASES,
     ByteTokenizer,
     VenvMissing,
@@ -95,7 +96,7 @@ from support_chatenv import (  # noqa: E402
     venv_ready,
 )
 
-SUPPORT_PY = os.path.join(HERE, "support_chatenv.py")
+SUPPORT_PY = os.path.join(HERE, "tests", "support.py")
 
 
 # ------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ async def floor_serve(port=0, host="127.0.0.1", compression=None, system_prompt=
 
 
 def _floor_main(port):
-    """``bench_chatenv.py floor``: serve the floor on ``port`` until SIGTERM or SIGINT."""
+    """``tools/bench.py floor``: serve the floor on ``port`` until SIGTERM or SIGINT."""
     async def run():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -504,7 +505,7 @@ def _server_argv(kind, port, args, compression="none"):
                 "--max-sessions", "4096", "--loop", "uvloop" if kind == "chatenv-uvloop" else "asyncio"]
     if kind == "floor":
         return [sys.executable, os.path.abspath(__file__), "floor", "--port", str(port)]
-    if kind.startswith("openenv-"):  # support_chatenv's peer, in the release's venv
+    if kind.startswith("openenv-"):  # support's peer, in the release's venv
         return [args.openenv_peers[kind], SUPPORT_PY, "serve-peer", "--port", str(port),
                 "--server", json.dumps({"max_concurrent_envs": 4096})]
     raise ValueError(kind)
@@ -513,7 +514,7 @@ def _server_argv(kind, port, args, compression="none"):
 def _openenv_peers(args):
     """``{kind: interpreter}`` of the OpenEnv peers to run, ``"openenv-0.10.0"`` first.
 
-    Each release's venv as support_chatenv builds it, or the one interpreter
+    Each release's venv as support builds it, or the one interpreter
     ``--openenv-python`` names (its release read from it); ``{}`` with ``--no-openenv``.
     A venv that is missing stops the run before it starts, saying how to build it.
     """
@@ -527,7 +528,7 @@ def _openenv_peers(args):
                 "    except m.PackageNotFoundError:\n        pass\n")
         probe = subprocess.run([args.openenv_python, "-c", code], capture_output=True, text=True)
         if probe.returncode or not probe.stdout.strip():
-            raise SystemExit(f"bench_chatenv.py: --openenv-python {args.openenv_python} cannot import OpenEnv: "
+            raise SystemExit(f"tools/bench.py: --openenv-python {args.openenv_python} cannot import OpenEnv: "
                              f"{probe.stderr.strip()[-500:]}")
         return {f"openenv-{probe.stdout.split()[0]}": args.openenv_python}
     peers = {}
@@ -537,7 +538,7 @@ def _openenv_peers(args):
         except VenvMissing as exc:
             others = [r for r in OPENENV_RELEASES if r != release and venv_ready(r)]
             hint = "".join(f"--openenv-release {r} (that release only) or " for r in others)
-            raise SystemExit(f"bench_chatenv.py: {exc}.\n  Or run without it: {hint}--no-openenv (no OpenEnv "
+            raise SystemExit(f"tools/bench.py: {exc}.\n  Or run without it: {hint}--no-openenv (no OpenEnv "
                              "at all).") from None
     return peers
 
@@ -759,14 +760,14 @@ def _clients_main(url, steps, n_tokens, repeats, block=50):
 
 def _chatenv_vs_openenv_client(python, url, steps, n_tokens, repeats):
     """``_clients_main`` in a subprocess of ``python`` (an OpenEnv venv); its JSON result."""
-    out = subprocess.run([python, os.path.join(HERE, "bench_chatenv.py"), "clients", "--url", url,
+    out = subprocess.run([python, os.path.abspath(__file__), "clients", "--url", url,
                           "--steps", str(steps), "--tokens", str(n_tokens), "--rounds", str(repeats)],
                          capture_output=True, text=True, timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _sync_client_main(steps, n_tokens, rounds):
-    """``bench_chatenv.py sync-client``: the client comparison alone, on a chatenv server subprocess."""
+    """``tools/bench.py sync-client``: the client comparison alone, on a chatenv server subprocess."""
     server = _start_server("chatenv", None)
     try:
         result = _sync_client_vs_raw(server.url, steps, n_tokens, rounds)
@@ -776,7 +777,7 @@ def _sync_client_main(steps, n_tokens, rounds):
 
 
 def _keepalive_main(ping_s, pause_s):
-    """``bench_chatenv.py keepalive``: sessions held through a pause longer than the
+    """``tools/bench.py keepalive``: sessions held through a pause longer than the
     server's ping interval plus ping timeout, while the caller sleeps or computes.
 
     The server (in this process) pings every ``ping_s`` and drops a peer that has
@@ -1023,7 +1024,7 @@ def _draw(results, args, log):
 
 
 def run_curve(args):
-    """``bench_chatenv.py curve``: the long episodes alone, for the step-cost picture."""
+    """``tools/bench.py curve``: the long episodes alone, for the step-cost picture."""
     counts = _COUNTS["quick" if args.quick else "full"]
     kinds = ["chatenv", "floor"] + list(args.openenv_peers)
     log = functools.partial(print, file=sys.stderr, flush=True)
@@ -1060,7 +1061,7 @@ def render_curve(results):
 
 
 def run_benchmark(args):
-    """``bench_chatenv.py``: every measure on every server kind; the results dict."""
+    """``tools/bench.py``: every measure on every server kind; the results dict."""
     counts = _COUNTS["quick" if args.quick else "full"]
     kinds = ["chatenv", "floor"] + list(args.openenv_peers)
     uvloop = _uvloop_available()
@@ -1339,7 +1340,7 @@ async def _replay_serve(port, shape, steps, n_tokens, window):
 
 
 def _start_replay(shape, steps, n_tokens, window):
-    """``bench_chatenv.py growth-server`` in a subprocess: ``(process, base URL)``."""
+    """``tools/bench.py growth-server`` in a subprocess: ``(process, base URL)``."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "growth-server", "--shape", shape,
                              "--steps", str(steps), "--tokens", str(n_tokens), "--window", str(window)],
                             cwd=HERE, stdout=subprocess.PIPE, text=True)
@@ -1380,7 +1381,7 @@ def _growth_one(kind, url, steps, window, frames, actions):
 
 
 def _growth_main(steps, n_tokens, window, rounds):
-    """``bench_chatenv.py growth``: how a client's step time grows over a long episode of
+    """``tools/bench.py growth``: how a client's step time grows over a long episode of
     full observations (OpenEnv's frames), for both frame shapes: chatenv's ChatEnv
     (delta=False) against a bare websockets client receiving the same frames. The target:
     chatenv's growth (last-window / first-window ms) within 1.5x of the bare client's."""
@@ -1438,7 +1439,7 @@ class _Tree:
         self.path = os.path.abspath(path)
         self.script = os.path.join(self.path, "chatenv.py")
         if not os.path.isfile(self.script):
-            raise SystemExit(f"bench_chatenv.py compare: no chatenv.py in {self.path}")
+            raise SystemExit(f"tools/bench.py compare: no chatenv.py in {self.path}")
         self.cwd = workdir
         self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         self.env.update(PYTHONPATH=self.path, PYTHONPYCACHEPREFIX=pycache)
@@ -1699,7 +1700,7 @@ _COMPARE_ROWS = [  # measure: label (formatted with the counts)
 
 
 def run_compare(args):
-    """``bench_chatenv.py compare``: every measure, the trees taking turns (their order
+    """``tools/bench.py compare``: every measure, the trees taking turns (their order
     swapped each round), ``rounds`` rounds; the results dict with each tree's medians."""
     counts = dict(_COUNTS["quick" if args.quick else "full"])
     counts.update(import_runs=2 if args.quick else 5, growth_steps=300 if args.quick else 1000)
@@ -1903,7 +1904,7 @@ def _scale_memory(bound, sessions=128, n_tokens=8192):
 
 
 def run_scale(args):
-    """``bench_chatenv.py scale``: steps/s and CPU per step with workers and nginx, and memory."""
+    """``tools/bench.py scale``: steps/s and CPU per step with workers and nginx, and memory."""
     sessions, steps, rounds = (64, 40, 1) if args.quick else (64, 300, args.rounds)
     started = []
 
@@ -2041,7 +2042,7 @@ def _run_options(parser, inherit=False):
     parser.add_argument("--quick", action="store_true", help="small counts, a smoke run", **default)
     parser.add_argument("--no-openenv", action="store_true", help="leave the OpenEnv peers out", **default)
     parser.add_argument("--openenv-release", action="append", choices=list(OPENENV_RELEASES),
-                        help="an OpenEnv release to run, from its venv (`python support_chatenv.py venvs`); "
+                        help="an OpenEnv release to run, from its venv (`python tests/support.py venvs`); "
                         "repeat for more (default: all of them, 0.10.0 the main comparison)", **default)
     parser.add_argument("--openenv-python", metavar="PATH",
                         help="an interpreter with OpenEnv installed, instead of the venvs (one release)", **default)
@@ -2064,14 +2065,14 @@ def _json_option(parser, inherit=True):
 def _parser():
     """The command line: the main run's options, and one subcommand per other mode."""
     parser = argparse.ArgumentParser(
-        prog="bench_chatenv.py", description=__doc__.split("\n\n")[0] + " Without a subcommand, the main "
+        prog="tools/bench.py", description=__doc__.split("\n\n")[0] + " Without a subcommand, the main "
         "benchmark runs (about six minutes on 2 cores): chatenv, the floor and the OpenEnv peers side by side.",
         epilog="Started by the benchmark itself, not listed above: floor --port P (the floor server), growth-server "
         "(growth's replay server), clients --url URL (ChatEnv against OpenEnv's sync client, run in an OpenEnv venv).")
     parser.set_defaults(handler=_bench_command, command=None)
     _run_options(parser.add_argument_group("the main benchmark's options (and curve's)"))
     commands = parser.add_subparsers(title="subcommands", dest="command", metavar="[COMMAND]",
-                                     description="`bench_chatenv.py COMMAND --help` lists each one's options")
+                                     description="`tools/bench.py COMMAND --help` lists each one's options")
 
     def command(name, handler, summary=None, description=None):
         """A subcommand; one without a summary is left out of the list (a subprocess entry point)."""
@@ -2138,7 +2139,7 @@ def _parser():
 
 
 def main(argv=None):
-    """``python bench_chatenv.py [COMMAND] [options]``: the mode's exit status."""
+    """``python tools/bench.py [COMMAND] [options]``: the mode's exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.handler(args)
 

@@ -6,7 +6,7 @@ The slower tiers have files of their own: test_reliability.py (bad input, faults
 load, who gets in), test_clients.py (clients against scripted servers and in
 subprocesses), test_limits.py (memory bounds by RSS, configuration errors),
 test_openenv.py (OpenEnv interoperability), test_docker.py (a real engine) and
-test_scaling.py (workers, nginx, Kubernetes). Shared helpers are in conftest.py.
+test_scaling.py (workers, nginx, Kubernetes). Shared helpers are in helpers.py, fixtures in conftest.py.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from chatenv import (
     tokens_to_list,
 )
 from chatenv import _AWAIT_CLOSE, _CONNECT, _RETURN, _SEND, _Closed, _ClientCore, _Unsolicited
-from conftest import (
+from helpers import (
     CHAT_TEMPLATE,
     HERE,
     SHUTDOWN_S,
@@ -80,27 +80,27 @@ from conftest import (
     server_frame,
     wait_until,
 )
-from support_chatenv import StallingTokenizer
+from support import StallingTokenizer
 
 # Frames recorded from OpenEnv 0.10.0's own chat_env by record_openenv.py (test_openenv.py reads both releases)
-TRANSCRIPTS = HERE / "recordings" / "openenv-0.10.0.jsonl"
+TRANSCRIPTS = HERE / "tests" / "recordings" / "openenv-0.10.0.jsonl"
 
 
 # ------------------------------------------------------------------------------
-# The module: __all__ is what the README documents
+# The module: __all__ is what docs/api.md documents
 # ------------------------------------------------------------------------------
 
 
 def _readme_api_names() -> set[str]:
-    """The names the README's API section lists (the backticked identifiers of its bullets)."""
-    readme = (HERE / "README.md").read_text()
+    """The names docs/api.md's API section lists (the backticked identifiers of its bullets)."""
+    readme = (HERE / "docs" / "api.md").read_text()
     section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
     bullets = section.split("\n\n")[1]  # the paragraph of bullets after the lead-in
     return set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)", bullets))
 
 
 def test_all_is_what_the_readme_documents():
-    """__all__ holds exactly what the README's API section lists, and each name exists."""
+    """__all__ holds exactly what docs/api.md's API section lists, and each name exists."""
     listed = _readme_api_names()
     for name in chatenv.__all__:
         assert hasattr(chatenv, name), name
@@ -114,7 +114,7 @@ def test_all_is_what_the_readme_documents():
     # Names that look like the module's own (ChatX, ALL_CAPS codes) must exist: a README typo fails
     for name in listed:
         if re.fullmatch(r"[A-Z][A-Z_]+|Chat\w+|\w+Error", name):
-            assert hasattr(chatenv, name), f"the README documents chatenv.{name}, which does not exist"
+            assert hasattr(chatenv, name), f"docs/api.md documents chatenv.{name}, which does not exist"
 
 
 def test_readme_examples_import_only_exported_names():

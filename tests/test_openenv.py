@@ -1,10 +1,10 @@
 """OpenEnv interoperability, both ways, against both OpenEnv releases.
 
 Real servers on loopback, real clients: OpenEnv's own clients (``openenv`` 0.10.0
-and ``openenv-core`` 0.3.0, each in its venv, driven through support_chatenv)
+and ``openenv-core`` 0.3.0, each in its venv, driven through support)
 against a chatenv server; chatenv's clients against the OpenEnv peer (chat_env
 on OpenEnv's API, served by uvicorn in each venv); chatenv's frames against the
-frames recorded from OpenEnv's own chat_env (``recordings/``); OpenEnv's
+frames recorded from OpenEnv's own chat_env (``tests/recordings/``); OpenEnv's
 validator and launchers against chatenv. This process never imports OpenEnv.
 The suite builds the venvs on first use (conftest.py): a missing one fails.
 """
@@ -28,18 +28,18 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 import chatenv
-from conftest import free_port, raw
+from helpers import free_port, raw
 import record_openenv
-import support_chatenv
-from support_chatenv import OpenEnvClients, PeerProcess, RemoteError
+import support
+from support import OpenEnvClients, PeerProcess, RemoteError
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository's root
 RELEASES = ("0.10.0", "0.3.0")
 RECORDINGS = {
-    "0.10.0": HERE / "recordings" / "openenv-0.10.0.jsonl",
-    "0.3.0": HERE / "recordings" / "openenv-core-0.3.0.jsonl",
+    "0.10.0": HERE / "tests" / "recordings" / "openenv-0.10.0.jsonl",
+    "0.3.0": HERE / "tests" / "recordings" / "openenv-core-0.3.0.jsonl",
 }
-HOOKS_RECORDING = HERE / "recordings" / "openenv-0.10.0-hooks.jsonl"  # 0.10.0 with a transform, rubric, tasks
+HOOKS_RECORDING = HERE / "tests" / "recordings" / "openenv-0.10.0-hooks.jsonl"  # 0.10.0 with a transform, rubric, tasks
 PROMPT = "You are terse."
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -56,8 +56,8 @@ _BIG_STEP = [104] * 300_000  # 1.5 MB as OpenEnv's client writes it ("104, " a t
 
 def _require_venv(release):
     try:
-        return support_chatenv.require_venv(release)
-    except support_chatenv.VenvMissing as exc:
+        return support.require_venv(release)
+    except support.VenvMissing as exc:
         pytest.fail(str(exc), pytrace=False)
 
 
@@ -147,7 +147,7 @@ def _cases(release):
 
 
 def _observed(result):
-    if isinstance(result, dict):  # from OpenEnv's client, as support_chatenv reports it
+    if isinstance(result, dict):  # from OpenEnv's client, as support reports it
         obs = result["observation"]
         return ([dict(m) for m in obs["messages"]], list(obs["tokens"]), result["reward"], result["done"],
                 obs["reward"], obs["done"])
@@ -169,7 +169,7 @@ def _expected_history(steps):
 
 
 def _raw(url, **kwargs):
-    """conftest.raw with a longer wait for the opening handshake (a venv's peer is slower)."""
+    """helpers.raw with a longer wait for the opening handshake (a venv's peer is slower)."""
     kwargs.setdefault("open_timeout", 10)
     return raw(url, **kwargs)
 
@@ -283,7 +283,7 @@ def test_openenv_client_at_chatenv_capacity(oe):
 
 
 def test_openenv_clients_run_a_scripted_scenario_from_a_file(chatenv_url, tmp_path):
-    """support_chatenv's batch form: JSON requests in a file, the answers printed as a list."""
+    """support's batch form: JSON requests in a file, the answers printed as a list."""
     requests = [
         {"client": "a", "op": "open", "url": chatenv_url, "mode": "sync"},
         {"client": "b", "op": "open", "url": chatenv_url, "mode": "async"},
@@ -297,7 +297,7 @@ def test_openenv_clients_run_a_scripted_scenario_from_a_file(chatenv_url, tmp_pa
     ]
     scenario = tmp_path / "scenario.jsonl"
     scenario.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "support_chatenv.py"), "openenv-clients",
+    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "tests" / "support.py"), "openenv-clients",
                            "--scenario", str(scenario)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answers = json.loads(done.stdout.strip().splitlines()[-1])
@@ -459,7 +459,7 @@ def test_chatenv_client_big_step_against_openenv_server(openenv_url, client):
 
 # ------------------------------------------------------------------------------
 # chatenv's clients -> OpenEnv 0.10.0 serving a transform, a rubric and tasks
-# (support_chatenv.openenv_hooks_app; its frames are recordings/openenv-0.10.0-hooks.jsonl)
+# (support.openenv_hooks_app; its frames are tests/recordings/openenv-0.10.0-hooks.jsonl)
 # ------------------------------------------------------------------------------
 
 
@@ -634,10 +634,10 @@ def test_chatenv_task_methods_answer_as_openenv_routes(hooks_url, client):
 
 @pytest.mark.timeout(600)
 def test_openenv_hooks_server_answers_as_recorded(tmp_path):
-    """record_openenv.py --hooks run now against a fresh OpenEnv 0.10.0 hooks server
+    """tools/record_openenv.py --hooks run now against a fresh OpenEnv 0.10.0 hooks server
     writes the committed recording, case for case."""
     out = tmp_path / "hooks.jsonl"
-    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "record_openenv.py"), "--hooks", "--out", str(out)],
+    done = subprocess.run([str(_require_venv("0.10.0")), str(HERE / "tools" / "record_openenv.py"), "--hooks", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = [json.loads(line) for line in out.read_text().splitlines()]
@@ -657,12 +657,12 @@ def test_openenv_hooks_server_answers_as_recorded(tmp_path):
 
 @pytest.fixture(scope="module")
 def chatenv_tasks_url(tmp_path_factory):
-    """A chatenv server posing the hooks peer's tasks (support_chatenv.HOOK_TASKS, each
+    """A chatenv server posing the hooks peer's tasks (support.HOOK_TASKS, each
     split a JSONL file), scored by exact_match; a test/1 copy with a scripted turn."""
     root = tmp_path_factory.mktemp("tasks")
     argv = [sys.executable, "-m", "chatenv", "serve", "--port", str(port := free_port()), "--log-level", "WARNING",
             "--rubric", "exact_match"]
-    splits = dict(support_chatenv.HOOK_TASKS, turns=[{"id": "turns-0", "prompt": "What is 1+1?", "answer": "2",
+    splits = dict(support.HOOK_TASKS, turns=[{"id": "turns-0", "prompt": "What is 1+1?", "answer": "2",
                                                       "turns": ["And 2+2?"]}])
     for split, tasks in splits.items():
         path = root / f"{split}.jsonl"
@@ -801,10 +801,10 @@ def test_openenv_peer_frames_match_recorded_transcripts(openenv_url, release):
 
 @pytest.mark.timeout(900)
 def test_openenv_peer_answers_as_openenv_chat_env_recorded(release, tmp_path):
-    """record_openenv.py run against the peer gives the recording of OpenEnv's own
+    """tools/record_openenv.py run against the peer gives the recording of OpenEnv's own
     chat_env, case for case, except /schema (its docstrings are OpenEnv's text)."""
     out = tmp_path / f"peer-{release}.jsonl"
-    done = subprocess.run([str(_require_venv(release)), str(HERE / "record_openenv.py"), "--out", str(out)],
+    done = subprocess.run([str(_require_venv(release)), str(HERE / "tools" / "record_openenv.py"), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     peer = [json.loads(line) for line in out.read_text().splitlines()]
@@ -858,7 +858,7 @@ STRICT = [
 
 @pytest.fixture(scope="module")
 def chatenv_recording():
-    """record_openenv.py's cases, recorded from a chatenv server (one session at a
+    """tools/record_openenv.py's cases, recorded from a chatenv server (one session at a
     time, as chat_env's app runs), keyed like the OpenEnv recordings."""
     out = io.StringIO()
     with chatenv.serve_in_thread(max_sessions=1) as url:
@@ -1056,7 +1056,7 @@ def test_chatenv_system_prompt_frames_equal_openenv_recorded(release):
     """SYSTEM_PROMPT with the recordings' tokenizer (bytes, no chat template: chat_env
     tokenizes ``"system: <prompt>\\n"``): the same frames, state aside."""
     theirs = _cases(release)["system prompt (SYSTEM_PROMPT=You are terse.): reset, step, state, reset"]["received"]
-    with chatenv.serve_in_thread(support_chatenv.ByteTokenizer(), system_prompt=PROMPT) as url, _raw(url) as ws:
+    with chatenv.serve_in_thread(support.ByteTokenizer(), system_prompt=PROMPT) as url, _raw(url) as ws:
         mine = [record_openenv.Recorder.ask(ws, frame) for frame in (
             '{"type":"reset","data":{}}', '{"type":"step","data":{"tokens":[72,105]}}', '{"type":"state"}',
             '{"type":"reset","data":{}}')]
@@ -1179,7 +1179,7 @@ def test_openenv_validate_url_text_passes_every_check(chatenv_url):
 
 
 # The package as `openenv validate` sees it: the manifest and what it names
-PACKAGE_FILES = ("openenv.yaml", "chatenv.py", "pyproject.toml", "Dockerfile", "README.md", "PROTOCOL.md")
+PACKAGE_FILES = ("openenv.yaml", "chatenv.py", "pyproject.toml", "Dockerfile", "README.md")
 
 
 @pytest.fixture(params=["repository", "package files"])
@@ -1227,7 +1227,7 @@ _SENTINEL_PORT = 54321  # the port asked of OpenEnv's code, replaced by a free o
 @pytest.fixture(scope="module")
 def launchers():
     _require_venv("0.10.0")
-    return support_chatenv.launcher_commands(root=HERE, port=_SENTINEL_PORT, app="chatenv:app")
+    return support.launcher_commands(root=HERE, port=_SENTINEL_PORT, app="chatenv:app")
 
 
 def _local_argv(words, port):
