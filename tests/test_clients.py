@@ -1310,7 +1310,7 @@ def openenv_pinging(request):
     import support
 
     python = support.require_venv(request.param)  # the suite builds the venvs first; a missing one fails
-    code = _OPENENV_PEER.format(here=str(HERE), interval=0.2, timeout=0.2)
+    code = _OPENENV_PEER.format(here=str(HERE / "tests"), interval=0.2, timeout=0.2)  # support.py
     proc = subprocess.Popen([str(python), "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         yield f"http://127.0.0.1:{json.loads(proc.stdout.readline())['port']}"
