@@ -5429,13 +5429,14 @@ class _ClientBase:
         *,
         port: int | None = None,
         env_vars: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
         ready_timeout_s: float = 60.0,
         docker: str = "docker",
         **client_options: Any,
     ) -> Any:
         """Start ``image`` (see the Docker section) and return a client that owns it."""
         container = _start_container(
-            image, port=port, env_vars=env_vars, ready_timeout_s=ready_timeout_s, docker=docker
+            image, port=port, env_vars=env_vars, volumes=volumes, ready_timeout_s=ready_timeout_s, docker=docker
         )
         try:
             client = cls(container.base_url, **client_options)
@@ -6028,8 +6029,9 @@ class ChatEnv(_ClientBase):
     def from_docker_image(cls, image: str, **options: Any) -> ChatEnv:
         """Run ``image`` with ``docker run``, wait for /health, return a client owning it.
 
-        Options: ``port``, ``env_vars``, ``ready_timeout_s``, ``docker``, and any
-        client option. close() stops and removes the container.
+        Options: ``port``, ``env_vars``, ``volumes`` (host path -> container path,
+        read-only: a hook file and its tasks, say), ``ready_timeout_s``, ``docker``,
+        and any client option. close() stops and removes the container.
         """
         return cls._launch(image, **options)
 
@@ -6622,11 +6624,15 @@ def _published_port(exe: str, name: str) -> int:
 
 
 def _start_container(image: str, *, port: int | None = None, env_vars: Mapping[str, str] | None = None,
-                     ready_timeout_s: float = 60.0, docker: str = "docker") -> _Container:
+                     volumes: Mapping[str, str] | None = None, ready_timeout_s: float = 60.0,
+                     docker: str = "docker") -> _Container:
     """Start ``image`` and return its _Container once GET /health answers 200.
 
     The container's port 8000 is published on 127.0.0.1:``port`` (a free port Docker
-    picks when None); ``env_vars`` are passed as ``-e K=V``. On any failure (docker
+    picks when None); ``env_vars`` are passed as ``-e K=V``; ``volumes`` maps host
+    paths (which must exist) to absolute container paths, each mounted read-only
+    (``-v HOST:CONTAINER:ro``), so a hook module and its task files can be named by
+    ``PYTHONPATH``, ``CHATENV_RUBRIC`` and ``CHATENV_TASKS``. On any failure (docker
     missing, daemon unreachable, unknown image, the container exits, not healthy in
     time, an interrupt) it raises DockerError with the reason and the container's
     last log lines, and removes the container: nothing is left behind.
@@ -6644,6 +6650,14 @@ def _start_container(image: str, *, port: int | None = None, env_vars: Mapping[s
         if not key or "=" in key:
             raise DockerError(f"invalid environment variable name {key!r}")
         args += ["-e", f"{key}={value}"]
+    for host, target in (volumes or {}).items():
+        host, target = os.path.abspath(os.fspath(host)), str(target)
+        if not os.path.exists(host):
+            raise DockerError(f"volume {host!r} does not exist on this host")
+        if not target.startswith("/") or ":" in host + target:
+            raise DockerError(f"invalid volume {host!r} -> {target!r}: the container path must be absolute, "
+                              "and neither may hold ':'")
+        args += ["-v", f"{host}:{target}:ro"]
     args.append(image)
 
     try:
