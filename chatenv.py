@@ -115,6 +115,8 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
     Strict where OpenEnv coerces: bools, floats, strings and negative numbers
     are rejected with a ValueError (TypeError for a wrong container type).
     """
+    if type(value) is list and value and set(map(type, value)) == _TOKEN_TYPES and min(value) >= 0:
+        return value[:]  # the common case (a tokenizer's ids), checked in C
     value = _unwrap_tokens(value)
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{what} must be a sequence of token ids, not {type(value).__name__}")
@@ -598,7 +600,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
 
 def _tokenize_message(tokenizer: Tokenizer, message: Mapping[str, Any]) -> list[int]:
     """Tokenize one chat message: the chat template, else ``encode("role: content\\n")``."""
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):
         raise ValueError("message must be a dict with 'role' and 'content'")
     if "role" not in message:
         raise ValueError("message must contain a 'role' key")
@@ -700,6 +702,7 @@ class _History:
 _TASK_BLOCK_BYTES = 2**20  # a task file is checked this many bytes of lines at a time (one json.loads each)
 _SPLIT_TYPES = ("train", "validation", "test")  # split names OpenEnv gives their own type; others are "validation"
 
+_INF = float("inf")  # a reward is finite: below it and above its negative
 _hook_thread = threading.local()  # .loop: the server loop a step thread runs async hooks on; .own: its private one
 
 
@@ -730,8 +733,8 @@ def _settle(value: Any) -> Any:
 
 def _reward_value(value: Any, what: str) -> float | bool | None:
     """A reward as the wire carries it: a finite number, a bool (as OpenEnv sends it) or None."""
-    if value is None or type(value) is bool:
-        return value
+    if value is None or type(value) is bool or (type(value) is float and -_INF < value < _INF):
+        return value  # (the common cases; a NaN fails both comparisons)
     if hasattr(value, "item") and not isinstance(value, (int, float)):
         value = value.item()  # a numpy or torch scalar
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
@@ -1226,7 +1229,7 @@ class ChatEnvironment:
         reason = None
         if self.max_turns is not None and self.step_count >= self.max_turns:
             reason = f"max_turns: {self.step_count} assistant steps taken"
-        elif any(text in content for text in self.stop):
+        elif self.stop and any(text in content for text in self.stop):
             reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
         elif self.task is not None and self._next_turn >= len(turns):
             reason = "task: its prompt and each of its turns are answered"
@@ -1397,7 +1400,8 @@ def _observation_parts(outcome: tuple[Any, bool, dict[str, Any], int]) -> tuple[
     reward, done, metadata = outcome[0], outcome[1], outcome[2]
     meta = _json_bytes(metadata)
     after = b'"reward":%s,"done":%s%s}}' % (
-        _json_bytes(reward), b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
+        b"null" if reward is None else repr(reward).encode() if type(reward) is float else _json_bytes(reward),
+        b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
     return _OBS_START + meta + b',"messages":[', b"]}," + after, b"}}," + after
 
 
