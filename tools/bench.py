@@ -1846,7 +1846,7 @@ def _hook_round(servers, counts):
 
 
 def run_hooks(args):
-    """``bench_chatenv.py hooks``: steps/s with no hooks and with tasks and each built-in
+    """``tools/bench.py hooks``: steps/s with no hooks and with tasks and each built-in
     reward, the servers (one tree's) taking turns, ``rounds`` rounds; medians and ratios."""
     counts = {"tokens": 64, "conc_sessions": 32, "single_steps": 192 if args.quick else 960,
               "conc_steps": 24 if args.quick else 96, "turns": args.turns}
