@@ -1875,6 +1875,9 @@ def run_hooks(args):
     finally:
         for server in servers.values():
             server.stop()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     results["medians"] = {m: {k: statistics.median(v) for k, v in by.items()} for m, by in results["samples"].items()}
     # The ratio: the median of each round's, since a round's figures were taken in turns
     results["ratios"] = {m: {k: statistics.median(_ratio(h, n) for n, h in zip(by["none"], by[k]))
