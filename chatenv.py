@@ -115,6 +115,8 @@ def tokens_to_list(value: Any, what: str = "tokens") -> list[int]:
     Strict where OpenEnv coerces: bools, floats, strings and negative numbers
     are rejected with a ValueError (TypeError for a wrong container type).
     """
+    if type(value) is list and value and set(map(type, value)) == _TOKEN_TYPES and min(value) >= 0:
+        return value[:]  # the common case (a tokenizer's ids), checked in C
     value = _unwrap_tokens(value)
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{what} must be a sequence of token ids, not {type(value).__name__}")
@@ -598,7 +600,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
 
 def _tokenize_message(tokenizer: Tokenizer, message: Mapping[str, Any]) -> list[int]:
     """Tokenize one chat message: the chat template, else ``encode("role: content\\n")``."""
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):
         raise ValueError("message must be a dict with 'role' and 'content'")
     if "role" not in message:
         raise ValueError("message must contain a 'role' key")
@@ -700,6 +702,7 @@ class _History:
 _TASK_BLOCK_BYTES = 2**20  # a task file is checked this many bytes of lines at a time (one json.loads each)
 _SPLIT_TYPES = ("train", "validation", "test")  # split names OpenEnv gives their own type; others are "validation"
 
+_INF = float("inf")  # a reward is finite: below it and above its negative
 _hook_thread = threading.local()  # .loop: the server loop a step thread runs async hooks on; .own: its private one
 
 
@@ -730,8 +733,8 @@ def _settle(value: Any) -> Any:
 
 def _reward_value(value: Any, what: str) -> float | bool | None:
     """A reward as the wire carries it: a finite number, a bool (as OpenEnv sends it) or None."""
-    if value is None or type(value) is bool:
-        return value
+    if value is None or type(value) is bool or (type(value) is float and -_INF < value < _INF):
+        return value  # (the common cases; a NaN fails both comparisons)
     if hasattr(value, "item") and not isinstance(value, (int, float)):
         value = value.item()  # a numpy or torch scalar
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
@@ -1226,7 +1229,7 @@ class ChatEnvironment:
         reason = None
         if self.max_turns is not None and self.step_count >= self.max_turns:
             reason = f"max_turns: {self.step_count} assistant steps taken"
-        elif any(text in content for text in self.stop):
+        elif self.stop and any(text in content for text in self.stop):
             reason = f"stop: the assistant wrote {next(t for t in self.stop if t in content)!r}"
         elif self.task is not None and self._next_turn >= len(turns):
             reason = "task: its prompt and each of its turns are answered"
@@ -1397,7 +1400,8 @@ def _observation_parts(outcome: tuple[Any, bool, dict[str, Any], int]) -> tuple[
     reward, done, metadata = outcome[0], outcome[1], outcome[2]
     meta = _json_bytes(metadata)
     after = b'"reward":%s,"done":%s%s}}' % (
-        _json_bytes(reward), b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
+        b"null" if reward is None else repr(reward).encode() if type(reward) is float else _json_bytes(reward),
+        b"true" if done else b"false", b',"metadata":' + meta if metadata else b"")
     return _OBS_START + meta + b',"messages":[', b"]}," + after, b"}}," + after
 
 
@@ -5429,13 +5433,14 @@ class _ClientBase:
         *,
         port: int | None = None,
         env_vars: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
         ready_timeout_s: float = 60.0,
         docker: str = "docker",
         **client_options: Any,
     ) -> Any:
         """Start ``image`` (see the Docker section) and return a client that owns it."""
         container = _start_container(
-            image, port=port, env_vars=env_vars, ready_timeout_s=ready_timeout_s, docker=docker
+            image, port=port, env_vars=env_vars, volumes=volumes, ready_timeout_s=ready_timeout_s, docker=docker
         )
         try:
             client = cls(container.base_url, **client_options)
@@ -6028,8 +6033,9 @@ class ChatEnv(_ClientBase):
     def from_docker_image(cls, image: str, **options: Any) -> ChatEnv:
         """Run ``image`` with ``docker run``, wait for /health, return a client owning it.
 
-        Options: ``port``, ``env_vars``, ``ready_timeout_s``, ``docker``, and any
-        client option. close() stops and removes the container.
+        Options: ``port``, ``env_vars``, ``volumes`` (host path -> container path,
+        read-only: a hook file and its tasks, say), ``ready_timeout_s``, ``docker``,
+        and any client option. close() stops and removes the container.
         """
         return cls._launch(image, **options)
 
@@ -6622,11 +6628,15 @@ def _published_port(exe: str, name: str) -> int:
 
 
 def _start_container(image: str, *, port: int | None = None, env_vars: Mapping[str, str] | None = None,
-                     ready_timeout_s: float = 60.0, docker: str = "docker") -> _Container:
+                     volumes: Mapping[str, str] | None = None, ready_timeout_s: float = 60.0,
+                     docker: str = "docker") -> _Container:
     """Start ``image`` and return its _Container once GET /health answers 200.
 
     The container's port 8000 is published on 127.0.0.1:``port`` (a free port Docker
-    picks when None); ``env_vars`` are passed as ``-e K=V``. On any failure (docker
+    picks when None); ``env_vars`` are passed as ``-e K=V``; ``volumes`` maps host
+    paths (which must exist) to absolute container paths, each mounted read-only
+    (``-v HOST:CONTAINER:ro``), so a hook module and its task files can be named by
+    ``PYTHONPATH``, ``CHATENV_RUBRIC`` and ``CHATENV_TASKS``. On any failure (docker
     missing, daemon unreachable, unknown image, the container exits, not healthy in
     time, an interrupt) it raises DockerError with the reason and the container's
     last log lines, and removes the container: nothing is left behind.
@@ -6644,6 +6654,14 @@ def _start_container(image: str, *, port: int | None = None, env_vars: Mapping[s
         if not key or "=" in key:
             raise DockerError(f"invalid environment variable name {key!r}")
         args += ["-e", f"{key}={value}"]
+    for host, target in (volumes or {}).items():
+        host, target = os.path.abspath(os.fspath(host)), str(target)
+        if not os.path.exists(host):
+            raise DockerError(f"volume {host!r} does not exist on this host")
+        if not target.startswith("/") or ":" in host + target:
+            raise DockerError(f"invalid volume {host!r} -> {target!r}: the container path must be absolute, "
+                              "and neither may hold ':'")
+        args += ["-v", f"{host}:{target}:ro"]
     args.append(image)
 
     try:

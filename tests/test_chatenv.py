@@ -2193,6 +2193,15 @@ def test_docker_daemon_unreachable_gives_clear_error(monkeypatch, tmp_path):
         chatenv.ChatEnv.from_docker_image("chatenv-test:latest", ready_timeout_s=5)
 
 
+def test_docker_bad_volume_gives_clear_error(tmp_path):
+    """A volume is checked before `docker run` (here a stand-in that would fail otherwise)."""
+    for volumes, match in (({str(tmp_path / "missing"): "/hooks"}, "does not exist on this host"),
+                           ({str(tmp_path): "hooks"}, "container path must be absolute"),
+                           ({str(tmp_path): "/hooks:rw"}, "neither may hold ':'")):
+        with pytest.raises(chatenv.DockerError, match=match):
+            chatenv._start_container("chatenv-test:latest", volumes=volumes, docker=sys.executable)
+
+
 # ------------------------------------------------------------------------------
 # Command line: chatenv serve, its environment fallbacks and its errors
 # ------------------------------------------------------------------------------

@@ -257,6 +257,56 @@ def test_docker_image_serves_under_every_openenv_launch_form(no_leftovers):
             _docker_cmd("rm", "-f", container, timeout=60)
 
 
+_HOOK_MODULE = '''
+def score(action, observation):
+    """A quarter point when the reply holds the task's answer, minus one otherwise."""
+    return 0.25 if observation.task["answer"] in observation.messages[-1]["content"] else -1.0
+'''
+
+
+def _hook_dir(tmp_path):
+    """A folder holding myhooks.py and tasks.jsonl, readable by the image's non-root user."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "myhooks.py").write_text(_HOOK_MODULE)
+    (hooks / "tasks.jsonl").write_text(json.dumps({"id": "sum", "prompt": "What is 2 plus 3?", "answer": "5"}) + "\n")
+    for path in (hooks, *hooks.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return hooks
+
+
+def test_docker_mounted_hook_file_scores(no_leftovers, tmp_path):
+    """A hook module and a task file mounted read-only and named by variables, as the README
+    shows: the reward the mounted hook computes reaches the client."""
+    hooks = _hook_dir(tmp_path)
+    env_vars = {"PYTHONPATH": "/hooks", "CHATENV_RUBRIC": "myhooks:score", "CHATENV_TASKS": "/hooks/tasks.jsonl"}
+    with chatenv.ChatEnv.from_docker_image(no_leftovers, env_vars=env_vars, volumes={str(hooks): "/hooks"},
+                                           ready_timeout_s=60) as env:
+        assert [split["name"] for split in env.list_splits()] == ["train"]
+        result = env.reset(task_id="sum")
+        assert _messages(result.observation)[-1] == {"role": "user", "content": "What is 2 plus 3?"}
+        result = env.step(ChatAction(tokens=list(b"It is 5.")))
+        assert (result.reward, result.done) == (0.25, True)
+        assert result.observation.metadata["rewards"] == {"myhooks:score": 0.25}
+        env.reset(task_id="sum")
+        assert env.step(ChatAction(tokens=list(b"It is 6."))).reward == -1.0
+
+
+def test_docker_mounted_hook_bad_spec_exits_with_its_line(no_leftovers, tmp_path):
+    """A spec naming nothing in the mounted module stops the container at start (exit 2),
+    its one-line error in the DockerError."""
+    hooks = _hook_dir(tmp_path)
+    env_vars = {"PYTHONPATH": "/hooks", "CHATENV_RUBRIC": "myhooks:nope"}
+    t0 = time.monotonic()
+    with pytest.raises(chatenv.DockerError) as info:
+        chatenv.ChatEnv.from_docker_image(no_leftovers, env_vars=env_vars, volumes={str(hooks): "/hooks"},
+                                          ready_timeout_s=60)
+    message = str(info.value)
+    assert "exit code 2" in message, message
+    assert "chatenv: error: CHATENV_RUBRIC: module 'myhooks' has no attribute 'nope'" in message, message
+    assert time.monotonic() - t0 < 30, "a bad spec must stop the container, not be waited out"
+
+
 def test_docker_image_is_small_over_its_base(no_leftovers):
     """websockets, uvicorn (for the launchers that run it) and chatenv.py: a few MB."""
     base = os.environ.get("CHATENV_DOCKER_BASE") or "python:3.11-slim"

@@ -35,7 +35,9 @@ observations in both of OpenEnv's frame shapes (a server replaying pre-built
 frames), ``ChatEnv`` against a bare websockets client; ``keepalive`` holds
 sessions through pauses longer than the server's pings allow; ``compare
 --baseline DIR`` measures this tree against an older one (a ``git worktree``),
-the two taking turns, for a refactor's "figures within noise". ``floor``,
+the two taking turns, for a refactor's "figures within noise"; ``hooks`` measures
+steps/s with tasks and ``exact_match`` or ``boxed_match`` against no hooks, servers of
+one tree taking turns, and each one's CPU per step. ``floor``,
 ``growth-server`` and ``clients`` are subprocesses the benchmark starts itself.
 """
 
@@ -1486,11 +1488,12 @@ class _Tree:
             raise RuntimeError(f"{name} is {self.module.__file__}, not {self.script}")
         return self.module
 
-    def server(self):
-        """A chatenv server of this tree as the main run's ``chatenv`` kind runs (not started)."""
+    def server(self, *options, key=None):
+        """A chatenv server of this tree as the main run's ``chatenv`` kind runs, with ``options``
+        added to its command line (not started)."""
         port = _free_port()
-        return _Server(f"chatenv@{self.key}", _server_argv(f"chatenv@{self.path}", port, None), port, env=self.env,
-                       cwd=self.cwd)
+        argv = _server_argv(f"chatenv@{self.path}", port, None) + list(options)
+        return _Server(f"chatenv@{key or self.key}", argv, port, env=self.env, cwd=self.cwd)
 
 
 def _import_round(trees, runs):
@@ -1525,17 +1528,21 @@ def _import_round(trees, runs):
     return result
 
 
-def _alternating(runners, steps, block):
+def _alternating(runners, steps, block, blocks=None):
     """Seconds each runner spends on ``steps`` steps: ``runners[key](start, n)`` runs steps
     ``start`` to ``start + n``; the runners take turns in blocks of ``block`` steps, their
-    order reversed every block, so load drifting on this shared machine hits all alike."""
+    order reversed every block, so load drifting on this shared machine hits all alike.
+    ``blocks``: a dict given gets each runner's list of block seconds."""
     elapsed = dict.fromkeys(runners, 0.0)
     keys = list(runners)
     for b, start in enumerate(range(0, steps, block)):
         for key in keys if b % 2 == 0 else keys[::-1]:
             began = time.perf_counter()
             runners[key](start, min(block, steps - start))
-            elapsed[key] += time.perf_counter() - began
+            seconds = time.perf_counter() - began
+            elapsed[key] += seconds
+            if blocks is not None:
+                blocks.setdefault(key, []).append(seconds)
     return elapsed
 
 
@@ -1759,6 +1766,143 @@ def render_compare(results):
         each = ", ".join(_fmt(_ratio(n, b), 2) for b, n in zip(samples[measure]["baseline"], samples[measure]["new"]))
         ratio = _fmt(results["ratios"][measure], 3)
         lines.append(f"| {label.format(**counts)} | {_fmt(base)} | {_fmt(new)} | {ratio} | {each} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------
+# Hooks: a step with tasks and a built-in reward against one with none, taking turns
+# ------------------------------------------------------------------------------
+
+_HOOK_TURNS = 7  # each task's scripted turns by default: an episode is 8 steps, then a reset (every server's)
+_HOOK_KINDS = {  # server: the options it adds after --tasks PATH (None: no hooks, no --tasks)
+    "none": None,
+    "exact_match": ("--rubric", "exact_match"),
+    "boxed_match": ("--rubric", "boxed_match"),
+}
+
+
+def _hook_tasks(directory, turns, count=100):
+    """A task file in ``directory``: sums with numeric answers, each with ``turns`` follow-ups."""
+    path = os.path.join(directory, "tasks.jsonl")
+    with open(path, "w") as f:
+        for i in range(count):
+            task = {"id": f"sum-{i}", "prompt": f"What is {i} plus {i + 1}? Answer with the number.",
+                    "answer": str(2 * i + 1)}
+            if turns:
+                task["turns"] = [f"Check step {k + 1} of your sum of {i} and {i + 1} once more." for k in range(turns)]
+            f.write(json.dumps(task) + "\n")
+    return path
+
+
+async def _run_episodes(ws, frames, steps, episode, first=0):
+    """``_run_steps``, with a reset before every ``episode``-th step (the session's first
+    reset is its opening's): the tasks' episodes end there, and the plain server's are
+    kept as long."""
+    reset = _reset_frame()
+    for i in range(first, first + steps):
+        if i and i % episode == 0:
+            await ws.send(reset)
+            _check_reply(await ws.recv())
+        await _run_steps(ws, frames, 1, first=i)
+
+
+def _hook_round(servers, counts):
+    """Steps/s of each server, 1 session and ``conc_sessions`` at once, the servers taking turns
+    in blocks of whole episodes: from each one's median block, as a burst of load from
+    elsewhere on this shared machine slows a few blocks and a mean would carry it. And each
+    server's CPU per step (its own process's, so the client's share of the cores is not in it)."""
+    c = counts
+    loop = asyncio.new_event_loop()
+    run = loop.run_until_complete
+    frames, _ = _step_frames(c["tokens"])
+    result, opened = {}, []
+
+    async def together(coroutines, return_exceptions=False):
+        return await asyncio.gather(*coroutines, return_exceptions=return_exceptions)
+
+    def steps_of(group):
+        return lambda start, n: run(together(
+            _run_episodes(ws, frames[i:] + frames[:i], n, c["turns"] + 1, first=start) for i, ws in enumerate(group)))
+
+    try:
+        for measure, sessions, steps in (("single", 1, c["single_steps"]),
+                                         ("concurrent", c["conc_sessions"], c["conc_steps"])):
+            groups = {key: [run(_open_session(server.url)) for _ in range(sessions)] for key, server in servers.items()}
+            opened.extend(ws for group in groups.values() for ws in group)
+            episode, blocks = c["turns"] + 1, {}
+            block = episode * -(-(48 if sessions == 1 else 8) // episode)  # about 48 steps, or 8 of every session's
+            cpu = {key: _cpu_s([server.proc.pid]) for key, server in servers.items()}
+            _alternating({key: steps_of(group) for key, group in groups.items()}, steps - steps % block, block, blocks)
+            result[measure] = {key: sessions * block / statistics.median(times) for key, times in blocks.items()}
+            result[f"{measure}_cpu_us"] = {key: (_cpu_s([server.proc.pid]) - cpu[key]) * 1e6 / (sessions * block
+                                                 * len(blocks[key])) for key, server in servers.items()}
+            run(together((ws.close() for ws in opened), return_exceptions=True))
+            opened.clear()
+            _settle(servers)
+    finally:
+        run(together((ws.close() for ws in opened), return_exceptions=True))
+        loop.close()
+    return result
+
+
+def run_hooks(args):
+    """``tools/bench.py hooks``: steps/s with no hooks and with tasks and each built-in
+    reward, the servers (one tree's) taking turns, ``rounds`` rounds; medians and ratios."""
+    counts = {"tokens": 64, "conc_sessions": 32, "single_steps": 192 if args.quick else 960,
+              "conc_steps": 24 if args.quick else 96, "turns": args.turns}
+    rounds = args.rounds or (1 if args.quick else 5)
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    workdir = tempfile.mkdtemp(prefix="chatenv-hooks-")  # outside any repository; the task file too
+    tree = _Tree("new", "this tree", args.tree, workdir, os.path.join(workdir, "pycache"))
+    tasks = _hook_tasks(workdir, args.turns)
+    results = {"machine": _machine(), "counts": counts, "rounds": rounds, "tree": tree.describe(), "samples": {}}
+    log(f"# {json.dumps(results['tree'])}; tasks {tasks}")
+    servers = {}
+    try:
+        for key, options in _HOOK_KINDS.items():
+            servers[key] = tree.server(*(("--tasks", tasks) + options if options else ()), key=key)
+            servers[key].start(timeout_s=60)
+        _settle(servers)
+        for r in range(rounds):
+            order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+            sample = _hook_round({key: servers[key] for key in order}, counts)
+            log(f"# round {r + 1} of {rounds} (hooked / none): " + "; ".join(
+                f"{m} " + ", ".join(f"{k} {_fmt(v[k] / v['none'], 3)}" for k in v if k != "none")
+                for m, v in sample.items()))
+            for measure, values in sample.items():
+                for key, value in values.items():
+                    results["samples"].setdefault(measure, {}).setdefault(key, []).append(value)
+    finally:
+        for server in servers.values():
+            server.stop()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["medians"] = {m: {k: statistics.median(v) for k, v in by.items()} for m, by in results["samples"].items()}
+    # The ratio: the median of each round's, since a round's figures were taken in turns
+    results["ratios"] = {m: {k: statistics.median(_ratio(h, n) for n, h in zip(by["none"], by[k]))
+                             for k in by if k != "none"} for m, by in results["samples"].items()}
+    return results
+
+
+def render_hooks(results):
+    """The hooks' cost as a Markdown table: each server's median steps/s and the median of
+    the rounds' ratios to no hooks."""
+    c, medians, ratios, mach = results["counts"], results["medians"], results["ratios"], results["machine"]
+    lines = [f"chatenv hooks, {mach['date']}: {mach['cpu']} ({mach['cpus']} cpus), Python {mach['python']}, "
+             f"websockets {mach['websockets']}; {results['tree']['path']} at {results['tree']['commit']}; medians "
+             f"of {results['rounds']} rounds, the servers taking turns (steps/s from each one's median block); "
+             f"{c['tokens']}-token steps, a task's episode its prompt and {c['turns']} scripted turns, then a reset "
+             "(the plain server's too)",
+             "", "| measure | no hooks | tasks + exact_match | / no hooks | tasks + boxed_match | / no hooks |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for measure, label in (("single", "1 session x {single_steps} steps: steps/s"),
+                           ("concurrent", "{conc_sessions} sessions x {conc_steps} steps: steps/s"),
+                           ("single_cpu_us", "  1 session: server CPU us/step"),
+                           ("concurrent_cpu_us", "  {conc_sessions} sessions: server CPU us/step")):
+        m, r = medians[measure], ratios[measure]
+        lines.append(f"| {label.format(**c)} | {_fmt(m['none'])} | {_fmt(m['exact_match'])} | "
+                     f"{_fmt(r['exact_match'], 3)} | {_fmt(m['boxed_match'])} | {_fmt(r['boxed_match'], 3)} |")
     return "\n".join(lines)
 
 
@@ -2027,6 +2171,12 @@ def _compare_command(args):
     return 130 if results is None else _report(results, render_compare(results), args.json)
 
 
+def _hooks_command(args):
+    """``hooks``: the hooks' cost table."""
+    results = _measured(run_hooks, args)
+    return 130 if results is None else _report(results, render_hooks(results), args.json)
+
+
 def _growth_command(args):
     """``growth``: 0 when chatenv's growth is within its target on both frame shapes."""
     try:
@@ -2117,6 +2267,19 @@ def _parser():
                   "median of the rounds' ratios (about 35 s a round on 2 busy cores).")
     sub.add_argument("--baseline", metavar="DIR", required=True, help="the tree to compare with (holds chatenv.py)")
     sub.add_argument("--rounds", type=int, help="rounds of every measure (default: 5; 1 with --quick)")
+    _quick_option(sub)
+    _json_option(sub)
+    sub = command("hooks", _hooks_command, "steps/s with tasks and a built-in reward against none, taking turns",
+                  "Three servers of one tree: no hooks; --tasks (a file of sums written to a temporary directory, "
+                  "each task a prompt and --turns scripted turns) with --rubric exact_match; the same with --rubric "
+                  "boxed_match. A raw generator steps each with 64-token steps, 1 session and 32 at once, resetting "
+                  "every --turns + 1 steps on all three (when a task's episode ends); the servers take turns in "
+                  "blocks of steps. The table gives each server's median steps/s and the median of the rounds' "
+                  "ratios to no hooks (about 25 s a round).")
+    sub.add_argument("--tree", metavar="DIR", default=HERE, help="the tree whose chatenv.py serves (default: this one)")
+    sub.add_argument("--turns", type=int, default=_HOOK_TURNS, help="each task's scripted turns; 0: a reset before "
+                     "every step (default: %(default)s)")
+    sub.add_argument("--rounds", type=int, help="rounds (default: 5; 1 with --quick)")
     _quick_option(sub)
     _json_option(sub)
     # Subprocess entry points: the benchmark starts these itself
