@@ -3215,8 +3215,14 @@ class _Connection:
         upgrade, rest = bytes(head[:end + 4]), bytes(head[end + 4:])
         self.head = None
         proto = self.proto
-        # Access is decided on the head as read here (latin-1), before the protocol sees it
-        refusal = self.server._refusal("GET", "/ws", True, _head_headers(upgrade), self.peer)
+        # The head is read here, as strictly as any other request's, and access decided on
+        # it before the protocol sees it: no release's take on a malformed head matters
+        try:
+            headers = _parse_http_head(upgrade[:-4])[2]
+        except ValueError as exc:
+            self._refuse_malformed(str(exc))
+            return
+        refusal = self.server._refusal("GET", "/ws", True, headers, self.peer)
         if refusal is None and not upgrade.isascii():  # no upgrade header has bytes past ASCII
             refusal = 400, "Bad Request: the upgrade request's head is not ASCII\n", {}
         if refusal is not None:
@@ -3227,8 +3233,14 @@ class _Connection:
             proto.send_response(response)
         else:
             proto.receive_data(upgrade)
-            for event in proto.events_received():
+            requests = proto.events_received()
+            for event in requests:
                 self._answer_request(event)
+            if not requests and proto.handshake_exc is not None:  # it would close without a word
+                for _ in proto.data_to_send():
+                    pass
+                self._refuse_malformed(_preview(proto.handshake_exc, 120))
+                return
         self._queue_protocol_output()
         if rest and not self.transport.is_closing():
             self.data_received(rest)  # frames, or what a refused request is followed by
@@ -3691,18 +3703,6 @@ class _Connection:
             self._queue_protocol_output()
         elif self.proto.state is _CONNECTING:
             self.transport.abort()
-
-
-def _head_headers(head: bytes) -> Any:
-    """The headers of a request head (its lines after the first), decoded as latin-1."""
-    from websockets.datastructures import Headers
-
-    headers = Headers()
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip()] = value.strip()
-    return headers
 
 
 def _query_value(query: str, name: str) -> str | None:
