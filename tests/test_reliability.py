@@ -6,7 +6,7 @@ serve_in_thread, or in a subprocess of its own when it measures RSS, file
 descriptors, its log, signals or its own file-descriptor limit) over raw sockets
 or real clients. Bounds here are behaviours and counts, and "within its
 configured time" with generous slack; the figures (how fast, how much) are
-measured by ``python soak_chatenv.py --attacks``. Raw frames, sockets, server
+measured by ``python tools/soak.py --attacks``. Raw frames, sockets, server
 subprocesses and churn come from support.
 """
 
@@ -273,7 +273,7 @@ _pure_frames = _shallow_frames | st.text(_any_chars, max_size=100) | st.tuples(
 
 
 def _outcomes(frame) -> set[str]:
-    """What PROTOCOL.md allows for a frame, worked out independently of chatenv."""
+    """What docs/protocol.md allows for a frame, worked out independently of chatenv."""
     if not isinstance(frame, str):
         return {"INVALID_JSON"}
     try:
@@ -375,7 +375,7 @@ def _check_reply(frame, result, before: dict, after: dict) -> str:
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(frames=st.lists(_pure_frames, min_size=1, max_size=3))
 def test_fuzz_pure_protocol_every_frame_gets_a_contract_reply_and_the_session_survives(frames):
-    """Thousands of frames at the protocol level: each gets the outcome PROTOCOL.md allows
+    """Thousands of frames at the protocol level: each gets the outcome docs/protocol.md allows
     (worked out independently), errors are bounded and change nothing, and afterwards a
     valid step appends exactly its message."""
     session = Session(chatenv.ChatEnvironment)
