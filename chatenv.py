@@ -5348,15 +5348,15 @@ def _http_exchange(core: _ClientCore, method: str, path: str, body: dict[str, An
     try:
         conn.request(method, prefix + path, body=payload, headers=headers)
         answer = conn.getresponse()
-        limit = _NO_LIMIT if core.max_message_bytes is None else core.max_message_bytes
-        data = answer.read(limit + 1)
+        limit = core.max_message_bytes  # None: no limit
+        data = answer.read() if limit is None else answer.read(limit + 1)
     except TimeoutError:
         raise TimeoutError(f"{where}: no answer within message_timeout_s={timeout} s") from None
     except OSError as exc:
         raise ConnectionError(f"{where}: {exc}") from None
     finally:
         conn.close()
-    if len(data) > limit:
+    if limit is not None and len(data) > limit:
         raise ChatEnvError(PROTOCOL_ERROR, f"{where}: the answer is over this client's "
                                            f"max_message_bytes={core.max_message_bytes}")
     try:

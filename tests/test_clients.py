@@ -1109,6 +1109,16 @@ def test_task_methods_against_a_server_without_tasks_say_so(make_client):
         assert env.reset().observation.tokens == []
 
 
+def test_task_methods_with_no_message_limit_read_the_whole_answer(make_client):
+    """max_message_bytes=None (no limit) reads a task route's answer whole: it once named
+    a constant that was gone (NameError)."""
+    tasks = chatenv.Tasks({"train": str(HERE / "examples" / "arithmetic.jsonl")})
+    with serve_in_thread(tasks=tasks) as url:
+        env = make_client(url, max_message_bytes=None)
+        assert _task(env, "num_tasks", "train") == tasks.num_tasks("train")
+        assert _task(env, "get_task", "train", 0) == tasks.get_task("train", 0)
+
+
 def test_task_methods_on_a_server_that_is_not_there(make_client):
     env = make_client(f"http://127.0.0.1:{free_port()}", message_timeout_s=5)
     with pytest.raises(ConnectionError, match="GET /list_environments on http://127.0.0.1"):

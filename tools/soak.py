@@ -52,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / part) for part in ("", "tests")]  # chatenv, support
 import chatenv  # noqa: E402
