@@ -16,9 +16,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import enum
 import functools
-import importlib.metadata
 import inspect
 import json
 import logging
@@ -38,12 +36,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Close, Frame, Opcode
-from websockets.protocol import SEND_EOF, State
-from websockets.server import ServerProtocol
-from websockets.uri import parse_uri
+from websockets.frames import Close
 
 import chatenv
 from chatenv import (

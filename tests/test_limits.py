@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import chatenv
-from chatenv import ChatAction, ChatEnvironment, ChatServer, Session, handle_frame, serve_in_thread
+from chatenv import ChatAction, ChatEnvironment, ChatServer, handle_frame, serve_in_thread
 from helpers import SLACK, ask, raw, wait_until
 
 HERE = Path(__file__).resolve().parents[1]  # the repository's root
