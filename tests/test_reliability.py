@@ -1928,21 +1928,7 @@ def test_cli_flags_and_variables_allow_origins_and_hosts(tmp_path):
 
 
 def test_the_asgi_app_makes_the_same_origin_and_host_decisions_under_uvicorn(tmp_path):
-    pytest.importorskip("uvicorn")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATENV_")}
-    env["CHATENV_ALLOW_ORIGIN"] = "https://app.example"
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "chatenv:app", "--host", "127.0.0.1", "--port",
-                             str(port), "--log-level", "warning"], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        def up() -> bool:
-            try:
-                return raw_http(port, http_request("GET", "/health"))[0] == 200
-            except OSError:
-                return False
-
-        assert wait_until(up, 20)
+    with _uvicorn_app(CHATENV_ALLOW_ORIGIN="https://app.example") as port:
         assert raw_http(port, http_request("GET", "/health", host=b"rebound.example"))[0] == 403
         assert raw_http(port, http_request("POST", "/reset", EVIL, b"{}"))[0] == 403
         assert raw_http(port, http_request("POST", "/reset", body=b"{}"))[0] == 200
@@ -1951,9 +1937,6 @@ def test_the_asgi_app_makes_the_same_origin_and_host_decisions_under_uvicorn(tmp
         assert upgrade_status(port, upgrade_request(b"Origin: https://app.example\r\n")) == 101
         with ChatEnv(f"http://127.0.0.1:{port}") as env_client:
             assert env_client.step([72]).observation.tokens == [72]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
 
 
 def test_unauthenticated_http_answers_reveal_no_filesystem_path(tmp_path, hf_tokenizer):
