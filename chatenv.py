@@ -1428,7 +1428,8 @@ def _json_bytes(value: Any) -> bytes:
         return _dumps_ascii(value).encode()
 
 
-_OBS_HEAD, _OBS_TAIL, _DELTA_TAIL = _observation_parts(_NO_OUTCOME)  # its frames' bytes, ready: the hot path's
+_NO_OUTCOME_PARTS = _observation_parts(_NO_OUTCOME)  # its frames' bytes, ready: the hot path's
+_OBS_HEAD, _OBS_TAIL, _DELTA_TAIL = _NO_OUTCOME_PARTS
 
 
 def _json_string_bytes(text: str) -> bytes:
@@ -1843,7 +1844,7 @@ def _reset_reply(session: Session, args: dict[str, Any]) -> Reply:
         return _error_reply(EXECUTION_ERROR, f"Reset failed: {str(exc)[:200]}")
     session.delta = args["delta"]
     history = session.history
-    head, tail, _ = (_OBS_HEAD, _OBS_TAIL, None) if outcome is None else _observation_parts(outcome)
+    head, tail, _ = _NO_OUTCOME_PARTS if outcome is None else _observation_parts(outcome)
     return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
 
 
@@ -1854,17 +1855,13 @@ def _step_reply(session: Session, tokens: list[int]) -> Reply:
     except Exception as exc:  # the tokenizer refused the ids, the episode is full or done, a hook failed
         return _error_reply(EXECUTION_ERROR, f"Step failed: {str(exc)[:200]}")
     history = session.history
-    if outcome is None:  # no hook: the bytes are ready
-        if not session.delta:
-            return Reply([_OBS_HEAD, history.messages_json, _OBS_MID, history.tokens_json, _OBS_TAIL])
-        totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
-        message_json, token_text = history.last()
-        return Reply([_OBS_HEAD, message_json, _OBS_MID, token_text, _DELTA_MID, totals, _DELTA_TAIL])
-    head, tail, delta_tail = _observation_parts(outcome)
+    if outcome is None:  # no hook: the bytes are ready, and the step added its one message
+        (head, tail, delta_tail), added = _NO_OUTCOME_PARTS, 1
+    else:  # the step's message, and a scripted turn after it when the task has one
+        (head, tail, delta_tail), added = _observation_parts(outcome), outcome[3]
     if not session.delta:
         return Reply([head, history.messages_json, _OBS_MID, history.tokens_json, tail])
     totals = b'%d,"tokens":%d' % (len(history.message_ends), history.token_count)
-    added = outcome[3]  # the step's message, and a scripted turn after it
     message_json, token_text = history.last() if added == 1 else history.since(history.message_count - added)
     return Reply([head, message_json, _OBS_MID, token_text, _DELTA_MID, totals, delta_tail])
 
